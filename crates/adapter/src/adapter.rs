@@ -1,0 +1,622 @@
+//! The token-bucket orchestration.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use ratelimit_domain::{
+    BucketKey, CheckOptions, DecisionSource, DynBucketStore, DynEventBus, KeyBuilder,
+    RateLimitEvent, RateLimitResult, RateLimitRule, RateLimiter, Result, RuleSet,
+};
+use tracing::{Instrument, field};
+
+use crate::BroadcastEventBus;
+
+/// A rule with everything a check needs prepared once, at start-up.
+#[derive(Debug)]
+struct PreparedRule {
+    rule: RateLimitRule,
+    /// Shared by every event about this endpoint, so events allocate no endpoint string.
+    endpoint: Arc<str>,
+    keys: KeyBuilder,
+}
+
+/// The [`RateLimiter`] of the specification: token buckets in a [`BucketStore`](ratelimit_domain::BucketStore),
+/// one rule per endpoint, events on every check, fail-open on infrastructure errors.
+///
+/// Build it with [`TokenBucketAdapter::builder`].
+#[derive(Debug)]
+pub struct TokenBucketAdapter {
+    store: DynBucketStore,
+    events: DynEventBus,
+    /// Endpoint → prepared rule; one hash lookup per check.
+    rules: HashMap<Box<str>, PreparedRule>,
+}
+
+/// Builds a [`TokenBucketAdapter`].
+#[derive(Debug)]
+#[must_use]
+pub struct TokenBucketAdapterBuilder {
+    store: DynBucketStore,
+    rules: RuleSet,
+    events: Option<DynEventBus>,
+    key_prefix: String,
+}
+
+impl TokenBucketAdapterBuilder {
+    /// Where events go (default: a [`BroadcastEventBus`] nobody listens to).
+    pub fn events(mut self, events: DynEventBus) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// The first part of every key (default `rate_limit`, the specification's). Lets several
+    /// services or tenants share one Redis without sharing buckets.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Prepares every rule.
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`](ratelimit_domain::ErrorCode::InvalidInput) for an empty
+    /// key prefix.
+    pub fn build(self) -> Result<TokenBucketAdapter> {
+        let rules = self
+            .rules
+            .iter()
+            .map(|(endpoint, rule)| {
+                let keys = KeyBuilder::new(&self.key_prefix, rule.scope(), endpoint)?;
+                let prepared = PreparedRule {
+                    rule: rule.clone(),
+                    endpoint: endpoint.into(),
+                    keys,
+                };
+                Ok((endpoint.into(), prepared))
+            })
+            .collect::<Result<_>>()?;
+        let events = self
+            .events
+            .unwrap_or_else(|| Arc::new(BroadcastEventBus::new(1)));
+        Ok(TokenBucketAdapter {
+            store: self.store,
+            events,
+            rules,
+        })
+    }
+}
+
+impl TokenBucketAdapter {
+    /// A builder over `store` with `rules`.
+    pub fn builder(store: DynBucketStore, rules: RuleSet) -> TokenBucketAdapterBuilder {
+        TokenBucketAdapterBuilder {
+            store,
+            rules,
+            events: None,
+            key_prefix: KeyBuilder::DEFAULT_PREFIX.to_owned(),
+        }
+    }
+
+    /// The rule of `endpoint`, if any.
+    pub fn rule(&self, endpoint: &str) -> Option<&RateLimitRule> {
+        self.rules.get(endpoint).map(|prepared| &prepared.rule)
+    }
+
+    /// The store key of a bucket, as this adapter builds it (for admin tools and tests).
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`](ratelimit_domain::ErrorCode::InvalidInput) for an unusable
+    /// identifier.
+    pub fn bucket_key(&self, endpoint: &str, identifier: &str) -> Option<Result<BucketKey>> {
+        self.rules
+            .get(endpoint)
+            .map(|prepared| prepared.keys.key(identifier))
+    }
+
+    /// Publishes an event; a failing bus is logged and otherwise ignored.
+    async fn publish(&self, event: RateLimitEvent) {
+        let kind = event.kind();
+        if let Err(err) = self.events.publish(event).await {
+            tracing::warn!(error = %err, kind, "failed to publish rate-limit event; continuing");
+        }
+    }
+
+    async fn check(
+        &self,
+        prepared: &PreparedRule,
+        identifier: &str,
+        options: CheckOptions,
+    ) -> Result<RateLimitResult> {
+        let started = Instant::now();
+        let rule = &prepared.rule;
+        let key = prepared.keys.key(identifier)?;
+        let cost = options.cost.filter(|&cost| cost > 0).unwrap_or(rule.cost());
+        let identifier: Arc<str> = identifier.into();
+        let scope = rule.scope();
+
+        self.publish(RateLimitEvent::attempted(
+            prepared.endpoint.clone(),
+            identifier.clone(),
+            scope,
+            cost,
+        ))
+        .await;
+
+        let result = match self.store.check_and_consume(&key, rule, cost, None).await {
+            Ok(decision) => RateLimitResult::from_decision(decision, rule),
+            Err(err) => {
+                tracing::warn!(
+                    error = %err,
+                    code = err.code().as_str(),
+                    endpoint = &*prepared.endpoint,
+                    scope = scope.as_str(),
+                    "rate-limit store failed; allowing the request (fail-open)"
+                );
+                RateLimitResult::fail_open(rule)
+            }
+        };
+        let elapsed = started.elapsed();
+        tracing::Span::current().record("outcome", outcome(&result));
+
+        let event = if result.allowed {
+            RateLimitEvent::allowed(
+                prepared.endpoint.clone(),
+                identifier,
+                scope,
+                result.remaining,
+                elapsed,
+                result.source,
+            )
+        } else {
+            RateLimitEvent::denied(
+                prepared.endpoint.clone(),
+                identifier,
+                scope,
+                result.retry_after,
+                elapsed,
+            )
+        };
+        self.publish(event).await;
+        Ok(result)
+    }
+}
+
+fn outcome(result: &RateLimitResult) -> &'static str {
+    match (result.allowed, result.source) {
+        (false, _) => "denied",
+        (true, DecisionSource::FailOpen) => "fail_open",
+        (true, _) => "allowed",
+    }
+}
+
+#[async_trait]
+impl RateLimiter for TokenBucketAdapter {
+    async fn is_allowed_opts(
+        &self,
+        endpoint: &str,
+        identifier: &str,
+        options: CheckOptions,
+    ) -> Result<RateLimitResult> {
+        let Some(prepared) = self.rules.get(endpoint) else {
+            tracing::debug!(endpoint, "no rate-limit rule for endpoint; allowing");
+            return Ok(RateLimitResult::no_rule());
+        };
+        if !prepared.rule.enabled() {
+            return Ok(RateLimitResult::disabled(&prepared.rule));
+        }
+        let span = tracing::debug_span!(
+            "rate_limit_check",
+            endpoint = &*prepared.endpoint,
+            scope = prepared.rule.scope().as_str(),
+            outcome = field::Empty,
+        );
+        self.check(prepared, identifier, options)
+            .instrument(span)
+            .await
+    }
+
+    async fn get_remaining(&self, endpoint: &str, identifier: &str) -> Result<u64> {
+        let Some(prepared) = self
+            .rules
+            .get(endpoint)
+            .filter(|prepared| prepared.rule.enabled())
+        else {
+            return Ok(0);
+        };
+        let key = prepared.keys.key(identifier)?;
+        match self.store.get_remaining(&key, &prepared.rule, None).await {
+            Ok(remaining) => Ok(remaining),
+            Err(err) => {
+                tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting a full bucket (fail-open)");
+                Ok(prepared.rule.max_tokens())
+            }
+        }
+    }
+
+    async fn reset(&self, endpoint: &str, identifier: &str) -> Result<()> {
+        let Some(prepared) = self.rules.get(endpoint) else {
+            return Ok(());
+        };
+        let key = prepared.keys.key(identifier)?;
+        match self.store.reset(&key, &prepared.rule).await {
+            Ok(()) => {
+                tracing::info!(endpoint, identifier, "rate limit reset");
+                Ok(())
+            }
+            Err(err) => {
+                tracing::error!(error = %err, endpoint, identifier, "rate limit reset failed");
+                Err(err)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use mockall::Sequence;
+    use mockall::predicate::{always, eq};
+    use ratelimit_domain::{
+        BucketDecision, ErrorCode, MockBucketStore, MockEventBus, RateLimitError, RateLimitScope,
+        RateLimiterExt,
+    };
+
+    use super::*;
+
+    const LOGIN: &str = "POST /api/v1/sessions";
+
+    fn rules() -> RuleSet {
+        RuleSet::try_from_rules([
+            (
+                LOGIN,
+                RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap(),
+            ),
+            (
+                "POST /export",
+                RateLimitRule::new(RateLimitScope::User, 10, 1.0)
+                    .unwrap()
+                    .with_cost(3)
+                    .unwrap(),
+            ),
+            (
+                "GET /off",
+                RateLimitRule::new(RateLimitScope::Ip, 7, 1.0)
+                    .unwrap()
+                    .with_enabled(false),
+            ),
+        ])
+        .unwrap()
+    }
+
+    fn adapter(store: MockBucketStore, events: MockEventBus) -> TokenBucketAdapter {
+        TokenBucketAdapter::builder(Arc::new(store), rules())
+            .events(Arc::new(events))
+            .build()
+            .unwrap()
+    }
+
+    fn allowed(remaining: u64) -> BucketDecision {
+        BucketDecision {
+            allowed: true,
+            retry_after: Duration::ZERO,
+            remaining,
+        }
+    }
+
+    fn unavailable() -> RateLimitError {
+        RateLimitError::new(ErrorCode::StorageUnavailable, "connection refused")
+    }
+
+    /// An event bus that records what it is given.
+    fn recording_bus() -> (MockEventBus, Arc<Mutex<Vec<RateLimitEvent>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut bus = MockEventBus::new();
+        let sink = seen.clone();
+        bus.expect_publish().returning(move |event| {
+            sink.lock().unwrap().push(event);
+            Ok(())
+        });
+        (bus, seen)
+    }
+
+    #[tokio::test]
+    async fn allowed_check_publishes_attempted_then_allowed_with_the_key_of_the_scope() {
+        let mut store = MockBucketStore::new();
+        store
+            .expect_check_and_consume()
+            .withf(|key, rule, cost, now| {
+                key.as_str() == "rate_limit:ip:192.168.1.1:POST /api/v1/sessions"
+                    && rule.max_tokens() == 5
+                    && *cost == 1
+                    && now.is_none()
+            })
+            .times(1)
+            .returning(|_, _, _, _| Ok(allowed(4)));
+        let (bus, seen) = recording_bus();
+
+        let result = adapter(store, bus)
+            .is_allowed(LOGIN, "192.168.1.1")
+            .await
+            .unwrap();
+        assert!(result.allowed);
+        assert_eq!(
+            (result.remaining, result.limit, result.reset_seconds),
+            (4, 5, 120)
+        );
+        assert_eq!(result.source, DecisionSource::Store);
+
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        let RateLimitEvent::Attempted(attempted) = &seen[0] else {
+            panic!("first event: {:?}", seen[0])
+        };
+        assert_eq!(
+            (
+                &*attempted.endpoint,
+                &*attempted.identifier,
+                attempted.scope,
+                attempted.cost
+            ),
+            (LOGIN, "192.168.1.1", RateLimitScope::Ip, 1)
+        );
+        let RateLimitEvent::Allowed(done) = &seen[1] else {
+            panic!("second event: {:?}", seen[1])
+        };
+        assert_eq!(
+            (done.remaining_tokens, done.source),
+            (4, DecisionSource::Store)
+        );
+        assert_eq!(done.event_id.get_version_num(), 7);
+        assert!(attempted.event_id < done.event_id);
+    }
+
+    #[tokio::test]
+    async fn denied_check_publishes_denied_with_retry_after() {
+        let mut store = MockBucketStore::new();
+        store.expect_check_and_consume().returning(|_, _, _, _| {
+            Ok(BucketDecision {
+                allowed: false,
+                retry_after: Duration::from_millis(11_900),
+                remaining: 0,
+            })
+        });
+        let mut bus = MockEventBus::new();
+        let mut order = Sequence::new();
+        bus.expect_publish()
+            .withf(|e| matches!(e, RateLimitEvent::Attempted(_)))
+            .times(1)
+            .in_sequence(&mut order)
+            .returning(|_| Ok(()));
+        bus.expect_publish()
+            .withf(|e| matches!(e, RateLimitEvent::Denied(d) if d.retry_after == Duration::from_millis(11_900) && &*d.identifier == "10.0.0.1"))
+            .times(1)
+            .in_sequence(&mut order)
+            .returning(|_| Ok(()));
+
+        let result = adapter(store, bus)
+            .is_allowed(LOGIN, "10.0.0.1")
+            .await
+            .unwrap();
+        assert!(!result.allowed);
+        assert_eq!(result.retry_after, Duration::from_millis(11_900));
+        assert_eq!(result.retry_after_whole_seconds(), Some(12));
+    }
+
+    #[tokio::test]
+    async fn explicit_cost_overrides_the_rule_and_zero_means_the_rule() {
+        let mut store = MockBucketStore::new();
+        let mut order = Sequence::new();
+        for cost in [7, 3, 3] {
+            store
+                .expect_check_and_consume()
+                .with(always(), always(), eq(cost), eq(None))
+                .times(1)
+                .in_sequence(&mut order)
+                .returning(|_, _, _, _| Ok(allowed(0)));
+        }
+        let (bus, seen) = recording_bus();
+        let limiter = adapter(store, bus);
+        limiter
+            .is_allowed_with_cost("POST /export", "alice", 7)
+            .await
+            .unwrap();
+        limiter
+            .is_allowed_with_cost("POST /export", "alice", 0)
+            .await
+            .unwrap();
+        limiter.is_allowed("POST /export", "alice").await.unwrap();
+        let costs: Vec<u64> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                RateLimitEvent::Attempted(a) => Some(a.cost),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(costs, [7, 3, 3]);
+    }
+
+    #[tokio::test]
+    async fn unknown_endpoint_is_allowed_without_store_or_events() {
+        // Mocks with no expectations fail the test if called.
+        let limiter = adapter(MockBucketStore::new(), MockEventBus::new());
+        let result = limiter.is_allowed("GET /unknown", "1.2.3.4").await.unwrap();
+        assert!(result.allowed);
+        assert_eq!(
+            (result.remaining, result.limit, result.reset_seconds),
+            (0, 0, 0)
+        );
+        assert_eq!(result.source, DecisionSource::NoRule);
+        assert_eq!(
+            limiter
+                .get_remaining("GET /unknown", "1.2.3.4")
+                .await
+                .unwrap(),
+            0
+        );
+        limiter.reset("GET /unknown", "1.2.3.4").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn disabled_rule_is_allowed_with_a_full_bucket() {
+        let limiter = adapter(MockBucketStore::new(), MockEventBus::new());
+        let result = limiter.is_allowed("GET /off", "1.2.3.4").await.unwrap();
+        assert!(result.allowed);
+        assert_eq!((result.remaining, result.limit), (7, 7));
+        assert_eq!(result.source, DecisionSource::RuleDisabled);
+        assert_eq!(
+            limiter.get_remaining("GET /off", "1.2.3.4").await.unwrap(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn failing_store_fails_open_and_says_so_in_the_result_and_the_event() {
+        let mut store = MockBucketStore::new();
+        store
+            .expect_check_and_consume()
+            .returning(|_, _, _, _| Err(unavailable()));
+        store
+            .expect_get_remaining()
+            .returning(|_, _, _| Err(unavailable()));
+        let (bus, seen) = recording_bus();
+        let limiter = adapter(store, bus);
+
+        let result = limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap();
+        assert!(result.allowed);
+        assert_eq!(result.source, DecisionSource::FailOpen);
+        assert_eq!(
+            (result.remaining, result.limit, result.reset_seconds),
+            (5, 5, 120)
+        );
+        let seen = seen.lock().unwrap();
+        assert!(
+            matches!(&seen[1], RateLimitEvent::Allowed(a) if a.source == DecisionSource::FailOpen)
+        );
+        assert_eq!(limiter.get_remaining(LOGIN, "1.2.3.4").await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn failing_event_bus_does_not_change_the_decision() {
+        let mut store = MockBucketStore::new();
+        store
+            .expect_check_and_consume()
+            .times(1)
+            .returning(|_, _, _, _| {
+                Ok(BucketDecision {
+                    allowed: false,
+                    retry_after: Duration::from_secs(3),
+                    remaining: 0,
+                })
+            });
+        let mut bus = MockEventBus::new();
+        bus.expect_publish().times(2).returning(|_| {
+            Err(RateLimitError::new(
+                ErrorCode::EventPublishFailed,
+                "bus down",
+            ))
+        });
+        let result = adapter(store, bus)
+            .is_allowed(LOGIN, "1.2.3.4")
+            .await
+            .unwrap();
+        assert!(
+            !result.allowed,
+            "a failing bus must not turn a denial into an allow or an error"
+        );
+        assert_eq!(result.source, DecisionSource::Store);
+    }
+
+    #[tokio::test]
+    async fn reset_reports_real_errors() {
+        let mut store = MockBucketStore::new();
+        store
+            .expect_reset()
+            .times(1)
+            .returning(|_, _| Err(unavailable().recoded(ErrorCode::ResetFailed)));
+        let err = adapter(store, MockEventBus::new())
+            .reset(LOGIN, "1.2.3.4")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::ResetFailed);
+    }
+
+    #[tokio::test]
+    async fn reset_and_get_remaining_use_the_bucket_key() {
+        let mut store = MockBucketStore::new();
+        store
+            .expect_reset()
+            .withf(|key, _| key.as_str() == "rate_limit:user:alice:POST /export")
+            .times(1)
+            .returning(|_, _| Ok(()));
+        store
+            .expect_get_remaining()
+            .withf(|key, _, now| {
+                key.as_str() == "rate_limit:user:alice:POST /export" && now.is_none()
+            })
+            .times(1)
+            .returning(|_, _, _| Ok(6));
+        let limiter = adapter(store, MockEventBus::new());
+        limiter.reset("POST /export", "alice").await.unwrap();
+        assert_eq!(
+            limiter
+                .get_remaining("POST /export", "alice")
+                .await
+                .unwrap(),
+            6
+        );
+    }
+
+    #[tokio::test]
+    async fn empty_identifier_is_a_clear_error_and_touches_nothing() {
+        let limiter = adapter(MockBucketStore::new(), MockEventBus::new());
+        let err = limiter.is_allowed(LOGIN, "").await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidInput);
+        assert_eq!(
+            limiter.reset(LOGIN, "").await.unwrap_err().code(),
+            ErrorCode::InvalidInput
+        );
+    }
+
+    #[tokio::test]
+    async fn custom_key_prefix() {
+        let mut store = MockBucketStore::new();
+        store
+            .expect_check_and_consume()
+            .withf(|key, _, _, _| key.as_str() == "svc_a:ip:1.2.3.4:POST /api/v1/sessions")
+            .returning(|_, _, _, _| Ok(allowed(4)));
+        let limiter = TokenBucketAdapter::builder(Arc::new(store), rules())
+            .key_prefix("svc_a")
+            .build()
+            .unwrap();
+        assert!(limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap().allowed);
+        assert!(
+            TokenBucketAdapter::builder(Arc::new(MockBucketStore::new()), rules())
+                .key_prefix("")
+                .build()
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn with_the_memory_fake_a_test_can_advance_time_instead_of_sleeping() {
+        let clock = ratelimit_domain::ManualClock::new(1_000.0);
+        let store = ratelimit_memory::MemoryStorage::with_clock(clock.clone());
+        let limiter = TokenBucketAdapter::builder(Arc::new(store), rules())
+            .build()
+            .unwrap();
+        for _ in 0..5 {
+            assert!(limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap().allowed);
+        }
+        let denied = limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap();
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_after, Duration::from_secs(12));
+        clock.advance(Duration::from_secs(12));
+        assert!(limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap().allowed);
+    }
+}

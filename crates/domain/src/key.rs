@@ -1,0 +1,234 @@
+//! Storage keys built from untrusted identifiers.
+
+use std::fmt::{self, Write as _};
+
+use crate::{ErrorCode, RateLimitError, RateLimitScope, Result};
+
+/// The longest identifier accepted, in bytes. Longer identifiers are rejected with
+/// [`ErrorCode::InvalidInput`] so that one caller cannot make every key arbitrarily large.
+pub const MAX_IDENTIFIER_BYTES: usize = 1024;
+
+/// The key of one bucket, without the suffixes a store may add (`:tokens`, `:time`).
+///
+/// Keys have the specification's readable shape:
+///
+/// | scope | key |
+/// |---|---|
+/// | Ip | `rate_limit:ip:<identifier>:<endpoint>` |
+/// | User | `rate_limit:user:<identifier>:<endpoint>` |
+/// | UserProvider | `rate_limit:user_provider:<identifier>:<endpoint>` |
+/// | Global | `rate_limit:global:<endpoint>` |
+///
+/// Identifiers and endpoints are written as they are, except for a few characters that are
+/// percent-encoded as their UTF-8 bytes (`%XX`): `%` itself, `{` and `}` (Redis Cluster hash
+/// tags), control characters, and in the endpoint also `:`. Since the endpoint then holds no
+/// `:`, the last `:` of a key separates identifier and endpoint, so two different
+/// (scope, identifier, endpoint) triples never share a key, while IPv4 and IPv6 addresses,
+/// user ids and `"POST /api/v1/sessions"` stay readable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BucketKey(String);
+
+impl BucketKey {
+    /// Builds the key of one bucket with the default prefix `rate_limit`.
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`] for an empty endpoint, or for an empty or over-long
+    /// identifier in a scope that uses identifiers.
+    pub fn new(scope: RateLimitScope, identifier: &str, endpoint: &str) -> Result<Self> {
+        KeyBuilder::new(KeyBuilder::DEFAULT_PREFIX, scope, endpoint)?.key(identifier)
+    }
+
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BucketKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Builds the keys of one rule's buckets, with everything but the identifier encoded once.
+#[derive(Debug, Clone)]
+pub struct KeyBuilder {
+    scope: RateLimitScope,
+    /// `<prefix>:<scope>:` (or the whole key for the global scope).
+    head: String,
+    /// `:<encoded endpoint>` (empty for the global scope, whose head holds the endpoint).
+    tail: String,
+}
+
+impl KeyBuilder {
+    /// The specification's key prefix.
+    pub const DEFAULT_PREFIX: &'static str = "rate_limit";
+
+    /// A builder for the buckets of `endpoint` under `scope`, below `prefix`.
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`] when `prefix` or `endpoint` is empty.
+    pub fn new(prefix: &str, scope: RateLimitScope, endpoint: &str) -> Result<Self> {
+        if prefix.is_empty() {
+            return Err(invalid("key prefix must not be empty"));
+        }
+        if endpoint.is_empty() {
+            return Err(invalid("endpoint must not be empty"));
+        }
+        let mut head = String::with_capacity(prefix.len() + 16 + endpoint.len());
+        encode_into(&mut head, prefix, true);
+        head.push(':');
+        head.push_str(scope.as_str());
+        head.push(':');
+        let mut tail = String::with_capacity(endpoint.len() + 1);
+        if scope.uses_identifier() {
+            tail.push(':');
+            encode_into(&mut tail, endpoint, true);
+        } else {
+            encode_into(&mut head, endpoint, true);
+        }
+        Ok(Self { scope, head, tail })
+    }
+
+    /// The key of `identifier`'s bucket (the identifier is ignored for the global scope).
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`] when the scope uses identifiers and `identifier` is empty
+    /// or longer than [`MAX_IDENTIFIER_BYTES`].
+    pub fn key(&self, identifier: &str) -> Result<BucketKey> {
+        if !self.scope.uses_identifier() {
+            return Ok(BucketKey(self.head.clone()));
+        }
+        if identifier.is_empty() {
+            return Err(
+                invalid("identifier must not be empty").with_detail("scope", self.scope.as_str())
+            );
+        }
+        if identifier.len() > MAX_IDENTIFIER_BYTES {
+            return Err(invalid(format!(
+                "identifier is {} bytes long, more than {MAX_IDENTIFIER_BYTES}",
+                identifier.len()
+            ))
+            .with_detail("scope", self.scope.as_str()));
+        }
+        let mut key = String::with_capacity(self.head.len() + identifier.len() + self.tail.len());
+        key.push_str(&self.head);
+        encode_into(&mut key, identifier, false);
+        key.push_str(&self.tail);
+        Ok(BucketKey(key))
+    }
+}
+
+fn invalid(message: impl Into<String>) -> RateLimitError {
+    RateLimitError::new(ErrorCode::InvalidInput, message)
+}
+
+fn needs_escape(c: char, escape_colon: bool) -> bool {
+    matches!(c, '%' | '{' | '}') || c.is_control() || (escape_colon && c == ':')
+}
+
+fn encode_into(out: &mut String, text: &str, escape_colon: bool) {
+    if !text.chars().any(|c| needs_escape(c, escape_colon)) {
+        out.push_str(text);
+        return;
+    }
+    let mut buf = [0u8; 4];
+    for c in text.chars() {
+        if needs_escape(c, escape_colon) {
+            for byte in c.encode_utf8(&mut buf).bytes() {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "%{byte:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RateLimitScope::*;
+
+    fn key(scope: RateLimitScope, id: &str, endpoint: &str) -> String {
+        BucketKey::new(scope, id, endpoint)
+            .unwrap()
+            .as_str()
+            .to_owned()
+    }
+
+    #[test]
+    fn ordinary_keys_match_the_specification() {
+        assert_eq!(
+            key(Ip, "192.168.1.1", "POST /api/v1/sessions"),
+            "rate_limit:ip:192.168.1.1:POST /api/v1/sessions"
+        );
+        assert_eq!(
+            key(User, "user-42", "GET /x"),
+            "rate_limit:user:user-42:GET /x"
+        );
+        assert_eq!(
+            key(UserProvider, "42@github", "GET /x"),
+            "rate_limit:user_provider:42@github:GET /x"
+        );
+        assert_eq!(key(Global, "ignored", "GET /x"), "rate_limit:global:GET /x");
+        assert_eq!(key(Global, "", "GET /x"), "rate_limit:global:GET /x");
+        assert_eq!(
+            key(Ip, "2001:db8::1", "GET /x"),
+            "rate_limit:ip:2001:db8::1:GET /x"
+        );
+        assert_eq!(
+            key(User, "Zoë", "GET /café"),
+            "rate_limit:user:Zoë:GET /café"
+        );
+    }
+
+    #[test]
+    fn special_characters_are_escaped() {
+        assert_eq!(
+            key(User, "{a}%\n", "GET /x"),
+            "rate_limit:user:%7Ba%7D%25%0A:GET /x"
+        );
+        assert_eq!(
+            key(User, "a", "GET /v1/{id}:cancel"),
+            "rate_limit:user:a:GET /v1/%7Bid%7D%3Acancel"
+        );
+        assert_eq!(
+            key(User, "nul\0", "GET /x"),
+            "rate_limit:user:nul%00:GET /x"
+        );
+    }
+
+    #[test]
+    fn colons_cannot_move_the_boundary_between_identifier_and_endpoint() {
+        assert_ne!(key(User, "a:b", "c"), key(User, "a", "b:c"));
+        assert_ne!(key(User, "a%3Ab", "c"), key(User, "a:b", "c"));
+    }
+
+    #[test]
+    fn bad_identifiers_are_rejected_with_a_clear_error() {
+        let err = BucketKey::new(Ip, "", "GET /x").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidInput);
+        assert_eq!(err.message(), "identifier must not be empty");
+        let long = "x".repeat(MAX_IDENTIFIER_BYTES + 1);
+        assert_eq!(
+            BucketKey::new(Ip, &long, "GET /x").unwrap_err().code(),
+            ErrorCode::InvalidInput
+        );
+        assert!(BucketKey::new(Ip, &long[1..], "GET /x").is_ok());
+        assert_eq!(
+            BucketKey::new(Ip, "1.2.3.4", "").unwrap_err().code(),
+            ErrorCode::InvalidInput
+        );
+    }
+
+    #[test]
+    fn builder_with_custom_prefix() {
+        let builder = KeyBuilder::new("tenant_a", Ip, "GET /x").unwrap();
+        assert_eq!(
+            builder.key("1.2.3.4").unwrap().as_str(),
+            "tenant_a:ip:1.2.3.4:GET /x"
+        );
+        assert!(KeyBuilder::new("", Ip, "GET /x").is_err());
+    }
+}

@@ -1,0 +1,46 @@
+//! The centre of the ratelimit workspace: what a rate limit *is*, with no infrastructure.
+//!
+//! Everything else in the workspace depends on this crate; it depends on nothing of theirs.
+//!
+//! # Contents
+//! - [`RateLimitRule`] and [`RateLimitScope`]: the configuration of one endpoint's bucket,
+//!   validated when it is built ([`RuleError`]).
+//! - [`RuleSet`]: endpoint → rule, looked up in O(1) on every check.
+//! - [`BucketKey`]: the storage key of one bucket, built from untrusted identifiers.
+//! - [`token_bucket`]: the pure token-bucket step that every store must reproduce exactly.
+//! - [`RateLimitResult`], [`BucketDecision`] and [`DecisionSource`]: what a check answers.
+//! - [`RateLimitEvent`] and its three variants: what a check tells observers.
+//! - Ports: [`RateLimiter`] (the service API), [`BucketStore`] (storage), [`EventBus`]
+//!   (events), and [`Clock`] (time for in-process stores).
+//! - [`RateLimitError`]: the one error type, with a machine-readable [`ErrorCode`].
+//!
+//! With the `mocks` feature, mockall mocks of the ports are exported
+//! (`MockBucketStore`, `MockEventBus`, `MockRateLimiter`).
+
+mod clock;
+mod error;
+mod event;
+mod key;
+mod ports;
+mod result;
+mod rule;
+mod rules;
+mod scope;
+pub mod token_bucket;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{ErrorCode, RateLimitError, Result};
+pub use event::{
+    RateLimitCheckAllowed, RateLimitCheckAttempted, RateLimitCheckDenied, RateLimitEvent,
+};
+pub use key::{BucketKey, KeyBuilder, MAX_IDENTIFIER_BYTES};
+pub use ports::{
+    BucketStore, CheckOptions, DynBucketStore, DynEventBus, DynRateLimiter, EventBus, RateLimiter,
+    RateLimiterExt,
+};
+#[cfg(any(test, feature = "mocks"))]
+pub use ports::{MockBucketStore, MockEventBus, MockRateLimiter};
+pub use result::{BucketDecision, DecisionSource, RateLimitResult};
+pub use rule::{MAX_TOKENS_LIMIT, MAX_TTL_SECONDS, RateLimitRule, RuleError};
+pub use rules::RuleSet;
+pub use scope::{ParseScopeError, RateLimitScope};

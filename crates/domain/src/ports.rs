@@ -1,0 +1,151 @@
+//! The ports: what the adapter needs from the world, and what services get from it.
+//!
+//! Ports are held as `Arc<dyn …>` and chosen at run time (memory or Redis), so they use
+//! `#[async_trait]`: one boxed future per call, small next to a network round trip.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::{BucketDecision, BucketKey, RateLimitEvent, RateLimitResult, RateLimitRule, Result};
+
+/// Options of one check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckOptions {
+    /// Tokens to consume instead of the rule's cost. `None` or `Some(0)` means the rule's cost.
+    pub cost: Option<u64>,
+}
+
+impl CheckOptions {
+    /// Options that consume `cost` tokens.
+    pub fn with_cost(cost: u64) -> Self {
+        Self { cost: Some(cost) }
+    }
+}
+
+/// The service API: may this request go ahead?
+///
+/// # Contract
+/// - An endpoint without a rule is allowed, with `remaining` and `limit` 0.
+/// - A disabled rule allows, with the full bucket as `remaining`.
+/// - Checks fail open: when the store or the event bus fails, the request is allowed (marked
+///   [`crate::DecisionSource::FailOpen`]) and a warning is logged. Only bad input (an empty
+///   identifier, say) is an error.
+/// - [`get_remaining`](Self::get_remaining) consumes nothing.
+/// - [`reset`](Self::reset) is an admin operation: it reports real errors.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait RateLimiter: Send + Sync + Debug + 'static {
+    /// Checks one request against the endpoint's rule and consumes its cost if allowed.
+    async fn is_allowed_opts(
+        &self,
+        endpoint: &str,
+        identifier: &str,
+        options: CheckOptions,
+    ) -> Result<RateLimitResult>;
+
+    /// Whole tokens left in the bucket, consuming nothing (0 for an endpoint without an
+    /// enabled rule).
+    async fn get_remaining(&self, endpoint: &str, identifier: &str) -> Result<u64>;
+
+    /// Refills the bucket. Does nothing, successfully, for an endpoint without a rule.
+    async fn reset(&self, endpoint: &str, identifier: &str) -> Result<()>;
+}
+
+/// Conveniences over [`RateLimiter`], for every implementation.
+#[async_trait]
+pub trait RateLimiterExt: RateLimiter {
+    /// Checks one request at the rule's cost.
+    async fn is_allowed(&self, endpoint: &str, identifier: &str) -> Result<RateLimitResult> {
+        self.is_allowed_opts(endpoint, identifier, CheckOptions::default())
+            .await
+    }
+
+    /// Checks one request at an explicit cost (0 means the rule's cost).
+    async fn is_allowed_with_cost(
+        &self,
+        endpoint: &str,
+        identifier: &str,
+        cost: u64,
+    ) -> Result<RateLimitResult> {
+        self.is_allowed_opts(endpoint, identifier, CheckOptions::with_cost(cost))
+            .await
+    }
+}
+
+impl<T: RateLimiter + ?Sized> RateLimiterExt for T {}
+
+/// Storage of token buckets.
+///
+/// # Contract
+/// - [`check_and_consume`](Self::check_and_consume) is **atomic** per key: concurrent calls
+///   behave as if run one after the other (Redis: one Lua script; memory: a lock), and its
+///   decisions are exactly those of [`crate::token_bucket::step`] for the same inputs.
+/// - `now` is seconds since the Unix epoch; `None` means the store's own clock (Redis's
+///   `TIME` for Redis, the injected [`crate::Clock`] for memory).
+/// - Errors are reported as they are ([`crate::ErrorCode::StorageUnavailable`],
+///   `StorageTimeout`, `StorageError`); the failure policy is the caller's business.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait BucketStore: Send + Sync + Debug + 'static {
+    /// Takes `cost` tokens from the bucket if it holds that many. A `cost` of zero only reads.
+    async fn check_and_consume(
+        &self,
+        key: &BucketKey,
+        rule: &RateLimitRule,
+        cost: u64,
+        now: Option<f64>,
+    ) -> Result<BucketDecision>;
+
+    /// Whole tokens in the bucket, consuming nothing and writing nothing.
+    async fn get_remaining(
+        &self,
+        key: &BucketKey,
+        rule: &RateLimitRule,
+        now: Option<f64>,
+    ) -> Result<u64>;
+
+    /// Makes the bucket full by forgetting it (a missing bucket is a full one). Atomic.
+    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<()>;
+}
+
+/// Where checks publish their events.
+///
+/// # Contract
+/// `publish` must not wait on subscribers: a check calls it on the request path.
+#[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
+#[async_trait]
+pub trait EventBus: Send + Sync + Debug + 'static {
+    /// Hands one event to the bus.
+    async fn publish(&self, event: RateLimitEvent) -> Result<()>;
+}
+
+/// A shared, dynamically chosen [`RateLimiter`].
+pub type DynRateLimiter = Arc<dyn RateLimiter>;
+/// A shared, dynamically chosen [`BucketStore`].
+pub type DynBucketStore = Arc<dyn BucketStore>;
+/// A shared, dynamically chosen [`EventBus`].
+pub type DynEventBus = Arc<dyn EventBus>;
+
+/// Forwards a port through a smart pointer, so that `Arc<S>` and `Box<S>` are ports too.
+macro_rules! forward_bucket_store {
+    ($($ptr:ident),*) => {$(
+        #[async_trait]
+        #[deny(clippy::missing_trait_methods)]
+        impl<S: BucketStore + ?Sized> BucketStore for $ptr<S> {
+            async fn check_and_consume(&self, key: &BucketKey, rule: &RateLimitRule, cost: u64, now: Option<f64>) -> Result<BucketDecision> {
+                (**self).check_and_consume(key, rule, cost, now).await
+            }
+            async fn get_remaining(&self, key: &BucketKey, rule: &RateLimitRule, now: Option<f64>) -> Result<u64> {
+                (**self).get_remaining(key, rule, now).await
+            }
+            async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<()> {
+                (**self).reset(key, rule).await
+            }
+        }
+    )*};
+}
+
+forward_bucket_store!(Arc, Box);

@@ -1,0 +1,115 @@
+//! Connection settings.
+
+use std::fmt;
+use std::time::Duration;
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// A `redis://` URL, e.g. `redis://127.0.0.1:6379/0` or `redis://user:secret@host:6379`.
+    /// Never printed with its password.
+    pub url: String,
+    /// Connections in the pool. Each is multiplexed, so a few carry many concurrent checks.
+    pub pool_size: u32,
+    /// Deadline of one check, taking a connection included. Past it the check fails with
+    /// `StorageTimeout` (and the adapter fails open).
+    pub check_timeout: Duration,
+    /// Deadline of admin operations (reset) and of opening a connection for them.
+    pub admin_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Default pool size.
+    pub const DEFAULT_POOL_SIZE: u32 = 4;
+    /// Default deadline of a check.
+    pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(50);
+    /// Default deadline of an admin operation.
+    pub const DEFAULT_ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// Settings for `url` with the default pool size and deadlines.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: Self::DEFAULT_POOL_SIZE,
+            check_timeout: Self::DEFAULT_CHECK_TIMEOUT,
+            admin_timeout: Self::DEFAULT_ADMIN_TIMEOUT,
+        }
+    }
+
+    /// The same settings with another pool size (at least 1).
+    #[must_use]
+    pub fn with_pool_size(mut self, pool_size: u32) -> Self {
+        self.pool_size = pool_size.max(1);
+        self
+    }
+
+    /// The same settings with another check deadline.
+    #[must_use]
+    pub fn with_check_timeout(mut self, timeout: Duration) -> Self {
+        self.check_timeout = timeout;
+        self
+    }
+
+    /// The same settings with another admin deadline.
+    #[must_use]
+    pub fn with_admin_timeout(mut self, timeout: Duration) -> Self {
+        self.admin_timeout = timeout;
+        self
+    }
+
+    /// The URL with any password replaced by `***`, fit for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.redacted_url())
+            .field("pool_size", &self.pool_size)
+            .field("check_timeout", &self.check_timeout)
+            .field("admin_timeout", &self.admin_timeout)
+            .finish()
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host…` (or `scheme://:password@host…`).
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    let hidden = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        user.to_owned()
+    };
+    format!("{}{hidden}{}", &url[..scheme_end], &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            redact_url("redis://user:s3cret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("rediss://:s3cret@host"), "rediss://:***@host");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact_url("redis://user@host"), "redis://user@host");
+        assert_eq!(redact_url("not a url"), "not a url");
+        let config = RedisConfig::new("redis://u:p4ss@h:1");
+        assert!(!format!("{config:?}").contains("p4ss"));
+    }
+}

@@ -1,0 +1,36 @@
+//! A [`BucketStore`](ratelimit_domain::BucketStore) on Redis: [`RedisStorage`].
+//!
+//! # How a check runs
+//! One `EVALSHA` of `lua/token_bucket.lua` per check, on a connection from a bb8 pool of
+//! multiplexed connections (concurrent checks share connections and pipeline their
+//! commands). The script reads and writes the bucket's two keys atomically and, unless the
+//! caller passes an explicit `now`, takes the time from Redis's own `TIME`, so every host
+//! limits on one clock.
+//!
+//! # Failure handling
+//! - **Lost scripts.** When Redis answers `NOSCRIPT` (after a restart, a failover or
+//!   `SCRIPT FLUSH`), the store loads the script again and retries once, so limiting never
+//!   silently stops. Each reload is logged as a warning and counted
+//!   ([`RedisStorage::script_reloads`]).
+//! - **Deadlines.** Every operation, taking a connection from the pool included, has a
+//!   deadline ([`RedisConfig::check_timeout`] for checks, [`RedisConfig::admin_timeout`] for
+//!   resets). A connection that failed or timed out is dropped from the pool instead of being
+//!   handed out again.
+//! - **Honest errors.** The store reports failures as
+//!   [`StorageUnavailable`](ratelimit_domain::ErrorCode::StorageUnavailable),
+//!   [`StorageTimeout`](ratelimit_domain::ErrorCode::StorageTimeout) or
+//!   [`StorageError`](ratelimit_domain::ErrorCode::StorageError); deciding to fail open is the
+//!   adapter's job, so that the policy sits in one place for every store.
+//!
+//! The key layout and the script contract are in `docs/lua.md`.
+
+mod config;
+mod connection;
+mod error;
+mod storage;
+
+pub use config::RedisConfig;
+pub use storage::RedisStorage;
+
+/// The token-bucket script, as Redis runs it.
+pub const TOKEN_BUCKET_SCRIPT: &str = include_str!("../../../lua/token_bucket.lua");

@@ -1,0 +1,351 @@
+//! The Redis bucket store.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bb8_redis::bb8::{Pool, PooledConnection};
+use ratelimit_domain::token_bucket::{self, validate_now};
+use ratelimit_domain::{
+    BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitError, RateLimitRule, Result,
+};
+use redis::aio::MultiplexedConnection;
+use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
+
+use crate::connection::{Manager, breaks_connection};
+use crate::error::{bad_reply, deadline, from_pool, from_redis};
+use crate::{RedisConfig, TOKEN_BUCKET_SCRIPT};
+
+/// A token-bucket store on Redis. See the [crate docs](crate).
+///
+/// Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct RedisStorage {
+    pool: Pool<Manager>,
+    /// The script's SHA-1, computed here once; no round trip and no lock is needed to know it.
+    script: redis::Script,
+    check_timeout: Duration,
+    admin_timeout: Duration,
+    /// The URL with its password hidden, for `Debug` and errors.
+    redacted_url: String,
+    script_reloads: AtomicU64,
+}
+
+impl fmt::Debug for RedisStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStorage")
+            .field("url", &self.redacted_url)
+            .field("script_sha", &self.script.get_hash())
+            .field("check_timeout", &self.check_timeout)
+            .field("admin_timeout", &self.admin_timeout)
+            .field("pool", &self.pool.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The two keys of one bucket.
+struct BucketKeys {
+    tokens: String,
+    time: String,
+}
+
+impl BucketKeys {
+    fn of(key: &BucketKey) -> Self {
+        let base = key.as_str();
+        let mut tokens = String::with_capacity(base.len() + 7);
+        tokens.push_str(base);
+        tokens.push_str(":tokens");
+        let mut time = String::with_capacity(base.len() + 5);
+        time.push_str(base);
+        time.push_str(":time");
+        Self { tokens, time }
+    }
+}
+
+impl RedisStorage {
+    /// A store for the given settings. Connections are opened on first use, so this succeeds
+    /// while Redis is down (checks then fail until it is back).
+    ///
+    /// Must be called within a Tokio runtime.
+    ///
+    /// # Errors
+    /// [`ErrorCode::Configuration`] when the URL cannot be parsed.
+    pub fn new(config: &RedisConfig) -> Result<Self> {
+        let redacted_url = config.redacted_url();
+        let manager = Manager::new(&config.url).map_err(|err| {
+            RateLimitError::new(
+                ErrorCode::Configuration,
+                format!("invalid redis url {redacted_url}: {:?}", err.kind()),
+            )
+            .with_detail("url", redacted_url.clone())
+        })?;
+        let pool = Pool::builder()
+            .max_size(config.pool_size.max(1))
+            // A PING per checkout would double the round trips; failed connections are
+            // dropped on return instead (see connection.rs).
+            .test_on_check_out(false)
+            .connection_timeout(config.admin_timeout.max(config.check_timeout))
+            .build_unchecked(manager);
+        Ok(Self {
+            pool,
+            script: redis::Script::new(TOKEN_BUCKET_SCRIPT),
+            check_timeout: config.check_timeout,
+            admin_timeout: config.admin_timeout,
+            redacted_url,
+            script_reloads: AtomicU64::new(0),
+        })
+    }
+
+    /// Like [`new`](Self::new), then checks that Redis answers a `PING` within the admin
+    /// deadline.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new), or the error of the `PING`.
+    pub async fn connect(config: &RedisConfig) -> Result<Self> {
+        let store = Self::new(config)?;
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// Asks Redis for a `PING`, within the admin deadline.
+    ///
+    /// # Errors
+    /// `StorageUnavailable` or `StorageTimeout` when Redis does not answer.
+    pub async fn ping(&self) -> Result<()> {
+        self.run("ping", self.admin_timeout, |mut conn| async move {
+            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// How many times Redis had lost the script and it was loaded again.
+    pub fn script_reloads(&self) -> u64 {
+        self.script_reloads.load(Ordering::Relaxed)
+    }
+
+    /// The SHA-1 of the token-bucket script, as `EVALSHA` names it.
+    pub fn script_sha(&self) -> &str {
+        self.script.get_hash()
+    }
+
+    /// Runs one operation on a pooled connection within `timeout`, taking the connection
+    /// included, and marks the connection for disposal unless the operation answered.
+    async fn run<T, F, Fut>(&self, operation: &'static str, timeout: Duration, f: F) -> Result<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let attempt = async {
+            let mut pooled: PooledConnection<'_, Manager> = self
+                .pool
+                .get()
+                .await
+                .map_err(|err| from_pool(err, operation))?;
+            // Suspect until the command answers: if the deadline drops this future first, the
+            // connection leaves the pool rather than carrying a late reply to the next caller.
+            pooled.suspect = true;
+            // A multiplexed connection is a cheap handle; the clone sends on the same socket.
+            let reply = f(pooled.conn.clone()).await;
+            pooled.suspect = matches!(&reply, Err(err) if breaks_connection(err));
+            reply.map_err(|err| from_redis(err, operation))
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(deadline(operation, timeout)),
+        }
+    }
+
+    async fn eval(&self, mut conn: MultiplexedConnection, cmd: &Cmd) -> RedisResult<Value> {
+        match cmd.query_async(&mut conn).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                // Redis lost its scripts (restart, failover, SCRIPT FLUSH): load it and retry once.
+                let _: String = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(TOKEN_BUCKET_SCRIPT)
+                    .query_async(&mut conn)
+                    .await?;
+                let reloads = self.script_reloads.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    sha = self.script.get_hash(),
+                    reloads,
+                    "redis had lost the token-bucket script; loaded it again"
+                );
+                cmd.query_async(&mut conn).await
+            }
+            other => other,
+        }
+    }
+
+    fn script_cmd(
+        &self,
+        key: &BucketKey,
+        rule: &RateLimitRule,
+        cost: u64,
+        now: Option<f64>,
+    ) -> Result<Cmd> {
+        let now = match now {
+            Some(now) => validate_now(now)?.to_string(),
+            None => String::new(),
+        };
+        let keys = BucketKeys::of(key);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash())
+            .arg(2)
+            .arg(keys.tokens)
+            .arg(keys.time)
+            .arg(rule.max_tokens())
+            .arg(rule.refill_rate().to_string())
+            .arg(cost)
+            .arg(now);
+        Ok(cmd)
+    }
+}
+
+/// Reads `[allowed, retry_after, remaining, …]`.
+fn parse_reply(reply: &Value) -> Result<BucketDecision> {
+    let Value::Array(items) = reply else {
+        return Err(bad_reply(format!("{reply:?}")));
+    };
+    let [allowed, retry_after, remaining, ..] = items.as_slice() else {
+        return Err(bad_reply(format!("{reply:?}")));
+    };
+    let allowed = match allowed {
+        Value::Int(0) => false,
+        Value::Int(1) => true,
+        other => return Err(bad_reply(format!("allowed = {other:?}"))),
+    };
+    let retry_after = match retry_after {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok()),
+        Value::SimpleString(s) => s.parse::<f64>().ok(),
+        Value::Int(i) => Some(*i as f64),
+        _ => None,
+    }
+    .filter(|secs| *secs >= 0.0)
+    .ok_or_else(|| bad_reply(format!("retry_after = {retry_after:?}")))?;
+    let remaining = match remaining {
+        Value::Int(n) => u64::try_from(*n).map_err(|_| bad_reply(format!("remaining = {n}")))?,
+        other => return Err(bad_reply(format!("remaining = {other:?}"))),
+    };
+    Ok(BucketDecision {
+        allowed,
+        retry_after: token_bucket::seconds(retry_after),
+        remaining,
+    })
+}
+
+#[async_trait]
+impl BucketStore for RedisStorage {
+    async fn check_and_consume(
+        &self,
+        key: &BucketKey,
+        rule: &RateLimitRule,
+        cost: u64,
+        now: Option<f64>,
+    ) -> Result<BucketDecision> {
+        let cmd = self.script_cmd(key, rule, cost, now)?;
+        let reply = self
+            .run("check_and_consume", self.check_timeout, |conn| {
+                self.eval(conn, &cmd)
+            })
+            .await?;
+        parse_reply(&reply)
+    }
+
+    async fn get_remaining(
+        &self,
+        key: &BucketKey,
+        rule: &RateLimitRule,
+        now: Option<f64>,
+    ) -> Result<u64> {
+        let cmd = self.script_cmd(key, rule, 0, now)?;
+        let reply = self
+            .run("get_remaining", self.check_timeout, |conn| {
+                self.eval(conn, &cmd)
+            })
+            .await?;
+        Ok(parse_reply(&reply)?.remaining)
+    }
+
+    async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<()> {
+        let keys = BucketKeys::of(key);
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(&keys.tokens).arg(&keys.time);
+        self.run("reset", self.admin_timeout, |mut conn| async move {
+            let _: i64 = cmd.query_async(&mut conn).await?;
+            Ok(())
+        })
+        .await
+        .map_err(|err| {
+            err.recoded(ErrorCode::ResetFailed)
+                .with_detail("key", key.as_str())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_read_with_full_precision() {
+        let reply = Value::Array(vec![
+            Value::Int(0),
+            Value::BulkString(b"11.75".to_vec()),
+            Value::Int(0),
+            Value::Nil,
+        ]);
+        let decision = parse_reply(&reply).unwrap();
+        assert!(!decision.allowed);
+        assert_eq!(decision.retry_after, Duration::from_millis(11_750));
+        let never = Value::Array(vec![
+            Value::Int(0),
+            Value::BulkString(b"inf".to_vec()),
+            Value::Int(3),
+        ]);
+        assert!(parse_reply(&never).unwrap().is_never());
+    }
+
+    #[test]
+    fn malformed_replies_are_errors() {
+        for reply in [
+            Value::Nil,
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![
+                Value::Int(2),
+                Value::BulkString(b"0".to_vec()),
+                Value::Int(1),
+            ]),
+            Value::Array(vec![
+                Value::Int(1),
+                Value::BulkString(b"x".to_vec()),
+                Value::Int(1),
+            ]),
+            Value::Array(vec![
+                Value::Int(1),
+                Value::BulkString(b"-1".to_vec()),
+                Value::Int(1),
+            ]),
+            Value::Array(vec![
+                Value::Int(1),
+                Value::BulkString(b"0".to_vec()),
+                Value::Int(-1),
+            ]),
+        ] {
+            assert_eq!(
+                parse_reply(&reply).unwrap_err().code(),
+                ErrorCode::StorageError,
+                "{reply:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_url_is_a_configuration_error() {
+        let err = RedisStorage::new(&RedisConfig::new("definitely not a url")).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Configuration);
+    }
+}
