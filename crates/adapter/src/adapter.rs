@@ -494,10 +494,10 @@ mod tests {
             (result.remaining, result.limit, result.reset_seconds),
             (5, 5, 120)
         );
-        let seen = seen.lock().unwrap();
-        assert!(
-            matches!(&seen[1], RateLimitEvent::Allowed(a) if a.source == DecisionSource::FailOpen)
-        );
+        assert!(matches!(
+            &seen.lock().unwrap()[1],
+            RateLimitEvent::Allowed(a) if a.source == DecisionSource::FailOpen
+        ));
         assert_eq!(limiter.get_remaining(LOGIN, "1.2.3.4").await.unwrap(), 5);
     }
 

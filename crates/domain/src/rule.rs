@@ -106,8 +106,8 @@ impl RateLimitRule {
             return Err(RuleError::InvalidRefillRate { value: refill_rate });
         }
         let refill_seconds = max_tokens as f64 / refill_rate * 60.0;
-        // Written as a negated comparison so that a NaN or infinite time is rejected too.
-        if !(refill_seconds.ceil() + 60.0 <= MAX_TTL_SECONDS as f64) {
+        let ttl = refill_seconds.ceil() + 60.0;
+        if !ttl.is_finite() || ttl > MAX_TTL_SECONDS as f64 {
             return Err(RuleError::TtlOverflow {
                 max_tokens,
                 refill_rate,

@@ -1,0 +1,284 @@
+//! Wiring: the one crate that knows every concrete type.
+//!
+//! [`Container::build`] turns a [`ContainerConfig`] (which backend, which rules) into a
+//! ready [`RateLimiter`](ratelimit_domain::RateLimiter) behind an `Arc`, with an in-process
+//! event bus whose events are logged through `tracing`.
+//!
+//! ```
+//! use std::time::Duration;
+//! use ratelimit_container::{Container, ContainerConfig};
+//! use ratelimit_domain::{RateLimitRule, RateLimitScope, RateLimiterExt, RuleSet};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let rules = RuleSet::try_from_rules([
+//!     ("POST /api/v1/sessions", RateLimitRule::new(RateLimitScope::Ip, 5, 5.0)?),
+//! ])?;
+//! // REDIS_URL set: Redis; otherwise the in-memory store.
+//! let container = Container::build(ContainerConfig::from_env(rules)).await?;
+//! let limiter = container.rate_limiter();
+//! let result = limiter.is_allowed("POST /api/v1/sessions", "192.168.1.1").await?;
+//! assert!(result.allowed);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use ratelimit_adapter::{BroadcastEventBus, TokenBucketAdapter, spawn_event_logger};
+use ratelimit_domain::{
+    Clock, DynBucketStore, DynRateLimiter, KeyBuilder, Result, RuleSet, SystemClock,
+};
+use ratelimit_memory::MemoryStorage;
+use ratelimit_redis::RedisStorage;
+
+pub use ratelimit_redis::RedisConfig;
+
+/// Where buckets live.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Backend {
+    /// In this process ([`MemoryStorage`]): limits hold per host.
+    Memory,
+    /// In Redis ([`RedisStorage`]): limits hold across every host that shares it.
+    Redis(RedisConfig),
+}
+
+/// Everything [`Container::build`] needs.
+#[derive(Clone)]
+#[must_use]
+pub struct ContainerConfig {
+    /// Where buckets live.
+    pub backend: Backend,
+    /// Endpoint → rule.
+    pub rules: RuleSet,
+    /// First part of every key (default `rate_limit`).
+    pub key_prefix: String,
+    /// How far an event subscriber may fall behind before losing events.
+    pub event_capacity: usize,
+    /// Whether to spawn a subscriber that logs every event through `tracing`.
+    pub log_events: bool,
+    /// The clock of the memory backend (the host's clock by default; a `ManualClock` in tests).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for ContainerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContainerConfig")
+            .field("backend", &self.backend)
+            .field("rules", &self.rules.len())
+            .field("key_prefix", &self.key_prefix)
+            .field("event_capacity", &self.event_capacity)
+            .field("log_events", &self.log_events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ContainerConfig {
+    /// The in-memory backend with `rules`.
+    pub fn memory(rules: RuleSet) -> Self {
+        Self {
+            backend: Backend::Memory,
+            rules,
+            key_prefix: KeyBuilder::DEFAULT_PREFIX.to_owned(),
+            event_capacity: BroadcastEventBus::DEFAULT_CAPACITY,
+            log_events: true,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Redis at `url` (default pool size and deadlines) with `rules`.
+    pub fn redis(url: impl Into<String>, rules: RuleSet) -> Self {
+        Self {
+            backend: Backend::Redis(RedisConfig::new(url)),
+            ..Self::memory(rules)
+        }
+    }
+
+    /// Redis when the `REDIS_URL` environment variable is set and not empty, memory otherwise.
+    pub fn from_env(rules: RuleSet) -> Self {
+        match std::env::var("REDIS_URL") {
+            Ok(url) if !url.trim().is_empty() => Self::redis(url.trim(), rules),
+            _ => Self::memory(rules),
+        }
+    }
+
+    /// The same configuration with another backend.
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The same configuration with another key prefix.
+    pub fn with_key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// The same configuration with another clock for the memory backend.
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The same configuration, with or without the event-logging subscriber.
+    pub fn with_event_logging(mut self, log_events: bool) -> Self {
+        self.log_events = log_events;
+        self
+    }
+}
+
+/// The built graph. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Container {
+    limiter: Arc<TokenBucketAdapter>,
+    events: BroadcastEventBus,
+    backend: &'static str,
+}
+
+impl Container {
+    /// Builds the store, the event bus and the adapter. Must be called within a Tokio runtime.
+    ///
+    /// With Redis, the container starts even when Redis is down (checks fail open until it is
+    /// back); it logs a warning when a first `PING` fails.
+    ///
+    /// # Errors
+    /// `Configuration` for an unparsable Redis URL; `InvalidInput` for an empty key prefix.
+    pub async fn build(config: ContainerConfig) -> Result<Self> {
+        let (store, backend): (DynBucketStore, _) = match &config.backend {
+            Backend::Memory => (
+                Arc::new(MemoryStorage::with_shared_clock(config.clock.clone())),
+                "memory",
+            ),
+            Backend::Redis(redis) => {
+                let store = RedisStorage::new(redis)?;
+                if let Err(err) = store.ping().await {
+                    tracing::warn!(url = %redis.redacted_url(), error = %err, "redis is not answering yet; checks fail open until it does");
+                }
+                (Arc::new(store), "redis")
+            }
+        };
+        let events = BroadcastEventBus::new(config.event_capacity);
+        if config.log_events {
+            spawn_event_logger(&events);
+        }
+        let limiter = TokenBucketAdapter::builder(store, config.rules)
+            .events(Arc::new(events.clone()))
+            .key_prefix(config.key_prefix)
+            .build()?;
+        Ok(Self {
+            limiter: Arc::new(limiter),
+            events,
+            backend,
+        })
+    }
+
+    /// The rate limiter, for handlers and middleware.
+    pub fn rate_limiter(&self) -> DynRateLimiter {
+        self.limiter.clone()
+    }
+
+    /// The concrete adapter, for what the port does not expose (rule lookup, bucket keys).
+    pub fn adapter(&self) -> &Arc<TokenBucketAdapter> {
+        &self.limiter
+    }
+
+    /// The event bus: subscribe to observe every check.
+    pub fn events(&self) -> &BroadcastEventBus {
+        &self.events
+    }
+
+    /// `"memory"` or `"redis"`.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ratelimit_domain::{ManualClock, RateLimitRule, RateLimitScope, RateLimiterExt};
+
+    use super::*;
+
+    fn rules() -> RuleSet {
+        RuleSet::try_from_rules([(
+            "POST /login",
+            RateLimitRule::new(RateLimitScope::Ip, 2, 5.0).unwrap(),
+        )])
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn memory_container_limits_and_publishes() {
+        let clock = ManualClock::new(1_000.0);
+        let container =
+            Container::build(ContainerConfig::memory(rules()).with_clock(clock.clone()))
+                .await
+                .unwrap();
+        assert_eq!(container.backend_name(), "memory");
+        let mut events = container.events().subscribe();
+        let limiter = container.rate_limiter();
+        assert!(
+            limiter
+                .is_allowed("POST /login", "a")
+                .await
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            limiter
+                .is_allowed("POST /login", "a")
+                .await
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            !limiter
+                .is_allowed("POST /login", "a")
+                .await
+                .unwrap()
+                .allowed
+        );
+        clock.advance(Duration::from_secs(12));
+        assert!(
+            limiter
+                .is_allowed("POST /login", "a")
+                .await
+                .unwrap()
+                .allowed
+        );
+        let kinds: Vec<_> = (0..8).map(|_| events.try_recv().unwrap().kind()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "attempted",
+                "allowed",
+                "attempted",
+                "allowed",
+                "attempted",
+                "denied",
+                "attempted",
+                "allowed"
+            ]
+        );
+        assert!(events.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_redis_url_is_a_configuration_error() {
+        let err = Container::build(ContainerConfig::redis("nope://", rules()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ratelimit_domain::ErrorCode::Configuration);
+    }
+
+    #[test]
+    fn debug_hides_redis_passwords() {
+        let config = ContainerConfig::redis("redis://app:hunter2@cache:6379", rules());
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("app:***@cache"), "{shown}");
+    }
+}

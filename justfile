@@ -1,0 +1,42 @@
+# ratelimit: a Redis-backed token-bucket rate limiter for Rust services.
+# `just` lists the recipes.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list
+
+# Run the demo: simulated traffic against a few rules (memory backend; REDIS_URL=... for Redis).
+demo:
+    cargo run --quiet -p ratelimit-container --example demo
+
+# Run every test of the workspace (starts its own throwaway redis-server processes).
+test:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v redis-server >/dev/null 2>&1 && [ -z "${REDIS_SERVER_BIN:-}" ]; then
+        echo "error: redis-server is needed by the tests. Install it: sudo apt-get install redis-server (macOS: brew install redis)" >&2
+        exit 1
+    fi
+    # Doc tests first, so that the run closes on the summary of the whole test suite.
+    cargo test --workspace --doc
+    if cargo nextest --version >/dev/null 2>&1; then
+        cargo nextest run --workspace --all-targets --no-fail-fast
+    else
+        cargo test --workspace --all-targets --no-fail-fast
+    fi
+
+# Formatting and clippy, warnings as errors.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Build the API docs, warnings as errors.
+doc:
+    RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps
+
+# Start a throwaway redis-server on 127.0.0.1:PORT in the foreground (Ctrl-C stops it; keeps nothing on disk).
+redis port="6390":
+    @echo "redis on redis://127.0.0.1:{{port}} — try: REDIS_URL=redis://127.0.0.1:{{port}} just demo"
+    redis-server --port {{port}} --bind 127.0.0.1 --save "" --appendonly no

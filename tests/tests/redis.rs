@@ -1,0 +1,498 @@
+//! The limiter against a real `redis-server`: the specification end to end, the key layout,
+//! and what happens when Redis misbehaves.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig};
+use ratelimit_domain::{
+    BucketStore, DecisionSource, ErrorCode, RateLimitEvent, RateLimitRule, RateLimitScope,
+    RateLimiter, RateLimiterExt, RuleSet,
+};
+use ratelimit_redis::RedisStorage;
+use ratelimit_tests::redis_server::{RedisServer, TestRedis, free_port, unique_prefix};
+
+const LOGIN: &str = "POST /api/v1/sessions";
+const EXPORT: &str = "POST /api/v1/exports";
+
+fn rules() -> RuleSet {
+    RuleSet::try_from_rules([
+        (
+            LOGIN,
+            RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap(),
+        ),
+        (
+            EXPORT,
+            RateLimitRule::new(RateLimitScope::User, 10, 1.0)
+                .unwrap()
+                .with_cost(3)
+                .unwrap(),
+        ),
+        (
+            "GET /api/v1/status",
+            RateLimitRule::new(RateLimitScope::Global, 100, 6000.0).unwrap(),
+        ),
+    ])
+    .unwrap()
+}
+
+fn redis_config(url: &str) -> RedisConfig {
+    RedisConfig::new(url).with_check_timeout(Duration::from_secs(5))
+}
+
+async fn container(url: &str, prefix: &str) -> Container {
+    let config = ContainerConfig::redis(url, rules())
+        .with_backend(Backend::Redis(redis_config(url)))
+        .with_key_prefix(prefix)
+        .with_event_logging(false);
+    Container::build(config).await.unwrap()
+}
+
+fn get(redis: &TestRedis, key: &str) -> Option<String> {
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    redis::cmd("GET").arg(key).query(&mut conn).unwrap()
+}
+
+fn ttl(redis: &TestRedis, key: &str) -> i64 {
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    redis::cmd("TTL").arg(key).query(&mut conn).unwrap()
+}
+
+#[tokio::test]
+async fn the_specification_end_to_end_on_redis() {
+    let redis = TestRedis::get();
+    let prefix = unique_prefix();
+    let container = container(&redis.url, &prefix).await;
+    let limiter = container.rate_limiter();
+    let mut events = container.events().subscribe();
+
+    // First request leaves 4 of 5; consecutive requests count down; the sixth is denied.
+    for expected in [4, 3, 2, 1, 0] {
+        let result = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
+        assert!(result.allowed);
+        assert_eq!(result.remaining, expected);
+        assert_eq!((result.limit, result.reset_seconds), (5, 120));
+        assert_eq!(result.source, DecisionSource::Store);
+    }
+    let denied = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
+    assert!(!denied.allowed);
+    // Redis's clock moved a little since the bucket was emptied: just under 12 s.
+    assert!(
+        denied.retry_after <= Duration::from_secs(12)
+            && denied.retry_after > Duration::from_secs(11),
+        "{denied:?}"
+    );
+    assert_eq!(denied.retry_after_whole_seconds(), Some(12));
+
+    // Events: attempted + allowed five times, then attempted + denied.
+    let mut kinds = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let RateLimitEvent::Denied(d) = &event {
+            assert_eq!(
+                (&*d.endpoint, &*d.identifier, d.scope),
+                (LOGIN, "192.168.1.1", RateLimitScope::Ip)
+            );
+            assert_eq!(d.retry_after, denied.retry_after);
+        }
+        kinds.push(event.kind());
+    }
+    let mut expected = ["attempted", "allowed"].repeat(5);
+    expected.extend(["attempted", "denied"]);
+    assert_eq!(kinds, expected);
+
+    // Other identifiers and endpoints are untouched; get_remaining consumes nothing.
+    assert_eq!(
+        limiter
+            .is_allowed(LOGIN, "192.168.1.2")
+            .await
+            .unwrap()
+            .remaining,
+        4
+    );
+    assert_eq!(
+        limiter.get_remaining(LOGIN, "192.168.1.2").await.unwrap(),
+        4
+    );
+    assert_eq!(
+        limiter.get_remaining(LOGIN, "192.168.1.2").await.unwrap(),
+        4
+    );
+
+    // Cost: the rule's 3, then an explicit 5, out of 10.
+    assert_eq!(
+        limiter.is_allowed(EXPORT, "alice").await.unwrap().remaining,
+        7
+    );
+    assert_eq!(
+        limiter
+            .is_allowed_with_cost(EXPORT, "alice", 5)
+            .await
+            .unwrap()
+            .remaining,
+        2
+    );
+    let never = limiter
+        .is_allowed_with_cost(EXPORT, "alice", 11)
+        .await
+        .unwrap();
+    assert!(!never.allowed && never.retry_never());
+
+    // Reset restores the bucket.
+    limiter.reset(LOGIN, "192.168.1.1").await.unwrap();
+    assert_eq!(
+        limiter.get_remaining(LOGIN, "192.168.1.1").await.unwrap(),
+        5
+    );
+    assert!(
+        limiter
+            .is_allowed(LOGIN, "192.168.1.1")
+            .await
+            .unwrap()
+            .allowed
+    );
+
+    // Global scope: one bucket for everyone.
+    limiter.is_allowed("GET /api/v1/status", "a").await.unwrap();
+    let shared = limiter.is_allowed("GET /api/v1/status", "b").await.unwrap();
+    assert_eq!(shared.remaining, 98);
+}
+
+#[tokio::test]
+async fn keys_values_and_ttls_follow_the_documented_layout() {
+    let redis = TestRedis::get();
+    let prefix = unique_prefix();
+    let limiter = container(&redis.url, &prefix).await.rate_limiter();
+    limiter.is_allowed(LOGIN, "2001:db8::1").await.unwrap();
+
+    let base = format!("{prefix}:ip:2001:db8::1:{LOGIN}");
+    let tokens = get(&redis, &format!("{base}:tokens")).expect("tokens key");
+    let time = get(&redis, &format!("{base}:time")).expect("time key");
+    // Decimal strings, as the original stores them; the first request left 4 tokens.
+    assert_eq!(tokens.parse::<f64>().unwrap(), 4.0);
+    let stored_time: f64 = time.parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (stored_time - now).abs() < 60.0,
+        "stored time {stored_time} is Redis's TIME, near {now}"
+    );
+    // TTL: ceil(5 / 5 * 60) + 60 = 120 s.
+    for suffix in [":tokens", ":time"] {
+        let ttl = ttl(&redis, &format!("{base}{suffix}"));
+        assert!((118..=120).contains(&ttl), "ttl {ttl}");
+    }
+    // Global buckets have no identifier.
+    limiter
+        .is_allowed("GET /api/v1/status", "whoever")
+        .await
+        .unwrap();
+    assert!(
+        get(
+            &redis,
+            &format!("{prefix}:global:GET /api/v1/status:tokens")
+        )
+        .is_some()
+    );
+}
+
+#[tokio::test]
+async fn buckets_written_by_the_original_service_are_read() {
+    let redis = TestRedis::get();
+    let prefix = unique_prefix();
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let base = format!("{prefix}:ip:10.1.1.1:{LOGIN}");
+    // What the Python service leaves behind: an integer count and a float time, via SETEX.
+    let _: () = redis::cmd("SETEX")
+        .arg(format!("{base}:tokens"))
+        .arg(120)
+        .arg("2")
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("SETEX")
+        .arg(format!("{base}:time"))
+        .arg(120)
+        .arg("1700000000.5")
+        .query(&mut conn)
+        .unwrap();
+    let store = RedisStorage::new(&redis_config(&redis.url)).unwrap();
+    let key = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
+        .unwrap()
+        .key("10.1.1.1")
+        .unwrap();
+    let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
+    // 6 s later half a token has come back: 2.5 tokens, one taken, 1 whole left.
+    let decision = store
+        .check_and_consume(&key, &rule, 1, Some(1_700_000_006.5))
+        .await
+        .unwrap();
+    assert!(decision.allowed);
+    assert_eq!(decision.remaining, 1);
+}
+
+#[tokio::test]
+async fn a_flushed_script_is_reloaded_and_limiting_continues() {
+    let redis = TestRedis::get();
+    let store = RedisStorage::new(&redis_config(&redis.url)).unwrap();
+    let prefix = unique_prefix();
+    let key = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
+        .unwrap()
+        .key("1.1.1.1")
+        .unwrap();
+    let rule = RateLimitRule::new(RateLimitScope::Ip, 3, 1.0).unwrap();
+
+    assert_eq!(
+        store
+            .check_and_consume(&key, &rule, 1, None)
+            .await
+            .unwrap()
+            .remaining,
+        2
+    );
+    let reloads_before = store.script_reloads();
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+
+    // The original would now fail open for ever; this store reloads and keeps counting.
+    let d = store.check_and_consume(&key, &rule, 1, None).await.unwrap();
+    assert_eq!(d.remaining, 1);
+    assert_eq!(store.script_reloads(), reloads_before + 1);
+    assert_eq!(
+        store
+            .check_and_consume(&key, &rule, 1, None)
+            .await
+            .unwrap()
+            .remaining,
+        0
+    );
+    assert!(
+        !store
+            .check_and_consume(&key, &rule, 1, None)
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert_eq!(
+        store.script_reloads(),
+        reloads_before + 1,
+        "one reload is enough"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_concurrent_checks_on_a_bucket_of_ten_admit_exactly_ten() {
+    let redis = TestRedis::get();
+    let prefix = unique_prefix();
+    let rules = RuleSet::try_from_rules([(
+        "POST /hot",
+        RateLimitRule::new(RateLimitScope::Global, 10, 0.01).unwrap(),
+    )])
+    .unwrap();
+    let config = ContainerConfig::redis(&redis.url, rules)
+        .with_backend(Backend::Redis(redis_config(&redis.url).with_pool_size(4)))
+        .with_key_prefix(&prefix)
+        .with_event_logging(false);
+    let limiter = Container::build(config).await.unwrap().rate_limiter();
+    let tasks: Vec<_> = (0..100)
+        .map(|i| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                limiter
+                    .is_allowed("POST /hot", &format!("client-{i}"))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for task in tasks {
+        let result = task.await.unwrap();
+        assert_eq!(
+            result.source,
+            DecisionSource::Store,
+            "no check may fail open here"
+        );
+        admitted += usize::from(result.allowed);
+    }
+    assert_eq!(admitted, 10);
+}
+
+/// Collects what `tracing` prints while a test runs.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn unreachable_redis_fails_open_within_the_deadline_and_says_so() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    // Nothing listens on this port.
+    let url = format!("redis://127.0.0.1:{}/", free_port());
+    let timeout = Duration::from_millis(200);
+    let config = ContainerConfig::redis(&url, rules())
+        .with_backend(Backend::Redis(
+            RedisConfig::new(&url)
+                .with_check_timeout(timeout)
+                .with_admin_timeout(timeout),
+        ))
+        .with_event_logging(false);
+    let container = Container::build(config).await.unwrap();
+    let mut events = container.events().subscribe();
+    let limiter = container.rate_limiter();
+
+    for _ in 0..3 {
+        let started = Instant::now();
+        let result = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
+        let took = started.elapsed();
+        assert!(result.allowed);
+        assert_eq!(result.source, DecisionSource::FailOpen);
+        assert_eq!((result.remaining, result.limit), (5, 5));
+        // A deadline, not a benchmark: the check must not hang past its timeout.
+        assert!(
+            took < timeout + Duration::from_secs(1),
+            "check took {took:?}"
+        );
+    }
+    let _attempted = events.try_recv().unwrap();
+    let RateLimitEvent::Allowed(allowed) = events.try_recv().unwrap() else {
+        panic!("expected an Allowed event")
+    };
+    assert_eq!(allowed.source, DecisionSource::FailOpen);
+    assert!(
+        logs.text().contains("fail-open"),
+        "no fail-open warning in: {}",
+        logs.text()
+    );
+
+    // Admin operations do not fail open.
+    let err = limiter.reset(LOGIN, "192.168.1.1").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::ResetFailed);
+    assert!(logs.text().contains("rate limit reset failed"));
+}
+
+#[tokio::test]
+async fn a_paused_redis_fails_open_within_the_deadline_and_limiting_resumes() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_millis(100);
+    let store =
+        RedisStorage::new(&RedisConfig::new(server.url()).with_check_timeout(timeout)).unwrap();
+    let limiter = ratelimit_adapter::TokenBucketAdapter::builder(Arc::new(store), rules())
+        .build()
+        .unwrap();
+    assert_eq!(
+        limiter
+            .is_allowed(LOGIN, "1.1.1.1")
+            .await
+            .unwrap()
+            .remaining,
+        4
+    );
+
+    server.pause();
+    let started = Instant::now();
+    let result = limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap();
+    let took = started.elapsed();
+    server.resume();
+    assert_eq!(result.source, DecisionSource::FailOpen);
+    assert!(
+        took < timeout + Duration::from_secs(1),
+        "check took {took:?}"
+    );
+
+    // Once Redis answers again, its decisions are back (the abandoned connection is dropped).
+    // The abandoned command sat in the socket buffer and ran when Redis woke up, so it may
+    // have taken its token: 3 left without it, 2 with it, never more.
+    let resumed = eventually_from_store(&limiter).await;
+    assert!(matches!(resumed.remaining, 2 | 3), "{resumed:?}");
+}
+
+#[tokio::test]
+async fn limiting_resumes_after_redis_is_killed_and_restarted_empty() {
+    let mut server = RedisServer::start();
+    let store = RedisStorage::new(
+        &RedisConfig::new(server.url()).with_check_timeout(Duration::from_millis(500)),
+    )
+    .unwrap();
+    let store = Arc::new(store);
+    let limiter = ratelimit_adapter::TokenBucketAdapter::builder(store.clone(), rules())
+        .build()
+        .unwrap();
+    assert_eq!(
+        limiter
+            .is_allowed(LOGIN, "1.1.1.1")
+            .await
+            .unwrap()
+            .remaining,
+        4
+    );
+
+    server.kill();
+    let down = limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap();
+    assert_eq!(down.source, DecisionSource::FailOpen);
+
+    server.restart(); // same port, no data, no scripts
+    let back = eventually_from_store(&limiter).await;
+    assert_eq!(
+        back.remaining, 4,
+        "the restarted Redis starts with a full bucket"
+    );
+    assert!(
+        store.script_reloads() >= 1,
+        "the lost script must have been reloaded"
+    );
+    for expected in [3, 2, 1, 0] {
+        assert_eq!(
+            limiter
+                .is_allowed(LOGIN, "1.1.1.1")
+                .await
+                .unwrap()
+                .remaining,
+            expected
+        );
+    }
+    assert!(!limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap().allowed);
+}
+
+/// Checks until a decision comes from the store again (at most 5 s).
+async fn eventually_from_store(limiter: &dyn RateLimiter) -> ratelimit_domain::RateLimitResult {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let result = limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap();
+        if result.source == DecisionSource::Store {
+            return result;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "limiting did not resume within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
