@@ -22,6 +22,8 @@
 //! # }).unwrap();
 //! ```
 
+mod rules_file;
+
 use std::fmt;
 use std::sync::Arc;
 
@@ -33,6 +35,7 @@ use ratelimit_memory::MemoryStorage;
 use ratelimit_redis::RedisStorage;
 
 pub use ratelimit_redis::RedisConfig;
+pub use rules_file::{load_rules_file, parse_rules};
 
 /// Where buckets live.
 #[derive(Debug, Clone)]

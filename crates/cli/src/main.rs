@@ -1,0 +1,3 @@
+//! The `ratelimit` admin command (work in progress).
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! Tower middleware that rate-limits HTTP requests (work in progress).
