@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use ratelimit_domain::{
-    BucketKey, CheckOptions, DecisionSource, DynBucketStore, DynEventBus, KeyBuilder,
-    RateLimitEvent, RateLimitResult, RateLimitRule, RateLimiter, Result, RuleSet,
+    BucketKey, CheckOptions, DecisionSource, DynBucketStore, DynEventBus, ErrorCode, FailurePolicy,
+    KeyBuilder, RateLimitError, RateLimitEvent, RateLimitResult, RateLimitRule, RateLimiter,
+    Result, RuleSet,
 };
 use tracing::{Instrument, field};
 
@@ -23,13 +24,17 @@ struct PreparedRule {
 }
 
 /// The [`RateLimiter`] of the specification: token buckets in a [`BucketStore`](ratelimit_domain::BucketStore),
-/// one rule per endpoint, events on every check, fail-open on infrastructure errors.
+/// one rule per endpoint, events on every check, and a [`FailurePolicy`] (fail-open by
+/// default) when the store cannot answer.
 ///
 /// Build it with [`TokenBucketAdapter::builder`].
 #[derive(Debug)]
 pub struct TokenBucketAdapter {
     store: DynBucketStore,
     events: DynEventBus,
+    policy: FailurePolicy,
+    /// The in-process store of the `local` policy.
+    fallback: Option<DynBucketStore>,
     /// Endpoint → prepared rule; one hash lookup per check.
     rules: HashMap<Box<str>, PreparedRule>,
 }
@@ -42,6 +47,8 @@ pub struct TokenBucketAdapterBuilder {
     rules: RuleSet,
     events: Option<DynEventBus>,
     key_prefix: String,
+    policy: FailurePolicy,
+    fallback: Option<DynBucketStore>,
 }
 
 impl TokenBucketAdapterBuilder {
@@ -58,12 +65,31 @@ impl TokenBucketAdapterBuilder {
         self
     }
 
+    /// What checks decide when the store fails (default [`FailurePolicy::Open`]).
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The in-process store that decides under [`FailurePolicy::Local`] (typically a
+    /// `MemoryStorage`); required by that policy.
+    pub fn local_fallback(mut self, store: DynBucketStore) -> Self {
+        self.fallback = Some(store);
+        self
+    }
+
     /// Prepares every rule.
     ///
     /// # Errors
-    /// [`ErrorCode::InvalidInput`](ratelimit_domain::ErrorCode::InvalidInput) for an empty
-    /// key prefix.
+    /// [`ErrorCode::InvalidInput`] for an empty key prefix; [`ErrorCode::Configuration`] for
+    /// the `local` policy without a fallback store.
     pub fn build(self) -> Result<TokenBucketAdapter> {
+        if self.policy == FailurePolicy::Local && self.fallback.is_none() {
+            return Err(RateLimitError::new(
+                ErrorCode::Configuration,
+                "the local failure policy needs a fallback store (TokenBucketAdapterBuilder::local_fallback)",
+            ));
+        }
         let rules = self
             .rules
             .iter()
@@ -83,6 +109,8 @@ impl TokenBucketAdapterBuilder {
         Ok(TokenBucketAdapter {
             store: self.store,
             events,
+            policy: self.policy,
+            fallback: self.fallback,
             rules,
         })
     }
@@ -96,6 +124,8 @@ impl TokenBucketAdapter {
             rules,
             events: None,
             key_prefix: KeyBuilder::DEFAULT_PREFIX.to_owned(),
+            policy: FailurePolicy::Open,
+            fallback: None,
         }
     }
 
@@ -146,16 +176,7 @@ impl TokenBucketAdapter {
 
         let result = match self.store.check_and_consume(&key, rule, cost, None).await {
             Ok(decision) => RateLimitResult::from_decision(decision, rule),
-            Err(err) => {
-                tracing::warn!(
-                    error = %err,
-                    code = err.code().as_str(),
-                    endpoint = &*prepared.endpoint,
-                    scope = scope.as_str(),
-                    "rate-limit store failed; allowing the request (fail-open)"
-                );
-                RateLimitResult::fail_open(rule)
-            }
+            Err(err) => self.on_store_failure(&err, prepared, &key, cost).await,
         };
         let elapsed = started.elapsed();
         tracing::Span::current().record("outcome", outcome(&result));
@@ -176,6 +197,7 @@ impl TokenBucketAdapter {
                 scope,
                 result.retry_after,
                 elapsed,
+                result.source,
             )
         };
         self.publish(event).await;
@@ -183,10 +205,50 @@ impl TokenBucketAdapter {
     }
 }
 
+impl TokenBucketAdapter {
+    /// Applies the failure policy to a check whose store failed.
+    async fn on_store_failure(
+        &self,
+        err: &RateLimitError,
+        prepared: &PreparedRule,
+        key: &BucketKey,
+        cost: u64,
+    ) -> RateLimitResult {
+        let rule = &prepared.rule;
+        let endpoint = &*prepared.endpoint;
+        let code = err.code().as_str();
+        match (self.policy, &self.fallback) {
+            (FailurePolicy::Closed, _) => {
+                tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; denying the request (fail-closed)");
+                RateLimitResult::fail_closed(rule)
+            }
+            (FailurePolicy::Local, Some(fallback)) => {
+                match fallback.check_and_consume(key, rule, cost, None).await {
+                    Ok(decision) => {
+                        tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; deciding with the local fallback store");
+                        RateLimitResult::from_decision(decision, rule)
+                            .with_source(DecisionSource::LocalFallback)
+                    }
+                    Err(local) => {
+                        tracing::warn!(error = %err, local_error = %local, code, endpoint, "rate-limit store and local fallback failed; allowing the request (fail-open)");
+                        RateLimitResult::fail_open(rule)
+                    }
+                }
+            }
+            _ => {
+                tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; allowing the request (fail-open)");
+                RateLimitResult::fail_open(rule)
+            }
+        }
+    }
+}
+
 fn outcome(result: &RateLimitResult) -> &'static str {
     match (result.allowed, result.source) {
+        (false, DecisionSource::FailClosed) => "fail_closed",
         (false, _) => "denied",
         (true, DecisionSource::FailOpen) => "fail_open",
+        (true, DecisionSource::LocalFallback) => "local_fallback",
         (true, _) => "allowed",
     }
 }
@@ -228,10 +290,23 @@ impl RateLimiter for TokenBucketAdapter {
         let key = prepared.keys.key(identifier)?;
         match self.store.get_remaining(&key, &prepared.rule, None).await {
             Ok(remaining) => Ok(remaining),
-            Err(err) => {
-                tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting a full bucket (fail-open)");
-                Ok(prepared.rule.max_tokens())
-            }
+            Err(err) => match (self.policy, &self.fallback) {
+                (FailurePolicy::Closed, _) => {
+                    tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting an empty bucket (fail-closed)");
+                    Ok(0)
+                }
+                (FailurePolicy::Local, Some(fallback)) => {
+                    tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting the local fallback's bucket");
+                    Ok(fallback
+                        .get_remaining(&key, &prepared.rule, None)
+                        .await
+                        .unwrap_or(prepared.rule.max_tokens()))
+                }
+                _ => {
+                    tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting a full bucket (fail-open)");
+                    Ok(prepared.rule.max_tokens())
+                }
+            },
         }
     }
 
@@ -240,6 +315,12 @@ impl RateLimiter for TokenBucketAdapter {
             return Ok(());
         };
         let key = prepared.keys.key(identifier)?;
+        if let Some(fallback) = &self.fallback {
+            // The local buckets are a stand-in for the shared ones: reset them too.
+            if let Err(err) = fallback.reset(&key, &prepared.rule).await {
+                tracing::warn!(error = %err, endpoint, "could not reset the local fallback bucket");
+            }
+        }
         match self.store.reset(&key, &prepared.rule).await {
             Ok(()) => {
                 tracing::info!(endpoint, identifier, "rate limit reset");
@@ -261,8 +342,7 @@ mod tests {
     use mockall::Sequence;
     use mockall::predicate::{always, eq};
     use ratelimit_domain::{
-        BucketDecision, ErrorCode, MockBucketStore, MockEventBus, RateLimitError, RateLimitScope,
-        RateLimiterExt,
+        BucketDecision, MockBucketStore, MockEventBus, RateLimitScope, RateLimiterExt,
     };
 
     use super::*;
@@ -601,6 +681,76 @@ mod tests {
                 .build()
                 .is_err()
         );
+    }
+
+    fn down_store() -> MockBucketStore {
+        let mut store = MockBucketStore::new();
+        store
+            .expect_check_and_consume()
+            .returning(|_, _, _, _| Err(unavailable()));
+        store
+            .expect_get_remaining()
+            .returning(|_, _, _| Err(unavailable()));
+        store
+            .expect_reset()
+            .returning(|_, _| Err(unavailable().recoded(ErrorCode::ResetFailed)));
+        store
+    }
+
+    #[tokio::test]
+    async fn closed_policy_denies_when_the_store_fails_and_says_so() {
+        let (bus, seen) = recording_bus();
+        let limiter = TokenBucketAdapter::builder(Arc::new(down_store()), rules())
+            .events(Arc::new(bus))
+            .failure_policy(FailurePolicy::Closed)
+            .build()
+            .unwrap();
+        let result = limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap();
+        assert!(!result.allowed);
+        assert_eq!(result.source, DecisionSource::FailClosed);
+        assert_eq!(result.retry_after, Duration::from_secs(12));
+        assert!(result.is_degraded());
+        assert!(matches!(
+            &seen.lock().unwrap()[1],
+            RateLimitEvent::Denied(d) if d.source == DecisionSource::FailClosed
+        ));
+        assert_eq!(limiter.get_remaining(LOGIN, "1.2.3.4").await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn local_policy_keeps_limiting_in_process_while_the_store_is_down() {
+        let clock = ratelimit_domain::ManualClock::new(1_000.0);
+        let local = Arc::new(ratelimit_memory::MemoryStorage::with_clock(clock));
+        let limiter = TokenBucketAdapter::builder(Arc::new(down_store()), rules())
+            .failure_policy(FailurePolicy::Local)
+            .local_fallback(local)
+            .build()
+            .unwrap();
+        for expected in [4, 3, 2, 1, 0] {
+            let result = limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap();
+            assert!(result.allowed);
+            assert_eq!(result.remaining, expected);
+            assert_eq!(result.source, DecisionSource::LocalFallback);
+        }
+        let denied = limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap();
+        assert!(!denied.allowed);
+        assert_eq!(denied.source, DecisionSource::LocalFallback);
+        assert_eq!(limiter.get_remaining(LOGIN, "1.2.3.4").await.unwrap(), 0);
+        // Reset reports the shared store's error, but the local bucket is refilled anyway.
+        assert_eq!(
+            limiter.reset(LOGIN, "1.2.3.4").await.unwrap_err().code(),
+            ErrorCode::ResetFailed
+        );
+        assert_eq!(limiter.get_remaining(LOGIN, "1.2.3.4").await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn local_policy_needs_a_fallback_store() {
+        let err = TokenBucketAdapter::builder(Arc::new(MockBucketStore::new()), rules())
+            .failure_policy(FailurePolicy::Local)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::Configuration);
     }
 
     #[tokio::test]

@@ -39,15 +39,18 @@
 //! [`reset`](RateLimiter::reset) does not fail open: it reports real errors.
 
 mod adapter;
+mod circuit;
 mod events;
 
 pub use adapter::{TokenBucketAdapter, TokenBucketAdapterBuilder};
+pub use circuit::{CircuitBreakerConfig, CircuitBreakerStore, CircuitState};
 pub use events::{BroadcastEventBus, spawn_event_logger};
 
 pub use ratelimit_domain as domain;
 pub use ratelimit_domain::{
     BucketDecision, BucketKey, BucketStore, CheckOptions, Clock, DecisionSource, DynBucketStore,
-    DynEventBus, DynRateLimiter, ErrorCode, EventBus, ManualClock, RateLimitCheckAllowed,
-    RateLimitCheckAttempted, RateLimitCheckDenied, RateLimitError, RateLimitEvent, RateLimitResult,
-    RateLimitRule, RateLimitScope, RateLimiter, RateLimiterExt, RuleError, RuleSet, SystemClock,
+    DynEventBus, DynRateLimiter, ErrorCode, EventBus, FailurePolicy, ManualClock,
+    RateLimitCheckAllowed, RateLimitCheckAttempted, RateLimitCheckDenied, RateLimitError,
+    RateLimitEvent, RateLimitResult, RateLimitRule, RateLimitScope, RateLimiter, RateLimiterExt,
+    RuleError, RuleSet, SystemClock,
 };

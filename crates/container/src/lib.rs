@@ -27,13 +27,17 @@ mod rules_file;
 use std::fmt;
 use std::sync::Arc;
 
-use ratelimit_adapter::{BroadcastEventBus, TokenBucketAdapter, spawn_event_logger};
+use ratelimit_adapter::{
+    BroadcastEventBus, CircuitBreakerStore, TokenBucketAdapter, spawn_event_logger,
+};
 use ratelimit_domain::{
     Clock, DynBucketStore, DynRateLimiter, KeyBuilder, Result, RuleSet, SystemClock,
 };
 use ratelimit_memory::MemoryStorage;
 use ratelimit_redis::RedisStorage;
 
+pub use ratelimit_adapter::CircuitBreakerConfig;
+pub use ratelimit_domain::FailurePolicy;
 pub use ratelimit_redis::RedisConfig;
 pub use rules_file::{load_rules_file, parse_rules};
 
@@ -63,6 +67,11 @@ pub struct ContainerConfig {
     pub log_events: bool,
     /// The clock of the memory backend (the host's clock by default; a `ManualClock` in tests).
     pub clock: Arc<dyn Clock>,
+    /// What checks decide when Redis fails (default: allow).
+    pub failure_policy: FailurePolicy,
+    /// The circuit breaker in front of Redis (default on; `None` turns it off). Unused by the
+    /// memory backend, which does not fail.
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
 }
 
 impl fmt::Debug for ContainerConfig {
@@ -73,6 +82,8 @@ impl fmt::Debug for ContainerConfig {
             .field("key_prefix", &self.key_prefix)
             .field("event_capacity", &self.event_capacity)
             .field("log_events", &self.log_events)
+            .field("failure_policy", &self.failure_policy)
+            .field("circuit_breaker", &self.circuit_breaker)
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +98,8 @@ impl ContainerConfig {
             event_capacity: BroadcastEventBus::DEFAULT_CAPACITY,
             log_events: true,
             clock: Arc::new(SystemClock),
+            failure_policy: FailurePolicy::Open,
+            circuit_breaker: Some(CircuitBreakerConfig::default()),
         }
     }
 
@@ -124,6 +137,18 @@ impl ContainerConfig {
         self
     }
 
+    /// The same configuration with another failure policy.
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// The same configuration with another circuit breaker (`None`: no breaker).
+    pub fn with_circuit_breaker(mut self, breaker: Option<CircuitBreakerConfig>) -> Self {
+        self.circuit_breaker = breaker;
+        self
+    }
+
     /// The same configuration, with or without the event-logging subscriber.
     pub fn with_event_logging(mut self, log_events: bool) -> Self {
         self.log_events = log_events;
@@ -158,17 +183,27 @@ impl Container {
                 if let Err(err) = store.ping().await {
                     tracing::warn!(url = %redis.redacted_url(), error = %err, "redis is not answering yet; checks fail open until it does");
                 }
-                (Arc::new(store), "redis")
+                let store: DynBucketStore = match config.circuit_breaker {
+                    Some(breaker) => Arc::new(CircuitBreakerStore::new(Arc::new(store), breaker)),
+                    None => Arc::new(store),
+                };
+                (store, "redis")
             }
         };
         let events = BroadcastEventBus::new(config.event_capacity);
         if config.log_events {
             spawn_event_logger(&events);
         }
-        let limiter = TokenBucketAdapter::builder(store, config.rules)
+        let mut builder = TokenBucketAdapter::builder(store, config.rules)
             .events(Arc::new(events.clone()))
             .key_prefix(config.key_prefix)
-            .build()?;
+            .failure_policy(config.failure_policy);
+        if config.failure_policy == FailurePolicy::Local {
+            builder = builder.local_fallback(Arc::new(MemoryStorage::with_shared_clock(
+                config.clock.clone(),
+            )));
+        }
+        let limiter = builder.build()?;
         Ok(Self {
             limiter: Arc::new(limiter),
             events,

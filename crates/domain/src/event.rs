@@ -66,6 +66,8 @@ pub struct RateLimitCheckDenied {
     pub retry_after: Duration,
     /// How long the check took, from rule lookup to decision.
     pub execution_time: Duration,
+    /// Who decided: the store, or a failure policy standing in for it.
+    pub source: DecisionSource,
 }
 
 /// Any of the events a check publishes, in this order: [`Attempted`](Self::Attempted), then
@@ -127,6 +129,7 @@ impl RateLimitEvent {
         scope: RateLimitScope,
         retry_after: Duration,
         execution_time: Duration,
+        source: DecisionSource,
     ) -> Self {
         Self::Denied(RateLimitCheckDenied {
             event_id: Uuid::now_v7(),
@@ -136,6 +139,7 @@ impl RateLimitEvent {
             scope,
             retry_after,
             execution_time,
+            source,
         })
     }
 
@@ -189,6 +193,7 @@ mod tests {
             RateLimitScope::Ip,
             Duration::from_secs(1),
             Duration::ZERO,
+            DecisionSource::Store,
         );
         assert_eq!(a.event_id().get_version_num(), 7);
         assert!(a.event_id() < b.event_id());

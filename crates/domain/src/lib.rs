@@ -21,6 +21,7 @@ mod clock;
 mod error;
 mod event;
 mod key;
+mod policy;
 mod ports;
 mod result;
 mod rule;
@@ -34,6 +35,7 @@ pub use event::{
     RateLimitCheckAllowed, RateLimitCheckAttempted, RateLimitCheckDenied, RateLimitEvent,
 };
 pub use key::{BucketKey, KeyBuilder, MAX_IDENTIFIER_BYTES};
+pub use policy::FailurePolicy;
 pub use ports::{
     BucketStore, CheckOptions, DynBucketStore, DynEventBus, DynRateLimiter, EventBus, RateLimiter,
     RateLimiterExt,

@@ -36,6 +36,11 @@ pub enum DecisionSource {
     /// The store could not be asked (unreachable, slow, failing) and the request was allowed
     /// by the fail-open policy. The numbers are not real counts.
     FailOpen,
+    /// The store could not be asked and the request was denied by the fail-closed policy.
+    FailClosed,
+    /// The store could not be asked and the request was decided by the in-process fallback
+    /// store (the `local` policy): limits hold per host while the shared store is out.
+    LocalFallback,
     /// No rule is configured for the endpoint; nothing is limited.
     NoRule,
     /// The endpoint's rule is disabled; nothing is limited.
@@ -49,6 +54,8 @@ impl DecisionSource {
         match self {
             Self::Store => "store",
             Self::FailOpen => "fail_open",
+            Self::FailClosed => "fail_closed",
+            Self::LocalFallback => "local_fallback",
             Self::NoRule => "no_rule",
             Self::RuleDisabled => "rule_disabled",
         }
@@ -130,6 +137,33 @@ impl RateLimitResult {
             reset_seconds: rule.ttl_seconds(),
             source: DecisionSource::FailOpen,
         }
+    }
+
+    /// The store failed and the policy is to deny: denied, retry after one token's time.
+    pub fn fail_closed(rule: &RateLimitRule) -> Self {
+        Self {
+            allowed: false,
+            retry_after: crate::token_bucket::seconds(rule.seconds_per_token()),
+            remaining: 0,
+            limit: rule.max_tokens(),
+            reset_seconds: rule.ttl_seconds(),
+            source: DecisionSource::FailClosed,
+        }
+    }
+
+    /// The same result, attributed to another decider.
+    #[must_use]
+    pub fn with_source(mut self, source: DecisionSource) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// Whether the decision came from a failure policy rather than from the shared store.
+    pub fn is_degraded(&self) -> bool {
+        matches!(
+            self.source,
+            DecisionSource::FailOpen | DecisionSource::FailClosed | DecisionSource::LocalFallback
+        )
     }
 
     /// Whether waiting will never help.

@@ -1,0 +1,361 @@
+//! A circuit breaker in front of a store.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ratelimit_domain::{
+    BucketDecision, BucketKey, BucketStore, DynBucketStore, ErrorCode, RateLimitError,
+    RateLimitRule, Result,
+};
+use tokio::time::Instant;
+
+/// When a [`CircuitBreakerStore`] opens and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CircuitBreakerConfig {
+    /// Consecutive infrastructure failures that open the circuit.
+    pub failure_threshold: u32,
+    /// How long the circuit stays open before one probe is let through.
+    pub cooldown: Duration,
+}
+
+impl CircuitBreakerConfig {
+    /// A breaker that opens after `failure_threshold` consecutive failures (at least 1) and
+    /// probes again after `cooldown`.
+    pub fn new(failure_threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            failure_threshold: failure_threshold.max(1),
+            cooldown,
+        }
+    }
+}
+
+impl Default for CircuitBreakerConfig {
+    /// Opens after 5 consecutive failures; probes every 500 ms.
+    fn default() -> Self {
+        Self::new(5, Duration::from_millis(500))
+    }
+}
+
+/// Where a breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CircuitState {
+    /// Calls go to the store.
+    Closed,
+    /// Calls fail at once, without touching the store, until the cool-down ends.
+    Open,
+    /// The cool-down has ended and one probe call is (or may be) on its way to the store.
+    HalfOpen,
+}
+
+/// A [`BucketStore`] that stops calling a failing store for a while.
+///
+/// After [`failure_threshold`](CircuitBreakerConfig::failure_threshold) consecutive
+/// infrastructure failures (unavailable, timeout, store error) the circuit opens: checks fail
+/// at once with [`ErrorCode::StorageUnavailable`], so the adapter applies its failure policy
+/// without waiting for a deadline on every request. After the cool-down one probe goes
+/// through; if it answers, the circuit closes, otherwise it stays open for another cool-down.
+/// Bad input (`InvalidInput`) neither counts as a failure nor closes the circuit.
+///
+/// `reset` always goes to the store: an admin operation wants the store's real answer.
+#[derive(Debug)]
+pub struct CircuitBreakerStore {
+    inner: DynBucketStore,
+    config: CircuitBreakerConfig,
+    consecutive_failures: AtomicU32,
+    /// When the circuit opened; `None` while closed. Short critical sections, never held
+    /// across an await, hence a std mutex.
+    opened_at: Mutex<Option<Instant>>,
+    /// Whether the half-open probe has been handed out.
+    probing: std::sync::atomic::AtomicBool,
+    /// Calls turned away without touching the store.
+    short_circuited: AtomicU64,
+}
+
+/// What to do with one call.
+enum Admission {
+    Call { probe: bool },
+    Reject,
+}
+
+impl CircuitBreakerStore {
+    /// Wraps `inner`.
+    pub fn new(inner: DynBucketStore, config: CircuitBreakerConfig) -> Self {
+        Self {
+            inner,
+            config,
+            consecutive_failures: AtomicU32::new(0),
+            opened_at: Mutex::new(None),
+            probing: std::sync::atomic::AtomicBool::new(false),
+            short_circuited: AtomicU64::new(0),
+        }
+    }
+
+    /// Where the breaker stands now.
+    pub fn state(&self) -> CircuitState {
+        match *self.opened() {
+            None => CircuitState::Closed,
+            Some(at) if at.elapsed() < self.config.cooldown => CircuitState::Open,
+            Some(_) => CircuitState::HalfOpen,
+        }
+    }
+
+    /// How many calls were turned away without touching the store.
+    pub fn short_circuited(&self) -> u64 {
+        self.short_circuited.load(Ordering::Relaxed)
+    }
+
+    fn opened(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // Every write is a single assignment, so a poisoned lock still holds a valid value.
+        self.opened_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn admit(&self) -> Admission {
+        let opened_at = *self.opened();
+        match opened_at {
+            None => Admission::Call { probe: false },
+            Some(at) if at.elapsed() < self.config.cooldown => Admission::Reject,
+            Some(_) => {
+                if self.probing.swap(true, Ordering::AcqRel) {
+                    Admission::Reject
+                } else {
+                    Admission::Call { probe: true }
+                }
+            }
+        }
+    }
+
+    fn record<T>(&self, probe: bool, outcome: &Result<T>) {
+        match outcome {
+            Err(err) if err.code().is_infrastructure() => {
+                let failures = self
+                    .consecutive_failures
+                    .fetch_add(1, Ordering::AcqRel)
+                    .saturating_add(1);
+                if probe || failures >= self.config.failure_threshold {
+                    let mut opened = self.opened();
+                    let was_closed = opened.is_none();
+                    *opened = Some(Instant::now());
+                    drop(opened);
+                    if was_closed {
+                        tracing::warn!(failures, cooldown_ms = self.config.cooldown.as_millis(), error = %err, "rate-limit store failing; circuit opened");
+                    }
+                }
+                if probe {
+                    self.probing.store(false, Ordering::Release);
+                }
+            }
+            _ => {
+                self.consecutive_failures.store(0, Ordering::Release);
+                let was_open = self.opened().take().is_some();
+                if probe {
+                    self.probing.store(false, Ordering::Release);
+                }
+                if was_open {
+                    tracing::info!("rate-limit store answering again; circuit closed");
+                }
+            }
+        }
+    }
+
+    fn rejected(&self) -> RateLimitError {
+        self.short_circuited.fetch_add(1, Ordering::Relaxed);
+        RateLimitError::new(
+            ErrorCode::StorageUnavailable,
+            "circuit open: the store failed repeatedly and is not being called",
+        )
+        .with_detail("circuit", "open")
+    }
+
+    async fn guarded<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let Admission::Call { probe } = self.admit() else {
+            return Err(self.rejected());
+        };
+        let outcome = call.await;
+        self.record(probe, &outcome);
+        outcome
+    }
+}
+
+#[async_trait]
+impl BucketStore for CircuitBreakerStore {
+    async fn check_and_consume(
+        &self,
+        key: &BucketKey,
+        rule: &RateLimitRule,
+        cost: u64,
+        now: Option<f64>,
+    ) -> Result<BucketDecision> {
+        self.guarded(self.inner.check_and_consume(key, rule, cost, now))
+            .await
+    }
+
+    async fn get_remaining(
+        &self,
+        key: &BucketKey,
+        rule: &RateLimitRule,
+        now: Option<f64>,
+    ) -> Result<u64> {
+        self.guarded(self.inner.get_remaining(key, rule, now)).await
+    }
+
+    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<()> {
+        let outcome = self.inner.reset(key, rule).await;
+        if outcome.is_ok() {
+            self.record(false, &outcome);
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use ratelimit_domain::RateLimitScope;
+
+    use super::*;
+
+    /// A store that fails while `down` is set, and counts calls.
+    #[derive(Debug, Default)]
+    struct Flaky {
+        down: AtomicBool,
+        calls: AtomicU32,
+    }
+
+    #[async_trait]
+    impl BucketStore for Flaky {
+        async fn check_and_consume(
+            &self,
+            _: &BucketKey,
+            _: &RateLimitRule,
+            _: u64,
+            _: Option<f64>,
+        ) -> Result<BucketDecision> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) {
+                Err(RateLimitError::new(ErrorCode::StorageTimeout, "slow"))
+            } else {
+                Ok(BucketDecision {
+                    allowed: true,
+                    retry_after: Duration::ZERO,
+                    remaining: 1,
+                })
+            }
+        }
+        async fn get_remaining(
+            &self,
+            _: &BucketKey,
+            _: &RateLimitRule,
+            _: Option<f64>,
+        ) -> Result<u64> {
+            Err(RateLimitError::new(ErrorCode::InvalidInput, "bad"))
+        }
+        async fn reset(&self, _: &BucketKey, _: &RateLimitRule) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn setup() -> (Arc<Flaky>, CircuitBreakerStore, BucketKey, RateLimitRule) {
+        let flaky = Arc::new(Flaky::default());
+        let breaker = CircuitBreakerStore::new(
+            flaky.clone(),
+            CircuitBreakerConfig::new(3, Duration::from_secs(1)),
+        );
+        let key = BucketKey::new(RateLimitScope::Ip, "1.2.3.4", "GET /x").unwrap();
+        let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
+        (flaky, breaker, key, rule)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_the_threshold_then_probes_and_closes() {
+        let (flaky, breaker, key, rule) = setup();
+        flaky.down.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            assert!(
+                breaker
+                    .check_and_consume(&key, &rule, 1, None)
+                    .await
+                    .is_err()
+            );
+        }
+        assert_eq!(breaker.state(), CircuitState::Open);
+        // Open: no call reaches the store.
+        for _ in 0..100 {
+            let err = breaker
+                .check_and_consume(&key, &rule, 1, None)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), ErrorCode::StorageUnavailable);
+        }
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(breaker.short_circuited(), 100);
+
+        // After the cool-down one probe goes through; it fails, so the circuit stays open.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(breaker.state(), CircuitState::HalfOpen);
+        assert!(
+            breaker
+                .check_and_consume(&key, &rule, 1, None)
+                .await
+                .is_err()
+        );
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), 4);
+        assert_eq!(breaker.state(), CircuitState::Open);
+
+        // The store recovers: the next probe closes the circuit.
+        flaky.down.store(false, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            breaker
+                .check_and_consume(&key, &rule, 1, None)
+                .await
+                .is_ok()
+        );
+        assert_eq!(breaker.state(), CircuitState::Closed);
+        assert!(
+            breaker
+                .check_and_consume(&key, &rule, 1, None)
+                .await
+                .is_ok()
+        );
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_reset_the_count_and_bad_input_does_not_count() {
+        let (flaky, breaker, key, rule) = setup();
+        for _ in 0..10 {
+            flaky.down.store(true, Ordering::SeqCst);
+            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+            let _ = breaker.get_remaining(&key, &rule, None).await; // InvalidInput
+            flaky.down.store(false, Ordering::SeqCst);
+            assert!(
+                breaker
+                    .check_and_consume(&key, &rule, 1, None)
+                    .await
+                    .is_ok()
+            );
+        }
+        assert_eq!(breaker.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successful_reset_closes_the_circuit() {
+        let (flaky, breaker, key, rule) = setup();
+        flaky.down.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+        }
+        assert_eq!(breaker.state(), CircuitState::Open);
+        breaker.reset(&key, &rule).await.unwrap();
+        assert_eq!(breaker.state(), CircuitState::Closed);
+    }
+}
