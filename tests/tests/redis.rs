@@ -496,3 +496,79 @@ async fn eventually_from_store(limiter: &dyn RateLimiter) -> ratelimit_domain::R
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn hostile_identifiers_and_endpoints_never_share_a_bucket_on_redis() {
+    let redis = TestRedis::get();
+    let prefix = unique_prefix();
+    let endpoints = [
+        "GET /a",
+        "GET /a:b",
+        "GET /{a}",
+        "GET /a%3Ab",
+        "GET /日本\n",
+    ];
+    let rules = RuleSet::try_from_rules(
+        endpoints.map(|e| (e, RateLimitRule::new(RateLimitScope::User, 3, 1.0).unwrap())),
+    )
+    .unwrap();
+    let config = ContainerConfig::redis(&redis.url, rules)
+        .with_backend(Backend::Redis(redis_config(&redis.url)))
+        .with_key_prefix(&prefix)
+        .with_event_logging(false);
+    let limiter = Container::build(config).await.unwrap().rate_limiter();
+
+    let megabyte = "m".repeat(1 << 20);
+    let mut identifiers: Vec<String> = [
+        "a",
+        "a:b",
+        "b",
+        "a:",
+        ":a",
+        "{a}",
+        "a%3Ab",
+        "%25",
+        "%",
+        "%H",
+        "\n",
+        "a\0",
+        "é",
+        "e\u{301}",
+        "::1",
+        "::ffff:1.2.3.4",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    identifiers.push(megabyte.clone());
+    identifiers.push(format!("{megabyte}x"));
+    identifiers.push("x".repeat(257));
+    identifiers.push("x".repeat(256));
+
+    for endpoint in endpoints {
+        for identifier in &identifiers {
+            let result = limiter.is_allowed(endpoint, identifier).await.unwrap();
+            assert_eq!(result.source, DecisionSource::Store);
+            assert_eq!(
+                result.remaining,
+                2,
+                "{endpoint:?} / {:?} found a used bucket",
+                &identifier[..identifier.len().min(20)]
+            );
+        }
+    }
+    // Each bucket was used exactly once.
+    for endpoint in endpoints {
+        for identifier in &identifiers {
+            assert_eq!(
+                limiter.get_remaining(endpoint, identifier).await.unwrap(),
+                2
+            );
+        }
+    }
+    // Empty identifiers are rejected, never mapped to a shared bucket.
+    assert_eq!(
+        limiter.is_allowed("GET /a", "").await.unwrap_err().code(),
+        ErrorCode::InvalidInput
+    );
+}

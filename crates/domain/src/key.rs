@@ -2,11 +2,14 @@
 
 use std::fmt::{self, Write as _};
 
+use sha2::{Digest, Sha256};
+
 use crate::{ErrorCode, RateLimitError, RateLimitScope, Result};
 
-/// The longest identifier accepted, in bytes. Longer identifiers are rejected with
-/// [`ErrorCode::InvalidInput`] so that one caller cannot make every key arbitrarily large.
-pub const MAX_IDENTIFIER_BYTES: usize = 1024;
+/// The longest identifier written into a key as it is, in bytes. A longer identifier is
+/// replaced by `%H` and the hex SHA-256 of its bytes (66 bytes), so that one caller cannot make
+/// keys (and Redis memory) arbitrarily large, while distinct identifiers keep distinct keys.
+pub const MAX_IDENTIFIER_BYTES: usize = 256;
 
 /// The key of one bucket, without the suffixes a store may add (`:tokens`, `:time`).
 ///
@@ -25,6 +28,11 @@ pub const MAX_IDENTIFIER_BYTES: usize = 1024;
 /// `:`, the last `:` of a key separates identifier and endpoint, so two different
 /// (scope, identifier, endpoint) triples never share a key, while IPv4 and IPv6 addresses,
 /// user ids and `"POST /api/v1/sessions"` stay readable.
+///
+/// Identifiers longer than [`MAX_IDENTIFIER_BYTES`] are written as `%H` followed by the
+/// lower-case hex SHA-256 of their bytes. `%H` never appears in an encoded identifier (an
+/// escaped `%` is always followed by two hex digits), so hashed and readable identifiers never
+/// collide.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BucketKey(String);
 
@@ -93,8 +101,7 @@ impl KeyBuilder {
     /// The key of `identifier`'s bucket (the identifier is ignored for the global scope).
     ///
     /// # Errors
-    /// [`ErrorCode::InvalidInput`] when the scope uses identifiers and `identifier` is empty
-    /// or longer than [`MAX_IDENTIFIER_BYTES`].
+    /// [`ErrorCode::InvalidInput`] when the scope uses identifiers and `identifier` is empty.
     pub fn key(&self, identifier: &str) -> Result<BucketKey> {
         if !self.scope.uses_identifier() {
             return Ok(BucketKey(self.head.clone()));
@@ -104,16 +111,17 @@ impl KeyBuilder {
                 invalid("identifier must not be empty").with_detail("scope", self.scope.as_str())
             );
         }
-        if identifier.len() > MAX_IDENTIFIER_BYTES {
-            return Err(invalid(format!(
-                "identifier is {} bytes long, more than {MAX_IDENTIFIER_BYTES}",
-                identifier.len()
-            ))
-            .with_detail("scope", self.scope.as_str()));
-        }
         let mut key = String::with_capacity(self.head.len() + identifier.len() + self.tail.len());
         key.push_str(&self.head);
-        encode_into(&mut key, identifier, false);
+        if identifier.len() > MAX_IDENTIFIER_BYTES {
+            key.push_str("%H");
+            for byte in Sha256::digest(identifier.as_bytes()) {
+                // Writing to a String cannot fail.
+                let _ = write!(key, "{byte:02x}");
+            }
+        } else {
+            encode_into(&mut key, identifier, false);
+        }
         key.push_str(&self.tail);
         Ok(BucketKey(key))
     }
@@ -210,16 +218,90 @@ mod tests {
         let err = BucketKey::new(Ip, "", "GET /x").unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidInput);
         assert_eq!(err.message(), "identifier must not be empty");
-        let long = "x".repeat(MAX_IDENTIFIER_BYTES + 1);
         assert_eq!(
-            BucketKey::new(Ip, &long, "GET /x").unwrap_err().code(),
+            BucketKey::new(User, "", "GET /x").unwrap_err().code(),
             ErrorCode::InvalidInput
         );
-        assert!(BucketKey::new(Ip, &long[1..], "GET /x").is_ok());
         assert_eq!(
             BucketKey::new(Ip, "1.2.3.4", "").unwrap_err().code(),
             ErrorCode::InvalidInput
         );
+    }
+
+    #[test]
+    fn long_identifiers_are_hashed_into_bounded_distinct_keys() {
+        let at_limit = "x".repeat(MAX_IDENTIFIER_BYTES);
+        assert_eq!(
+            key(Ip, &at_limit, "GET /x"),
+            format!("rate_limit:ip:{at_limit}:GET /x")
+        );
+        let long = "x".repeat(MAX_IDENTIFIER_BYTES + 1);
+        let hashed = key(Ip, &long, "GET /x");
+        assert!(hashed.starts_with("rate_limit:ip:%H"), "{hashed}");
+        assert_eq!(hashed.len(), "rate_limit:ip:%H:GET /x".len() + 64);
+        let megabyte = "y".repeat(1 << 20);
+        assert_eq!(key(Ip, &megabyte, "GET /x").len(), hashed.len());
+        assert_ne!(key(Ip, &megabyte, "GET /x"), hashed);
+        // A readable identifier that looks like a hash does not collide with one.
+        let lookalike = hashed["rate_limit:ip:".len()..hashed.len() - ":GET /x".len()].to_owned();
+        assert_ne!(key(Ip, &lookalike, "GET /x"), hashed);
+    }
+
+    /// Adversarial pieces: separators, escapes, hash tags, controls, Unicode, lookalikes.
+    const PIECES: [&str; 16] = [
+        ":", "{", "}", "%", "%3A", "%25", "%H", "\n", "\r\n", "\0", "é", "日本", "a", " ",
+        "\u{85}", "::1",
+    ];
+
+    fn adversarial(n: usize) -> Vec<String> {
+        // Every string of up to three pieces.
+        let mut out = vec![String::new()];
+        for _ in 0..n {
+            let mut longer = Vec::new();
+            for s in &out {
+                for piece in PIECES {
+                    longer.push(format!("{s}{piece}"));
+                }
+            }
+            out.extend(longer);
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    #[test]
+    fn distinct_triples_never_share_a_key() {
+        let strings = adversarial(2);
+        let endpoints: Vec<&str> = strings
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(String::as_str)
+            .take(60)
+            .collect();
+        let mut seen = std::collections::HashMap::new();
+        for scope in RateLimitScope::ALL {
+            for endpoint in &endpoints {
+                let builder = KeyBuilder::new("rate_limit", scope, endpoint).unwrap();
+                for identifier in strings.iter().filter(|s| !s.is_empty()) {
+                    let key = builder.key(identifier).unwrap();
+                    // The global scope ignores identifiers, so its triple is (scope, endpoint).
+                    let triple = (
+                        scope,
+                        if scope.uses_identifier() {
+                            identifier.as_str()
+                        } else {
+                            ""
+                        },
+                        *endpoint,
+                    );
+                    if let Some(previous) = seen.insert(key.clone(), triple) {
+                        assert_eq!(previous, triple, "{previous:?} and {triple:?} share {key}");
+                    }
+                }
+            }
+        }
+        assert!(seen.len() > 40_000, "{} keys", seen.len());
     }
 
     #[test]
