@@ -1,0 +1,628 @@
+#![allow(clippy::unwrap_used)]
+//! End-to-end tests of the `ratelimit` binary against a real, throwaway `redis-server`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+
+use ratelimit_tests::redis_server::{TestRedis, free_port, unique_prefix};
+use serde_json::Value;
+
+const LOGIN: &str = "POST /api/v1/sessions";
+
+const RULES: &str = r#"
+[rules."POST /api/v1/sessions"]
+max_tokens = 3
+refill_rate = 1.0
+scope = "ip"
+
+[rules."POST /api/v1/exports"]
+max_tokens = 10
+refill_rate = 2
+scope = "user"
+cost = 4
+
+[rules."GET /api/v1/status"]
+max_tokens = 2
+refill_rate = 1.0
+scope = "global"
+
+[rules."GET /api/v1/off"]
+max_tokens = 7
+refill_rate = 1.0
+scope = "ip"
+enabled = false
+"#;
+
+/// What one run of the binary did.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|err| panic!("stdout is not one JSON object ({err}): {self:?}"))
+    }
+
+    fn all_output(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `ratelimit` with `args`, in an environment without any of the variables it reads
+/// except those in `env`.
+fn ratelimit(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let output = Command::new(env!("CARGO_BIN_EXE_ratelimit"))
+        .args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("RATELIMIT_RULES")
+        .env_remove("RATELIMIT_KEY_PREFIX")
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    Run {
+        code: output.status.code().unwrap(),
+        stdout: String::from_utf8(output.stdout).unwrap(),
+        stderr: String::from_utf8(output.stderr).unwrap(),
+    }
+}
+
+/// A rules file in the temporary directory, removed on drop.
+struct RulesFile(PathBuf);
+
+impl RulesFile {
+    fn new(text: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "ratelimit-cli-rules-{}.toml",
+            uuid::Uuid::now_v7().simple()
+        ));
+        std::fs::write(&path, text).unwrap();
+        Self(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for RulesFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A Redis, a key prefix of its own and the rules above.
+struct Fixture {
+    redis: TestRedis,
+    prefix: String,
+    rules: RulesFile,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            redis: TestRedis::get(),
+            prefix: unique_prefix(),
+            rules: RulesFile::new(RULES),
+        }
+    }
+
+    /// `ratelimit COMMAND --endpoint ENDPOINT [--identifier ID] EXTRA…` with this fixture's
+    /// rules, Redis and prefix given as flags.
+    fn run(&self, command: &str, endpoint: &str, identifier: Option<&str>, extra: &[&str]) -> Run {
+        let mut args = vec![
+            command,
+            "--endpoint",
+            endpoint,
+            "--rules",
+            self.rules.path(),
+            "--redis-url",
+            &self.redis.url,
+            "--key-prefix",
+            &self.prefix,
+        ];
+        if let Some(identifier) = identifier {
+            args.extend(["--identifier", identifier]);
+        }
+        args.extend(extra);
+        ratelimit(&args, &[])
+    }
+}
+
+#[test]
+fn check_counts_down_then_denies_with_exit_1() {
+    let fx = Fixture::new();
+    for left in [2, 1, 0] {
+        let run = fx.run("check", LOGIN, Some("192.0.2.1"), &[]);
+        assert_eq!(run.code, 0, "{run:?}");
+        assert_eq!(run.stdout, format!("allowed: {left} of 3 tokens left\n"));
+    }
+    let denied = fx.run("check", LOGIN, Some("192.0.2.1"), &[]);
+    assert_eq!(denied.code, 1, "{denied:?}");
+    assert!(
+        denied.stdout.starts_with("denied: retry after "),
+        "{denied:?}"
+    );
+    assert!(denied.stdout.contains("0 of 3 tokens left"), "{denied:?}");
+    // Another client's bucket is untouched.
+    assert_eq!(fx.run("check", LOGIN, Some("192.0.2.2"), &[]).code, 0);
+}
+
+#[test]
+fn check_json_has_exactly_the_result_fields() {
+    let fx = Fixture::new();
+    let allowed = fx.run("check", LOGIN, Some("192.0.2.1"), &["--json"]);
+    assert_eq!(allowed.code, 0, "{allowed:?}");
+    let json = allowed.json();
+    let fields: BTreeSet<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from([
+            "allowed",
+            "retry_after",
+            "remaining",
+            "limit",
+            "reset_seconds",
+            "source",
+            "endpoint",
+            "identifier",
+            "cost",
+        ])
+    );
+    assert_eq!(json["allowed"], true);
+    assert_eq!(json["retry_after"].as_f64(), Some(0.0));
+    assert_eq!(json["remaining"], 2);
+    assert_eq!(json["limit"], 3);
+    assert_eq!(json["reset_seconds"], 240);
+    assert_eq!(json["source"], "store");
+    assert_eq!(json["endpoint"], LOGIN);
+    assert_eq!(json["identifier"], "192.0.2.1");
+    assert_eq!(json["cost"], 1);
+
+    let denied = fx.run(
+        "check",
+        LOGIN,
+        Some("192.0.2.1"),
+        &["--json", "--cost", "3"],
+    );
+    assert_eq!(denied.code, 1, "{denied:?}");
+    let json = denied.json();
+    assert_eq!(json["allowed"], false);
+    let retry = json["retry_after"].as_f64().unwrap();
+    // One token short at one token a minute: about 60 s, with sub-second precision.
+    assert!(retry > 59.0 && retry <= 60.0, "{retry}");
+    assert_eq!(
+        (json["remaining"].clone(), json["cost"].clone()),
+        (2.into(), 3.into())
+    );
+
+    // A cost the bucket can never hold: retry_after is null.
+    let never = fx.run(
+        "check",
+        LOGIN,
+        Some("192.0.2.1"),
+        &["--json", "--cost", "4"],
+    );
+    assert_eq!(never.code, 1, "{never:?}");
+    assert_eq!(never.json()["retry_after"], Value::Null);
+    assert!(
+        fx.run("check", LOGIN, Some("192.0.2.1"), &["--cost", "4"])
+            .stdout
+            .contains("waiting will not help")
+    );
+}
+
+#[test]
+fn rule_cost_global_scope_and_disabled_rules() {
+    let fx = Fixture::new();
+    let export = fx.run("check", "POST /api/v1/exports", Some("alice"), &["--json"]);
+    assert_eq!(
+        (
+            export.json()["cost"].clone(),
+            export.json()["remaining"].clone()
+        ),
+        (4.into(), 6.into())
+    );
+
+    // The global bucket needs no identifier.
+    let status = fx.run("check", "GET /api/v1/status", None, &["--json"]);
+    assert_eq!(status.code, 0, "{status:?}");
+    assert_eq!(status.json()["identifier"], Value::Null);
+    assert_eq!(status.json()["remaining"], 1);
+
+    // A scope with identifiers needs one.
+    let missing = fx.run("check", LOGIN, None, &[]);
+    assert_eq!(missing.code, 2, "{missing:?}");
+    assert!(missing.stderr.contains("--identifier"), "{missing:?}");
+
+    let off = fx.run("check", "GET /api/v1/off", Some("192.0.2.1"), &["--json"]);
+    assert_eq!(off.code, 0, "{off:?}");
+    assert_eq!(off.json()["source"], "rule_disabled");
+}
+
+#[test]
+fn remaining_consumes_nothing() {
+    let fx = Fixture::new();
+    for _ in 0..3 {
+        let run = fx.run("remaining", LOGIN, Some("192.0.2.1"), &[]);
+        assert_eq!(run.code, 0, "{run:?}");
+        assert_eq!(
+            run.stdout,
+            "remaining: 3 of 3 tokens left (nothing consumed)\n"
+        );
+    }
+    assert_eq!(fx.run("check", LOGIN, Some("192.0.2.1"), &[]).code, 0);
+    let json = fx
+        .run("remaining", LOGIN, Some("192.0.2.1"), &["--json"])
+        .json();
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "endpoint": LOGIN,
+            "identifier": "192.0.2.1",
+            "remaining": 2,
+            "limit": 3,
+            "enabled": true,
+        })
+    );
+    assert_eq!(
+        fx.run("remaining", LOGIN, Some("192.0.2.1"), &["--json"])
+            .json()["remaining"],
+        2
+    );
+}
+
+#[test]
+fn reset_unlocks_a_user() {
+    let fx = Fixture::new();
+    let user = Some("203.0.113.7");
+    let mut allowed = 0;
+    while fx.run("check", LOGIN, user, &[]).code == 0 {
+        allowed += 1;
+        assert!(allowed <= 3, "the bucket holds 3 tokens");
+    }
+    assert_eq!(fx.run("check", LOGIN, user, &[]).code, 1, "locked out");
+
+    let reset = fx.run("reset", LOGIN, user, &[]);
+    assert_eq!(reset.code, 0, "{reset:?}");
+    assert_eq!(
+        reset.stdout,
+        format!("reset: the bucket of 203.0.113.7 on {LOGIN} is full again (3 of 3 tokens left)\n")
+    );
+
+    let again = fx.run("check", LOGIN, user, &[]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(again.stdout, "allowed: 2 of 3 tokens left\n");
+
+    let json = fx.run("reset", LOGIN, user, &["--json"]).json();
+    assert_eq!(json["reset"], true);
+    assert_eq!(json["remaining"], 3);
+}
+
+#[test]
+fn the_cli_addresses_the_same_buckets_as_the_service() {
+    let fx = Fixture::new();
+    let rules = ratelimit_container::load_rules_file(fx.rules.path()).unwrap();
+    let config = ratelimit_container::ContainerConfig::redis(fx.redis.url.clone(), rules)
+        .with_key_prefix(fx.prefix.clone())
+        .with_event_logging(false);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let container = ratelimit_container::Container::build(config).await.unwrap();
+        let limiter = container.rate_limiter();
+        let result = limiter
+            .is_allowed_opts(
+                LOGIN,
+                "192.0.2.9",
+                ratelimit_domain::CheckOptions::with_cost(2),
+            )
+            .await
+            .unwrap();
+        assert_eq!(result.remaining, 1);
+    });
+    let run = fx.run("remaining", LOGIN, Some("192.0.2.9"), &[]);
+    assert_eq!(
+        run.stdout,
+        "remaining: 1 of 3 tokens left (nothing consumed)\n"
+    );
+
+    // Another prefix is another service's buckets.
+    let other = ratelimit(
+        &[
+            "remaining",
+            "-e",
+            LOGIN,
+            "-i",
+            "192.0.2.9",
+            "--rules",
+            fx.rules.path(),
+            "--redis-url",
+            &fx.redis.url,
+            "--key-prefix",
+            &unique_prefix(),
+        ],
+        &[],
+    );
+    assert!(other.stdout.contains("3 of 3"), "{other:?}");
+}
+
+#[test]
+fn redis_url_rules_and_prefix_come_from_the_environment() {
+    let fx = Fixture::new();
+    let env = [
+        ("REDIS_URL", fx.redis.url.as_str()),
+        ("RATELIMIT_RULES", fx.rules.path()),
+        ("RATELIMIT_KEY_PREFIX", fx.prefix.as_str()),
+    ];
+    let run = ratelimit(&["check", "-e", LOGIN, "-i", "192.0.2.1"], &env);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "allowed: 2 of 3 tokens left\n");
+    // The flags' bucket is the same one.
+    let flags = fx.run("remaining", LOGIN, Some("192.0.2.1"), &[]);
+    assert!(flags.stdout.contains("2 of 3"), "{flags:?}");
+
+    // An empty prefix variable means the default prefix, like an unset one.
+    let default_prefix = ratelimit(
+        &["remaining", "-e", LOGIN, "-i", "192.0.2.1"],
+        &[env[0], env[1], ("RATELIMIT_KEY_PREFIX", "")],
+    );
+    assert_eq!(default_prefix.code, 0, "{default_prefix:?}");
+}
+
+#[test]
+fn without_a_redis_url_admin_commands_say_they_need_redis() {
+    let rules = RulesFile::new(RULES);
+    for command in ["check", "remaining", "reset"] {
+        let args = [
+            command,
+            "-e",
+            LOGIN,
+            "-i",
+            "192.0.2.1",
+            "--rules",
+            rules.path(),
+        ];
+        for env in [&[][..], &[("REDIS_URL", "")][..]] {
+            let run = ratelimit(&args, env);
+            assert_eq!(run.code, 2, "{command}: {run:?}");
+            assert!(
+                run.stderr.contains("admin commands need Redis"),
+                "{command}: {run:?}"
+            );
+            assert!(run.stdout.is_empty(), "{run:?}");
+        }
+    }
+    let json = ratelimit(
+        &[
+            "check",
+            "-e",
+            LOGIN,
+            "-i",
+            "a",
+            "--rules",
+            rules.path(),
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(json.json()["error"]["kind"], "usage");
+    assert_eq!(json.json()["error"]["exit_code"], 2);
+}
+
+#[test]
+fn redis_down_is_exit_3_and_never_shows_the_password() {
+    let rules = RulesFile::new(RULES);
+    let url = format!("redis://u:secret@127.0.0.1:{}/0", free_port());
+    for command in ["check", "remaining", "reset"] {
+        for json in [false, true] {
+            let mut args = vec![
+                command,
+                "-e",
+                LOGIN,
+                "-i",
+                "192.0.2.1",
+                "--rules",
+                rules.path(),
+                "--redis-url",
+                &url,
+                "--timeout-ms",
+                "300",
+            ];
+            if json {
+                args.push("--json");
+            }
+            let run = ratelimit(&args, &[]);
+            assert_eq!(run.code, 3, "{command}: {run:?}");
+            assert!(!run.all_output().contains("secret"), "{command}: {run:?}");
+            assert!(run.stderr.contains("redis error"), "{command}: {run:?}");
+            assert!(run.stderr.contains("u:***@127.0.0.1"), "{command}: {run:?}");
+            if json {
+                assert_eq!(run.json()["error"]["kind"], "redis", "{run:?}");
+                assert_eq!(run.json()["error"]["exit_code"], 3, "{run:?}");
+            }
+        }
+    }
+    // From the environment, too; and --help does not show the variable's value.
+    let run = ratelimit(
+        &[
+            "check",
+            "-e",
+            LOGIN,
+            "-i",
+            "a",
+            "--rules",
+            rules.path(),
+            "--timeout-ms",
+            "300",
+        ],
+        &[("REDIS_URL", &url)],
+    );
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(!run.all_output().contains("secret"), "{run:?}");
+    let help = ratelimit(&["check", "--help"], &[("REDIS_URL", &url)]);
+    assert_eq!(help.code, 0, "{help:?}");
+    assert!(!help.all_output().contains("secret"), "{help:?}");
+}
+
+#[test]
+fn a_bad_rules_file_is_exit_2_naming_the_field() {
+    let fx = Fixture::new();
+    let bad = RulesFile::new(
+        "[rules.\"POST /api/v1/sessions\"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\ncost = 9\n",
+    );
+    let run = ratelimit(
+        &[
+            "check",
+            "-e",
+            LOGIN,
+            "-i",
+            "a",
+            "--rules",
+            bad.path(),
+            "--redis-url",
+            &fx.redis.url,
+        ],
+        &[],
+    );
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("field cost"), "{run:?}");
+    assert!(run.stderr.contains(bad.path()), "{run:?}");
+
+    let missing = ratelimit(
+        &[
+            "check",
+            "-e",
+            LOGIN,
+            "-i",
+            "a",
+            "--rules",
+            "/nonexistent/rules.toml",
+        ],
+        &[],
+    );
+    assert_eq!(missing.code, 2, "{missing:?}");
+    assert!(
+        missing.stderr.contains("/nonexistent/rules.toml"),
+        "{missing:?}"
+    );
+
+    for env in [&[][..], &[("RATELIMIT_RULES", "")][..]] {
+        let mut env = env.to_vec();
+        env.push(("REDIS_URL", &fx.redis.url));
+        let none = ratelimit(&["check", "-e", LOGIN, "-i", "a"], &env);
+        assert_eq!(none.code, 2, "{none:?}");
+        assert!(
+            none.stderr
+                .contains("no rules file: pass --rules FILE or set RATELIMIT_RULES"),
+            "{none:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_endpoint_is_exit_2_for_every_command() {
+    let fx = Fixture::new();
+    for command in ["check", "remaining", "reset"] {
+        let run = fx.run(command, "POST /api/v1/sesions", Some("192.0.2.1"), &[]);
+        assert_eq!(run.code, 2, "{command}: {run:?}");
+        assert!(
+            run.stderr.contains(&format!(
+                "no rule for endpoint \"POST /api/v1/sesions\" in {}",
+                fx.rules.path()
+            )),
+            "{command}: {run:?}"
+        );
+        assert!(
+            run.stderr.contains(LOGIN),
+            "known endpoints are listed: {run:?}"
+        );
+    }
+}
+
+#[test]
+fn rules_check_validates_good_and_bad_files() {
+    let good = RulesFile::new(RULES);
+    let run = ratelimit(&["rules", "check", good.path()], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout
+            .starts_with(&format!("valid: {} has 4 rules\n", good.path()))
+    );
+    assert!(
+        run.stdout.contains(
+            "  POST /api/v1/exports: scope=user max_tokens=10 refill_rate=2/min cost=4 enabled=true ttl=360s\n"
+        ),
+        "{run:?}"
+    );
+
+    let json = ratelimit(&["rules", "check", good.path(), "--json"], &[]).json();
+    assert_eq!(json["valid"], true);
+    let rules = json["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 4);
+    assert_eq!(
+        rules[0],
+        serde_json::json!({
+            "endpoint": "GET /api/v1/off",
+            "scope": "ip",
+            "max_tokens": 7,
+            "refill_rate": 1.0,
+            "cost": 1,
+            "enabled": false,
+            "ttl_seconds": 480,
+        })
+    );
+
+    let bad = RulesFile::new(
+        "[rules.\"GET /x\"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"planet\"\n",
+    );
+    let run = ratelimit(&["rules", "check", bad.path()], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stdout.starts_with("invalid: "), "{run:?}");
+    assert!(run.stdout.contains("field scope"), "{run:?}");
+    let json = ratelimit(&["--json", "rules", "check", bad.path()], &[]);
+    assert_eq!(json.code, 2, "{json:?}");
+    let json = json.json();
+    assert_eq!(json["valid"], false);
+    assert_eq!(
+        (json["rule"].clone(), json["field"].clone()),
+        ("GET /x".into(), "scope".into())
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_exits_0() {
+    for args in [
+        &["check", "-i", "a"][..],
+        &["check", "-e", LOGIN, "-i", "a", "--cost", "0"][..],
+        &["check", "-e", LOGIN, "-i", "a", "--cost", "many"][..],
+        &["frobnicate"][..],
+        &["rules", "check"][..],
+        &[][..],
+    ] {
+        let run = ratelimit(args, &[]);
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(!run.stderr.is_empty(), "{args:?}");
+    }
+    for args in [
+        &["--help"][..],
+        &["check", "--help"][..],
+        &["--version"][..],
+    ] {
+        assert_eq!(ratelimit(args, &[]).code, 0, "{args:?}");
+    }
+    let help = ratelimit(&["check", "--help"], &[]);
+    assert!(help.stdout.contains("CONSUMES"), "{help:?}");
+}
