@@ -1,6 +1,7 @@
 //! Connection settings.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// How to reach Redis and how long to wait for it.
@@ -17,6 +18,9 @@ pub struct RedisConfig {
     pub check_timeout: Duration,
     /// Deadline of admin operations (reset) and of opening a connection for them.
     pub admin_timeout: Duration,
+    /// For `rediss://` URLs: a PEM file of the certificate authorities to trust instead of the
+    /// system's (a private CA, as managed Redis services and self-hosted TLS often use).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -34,7 +38,16 @@ impl RedisConfig {
             pool_size: Self::DEFAULT_POOL_SIZE,
             check_timeout: Self::DEFAULT_CHECK_TIMEOUT,
             admin_timeout: Self::DEFAULT_ADMIN_TIMEOUT,
+            ca_file: None,
         }
+    }
+
+    /// The same settings, trusting the certificate authorities in the PEM file at `path` for
+    /// `rediss://` connections.
+    #[must_use]
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
     }
 
     /// The same settings with another pool size (at least 1).
@@ -71,6 +84,7 @@ impl fmt::Debug for RedisConfig {
             .field("pool_size", &self.pool_size)
             .field("check_timeout", &self.check_timeout)
             .field("admin_timeout", &self.admin_timeout)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }

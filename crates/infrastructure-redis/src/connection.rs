@@ -1,26 +1,52 @@
 //! Pooled connections that leave the pool once they have failed.
 
-use bb8_redis::RedisConnectionManager;
 use bb8_redis::bb8::ManageConnection;
-use redis::RedisError;
+use ratelimit_domain::{ErrorCode, RateLimitError, Result};
 use redis::aio::MultiplexedConnection;
+use redis::{Client, RedisError, TlsCertificates};
 
-/// Wraps bb8-redis's manager so that a connection which failed (or whose command was
-/// abandoned at a deadline) is discarded when it returns to the pool.
+use crate::RedisConfig;
+
+/// Opens multiplexed connections for the bb8 pool, and discards a connection which failed
+/// (or whose command was abandoned at a deadline) when it returns to the pool.
 ///
-/// bb8-redis's own manager never reports a connection as broken, and checking with a `PING`
-/// on every checkout would double the round trips of a check; instead each command marks its
-/// connection as suspect until it has answered.
+/// bb8-redis's `RedisConnectionManager` is not used because it can neither trust a private CA
+/// for `rediss://` nor report a connection as broken; checking with a `PING` on every checkout
+/// would double the round trips of a check, so instead each command marks its connection as
+/// suspect until it has answered.
 #[derive(Debug, Clone)]
 pub(crate) struct Manager {
-    inner: RedisConnectionManager,
+    client: Client,
 }
 
 impl Manager {
-    pub(crate) fn new(url: &str) -> Result<Self, RedisError> {
-        Ok(Self {
-            inner: RedisConnectionManager::new(url)?,
-        })
+    pub(crate) fn new(config: &RedisConfig) -> Result<Self> {
+        let redacted = config.redacted_url();
+        let invalid = |err: RedisError| {
+            RateLimitError::new(
+                ErrorCode::Configuration,
+                format!("invalid redis url {redacted}: {:?}", err.kind()),
+            )
+            .with_detail("url", redacted.clone())
+        };
+        let client = match &config.ca_file {
+            None => Client::open(config.url.as_str()).map_err(invalid)?,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|err| {
+                    RateLimitError::new(
+                        ErrorCode::Configuration,
+                        format!("cannot read CA file {}: {err}", path.display()),
+                    )
+                    .with_detail("ca_file", path.display().to_string())
+                })?;
+                let certificates = TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                };
+                Client::build_with_tls(config.url.as_str(), certificates).map_err(invalid)?
+            }
+        };
+        Ok(Self { client })
     }
 }
 
@@ -38,7 +64,7 @@ impl ManageConnection for Manager {
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        let conn = self.inner.connect().await?;
+        let conn = self.client.get_multiplexed_async_connection().await?;
         Ok(TrackedConnection {
             conn,
             suspect: false,
@@ -46,7 +72,10 @@ impl ManageConnection for Manager {
     }
 
     async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
-        self.inner.is_valid(&mut conn.conn).await
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn.conn)
+            .await
+            .map(drop)
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {

@@ -8,9 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bb8_redis::bb8::{Pool, PooledConnection};
 use ratelimit_domain::token_bucket::{self, validate_now};
-use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitError, RateLimitRule, Result,
-};
+use ratelimit_domain::{BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitRule, Result};
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 
@@ -70,16 +68,13 @@ impl RedisStorage {
     /// Must be called within a Tokio runtime.
     ///
     /// # Errors
-    /// [`ErrorCode::Configuration`] when the URL cannot be parsed.
+    /// [`ErrorCode::Configuration`] when the URL cannot be parsed or the CA file cannot be read.
     pub fn new(config: &RedisConfig) -> Result<Self> {
+        // rediss:// needs a rustls crypto provider; installing ring's is a no-op when the
+        // process already chose one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let redacted_url = config.redacted_url();
-        let manager = Manager::new(&config.url).map_err(|err| {
-            RateLimitError::new(
-                ErrorCode::Configuration,
-                format!("invalid redis url {redacted_url}: {:?}", err.kind()),
-            )
-            .with_detail("url", redacted_url.clone())
-        })?;
+        let manager = Manager::new(config)?;
         let pool = Pool::builder()
             .max_size(config.pool_size.max(1))
             // A PING per checkout would double the round trips; failed connections are
