@@ -9,4 +9,5 @@
 //! how to install it.
 
 pub mod contract;
+pub mod redis_cluster;
 pub mod redis_server;

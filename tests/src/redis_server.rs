@@ -118,6 +118,11 @@ impl RedisServer {
         }
     }
 
+    /// What the server has logged so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.join("redis.log")
     }

@@ -18,6 +18,10 @@ pub struct RedisConfig {
     pub check_timeout: Duration,
     /// Deadline of admin operations (reset) and of opening a connection for them.
     pub admin_timeout: Duration,
+    /// Redis Cluster: the URLs of some of the cluster's nodes (the rest are discovered). Empty
+    /// for a single Redis at [`url`](Self::url). In cluster mode each bucket's two keys carry a
+    /// hash tag so that they live in one slot (see docs/lua.md).
+    pub cluster_nodes: Vec<String>,
     /// For `rediss://` URLs: a PEM file of the certificate authorities to trust instead of the
     /// system's (a private CA, as managed Redis services and self-hosted TLS often use).
     pub ca_file: Option<PathBuf>,
@@ -39,7 +43,22 @@ impl RedisConfig {
             check_timeout: Self::DEFAULT_CHECK_TIMEOUT,
             admin_timeout: Self::DEFAULT_ADMIN_TIMEOUT,
             ca_file: None,
+            cluster_nodes: Vec::new(),
         }
+    }
+
+    /// Settings for a Redis Cluster reachable through `nodes` (at least one node's URL; the
+    /// others are discovered), with the default pool size and deadlines.
+    pub fn cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        let mut config = Self::new(nodes.first().cloned().unwrap_or_default());
+        config.cluster_nodes = nodes;
+        config
+    }
+
+    /// Whether these settings name a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
     }
 
     /// The same settings, trusting the certificate authorities in the PEM file at `path` for
@@ -85,6 +104,14 @@ impl fmt::Debug for RedisConfig {
             .field("check_timeout", &self.check_timeout)
             .field("admin_timeout", &self.admin_timeout)
             .field("ca_file", &self.ca_file)
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|node| redact_url(node))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

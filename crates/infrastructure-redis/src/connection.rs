@@ -1,22 +1,27 @@
-//! Pooled connections that leave the pool once they have failed.
+//! Pooled connections, to one Redis or to a Redis Cluster, that leave the pool once they have
+//! failed.
 
 use bb8_redis::bb8::ManageConnection;
 use ratelimit_domain::{ErrorCode, RateLimitError, Result};
-use redis::aio::MultiplexedConnection;
-use redis::{Client, RedisError, TlsCertificates};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, Cmd, Pipeline, RedisError, RedisFuture, TlsCertificates, Value};
 
 use crate::RedisConfig;
 
-/// Opens multiplexed connections for the bb8 pool, and discards a connection which failed
-/// (or whose command was abandoned at a deadline) when it returns to the pool.
+/// Opens connections for the bb8 pool, and discards a connection which failed (or whose
+/// command was abandoned at a deadline) when it returns to the pool.
 ///
 /// bb8-redis's `RedisConnectionManager` is not used because it can neither trust a private CA
-/// for `rediss://` nor report a connection as broken; checking with a `PING` on every checkout
-/// would double the round trips of a check, so instead each command marks its connection as
-/// suspect until it has answered.
+/// for `rediss://`, nor talk to a cluster, nor report a connection as broken; checking with a
+/// `PING` on every checkout would double the round trips of a check, so instead each command
+/// marks its connection as suspect until it has answered.
 #[derive(Debug, Clone)]
-pub(crate) struct Manager {
-    client: Client,
+#[allow(clippy::large_enum_variant)] // one manager per pool: its size does not matter
+pub(crate) enum Manager {
+    Single(Client),
+    Cluster(ClusterClient),
 }
 
 impl Manager {
@@ -29,8 +34,8 @@ impl Manager {
             )
             .with_detail("url", redacted.clone())
         };
-        let client = match &config.ca_file {
-            None => Client::open(config.url.as_str()).map_err(invalid)?,
+        let certificates = match &config.ca_file {
+            None => None,
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|err| {
                     RateLimitError::new(
@@ -39,24 +44,84 @@ impl Manager {
                     )
                     .with_detail("ca_file", path.display().to_string())
                 })?;
-                let certificates = TlsCertificates {
+                Some(TlsCertificates {
                     client_tls: None,
                     root_cert: Some(pem),
-                };
-                Client::build_with_tls(config.url.as_str(), certificates).map_err(invalid)?
+                })
             }
         };
-        Ok(Self { client })
+        if config.is_cluster() {
+            let mut builder =
+                ClusterClientBuilder::new(config.cluster_nodes.iter().map(String::as_str))
+                    .connection_timeout(config.admin_timeout)
+                    .response_timeout(config.admin_timeout.max(config.check_timeout));
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+            return builder.build().map(Self::Cluster).map_err(invalid);
+        }
+        let client = match certificates {
+            None => Client::open(config.url.as_str()),
+            Some(certificates) => Client::build_with_tls(config.url.as_str(), certificates),
+        };
+        client.map(Self::Single).map_err(invalid)
     }
 }
 
-/// A multiplexed connection and whether it may be broken.
-#[derive(Debug)]
+/// A connection to one Redis or to a cluster.
+#[derive(Clone)]
+pub(crate) enum RedisConn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// A pooled connection and whether it may be broken.
 pub(crate) struct TrackedConnection {
-    pub(crate) conn: MultiplexedConnection,
+    pub(crate) conn: RedisConn,
     /// True from the moment a command is sent until it has answered without a connection
     /// error; a connection still suspect when it returns to the pool is dropped.
     pub(crate) suspect: bool,
+}
+
+impl std::fmt::Debug for TrackedConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.conn {
+            RedisConn::Single(_) => "single",
+            RedisConn::Cluster(_) => "cluster",
+        };
+        f.debug_struct("TrackedConnection")
+            .field("kind", &kind)
+            .field("suspect", &self.suspect)
+            .finish()
+    }
 }
 
 impl ManageConnection for Manager {
@@ -64,7 +129,12 @@ impl ManageConnection for Manager {
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        let conn = self.client.get_multiplexed_async_connection().await?;
+        let conn = match self {
+            Self::Single(client) => {
+                RedisConn::Single(client.get_multiplexed_async_connection().await?)
+            }
+            Self::Cluster(client) => RedisConn::Cluster(client.get_async_connection().await?),
+        };
         Ok(TrackedConnection {
             conn,
             suspect: false,
@@ -73,7 +143,7 @@ impl ManageConnection for Manager {
 
     async fn is_valid(&self, conn: &mut Self::Connection) -> Result<(), Self::Error> {
         redis::cmd("PING")
-            .query_async::<String>(&mut conn.conn)
+            .query_async::<Value>(&mut conn.conn)
             .await
             .map(drop)
     }

@@ -9,10 +9,9 @@ use async_trait::async_trait;
 use bb8_redis::bb8::{Pool, PooledConnection};
 use ratelimit_domain::token_bucket::{self, validate_now};
 use ratelimit_domain::{BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitRule, Result};
-use redis::aio::MultiplexedConnection;
 use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 
-use crate::connection::{Manager, breaks_connection};
+use crate::connection::{Manager, RedisConn, breaks_connection};
 use crate::error::{bad_reply, deadline, from_pool, from_redis};
 use crate::{RedisConfig, TOKEN_BUCKET_SCRIPT};
 
@@ -27,6 +26,8 @@ pub struct RedisStorage {
     admin_timeout: Duration,
     /// The URL with its password hidden, for `Debug` and errors.
     redacted_url: String,
+    /// Redis Cluster: wrap each bucket's base key in a hash tag so both keys share a slot.
+    hash_tag: bool,
     script_reloads: AtomicU64,
 }
 
@@ -49,15 +50,27 @@ struct BucketKeys {
 }
 
 impl BucketKeys {
-    fn of(key: &BucketKey) -> Self {
+    /// `<key>:tokens` and `<key>:time`, or `{<key>}:tokens` and `{<key>}:time` with a hash tag.
+    /// Keys never contain a literal `{` or `}` (they are escaped), so the tag is the key's only
+    /// one.
+    fn of(key: &BucketKey, hash_tag: bool) -> Self {
         let base = key.as_str();
-        let mut tokens = String::with_capacity(base.len() + 7);
-        tokens.push_str(base);
-        tokens.push_str(":tokens");
-        let mut time = String::with_capacity(base.len() + 5);
-        time.push_str(base);
-        time.push_str(":time");
-        Self { tokens, time }
+        let with = |suffix: &str| {
+            let mut out = String::with_capacity(base.len() + suffix.len() + 2);
+            if hash_tag {
+                out.push('{');
+                out.push_str(base);
+                out.push('}');
+            } else {
+                out.push_str(base);
+            }
+            out.push_str(suffix);
+            out
+        };
+        Self {
+            tokens: with(":tokens"),
+            time: with(":time"),
+        }
     }
 }
 
@@ -88,6 +101,7 @@ impl RedisStorage {
             check_timeout: config.check_timeout,
             admin_timeout: config.admin_timeout,
             redacted_url,
+            hash_tag: config.is_cluster(),
             script_reloads: AtomicU64::new(0),
         })
     }
@@ -109,7 +123,7 @@ impl RedisStorage {
     /// `StorageUnavailable` or `StorageTimeout` when Redis does not answer.
     pub async fn ping(&self) -> Result<()> {
         self.run("ping", self.admin_timeout, |mut conn| async move {
-            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+            let _: Value = redis::cmd("PING").query_async(&mut conn).await?;
             Ok(())
         })
         .await
@@ -129,7 +143,7 @@ impl RedisStorage {
     /// included, and marks the connection for disposal unless the operation answered.
     async fn run<T, F, Fut>(&self, operation: &'static str, timeout: Duration, f: F) -> Result<T>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(RedisConn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let attempt = async {
@@ -152,11 +166,11 @@ impl RedisStorage {
         }
     }
 
-    async fn eval(&self, mut conn: MultiplexedConnection, cmd: &Cmd) -> RedisResult<Value> {
+    async fn eval(&self, mut conn: RedisConn, cmd: &Cmd) -> RedisResult<Value> {
         match cmd.query_async(&mut conn).await {
             Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 // Redis lost its scripts (restart, failover, SCRIPT FLUSH): load it and retry once.
-                let _: String = redis::cmd("SCRIPT")
+                let _: Value = redis::cmd("SCRIPT")
                     .arg("LOAD")
                     .arg(TOKEN_BUCKET_SCRIPT)
                     .query_async(&mut conn)
@@ -184,7 +198,7 @@ impl RedisStorage {
             Some(now) => validate_now(now)?.to_string(),
             None => String::new(),
         };
-        let keys = BucketKeys::of(key);
+        let keys = BucketKeys::of(key, self.hash_tag);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.script.get_hash())
             .arg(2)
@@ -266,7 +280,7 @@ impl BucketStore for RedisStorage {
     }
 
     async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<()> {
-        let keys = BucketKeys::of(key);
+        let keys = BucketKeys::of(key, self.hash_tag);
         let mut cmd = redis::cmd("DEL");
         cmd.arg(&keys.tokens).arg(&keys.time);
         self.run("reset", self.admin_timeout, |mut conn| async move {
