@@ -11,6 +11,14 @@ default:
 demo:
     cargo run --quiet -p ratelimit-container --example demo
 
+# Run the example HTTP server: one route per rule of the rules file, behind the rate-limit layer (REDIS_URL=... for Redis).
+serve rules="crates/http/examples/rules.toml" listen="127.0.0.1:8080":
+    cargo run --quiet -p ratelimit-http --example server -- --listen {{listen}} --rules {{rules}} ${REDIS_URL:+--redis-url "$REDIS_URL"}
+
+# The admin CLI, e.g. `just cli reset --endpoint "POST /api/v1/sessions" --identifier 203.0.113.7 --rules FILE`.
+cli *args:
+    cargo run --quiet -p ratelimit-cli -- {{args}}
+
 # Run every test of the workspace (starts its own throwaway redis-server processes).
 test:
     #!/usr/bin/env bash
@@ -40,3 +48,7 @@ doc:
 redis port="6390":
     @echo "redis on redis://127.0.0.1:{{port}} — try: REDIS_URL=redis://127.0.0.1:{{port}} just demo"
     redis-server --port {{port}} --bind 127.0.0.1 --save "" --appendonly no
+
+# Fault-injection run on throwaway redis-servers (~45 s); writes its table into docs/reliability.md.
+chaos:
+    cargo run --release -q -p ratelimit-tests --example chaos
