@@ -11,3 +11,38 @@
 pub mod contract;
 pub mod redis_cluster;
 pub mod redis_server;
+
+use std::time::{Duration, Instant};
+
+use ratelimit_domain::{DecisionSource, RateLimitResult, RateLimiter, RateLimiterExt};
+
+/// How soon limiting must resume once Redis answers again, in the recovery tests: the
+/// requirement is one second; the extra second absorbs a loaded CI machine.
+pub const RESUME_WITHIN: Duration = Duration::from_secs(2);
+
+/// Checks `identifier` on `endpoint` until a decision comes from the store again, and
+/// returns it.
+///
+/// # Panics
+/// When no check was decided by the store within [`RESUME_WITHIN`], or a check errs.
+pub async fn eventually_from_store(
+    limiter: &dyn RateLimiter,
+    endpoint: &str,
+    identifier: &str,
+) -> RateLimitResult {
+    let started = Instant::now();
+    loop {
+        let result = limiter
+            .is_allowed(endpoint, identifier)
+            .await
+            .unwrap_or_else(|err| panic!("check failed: {err}"));
+        if result.source == DecisionSource::Store {
+            return result;
+        }
+        assert!(
+            started.elapsed() < RESUME_WITHIN,
+            "limiting did not resume within {RESUME_WITHIN:?}: {result:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -4,15 +4,15 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ratelimit_adapter::{
     CircuitBreakerConfig, CircuitBreakerStore, CircuitState, TokenBucketAdapter,
 };
 use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig};
 use ratelimit_domain::{
-    DecisionSource, FailurePolicy, RateLimitResult, RateLimitRule, RateLimitScope, RateLimiter,
-    RateLimiterExt, RuleSet,
+    DecisionSource, FailurePolicy, RateLimitRule, RateLimitScope, RateLimiter, RateLimiterExt,
+    RuleSet,
 };
 use ratelimit_redis::RedisStorage;
 use ratelimit_tests::redis_server::RedisServer;
@@ -39,22 +39,6 @@ async fn limiter_with(server: &RedisServer, policy: FailurePolicy) -> Arc<dyn Ra
         .with_failure_policy(policy)
         .with_event_logging(false);
     Container::build(config).await.unwrap().rate_limiter()
-}
-
-/// Checks until a decision comes from the store again (at most 5 s).
-async fn eventually_from_store(limiter: &dyn RateLimiter, identifier: &str) -> RateLimitResult {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let result = limiter.is_allowed(LOGIN, identifier).await.unwrap();
-        if result.source == DecisionSource::Store {
-            return result;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "limiting did not resume within 5 s: {result:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]
@@ -91,7 +75,7 @@ async fn the_circuit_opens_while_redis_is_down_and_closes_when_it_is_back() {
     );
 
     server.restart();
-    let back = eventually_from_store(&limiter, "1.1.1.1").await;
+    let back = ratelimit_tests::eventually_from_store(&limiter, LOGIN, "1.1.1.1").await;
     assert_eq!(back.remaining, 4, "restarted empty: a full bucket");
     assert_eq!(breaker.state(), CircuitState::Closed);
 }
@@ -106,7 +90,11 @@ async fn the_closed_policy_denies_while_redis_is_down() {
     assert!(!result.allowed);
     assert_eq!(result.source, DecisionSource::FailClosed);
     server.restart();
-    assert!(eventually_from_store(&*limiter, "2.2.2.2").await.allowed);
+    assert!(
+        ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "2.2.2.2")
+            .await
+            .allowed
+    );
 }
 
 #[tokio::test]
@@ -136,7 +124,9 @@ async fn the_local_policy_keeps_limiting_per_host_while_redis_is_down() {
     assert_eq!(denied.source, DecisionSource::LocalFallback);
     server.restart();
     assert_eq!(
-        eventually_from_store(&*limiter, "3.3.3.3").await.remaining,
+        ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "3.3.3.3")
+            .await
+            .remaining,
         4
     );
 }
@@ -164,7 +154,9 @@ async fn out_of_memory_fails_open_and_limiting_resumes_when_memory_is_freed() {
 
     server.cmd(redis::cmd("DEL").arg("filler"));
     assert_eq!(
-        eventually_from_store(&*limiter, "4.4.4.4").await.remaining,
+        ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "4.4.4.4")
+            .await
+            .remaining,
         3
     );
 }
@@ -193,7 +185,7 @@ async fn a_read_only_replica_fails_open_and_promotion_resumes_limiting() {
 
     // Promote it back, as a failover would: limiting resumes by itself.
     server.cmd(redis::cmd("REPLICAOF").arg("NO").arg("ONE"));
-    let back = eventually_from_store(&*limiter, "5.5.5.5").await;
+    let back = ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "5.5.5.5").await;
     assert!(back.allowed);
 }
 
@@ -219,7 +211,9 @@ async fn killed_client_connections_are_replaced() {
             .arg("yes"),
     );
     assert_eq!(
-        eventually_from_store(&*limiter, "6.6.6.6").await.remaining,
+        ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "6.6.6.6")
+            .await
+            .remaining,
         3
     );
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig};
 use ratelimit_domain::{
     BucketStore, DecisionSource, ErrorCode, RateLimitEvent, RateLimitRule, RateLimitScope,
-    RateLimiter, RateLimiterExt, RuleSet,
+    RateLimiterExt, RuleSet,
 };
 use ratelimit_redis::RedisStorage;
 use ratelimit_tests::redis_server::{RedisServer, TestRedis, free_port, unique_prefix};
@@ -430,7 +430,7 @@ async fn a_paused_redis_fails_open_within_the_deadline_and_limiting_resumes() {
     // Once Redis answers again, its decisions are back (the abandoned connection is dropped).
     // The abandoned command sat in the socket buffer and ran when Redis woke up, so it may
     // have taken its token: 3 left without it, 2 with it, never more.
-    let resumed = eventually_from_store(&limiter).await;
+    let resumed = ratelimit_tests::eventually_from_store(&limiter, LOGIN, "1.1.1.1").await;
     assert!(matches!(resumed.remaining, 2 | 3), "{resumed:?}");
 }
 
@@ -459,7 +459,7 @@ async fn limiting_resumes_after_redis_is_killed_and_restarted_empty() {
     assert_eq!(down.source, DecisionSource::FailOpen);
 
     server.restart(); // same port, no data, no scripts
-    let back = eventually_from_store(&limiter).await;
+    let back = ratelimit_tests::eventually_from_store(&limiter, LOGIN, "1.1.1.1").await;
     assert_eq!(
         back.remaining, 4,
         "the restarted Redis starts with a full bucket"
@@ -479,22 +479,6 @@ async fn limiting_resumes_after_redis_is_killed_and_restarted_empty() {
         );
     }
     assert!(!limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap().allowed);
-}
-
-/// Checks until a decision comes from the store again (at most 5 s).
-async fn eventually_from_store(limiter: &dyn RateLimiter) -> ratelimit_domain::RateLimitResult {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let result = limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap();
-        if result.source == DecisionSource::Store {
-            return result;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "limiting did not resume within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

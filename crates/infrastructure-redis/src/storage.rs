@@ -93,6 +93,10 @@ impl RedisStorage {
             // A PING per checkout would double the round trips; failed connections are
             // dropped on return instead (see connection.rs).
             .test_on_check_out(false)
+            // A failed connect is not retried in the background with bb8's backoff (0.4 s, then
+            // 0.8 s, …): the next check starts a fresh attempt, so limiting resumes as soon as
+            // Redis answers again.
+            .retry_connection(false)
             .connection_timeout(config.admin_timeout.max(config.check_timeout))
             .build_unchecked(manager);
         Ok(Self {
