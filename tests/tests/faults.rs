@@ -217,3 +217,62 @@ async fn killed_client_connections_are_replaced() {
         3
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_flush_under_load_never_reaches_the_caller_and_loses_no_count() {
+    let server = RedisServer::start();
+    let rules = RuleSet::try_from_rules([(
+        LOGIN,
+        RateLimitRule::new(RateLimitScope::Global, 300, 0.0001).unwrap(),
+    )])
+    .unwrap();
+    let store = Arc::new(
+        RedisStorage::new(&redis(&server).with_check_timeout(Duration::from_secs(5))).unwrap(),
+    );
+    let limiter = Arc::new(
+        TokenBucketAdapter::builder(store.clone(), rules)
+            .build()
+            .unwrap(),
+    );
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                let mut admitted = 0;
+                for _ in 0..50 {
+                    let result = limiter.is_allowed(LOGIN, "-").await.unwrap();
+                    assert_eq!(
+                        result.source,
+                        DecisionSource::Store,
+                        "NOSCRIPT must never turn into a fail-open"
+                    );
+                    admitted += u32::from(result.allowed);
+                }
+                admitted
+            })
+        })
+        .collect();
+    // Flush the script cache again and again while the checks run.
+    let flusher = {
+        let url = server.url();
+        tokio::task::spawn_blocking(move || {
+            let client = redis::Client::open(url).unwrap();
+            let mut conn = client.get_connection().unwrap();
+            for _ in 0..20 {
+                let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let mut admitted = 0;
+    for task in load {
+        admitted += task.await.unwrap();
+    }
+    flusher.await.unwrap();
+    // 400 checks on a bucket of 300 with no refill: exactly 300 admitted, none lost or doubled.
+    assert_eq!(admitted, 300);
+    assert!(
+        store.script_reloads() >= 1,
+        "the flushes should have forced at least one reload"
+    );
+}

@@ -160,7 +160,7 @@ fn acl_args(prefix: &str) -> Vec<String> {
                 "resetchannels",
                 "-@all",
                 "+evalsha",
-                "+script|load",
+                "+eval",
                 "+del",
                 "+ping",
                 "+get",

@@ -9,8 +9,9 @@
 //!
 //! # Failure handling
 //! - **Lost scripts.** When Redis answers `NOSCRIPT` (after a restart, a failover or
-//!   `SCRIPT FLUSH`), the store loads the script again and retries once, so limiting never
-//!   silently stops. Each reload is logged as a warning and counted
+//!   `SCRIPT FLUSH`), the store sends the call once more as `EVAL` with the script's text
+//!   (which also restores Redis's script cache), so limiting never silently stops. Each resend is
+//!   logged as a warning and counted
 //!   ([`RedisStorage::script_reloads`]).
 //! - **Deadlines.** Every operation, taking a connection from the pool included, has a
 //!   deadline ([`RedisConfig::check_timeout`] for checks, [`RedisConfig::admin_timeout`] for

@@ -170,49 +170,83 @@ impl RedisStorage {
         }
     }
 
-    async fn eval(&self, mut conn: RedisConn, cmd: &Cmd) -> RedisResult<Value> {
-        match cmd.query_async(&mut conn).await {
+    /// Runs the script by its SHA; if Redis has lost it (restart, failover, `SCRIPT FLUSH`),
+    /// runs it once more with `EVAL` and its full text, which also puts it back in Redis's
+    /// script cache. Unlike `SCRIPT LOAD` + `EVALSHA`, this cannot lose a race with another
+    /// flush, and it is routed to the key's node on a cluster.
+    async fn eval(&self, mut conn: RedisConn, call: &ScriptCall) -> RedisResult<Value> {
+        match call
+            .cmd(Some(self.script.get_hash()))
+            .query_async(&mut conn)
+            .await
+        {
             Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // Redis lost its scripts (restart, failover, SCRIPT FLUSH): load it and retry once.
-                let _: Value = redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(TOKEN_BUCKET_SCRIPT)
-                    .query_async(&mut conn)
-                    .await?;
                 let reloads = self.script_reloads.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
                     sha = self.script.get_hash(),
                     reloads,
-                    "redis had lost the token-bucket script; loaded it again"
+                    "redis had lost the token-bucket script; sending it again"
                 );
-                cmd.query_async(&mut conn).await
+                call.cmd(None).query_async(&mut conn).await
             }
             other => other,
         }
     }
 
-    fn script_cmd(
+    fn script_call(
         &self,
         key: &BucketKey,
         rule: &RateLimitRule,
         cost: u64,
         now: Option<f64>,
-    ) -> Result<Cmd> {
+    ) -> Result<ScriptCall> {
         let now = match now {
             Some(now) => validate_now(now)?.to_string(),
             None => String::new(),
         };
-        let keys = BucketKeys::of(key, self.hash_tag);
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash())
-            .arg(2)
-            .arg(keys.tokens)
-            .arg(keys.time)
-            .arg(rule.max_tokens())
-            .arg(rule.refill_rate().to_string())
-            .arg(cost)
-            .arg(now);
-        Ok(cmd)
+        Ok(ScriptCall {
+            keys: BucketKeys::of(key, self.hash_tag),
+            max_tokens: rule.max_tokens(),
+            refill_rate: rule.refill_rate().to_string(),
+            cost,
+            now,
+        })
+    }
+}
+
+/// The keys and arguments of one script call (see docs/lua.md for the contract).
+struct ScriptCall {
+    keys: BucketKeys,
+    max_tokens: u64,
+    refill_rate: String,
+    cost: u64,
+    /// Seconds as a decimal string, or empty for Redis's `TIME`.
+    now: String,
+}
+
+impl ScriptCall {
+    /// `EVALSHA sha …`, or `EVAL <script> …` without a SHA.
+    fn cmd(&self, sha: Option<&str>) -> Cmd {
+        let mut cmd = match sha {
+            Some(sha) => {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(sha);
+                cmd
+            }
+            None => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(TOKEN_BUCKET_SCRIPT);
+                cmd
+            }
+        };
+        cmd.arg(2)
+            .arg(&self.keys.tokens)
+            .arg(&self.keys.time)
+            .arg(self.max_tokens)
+            .arg(&self.refill_rate)
+            .arg(self.cost)
+            .arg(&self.now);
+        cmd
     }
 }
 
@@ -259,10 +293,10 @@ impl BucketStore for RedisStorage {
         cost: u64,
         now: Option<f64>,
     ) -> Result<BucketDecision> {
-        let cmd = self.script_cmd(key, rule, cost, now)?;
+        let call = self.script_call(key, rule, cost, now)?;
         let reply = self
             .run("check_and_consume", self.check_timeout, |conn| {
-                self.eval(conn, &cmd)
+                self.eval(conn, &call)
             })
             .await?;
         parse_reply(&reply)
@@ -274,10 +308,10 @@ impl BucketStore for RedisStorage {
         rule: &RateLimitRule,
         now: Option<f64>,
     ) -> Result<u64> {
-        let cmd = self.script_cmd(key, rule, 0, now)?;
+        let call = self.script_call(key, rule, 0, now)?;
         let reply = self
             .run("get_remaining", self.check_timeout, |conn| {
-                self.eval(conn, &cmd)
+                self.eval(conn, &call)
             })
             .await?;
         Ok(parse_reply(&reply)?.remaining)
