@@ -6,11 +6,18 @@ use std::time::Duration;
 
 use ratelimit_domain::BucketStore;
 use ratelimit_memory::MemoryStorage;
-use ratelimit_redis::{RedisConfig, RedisStorage};
+use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract::{
     self, key, random_workload, reference_decisions, rule, store_decisions,
 };
 use ratelimit_tests::redis_server::{TestRedis, unique_prefix};
+
+fn compact_store(url: &str) -> RedisStorage {
+    let config = RedisConfig::new(url)
+        .with_check_timeout(Duration::from_secs(5))
+        .with_layout(KeyLayout::Compact);
+    RedisStorage::new(&config).unwrap_or_else(|err| panic!("{err}"))
+}
 
 fn redis_store(url: &str) -> RedisStorage {
     // Generous deadlines: these tests are about decisions, not about failing open.
@@ -36,9 +43,16 @@ async fn redis_store_passes_the_contract() {
 }
 
 #[tokio::test]
+async fn redis_store_with_the_compact_layout_passes_the_contract() {
+    let redis = TestRedis::get();
+    contract::run_all(&compact_store(&redis.url), &unique_prefix()).await;
+}
+
+#[tokio::test]
 async fn memory_and_redis_agree_step_by_step_on_long_random_workloads() {
     let redis = TestRedis::get();
     let redis_store = redis_store(&redis.url);
+    let compact_store = compact_store(&redis.url);
     let prefix = unique_prefix();
     let rules = [rule(10, 7.3), rule(1, 5.0), rule(25, 600.0), rule(3, 0.37)];
     for (i, rule) in rules.iter().enumerate() {
@@ -48,7 +62,12 @@ async fn memory_and_redis_agree_step_by_step_on_long_random_workloads() {
         let expected = reference_decisions(&steps, rule);
         let memory = store_decisions(&MemoryStorage::new(), &bucket, &steps, rule).await;
         let redis = store_decisions(&redis_store, &bucket, &steps, rule).await;
+        let compact = store_decisions(&compact_store, &bucket, &steps, rule).await;
         for (n, step) in steps.iter().enumerate() {
+            assert_eq!(
+                compact[n], expected[n],
+                "redis (compact layout) diverged at step {n} ({step:?}) of seed {seed:#x}"
+            );
             assert_eq!(
                 memory[n], expected[n],
                 "memory diverged at step {n} ({step:?}) of seed {seed:#x}"

@@ -556,3 +556,45 @@ async fn hostile_identifiers_and_endpoints_never_share_a_bucket_on_redis() {
         ErrorCode::InvalidInput
     );
 }
+
+#[tokio::test]
+async fn the_compact_layout_keeps_one_binary_key_per_bucket() {
+    let redis = TestRedis::get();
+    let prefix = unique_prefix();
+    let config = ContainerConfig::redis(&redis.url, rules())
+        .with_backend(Backend::Redis(
+            redis_config(&redis.url).with_layout(ratelimit_redis::KeyLayout::Compact),
+        ))
+        .with_key_prefix(&prefix)
+        .with_event_logging(false);
+    let limiter = Container::build(config).await.unwrap().rate_limiter();
+    assert_eq!(
+        limiter
+            .is_allowed(LOGIN, "9.9.9.9")
+            .await
+            .unwrap()
+            .remaining,
+        4
+    );
+
+    let base = format!("{prefix}:ip:9.9.9.9:{LOGIN}");
+    assert!(get(&redis, &format!("{base}:tokens")).is_none());
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let raw: Vec<u8> = redis::cmd("GET")
+        .arg(format!("{base}:tb"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(raw.len(), 16, "two little-endian doubles");
+    let tokens = f64::from_le_bytes(raw[..8].try_into().unwrap());
+    assert_eq!(tokens, 4.0);
+    let ttl = ttl(&redis, &format!("{base}:tb"));
+    assert!((118..=120).contains(&ttl), "ttl {ttl}");
+
+    limiter.reset(LOGIN, "9.9.9.9").await.unwrap();
+    let gone: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(format!("{base}:tb"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(gone.is_none());
+}

@@ -30,8 +30,11 @@ mod connection;
 mod error;
 mod storage;
 
-pub use config::RedisConfig;
+pub use config::{KeyLayout, RedisConfig};
 pub use storage::RedisStorage;
 
 /// The token-bucket script, as Redis runs it.
 pub const TOKEN_BUCKET_SCRIPT: &str = include_str!("../../../lua/token_bucket.lua");
+
+/// The token-bucket script of the compact layout ([`KeyLayout::Compact`]).
+pub const TOKEN_BUCKET_COMPACT_SCRIPT: &str = include_str!("../../../lua/token_bucket_compact.lua");

@@ -13,7 +13,7 @@ use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 
 use crate::connection::{Manager, RedisConn, breaks_connection};
 use crate::error::{bad_reply, deadline, from_pool, from_redis};
-use crate::{RedisConfig, TOKEN_BUCKET_SCRIPT};
+use crate::{KeyLayout, RedisConfig, TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SCRIPT};
 
 /// A token-bucket store on Redis. See the [crate docs](crate).
 ///
@@ -28,6 +28,9 @@ pub struct RedisStorage {
     redacted_url: String,
     /// Redis Cluster: wrap each bucket's base key in a hash tag so both keys share a slot.
     hash_tag: bool,
+    layout: KeyLayout,
+    /// The text of the layout's script, for the `EVAL` resend after a `NOSCRIPT`.
+    script_text: &'static str,
     script_reloads: AtomicU64,
 }
 
@@ -44,16 +47,17 @@ impl fmt::Debug for RedisStorage {
 }
 
 /// The two keys of one bucket.
+/// The keys of one bucket: two in the specification's layout, one in the compact layout.
 struct BucketKeys {
-    tokens: String,
-    time: String,
+    first: String,
+    second: Option<String>,
 }
 
 impl BucketKeys {
-    /// `<key>:tokens` and `<key>:time`, or `{<key>}:tokens` and `{<key>}:time` with a hash tag.
-    /// Keys never contain a literal `{` or `}` (they are escaped), so the tag is the key's only
-    /// one.
-    fn of(key: &BucketKey, hash_tag: bool) -> Self {
+    /// `<key>:tokens` and `<key>:time` (or `<key>:tb` in the compact layout), wrapped as
+    /// `{<key>}:…` with a hash tag. Keys never contain a literal `{` or `}` (they are escaped),
+    /// so the tag is the key's only one.
+    fn of(key: &BucketKey, hash_tag: bool, layout: KeyLayout) -> Self {
         let base = key.as_str();
         let with = |suffix: &str| {
             let mut out = String::with_capacity(base.len() + suffix.len() + 2);
@@ -67,10 +71,20 @@ impl BucketKeys {
             out.push_str(suffix);
             out
         };
-        Self {
-            tokens: with(":tokens"),
-            time: with(":time"),
+        match layout {
+            KeyLayout::Compact => Self {
+                first: with(":tb"),
+                second: None,
+            },
+            _ => Self {
+                first: with(":tokens"),
+                second: Some(with(":time")),
+            },
         }
+    }
+
+    fn count(&self) -> usize {
+        if self.second.is_some() { 2 } else { 1 }
     }
 }
 
@@ -88,6 +102,10 @@ impl RedisStorage {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let redacted_url = config.redacted_url();
         let manager = Manager::new(config)?;
+        let script_text = match config.layout {
+            KeyLayout::Compact => TOKEN_BUCKET_COMPACT_SCRIPT,
+            _ => TOKEN_BUCKET_SCRIPT,
+        };
         let pool = Pool::builder()
             .max_size(config.pool_size.max(1))
             // A PING per checkout would double the round trips; failed connections are
@@ -101,7 +119,9 @@ impl RedisStorage {
             .build_unchecked(manager);
         Ok(Self {
             pool,
-            script: redis::Script::new(TOKEN_BUCKET_SCRIPT),
+            script: redis::Script::new(script_text),
+            script_text,
+            layout: config.layout,
             check_timeout: config.check_timeout,
             admin_timeout: config.admin_timeout,
             redacted_url,
@@ -176,7 +196,7 @@ impl RedisStorage {
     /// flush, and it is routed to the key's node on a cluster.
     async fn eval(&self, mut conn: RedisConn, call: &ScriptCall) -> RedisResult<Value> {
         match call
-            .cmd(Some(self.script.get_hash()))
+            .cmd(Some(self.script.get_hash()), self.script_text)
             .query_async(&mut conn)
             .await
         {
@@ -187,7 +207,9 @@ impl RedisStorage {
                     reloads,
                     "redis had lost the token-bucket script; sending it again"
                 );
-                call.cmd(None).query_async(&mut conn).await
+                call.cmd(None, self.script_text)
+                    .query_async(&mut conn)
+                    .await
             }
             other => other,
         }
@@ -205,7 +227,7 @@ impl RedisStorage {
             None => String::new(),
         };
         Ok(ScriptCall {
-            keys: BucketKeys::of(key, self.hash_tag),
+            keys: BucketKeys::of(key, self.hash_tag, self.layout),
             max_tokens: rule.max_tokens(),
             refill_rate: rule.refill_rate().to_string(),
             cost,
@@ -226,7 +248,7 @@ struct ScriptCall {
 
 impl ScriptCall {
     /// `EVALSHA sha …`, or `EVAL <script> …` without a SHA.
-    fn cmd(&self, sha: Option<&str>) -> Cmd {
+    fn cmd(&self, sha: Option<&str>, script: &str) -> Cmd {
         let mut cmd = match sha {
             Some(sha) => {
                 let mut cmd = redis::cmd("EVALSHA");
@@ -235,14 +257,15 @@ impl ScriptCall {
             }
             None => {
                 let mut cmd = redis::cmd("EVAL");
-                cmd.arg(TOKEN_BUCKET_SCRIPT);
+                cmd.arg(script);
                 cmd
             }
         };
-        cmd.arg(2)
-            .arg(&self.keys.tokens)
-            .arg(&self.keys.time)
-            .arg(self.max_tokens)
+        cmd.arg(self.keys.count()).arg(&self.keys.first);
+        if let Some(second) = &self.keys.second {
+            cmd.arg(second);
+        }
+        cmd.arg(self.max_tokens)
             .arg(&self.refill_rate)
             .arg(self.cost)
             .arg(&self.now);
@@ -318,9 +341,12 @@ impl BucketStore for RedisStorage {
     }
 
     async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<()> {
-        let keys = BucketKeys::of(key, self.hash_tag);
+        let keys = BucketKeys::of(key, self.hash_tag, self.layout);
         let mut cmd = redis::cmd("DEL");
-        cmd.arg(&keys.tokens).arg(&keys.time);
+        cmd.arg(&keys.first);
+        if let Some(second) = &keys.second {
+            cmd.arg(second);
+        }
         self.run("reset", self.admin_timeout, |mut conn| async move {
             let _: i64 = cmd.query_async(&mut conn).await?;
             Ok(())
