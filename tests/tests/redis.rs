@@ -598,3 +598,69 @@ async fn the_compact_layout_keeps_one_binary_key_per_bucket() {
         .unwrap();
     assert!(gone.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deny_cache_absorbs_a_flood_and_a_reset_on_another_host_clears_it() {
+    // A server of its own: the test counts the EVALSHA calls Redis receives.
+    let server = ratelimit_tests::redis_server::RedisServer::start();
+    let redis = TestRedis {
+        url: server.url(),
+        server: Some(server),
+    };
+    let prefix = unique_prefix();
+    let host = |cache: bool| {
+        let mut config = ContainerConfig::redis(&redis.url, rules())
+            .with_backend(Backend::Redis(redis_config(&redis.url)))
+            .with_key_prefix(&prefix)
+            .with_event_logging(false);
+        if cache {
+            config = config.with_deny_cache(1_000);
+        }
+        Container::build(config)
+    };
+    let cached = host(true).await.unwrap().rate_limiter();
+    let admin = host(false).await.unwrap().rate_limiter();
+    // Give the cache's pub/sub subscription a moment to be established.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for _ in 0..5 {
+        assert!(cached.is_allowed(LOGIN, "7.7.7.7").await.unwrap().allowed);
+    }
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let calls = |conn: &mut redis::Connection| -> u64 {
+        let stats: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+        stats
+            .lines()
+            .find(|line| line.starts_with("cmdstat_evalsha:"))
+            .and_then(|line| line.split(['=', ',']).nth(1))
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = calls(&mut conn);
+    for _ in 0..200 {
+        let denied = cached.is_allowed(LOGIN, "7.7.7.7").await.unwrap();
+        assert!(!denied.allowed);
+        assert!(denied.retry_after <= Duration::from_secs(12));
+    }
+    let reached_redis = calls(&mut conn) - before;
+    assert!(
+        reached_redis <= 1,
+        "{reached_redis} of 200 denied checks reached Redis"
+    );
+
+    // The support desk resets the bucket from another host: the cache hears it and lets the
+    // next request through.
+    admin.reset(LOGIN, "7.7.7.7").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if cached.is_allowed(LOGIN, "7.7.7.7").await.unwrap().allowed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reset never reached the other host's deny cache"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -158,7 +158,10 @@ fn acl_args(prefix: &str) -> Vec<String> {
         .chain(
             [
                 "resetchannels",
+                "&ratelimit:resets",
                 "-@all",
+                "+publish",
+                "+subscribe",
                 "+evalsha",
                 "+eval",
                 "+del",

@@ -40,10 +40,12 @@
 
 mod adapter;
 mod circuit;
+mod deny_cache;
 mod events;
 
 pub use adapter::{TokenBucketAdapter, TokenBucketAdapterBuilder};
 pub use circuit::{CircuitBreakerConfig, CircuitBreakerStore, CircuitState};
+pub use deny_cache::DenyCacheStore;
 pub use events::{BroadcastEventBus, spawn_event_logger};
 
 pub use ratelimit_domain as domain;

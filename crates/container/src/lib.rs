@@ -28,7 +28,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use ratelimit_adapter::{
-    BroadcastEventBus, CircuitBreakerStore, TokenBucketAdapter, spawn_event_logger,
+    BroadcastEventBus, CircuitBreakerStore, DenyCacheStore, TokenBucketAdapter, spawn_event_logger,
 };
 use ratelimit_domain::{
     Clock, DynBucketStore, DynRateLimiter, KeyBuilder, Result, RuleSet, SystemClock,
@@ -72,6 +72,10 @@ pub struct ContainerConfig {
     /// The circuit breaker in front of Redis (default on; `None` turns it off). Unused by the
     /// memory backend, which does not fail.
     pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// A local cache of up to this many Redis denials (`None`, the default: no cache). Repeats
+    /// of a denied check are then answered in process until its `retry_after`; resets reach
+    /// every host's cache through Redis pub/sub. See `DenyCacheStore` for the guarantees.
+    pub deny_cache: Option<usize>,
 }
 
 impl fmt::Debug for ContainerConfig {
@@ -84,6 +88,7 @@ impl fmt::Debug for ContainerConfig {
             .field("log_events", &self.log_events)
             .field("failure_policy", &self.failure_policy)
             .field("circuit_breaker", &self.circuit_breaker)
+            .field("deny_cache", &self.deny_cache)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +105,7 @@ impl ContainerConfig {
             clock: Arc::new(SystemClock),
             failure_policy: FailurePolicy::Open,
             circuit_breaker: Some(CircuitBreakerConfig::default()),
+            deny_cache: None,
         }
     }
 
@@ -149,6 +155,12 @@ impl ContainerConfig {
         self
     }
 
+    /// The same configuration with a local deny cache of up to `capacity` denials (Redis only).
+    pub fn with_deny_cache(mut self, capacity: usize) -> Self {
+        self.deny_cache = Some(capacity);
+        self
+    }
+
     /// The same configuration, with or without the event-logging subscriber.
     pub fn with_event_logging(mut self, log_events: bool) -> Self {
         self.log_events = log_events;
@@ -183,9 +195,25 @@ impl Container {
                 if let Err(err) = store.ping().await {
                     tracing::warn!(url = %redis.redacted_url(), error = %err, "redis is not answering yet; checks fail open until it does");
                 }
-                let store: DynBucketStore = match config.circuit_breaker {
-                    Some(breaker) => Arc::new(CircuitBreakerStore::new(Arc::new(store), breaker)),
-                    None => Arc::new(store),
+                let store = Arc::new(store);
+                let cache = config.deny_cache.map(|capacity| {
+                    let breaker: DynBucketStore = match config.circuit_breaker {
+                        Some(breaker) => Arc::new(CircuitBreakerStore::new(store.clone(), breaker)),
+                        None => store.clone(),
+                    };
+                    Arc::new(DenyCacheStore::new(breaker, capacity))
+                });
+                let store: DynBucketStore = match (&cache, config.circuit_breaker) {
+                    (Some(cache), _) => {
+                        let listener = cache.clone();
+                        store.spawn_reset_listener(move |key| match key {
+                            Some(key) => listener.invalidate(key),
+                            None => listener.clear(),
+                        });
+                        cache.clone()
+                    }
+                    (None, Some(breaker)) => Arc::new(CircuitBreakerStore::new(store, breaker)),
+                    (None, None) => store,
                 };
                 (store, "redis")
             }

@@ -31,7 +31,7 @@ mod error;
 mod storage;
 
 pub use config::{KeyLayout, RedisConfig};
-pub use storage::RedisStorage;
+pub use storage::{RESET_CHANNEL, RedisStorage};
 
 /// The token-bucket script, as Redis runs it.
 pub const TOKEN_BUCKET_SCRIPT: &str = include_str!("../../../lua/token_bucket.lua");

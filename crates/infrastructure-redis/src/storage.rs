@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bb8_redis::bb8::{Pool, PooledConnection};
+use futures_util::StreamExt;
 use ratelimit_domain::token_bucket::{self, validate_now};
 use ratelimit_domain::{BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitRule, Result};
 use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
@@ -20,6 +21,9 @@ use crate::{KeyLayout, RedisConfig, TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SC
 /// Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct RedisStorage {
     pool: Pool<Manager>,
+    /// A copy of the pool's manager, for the dedicated pub/sub connection of
+    /// [`RedisStorage::spawn_reset_listener`].
+    manager: Manager,
     /// The script's SHA-1, computed here once; no round trip and no lock is needed to know it.
     script: redis::Script,
     check_timeout: Duration,
@@ -46,7 +50,9 @@ impl fmt::Debug for RedisStorage {
     }
 }
 
-/// The two keys of one bucket.
+/// The pub/sub channel on which resets are announced (the payload is the bucket key).
+pub const RESET_CHANNEL: &str = "ratelimit:resets";
+
 /// The keys of one bucket: two in the specification's layout, one in the compact layout.
 struct BucketKeys {
     first: String,
@@ -116,9 +122,10 @@ impl RedisStorage {
             // Redis answers again.
             .retry_connection(false)
             .connection_timeout(config.admin_timeout.max(config.check_timeout))
-            .build_unchecked(manager);
+            .build_unchecked(manager.clone());
         Ok(Self {
             pool,
+            manager,
             script: redis::Script::new(script_text),
             script_text,
             layout: config.layout,
@@ -156,6 +163,47 @@ impl RedisStorage {
     /// How many times Redis had lost the script and it was loaded again.
     pub fn script_reloads(&self) -> u64 {
         self.script_reloads.load(Ordering::Relaxed)
+    }
+
+    /// Spawns a task that listens on [`RESET_CHANNEL`] and calls `on_reset` with the key of
+    /// every bucket reset through this library (by any host), and with `None` each time the
+    /// subscription is (re)established, since resets may have been missed meanwhile. The task
+    /// reconnects by itself. Used to keep local deny caches exact; must be called within a Tokio
+    /// runtime. Returns `None` on a cluster, where it is not supported.
+    pub fn spawn_reset_listener<F>(&self, on_reset: F) -> Option<tokio::task::JoinHandle<()>>
+    where
+        F: Fn(Option<&str>) + Send + Sync + 'static,
+    {
+        let Manager::Single(client) = &self.manager else {
+            tracing::warn!("reset notifications are not supported on a Redis Cluster");
+            return None;
+        };
+        let client = client.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => match pubsub.subscribe(RESET_CHANNEL).await {
+                        Ok(()) => {
+                            on_reset(None);
+                            let mut messages = pubsub.on_message();
+                            while let Some(message) = messages.next().await {
+                                if let Ok(key) = message.get_payload::<String>() {
+                                    on_reset(Some(&key));
+                                }
+                            }
+                            tracing::debug!("reset subscription ended; reconnecting");
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot subscribe to reset notifications")
+                        }
+                    },
+                    Err(err) => {
+                        tracing::debug!(error = %err, "cannot connect for reset notifications")
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }))
     }
 
     /// The SHA-1 of the token-bucket script, as `EVALSHA` names it.
@@ -349,6 +397,12 @@ impl BucketStore for RedisStorage {
         }
         self.run("reset", self.admin_timeout, |mut conn| async move {
             let _: i64 = cmd.query_async(&mut conn).await?;
+            // Tell every host's deny cache; the reset itself has happened either way.
+            let announced: RedisResult<i64> =
+                redis::cmd("PUBLISH").arg(RESET_CHANNEL).arg(key.as_str()).query_async(&mut conn).await;
+            if let Err(err) = announced {
+                tracing::warn!(error = %err, "bucket reset, but the reset could not be announced to other hosts");
+            }
             Ok(())
         })
         .await
