@@ -49,7 +49,17 @@ impl RedisServer {
             dir,
             extra_args: args.iter().map(|s| (*s).to_owned()).collect(),
         };
-        server.spawn();
+        // Another test may grab the free port between our check and redis-server's bind: then
+        // our server exits, and we try again on another port.
+        for _ in 0..5 {
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(_) => server.port = free_port(),
+            }
+        }
+        if let Err(problem) = server.spawn() {
+            panic!("{problem}");
+        }
         server
     }
 
@@ -79,7 +89,9 @@ impl RedisServer {
     /// Starts the server again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        if let Err(problem) = self.spawn() {
+            panic!("{problem}");
+        }
     }
 
     /// Freezes the server (SIGSTOP): connections stay open but nothing answers.
@@ -127,7 +139,9 @@ impl RedisServer {
         self.dir.join("redis.log")
     }
 
-    fn spawn(&mut self) {
+    /// Starts the process and waits until it answers; `Err` when it exited first (usually: the
+    /// port was taken) or did not answer within 10 s.
+    fn spawn(&mut self) -> Result<(), String> {
         let bin = std::env::var(SERVER_BIN_VAR).unwrap_or_else(|_| "redis-server".to_owned());
         let child = Command::new(&bin)
             .args([
@@ -153,27 +167,30 @@ impl RedisServer {
             Ok(child) => child,
             Err(err) => panic!("{INSTALL_HINT}\n(spawning {bin:?} failed: {err})"),
         };
+        let pid = child.id();
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if ping(self.port) {
-                return;
-            }
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
+                self.child = None;
                 let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-                panic!(
+                return Err(format!(
                     "redis-server exited with {status} before answering.\n{INSTALL_HINT}\nLog:\n{log}"
-                );
+                ));
+            }
+            // Only our own process counts: another test's server may answer on this port.
+            if ping(self.port) && serves_pid(self.port, pid) {
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!(
+        Err(format!(
             "redis-server on port {} did not answer PING within 10 s; log: {}",
             self.port,
             self.log_path().display()
-        );
+        ))
     }
 }
 
@@ -228,6 +245,21 @@ pub fn free_port() -> u16 {
         .local_addr()
         .map(|addr| addr.port())
         .unwrap_or_else(|err| panic!("no local address: {err}"))
+}
+
+/// Whether the server on `port` is the process `pid` (`INFO server` names its process id).
+fn serves_pid(port: u16, pid: u32) -> bool {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(500)) else {
+        return false;
+    };
+    let info: redis::RedisResult<String> = redis::cmd("INFO").arg("server").query(&mut conn);
+    info.is_ok_and(|info| {
+        info.lines()
+            .any(|line| line.trim() == format!("process_id:{pid}"))
+    })
 }
 
 fn ping(port: u16) -> bool {

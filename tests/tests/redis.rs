@@ -80,13 +80,15 @@ async fn the_specification_end_to_end_on_redis() {
     }
     let denied = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
     assert!(!denied.allowed);
-    // Redis's clock moved a little since the bucket was emptied: just under 12 s.
+    // Redis's clock moved on since the bucket was emptied: a little under 12 s (the bound
+    // leaves room for a slow machine; exact values are checked with explicit times in the
+    // contract suite).
     assert!(
         denied.retry_after <= Duration::from_secs(12)
-            && denied.retry_after > Duration::from_secs(11),
+            && denied.retry_after > Duration::from_secs(6),
         "{denied:?}"
     );
-    assert_eq!(denied.retry_after_whole_seconds(), Some(12));
+    assert!(matches!(denied.retry_after_whole_seconds(), Some(7..=12)));
 
     // Events: attempted + allowed five times, then attempted + denied.
     let mut kinds = Vec::new();

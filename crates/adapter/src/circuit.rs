@@ -150,7 +150,13 @@ impl CircuitBreakerStore {
                     self.probing.store(false, Ordering::Release);
                 }
             }
-            _ => {
+            Err(_) => {
+                // Bad input says nothing about the store's health: no state changes.
+                if probe {
+                    self.probing.store(false, Ordering::Release);
+                }
+            }
+            Ok(_) => {
                 self.consecutive_failures.store(0, Ordering::Release);
                 let was_open = self.opened().take().is_some();
                 if probe {
@@ -176,9 +182,37 @@ impl CircuitBreakerStore {
         let Admission::Call { probe } = self.admit() else {
             return Err(self.rejected());
         };
+        // If the caller drops this future mid-call (a client disconnects, an outer timeout), the
+        // guard counts the abandoned call as a failure, so a probe never stays "in flight" for
+        // ever with the circuit rejecting everything behind it.
+        let mut guard = Pending {
+            breaker: self,
+            probe,
+            done: false,
+        };
         let outcome = call.await;
+        guard.done = true;
         self.record(probe, &outcome);
         outcome
+    }
+}
+
+/// Records an abandoned call as an infrastructure failure when dropped before completion.
+struct Pending<'a> {
+    breaker: &'a CircuitBreakerStore,
+    probe: bool,
+    done: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let abandoned: Result<()> = Err(RateLimitError::new(
+                ErrorCode::StorageTimeout,
+                "call abandoned before the store answered",
+            ));
+            self.breaker.record(self.probe, &abandoned);
+        }
     }
 }
 
@@ -226,6 +260,8 @@ mod tests {
     #[derive(Debug, Default)]
     struct Flaky {
         down: AtomicBool,
+        /// While set, calls never answer.
+        hang: AtomicBool,
         calls: AtomicU32,
     }
 
@@ -239,6 +275,9 @@ mod tests {
             _: Option<f64>,
         ) -> Result<BucketDecision> {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             if self.down.load(Ordering::SeqCst) {
                 Err(RateLimitError::new(ErrorCode::StorageTimeout, "slow"))
             } else {
@@ -345,6 +384,49 @@ mod tests {
             );
         }
         assert_eq!(breaker.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_does_not_leave_the_circuit_stuck() {
+        let (flaky, breaker, key, rule) = setup();
+        flaky.down.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The probe's caller gives up before the store answers.
+        flaky.hang.store(true, Ordering::SeqCst);
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(10),
+            breaker.check_and_consume(&key, &rule, 1, None),
+        )
+        .await;
+        assert!(abandoned.is_err(), "the probe should have been cut off");
+        flaky.hang.store(false, Ordering::SeqCst);
+        flaky.down.store(false, Ordering::SeqCst);
+        // One cool-down later a new probe goes through and closes the circuit.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            breaker
+                .check_and_consume(&key, &rule, 1, None)
+                .await
+                .is_ok()
+        );
+        assert_eq!(breaker.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bad_input_neither_opens_nor_closes_the_circuit() {
+        let (flaky, breaker, key, rule) = setup();
+        flaky.down.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+        }
+        assert_eq!(breaker.state(), CircuitState::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The probe is a call with bad input: the circuit must not close on it.
+        assert!(breaker.get_remaining(&key, &rule, None).await.is_err());
+        assert_ne!(breaker.state(), CircuitState::Closed);
     }
 
     #[tokio::test(start_paused = true)]

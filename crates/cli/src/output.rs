@@ -329,8 +329,8 @@ pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
 /// The password of a `scheme://user:password@host…` URL, if it has one.
 pub(crate) fn url_password(url: &str) -> Option<&str> {
     let rest = &url[url.find("://")? + 3..];
-    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-    let userinfo = &authority[..authority.rfind('@')?];
+    // The last '@' ends the user info, even when an unencoded password holds '/', '?' or '#'.
+    let userinfo = &rest[..rest.rfind('@')?];
     let (_, password) = userinfo.split_once(':')?;
     (!password.is_empty()).then_some(password)
 }
@@ -536,6 +536,7 @@ mod tests {
         assert_eq!(url_password("rediss://:s3cret@h"), Some("s3cret"));
         assert_eq!(url_password("redis://u@h"), None);
         assert_eq!(url_password("redis://h:6379"), None);
+        assert_eq!(url_password("redis://u:pa/ss@h:1/0"), Some("pa/ss"));
         assert_eq!(url_password("nonsense"), None);
         assert_eq!(
             scrub("a s3cret b s3cret", &["s3cret".to_owned(), String::new()]),

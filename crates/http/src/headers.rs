@@ -75,7 +75,8 @@ impl HeaderNumbers {
         };
         Self {
             quota: rule.max_tokens(),
-            window: ceil_seconds(rule.max_tokens() as f64 * rule.seconds_per_token()),
+            // As docs/http.md states it: ceil(max_tokens * 60 / refill_rate).
+            window: ceil_seconds(rule.max_tokens() as f64 * 60.0 / rule.refill_rate()),
             remaining: result.remaining,
             reset,
         }
@@ -282,6 +283,11 @@ mod tests {
         assert_eq!(numbers.reset, Some(18));
         // 10 tokens at 7 per minute: 85.7 s → 86.
         assert_eq!(numbers.window, 86);
+        // 15 tokens at 0.9 per minute is exactly 1000 s; a different operation order would
+        // round 1000.0000000000001 up to 1001.
+        let r = rule(15, 0.9);
+        let numbers = HeaderNumbers::new(&result(true, Duration::ZERO, 15, &r), &r);
+        assert_eq!(numbers.window, 1000);
     }
 
     #[test]

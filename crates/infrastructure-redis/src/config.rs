@@ -146,8 +146,9 @@ pub(crate) fn redact_url(url: &str) -> String {
         return url.to_owned();
     };
     let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
+    // The last '@' ends the user info, even when an unencoded password holds '/', '?' or '#'
+    // (better to hide too much than to print a secret).
+    let Some(at) = rest.rfind('@') else {
         return url.to_owned();
     };
     let userinfo = &rest[..at];
@@ -174,6 +175,10 @@ mod tests {
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
         assert_eq!(redact_url("redis://user@host"), "redis://user@host");
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_url("redis://u:pa/ss?x#y@h:1/0"),
+            "redis://u:***@h:1/0"
+        );
         let config = RedisConfig::new("redis://u:p4ss@h:1");
         assert!(!format!("{config:?}").contains("p4ss"));
     }

@@ -1,6 +1,9 @@
 //! Pooled connections, to one Redis or to a Redis Cluster, that leave the pool once they have
 //! failed.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bb8_redis::bb8::ManageConnection;
 use ratelimit_domain::{ErrorCode, RateLimitError, Result};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -15,8 +18,8 @@ use crate::RedisConfig;
 ///
 /// bb8-redis's `RedisConnectionManager` is not used because it can neither trust a private CA
 /// for `rediss://`, nor talk to a cluster, nor report a connection as broken; checking with a
-/// `PING` on every checkout would double the round trips of a check, so instead each command
-/// marks its connection as suspect until it has answered.
+/// `PING` on every checkout would double the round trips of a check, so instead a user that
+/// sees a connection fail flags it, and the pool drops it when it next comes back.
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // one manager per pool: its size does not matter
 pub(crate) enum Manager {
@@ -103,12 +106,13 @@ impl ConnectionLike for RedisConn {
     }
 }
 
-/// A pooled connection and whether it may be broken.
+/// A pooled connection and whether it is known to be broken.
 pub(crate) struct TrackedConnection {
     pub(crate) conn: RedisConn,
-    /// True from the moment a command is sent until it has answered without a connection
-    /// error; a connection still suspect when it returns to the pool is dropped.
-    pub(crate) suspect: bool,
+    /// Set by any user of the connection that saw it fail (I/O error, or a command abandoned
+    /// at its deadline); the pool then drops it instead of handing it out again. Shared because
+    /// users keep a clone of the multiplexed handle after giving the pooled guard back.
+    pub(crate) broken: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for TrackedConnection {
@@ -119,7 +123,7 @@ impl std::fmt::Debug for TrackedConnection {
         };
         f.debug_struct("TrackedConnection")
             .field("kind", &kind)
-            .field("suspect", &self.suspect)
+            .field("broken", &self.broken.load(Ordering::Acquire))
             .finish()
     }
 }
@@ -137,7 +141,7 @@ impl ManageConnection for Manager {
         };
         Ok(TrackedConnection {
             conn,
-            suspect: false,
+            broken: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -149,7 +153,7 @@ impl ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut Self::Connection) -> bool {
-        conn.suspect
+        conn.broken.load(Ordering::Acquire)
     }
 }
 

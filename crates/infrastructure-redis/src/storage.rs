@@ -2,14 +2,16 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bb8_redis::bb8::{Pool, PooledConnection};
 use futures_util::StreamExt;
 use ratelimit_domain::token_bucket::{self, validate_now};
-use ratelimit_domain::{BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitRule, Result};
+use ratelimit_domain::{
+    BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitError, RateLimitRule, Result,
+};
 use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
 
 use crate::connection::{Manager, RedisConn, breaks_connection};
@@ -218,23 +220,43 @@ impl RedisStorage {
         F: FnOnce(RedisConn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let attempt = async {
-            let mut pooled: PooledConnection<'_, Manager> = self
-                .pool
-                .get()
-                .await
-                .map_err(|err| from_pool(err, operation))?;
-            // Suspect until the command answers: if the deadline drops this future first, the
-            // connection leaves the pool rather than carrying a late reply to the next caller.
-            pooled.suspect = true;
-            // A multiplexed connection is a cheap handle; the clone sends on the same socket.
-            let reply = f(pooled.conn.clone()).await;
-            pooled.suspect = matches!(&reply, Err(err) if breaks_connection(err));
-            reply.map_err(|err| from_redis(err, operation))
+        // The pool hands out a connection only to clone its handle: the guard goes back at
+        // once, so any number of concurrent checks share the pool's multiplexed connections
+        // (pipelining on the socket) instead of queueing for one each.
+        let checkout = async {
+            loop {
+                let pooled: PooledConnection<'_, Manager> = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|err| from_pool(err, operation))?;
+                // A connection another check saw fail is dropped as its guard goes back; take
+                // the next one (or a new one) instead of failing on it too.
+                if !pooled.broken.load(AtomicOrdering::Acquire) {
+                    return Ok::<_, RateLimitError>((pooled.conn.clone(), pooled.broken.clone()));
+                }
+            }
         };
-        match tokio::time::timeout(timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(deadline(operation, timeout)),
+        let started = tokio::time::Instant::now();
+        let (conn, broken) = match tokio::time::timeout(timeout, checkout).await {
+            Ok(checked_out) => checked_out?,
+            Err(_) => return Err(deadline(operation, timeout)),
+        };
+        let left = timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, f(conn)).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(err)) => {
+                if breaks_connection(&err) {
+                    // The pool drops the connection the next time it comes back.
+                    broken.store(true, AtomicOrdering::Release);
+                }
+                Err(from_redis(err, operation))
+            }
+            Err(_) => {
+                // A reply may still arrive late on this socket; do not trust it any more.
+                broken.store(true, AtomicOrdering::Release);
+                Err(deadline(operation, timeout))
+            }
         }
     }
 
