@@ -108,6 +108,14 @@ pub(crate) struct ConnectionArgs {
     )]
     pub(crate) key_prefix: String,
 
+    /// How the service stores its buckets; must match the service's `RedisConfig` layout.
+    #[arg(long, value_enum, env = "RATELIMIT_LAYOUT", default_value_t = Layout::Specification)]
+    pub(crate) layout: Layout,
+
+    /// The service uses Redis Cluster: --redis-url is then a comma-separated list of nodes.
+    #[arg(long, env = "RATELIMIT_CLUSTER")]
+    pub(crate) cluster: bool,
+
     /// How long to wait for Redis, per operation, in milliseconds.
     #[arg(
         long,
@@ -116,6 +124,15 @@ pub(crate) struct ConnectionArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub(crate) timeout_ms: u64,
+}
+
+/// How buckets are stored in Redis (see docs/lua.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Layout {
+    /// Two string keys per bucket, `<key>:tokens` and `<key>:time` (the default).
+    Specification,
+    /// One binary key per bucket, `<key>:tb`.
+    Compact,
 }
 
 /// Subcommands of `rules`.

@@ -10,7 +10,7 @@ use ratelimit_domain::{
     BucketKey, BucketStore, CheckOptions, DecisionSource, RateLimitError, RateLimitRule,
     RateLimiter, RuleSet,
 };
-use ratelimit_redis::RedisStorage;
+use ratelimit_redis::{KeyLayout, RedisStorage};
 
 use crate::cli::{BucketArgs, Cli, Command, ConnectionArgs, DEFAULT_KEY_PREFIX, RulesCommand};
 use crate::error::CliError;
@@ -131,7 +131,21 @@ impl Bucket<RedisStorage> {
             .filter(|url| !url.is_empty())
             .ok_or_else(|| CliError::usage(NEED_REDIS))?;
         let timeout = Duration::from_millis(connection.timeout_ms);
-        let config = RedisConfig::new(url)
+        let config = if connection.cluster {
+            RedisConfig::cluster(
+                url.split(',')
+                    .map(str::trim)
+                    .filter(|node| !node.is_empty()),
+            )
+        } else {
+            RedisConfig::new(url)
+        };
+        let layout = match connection.layout {
+            crate::cli::Layout::Specification => KeyLayout::Specification,
+            crate::cli::Layout::Compact => KeyLayout::Compact,
+        };
+        let config = config
+            .with_layout(layout)
             .with_pool_size(1)
             .with_check_timeout(timeout)
             .with_admin_timeout(timeout);
@@ -311,6 +325,8 @@ mod tests {
                 rules: Some(PathBuf::from("rules.toml")),
                 redis_url: None,
                 key_prefix: "rate_limit".to_owned(),
+                layout: crate::cli::Layout::Specification,
+                cluster: false,
                 timeout_ms: 100,
             },
         }

@@ -61,6 +61,8 @@ fn ratelimit(args: &[&str], env: &[(&str, &str)]) -> Run {
         .env_remove("REDIS_URL")
         .env_remove("RATELIMIT_RULES")
         .env_remove("RATELIMIT_KEY_PREFIX")
+        .env_remove("RATELIMIT_LAYOUT")
+        .env_remove("RATELIMIT_CLUSTER")
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())
         .output()
@@ -625,4 +627,47 @@ fn usage_errors_exit_2_and_help_exits_0() {
     }
     let help = ratelimit(&["check", "--help"], &[]);
     assert!(help.stdout.contains("CONSUMES"), "{help:?}");
+}
+
+#[test]
+fn the_compact_layout_option_addresses_the_service_s_compact_buckets() {
+    let server = ratelimit_tests::redis_server::RedisServer::start();
+    let rules = RulesFile::new(RULES);
+    let prefix = unique_prefix();
+    let url = server.url();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&[
+            "--rules",
+            rules.path(),
+            "--redis-url",
+            url.as_str(),
+            "--key-prefix",
+            prefix.as_str(),
+            "--layout",
+            "compact",
+        ]);
+        ratelimit(&all, &[])
+    };
+    let check = ["check", "--endpoint", LOGIN, "--identifier", "203.0.113.7"];
+    // The login rule holds 3 tokens.
+    for _ in 0..3 {
+        assert_eq!(run(&check).code, 0);
+    }
+    assert_eq!(run(&check).code, 1);
+    // The bucket lives in the compact key, and reset clears that key.
+    let key = format!("{prefix}:ip:203.0.113.7:{LOGIN}:tb");
+    assert!(matches!(
+        server.cmd(redis::cmd("EXISTS").arg(&key)),
+        redis::Value::Int(1)
+    ));
+    assert_eq!(
+        run(&["reset", "--endpoint", LOGIN, "--identifier", "203.0.113.7"]).code,
+        0
+    );
+    assert!(matches!(
+        server.cmd(redis::cmd("EXISTS").arg(&key)),
+        redis::Value::Int(0)
+    ));
+    assert_eq!(run(&check).code, 0);
 }
