@@ -52,3 +52,7 @@ redis port="6390":
 # Fault-injection run on throwaway redis-servers (~45 s); writes its table into docs/reliability.md.
 chaos:
     cargo run --release -q -p ratelimit-tests --example chaos
+
+# Benchmark (release build, own throwaway redis-server, ~2.5 min; `just bench --quick` for ~30 s); writes target/bench/.
+bench *args:
+    cargo run --release -q -p ratelimit-bench -- {{args}}

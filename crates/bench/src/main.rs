@@ -1,0 +1,289 @@
+//! The rate limiter's benchmark.
+//!
+//! Run it with `just bench` (about 2½ minutes on 2 cores) or `just bench --quick` (about
+//! 30 s; or set `BENCH_QUICK=1`). It builds in release mode, starts its own throwaway
+//! `redis-server`, and measures:
+//!
+//! 1. **The Redis path**: the adapter's `is_allowed` at 1, 16 and 64 concurrent tasks
+//!    (checks/s, p50/p99 latency) against the same `EVALSHA` sent raw over one multiplexed
+//!    connection from this process, and against `redis-benchmark` when it is installed.
+//! 2. **Redis's cost**: CPU per check (`INFO commandstats`) against a script that does
+//!    nothing, and memory per bucket (`INFO memory`) against one plain key per bucket.
+//! 3. **The memory backend**: ns per check of `MemoryStorage` and of the adapter over it,
+//!    against the `governor` crate's keyed limiter.
+//! 4. **A deny flood**: one denied key checked in a loop, against allowed checks.
+//!
+//! Machines are shared and noisy, so every figure is a ratio to a baseline measured in the
+//! same run, in alternating rounds. It prints a table with PASS/FAIL against the targets,
+//! and writes `target/bench/summary.json` (figure name → value) and `target/bench/redis.svg`.
+//! See `docs/performance.md`.
+
+// A benchmark's job is to print its results.
+#![allow(clippy::print_stdout)]
+
+mod chart;
+mod load;
+mod memory_backend;
+mod progress;
+mod redis_benchmark;
+mod redis_cost;
+mod redis_path;
+mod report;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use ratelimit_redis::TOKEN_BUCKET_SCRIPT;
+use ratelimit_tests::redis_server::RedisServer;
+use serde_json::json;
+
+use crate::progress::Progress;
+use crate::redis_path::Targets;
+use crate::report::Verdict;
+
+/// Any error, from any part of the benchmark.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A result with any error.
+type BoxResult<T> = Result<T, BoxError>;
+
+/// Benchmarks the rate limiter against baselines measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "ratelimit-bench")]
+struct Args {
+    /// A short run (~30 s): fewer and shorter rounds, fewer buckets. Also BENCH_QUICK=1.
+    #[arg(long, env = "BENCH_QUICK", value_parser = clap::builder::BoolishValueParser::new())]
+    quick: bool,
+    /// Where to write summary.json and redis.svg.
+    #[arg(long, default_value_os_t = default_out())]
+    out: PathBuf,
+    /// Exit with status 1 when a target is missed.
+    #[arg(long)]
+    strict: bool,
+}
+
+/// `target/bench` of the workspace.
+fn default_out() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .nth(2)
+        .unwrap_or(manifest)
+        .join("target")
+        .join("bench")
+}
+
+/// How long and how much to measure.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Paired rounds per figure.
+    pub(crate) rounds: usize,
+    /// Length of one timed run of one contender.
+    pub(crate) round: Duration,
+    /// Buckets created for the memory figure.
+    pub(crate) buckets: u64,
+    /// Checks per CPU-per-check measurement.
+    pub(crate) cpu_checks: u64,
+    /// Requests of the `redis-benchmark` run.
+    pub(crate) rb_requests: u64,
+    /// Checks per round of the memory backend figure.
+    pub(crate) memory_checks: usize,
+}
+
+impl Settings {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                rounds: 2,
+                round: Duration::from_millis(700),
+                buckets: 100_000,
+                cpu_checks: 50_000,
+                rb_requests: 200_000,
+                memory_checks: 300_000,
+            }
+        } else {
+            Self {
+                rounds: 4,
+                round: Duration::from_millis(1_500),
+                buckets: 1_000_000,
+                cpu_checks: 100_000,
+                rb_requests: 400_000,
+                memory_checks: 1_000_000,
+            }
+        }
+    }
+
+    /// Progress steps of a whole run.
+    fn steps(&self) -> u64 {
+        let rounds = self.rounds as u64;
+        let layouts = redis_cost::LAYOUTS.len() as u64;
+        // warm-up, figure 1, redis-benchmark, deny flood, memory baseline, per layout
+        // (memory + CPU rounds), memory backend.
+        1 + 3 * rounds + 1 + rounds + 1 + layouts * (1 + rounds) + rounds
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(all_passed) if all_passed || !args.strict => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("ratelimit-bench: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs every figure and reports; `Ok(true)` when no target was missed.
+fn run(args: &Args) -> BoxResult<bool> {
+    let settings = Settings::new(args.quick);
+    std::fs::create_dir_all(&args.out)?;
+    let out = args.out.canonicalize()?;
+    let progress = Progress::new(settings.steps());
+    progress.begin("starting redis-server");
+    let server = RedisServer::start();
+    let redis_version = info_value(&server, "server", "redis_version")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+
+    let mut targets = runtime.block_on(Targets::connect(&server.url()))?;
+    progress.begin("warming up");
+    runtime.block_on(targets.warm_up())?;
+    progress.done();
+    let levels = runtime.block_on(targets.measure_levels(&settings, &progress))?;
+
+    progress.begin("redis-benchmark, same script");
+    let sha = redis::Script::new(TOKEN_BUCKET_SCRIPT)
+        .get_hash()
+        .to_owned();
+    let (rb, rb_note) = match redis_benchmark::run(server.port(), &sha, settings.rb_requests) {
+        Ok(Some(rps)) => (Some(rps), String::new()),
+        Ok(None) => (None, "redis-benchmark not installed".to_owned()),
+        Err(err) => {
+            progress.note(format!("warning: {err}"));
+            (None, "redis-benchmark failed".to_owned())
+        }
+    };
+    progress.done();
+
+    let deny = runtime.block_on(targets.deny_flood(&settings, &progress))?;
+    let failed_open = targets.failed_open;
+    drop(targets);
+    let cost = runtime.block_on(redis_cost::measure(&server, &settings, &progress))?;
+    drop(runtime);
+    let memory = memory_backend::measure(&settings, &progress)?;
+    progress.finish();
+    drop(server);
+
+    let mut figures = redis_path::figures(&levels, rb, &rb_note);
+    figures.extend(cost);
+    figures.extend(memory);
+    figures.push(deny);
+
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    println!(
+        "ratelimit-bench, {} run, {} UTC, {cores} cores, redis {redis_version}",
+        if args.quick { "quick" } else { "full" },
+        utc_date(now)
+    );
+    println!("Every ratio is value / baseline, both measured in this run.\n");
+    print!("{}", report::table(&figures));
+    if failed_open > 0 {
+        println!(
+            "\nwarning: {failed_open} adapter checks failed open (Redis slower than the check \
+             deadline); their latencies are in the figures"
+        );
+    }
+
+    let summary = report::summary(
+        &figures,
+        &[
+            ("quick", json!(args.quick)),
+            ("unix_time", json!(now)),
+            ("cores", json!(cores)),
+            ("redis_version", json!(redis_version)),
+            ("adapter_failed_open", json!(failed_open)),
+        ],
+    );
+    let summary_path = out.join("summary.json");
+    std::fs::write(
+        &summary_path,
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )?;
+    let chart_path = out.join("redis.svg");
+    chart::draw(&chart_path, &levels, rb)?;
+    println!("\nwrote {}", summary_path.display());
+    println!("wrote {}", chart_path.display());
+
+    let failed = figures
+        .iter()
+        .filter(|f| f.verdict() == Verdict::Fail)
+        .count();
+    let passed = figures
+        .iter()
+        .filter(|f| f.verdict() == Verdict::Pass)
+        .count();
+    println!("targets: {passed} passed, {failed} failed");
+    Ok(failed == 0)
+}
+
+/// One field of `INFO <section>`.
+fn info_value(server: &RedisServer, section: &str, field: &str) -> BoxResult<String> {
+    let text: String = redis::from_redis_value(server.cmd(redis::cmd("INFO").arg(section)))?;
+    redis_cost::info_field(&text, field)
+        .ok_or_else(|| format!("no {field} in INFO {section}").into())
+}
+
+/// `YYYY-MM-DD HH:MM` of a Unix time, in UTC.
+fn utc_date(unix_seconds: u64) -> String {
+    let days = unix_seconds / 86_400;
+    let secs = unix_seconds % 86_400;
+    // Howard Hinnant's civil_from_days, for days since 1970-01-01 (non-negative here).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}",
+        secs / 3_600,
+        secs % 3_600 / 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00");
+        assert_eq!(utc_date(1_700_000_000), "2023-11-14 22:13");
+    }
+
+    #[test]
+    fn quick_runs_are_smaller() {
+        let quick = Settings::new(true);
+        let full = Settings::new(false);
+        assert!(quick.round < full.round && quick.buckets < full.buckets);
+        assert!(quick.steps() < full.steps());
+    }
+
+    #[test]
+    fn arguments_parse() -> BoxResult<()> {
+        let args = Args::try_parse_from(["ratelimit-bench", "--quick", "--out", "x"])?;
+        assert!(args.quick && !args.strict);
+        assert_eq!(args.out, PathBuf::from("x"));
+        Ok(())
+    }
+}

@@ -1,0 +1,173 @@
+//! Figure 3: the in-process backend, against the `governor` crate's keyed limiter.
+//!
+//! Everything runs in a tight loop on a current-thread runtime, one key after another from a
+//! set of distinct keys built beforehand, so that the figures are the cost of a check and
+//! nothing else. Rounds alternate between the three contenders.
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Instant;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Governor};
+use ratelimit_adapter::domain::KeyBuilder;
+use ratelimit_adapter::{
+    BroadcastEventBus, BucketKey, BucketStore, DecisionSource, RateLimitRule, RateLimitScope,
+    RateLimiterExt, RuleSet, TokenBucketAdapter,
+};
+use ratelimit_memory::MemoryStorage;
+
+use crate::progress::Progress;
+use crate::redis_path::{ENDPOINT, MAX_TOKENS, REFILL_RATE};
+use crate::report::{Figure, Target, Unit};
+use crate::stats::median;
+use crate::{BoxResult, Settings};
+
+/// Distinct keys cycled through.
+const KEYS: usize = 100_000;
+
+struct Contenders {
+    identifiers: Vec<String>,
+    keys: Vec<BucketKey>,
+    strings: Vec<String>,
+    rule: RateLimitRule,
+    store: MemoryStorage,
+    adapter: TokenBucketAdapter,
+    governor: DefaultKeyedRateLimiter<String>,
+}
+
+impl Contenders {
+    fn new() -> BoxResult<Self> {
+        let rule = RateLimitRule::new(RateLimitScope::Ip, MAX_TOKENS, REFILL_RATE)?;
+        let builder = KeyBuilder::new(KeyBuilder::DEFAULT_PREFIX, RateLimitScope::Ip, ENDPOINT)?;
+        let identifiers: Vec<String> = (0..KEYS)
+            .map(|i| {
+                let [a, b, c, ..] = i.to_le_bytes();
+                format!("10.{c}.{b}.{a}")
+            })
+            .collect();
+        let keys = identifiers
+            .iter()
+            .map(|id| builder.key(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let strings = keys.iter().map(|key| key.as_str().to_owned()).collect();
+        let adapter = TokenBucketAdapter::builder(
+            Arc::new(MemoryStorage::new()),
+            RuleSet::try_from_rules([(ENDPOINT, rule.clone())])?,
+        )
+        .events(Arc::new(BroadcastEventBus::default()))
+        .build()?;
+        let burst = NonZeroU32::new(1_000_000_000).ok_or("zero burst")?;
+        Ok(Self {
+            identifiers,
+            keys,
+            strings,
+            rule,
+            store: MemoryStorage::new(),
+            adapter,
+            governor: Governor::keyed(Quota::per_second(burst)),
+        })
+    }
+
+    /// ns per `check_and_consume` of the store alone.
+    async fn store(&self, checks: usize) -> BoxResult<f64> {
+        let started = Instant::now();
+        for i in 0..checks {
+            let key = &self.keys[i % KEYS];
+            let decision = self
+                .store
+                .check_and_consume(key, &self.rule, 1, None)
+                .await?;
+            if !black_box(decision).allowed {
+                return Err("the memory store denied a check".into());
+            }
+        }
+        Ok(per_check(started, checks))
+    }
+
+    /// ns per `is_allowed` of the adapter over the store, events to a bus nobody listens to.
+    async fn adapter(&self, checks: usize) -> BoxResult<f64> {
+        let started = Instant::now();
+        for i in 0..checks {
+            let id = &self.identifiers[i % KEYS];
+            let result = self.adapter.is_allowed(ENDPOINT, id).await?;
+            if !(black_box(&result).allowed && result.source == DecisionSource::Store) {
+                return Err(format!("the adapter did not allow a check: {result:?}").into());
+            }
+        }
+        Ok(per_check(started, checks))
+    }
+
+    /// ns per `check_key` of governor's keyed limiter.
+    fn governor(&self, checks: usize) -> BoxResult<f64> {
+        let started = Instant::now();
+        for i in 0..checks {
+            let key = &self.strings[i % KEYS];
+            if black_box(self.governor.check_key(key)).is_err() {
+                return Err("governor denied a check".into());
+            }
+        }
+        Ok(per_check(started, checks))
+    }
+}
+
+fn per_check(started: Instant, checks: usize) -> f64 {
+    started.elapsed().as_nanos() as f64 / checks as f64
+}
+
+/// Figure 3: store alone and adapter (with events) against governor, ns per check.
+pub(crate) fn measure(settings: &Settings, progress: &Progress) -> BoxResult<Vec<Figure>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        progress.begin("memory backend: warming up");
+        let contenders = Contenders::new()?;
+        // One pass over every key first: later rounds update buckets, as most checks do.
+        contenders.store(KEYS).await?;
+        contenders.adapter(KEYS).await?;
+        contenders.governor(KEYS)?;
+        let (mut store, mut adapter, mut governor) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut store_ratio, mut adapter_ratio) = (Vec::new(), Vec::new());
+        for round in 0..settings.rounds {
+            progress.begin(format!(
+                "memory backend: round {}/{}",
+                round + 1,
+                settings.rounds
+            ));
+            let n = settings.memory_checks;
+            let s = contenders.store(n).await?;
+            let g = contenders.governor(n)?;
+            let a = contenders.adapter(n).await?;
+            store.push(s);
+            governor.push(g);
+            adapter.push(a);
+            store_ratio.push(s / g);
+            adapter_ratio.push(a / g);
+            progress.done();
+        }
+        let governor = median(&governor);
+        Ok(vec![
+            Figure::new(
+                "memory.store.ns_per_check",
+                "Memory: MemoryStorage check_and_consume",
+                median(&store),
+                Unit::Nanos,
+                "governor keyed limiter, String keys",
+                Some(governor),
+            )
+            .ratio(median(&store_ratio))
+            .target(Target::RatioAtMost(1.5)),
+            Figure::new(
+                "memory.adapter.ns_per_check",
+                "Memory: adapter is_allowed, events on",
+                median(&adapter),
+                Unit::Nanos,
+                "governor keyed limiter, String keys",
+                Some(governor),
+            )
+            .ratio(median(&adapter_ratio))
+            .target(Target::ValueBelow(1_000.0)),
+        ])
+    })
+}

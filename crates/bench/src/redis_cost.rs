@@ -1,0 +1,358 @@
+//! Figure 2: what one check costs Redis in CPU, and what one bucket costs it in memory.
+//!
+//! Both are read from Redis itself (`INFO commandstats`, `INFO memory`), so they do not depend
+//! on the client. Each key layout — a script and the shape of a bucket's keys — is one entry of
+//! [`LAYOUTS`]; a new layout is measured by adding an entry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ratelimit_redis::{TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SCRIPT};
+use ratelimit_tests::redis_server::RedisServer;
+use redis::aio::MultiplexedConnection;
+
+use crate::progress::Progress;
+use crate::redis_path::{ENDPOINT, MAX_TOKENS, REFILL_RATE};
+use crate::report::{Figure, Target, Unit};
+use crate::stats::median;
+use crate::{BoxResult, Settings};
+
+/// One way of keeping a bucket in Redis.
+///
+/// Every layout's script takes the same arguments as today's: `ARGV` = max_tokens,
+/// refill_rate (per minute), cost, now (`""` for Redis `TIME`), and replies
+/// `{allowed, retry_after, remaining}`.
+#[derive(Debug)]
+pub(crate) struct Layout {
+    /// Name in `summary.json`.
+    pub(crate) key: &'static str,
+    /// Name in the table.
+    pub(crate) label: &'static str,
+    /// The Lua script.
+    pub(crate) script: &'static str,
+    /// The keys (`KEYS`) of the bucket whose base key is given.
+    pub(crate) keys: fn(&str) -> Vec<String>,
+}
+
+/// The layouts measured: today's, the specification's two string keys.
+pub(crate) const LAYOUTS: &[Layout] = &[
+    Layout {
+        key: "two_keys",
+        label: "two string keys (spec)",
+        script: TOKEN_BUCKET_SCRIPT,
+        keys: two_keys,
+    },
+    Layout {
+        key: "compact",
+        label: "one binary key (compact)",
+        script: TOKEN_BUCKET_COMPACT_SCRIPT,
+        keys: compact_key,
+    },
+];
+
+/// `<base>:tb`, as `RedisStorage` builds it with `KeyLayout::Compact`.
+fn compact_key(base: &str) -> Vec<String> {
+    vec![format!("{base}:tb")]
+}
+
+/// `<base>:tokens` and `<base>:time`, as `RedisStorage` builds them.
+fn two_keys(base: &str) -> Vec<String> {
+    vec![format!("{base}:tokens"), format!("{base}:time")]
+}
+
+/// The CPU baseline: a script that does nothing, called with the same keys and arguments.
+const NOOP_SCRIPT: &str = "return 1";
+
+/// Commands per pipeline, and pipelines in flight, when filling Redis.
+const BATCH: u64 = 500;
+const WORKERS: u64 = 4;
+
+/// The base key of bucket number `i`: a distinct `ip`-scope key for each `i` < 2^24.
+fn base_key(i: u64) -> String {
+    let [a, b, c, ..] = i.to_le_bytes();
+    format!("rate_limit:ip:10.{c}.{b}.{a}:{ENDPOINT}")
+}
+
+/// What to send for bucket `i`.
+#[derive(Debug, Clone)]
+enum Job {
+    /// `EVALSHA sha <keys of the layout> max_tokens refill_rate 1 ""`.
+    Script {
+        sha: Arc<str>,
+        keys: fn(&str) -> Vec<String>,
+    },
+    /// `SET <base> 1 EX <ttl>`: the least a bucket with an expiry can cost.
+    SetOne,
+}
+
+impl Job {
+    fn add(&self, pipe: &mut redis::Pipeline, i: u64, refill: &str) {
+        let base = base_key(i);
+        match self {
+            Self::Script { sha, keys } => {
+                let keys = keys(&base);
+                let cmd = pipe.cmd("EVALSHA").arg(&**sha).arg(keys.len());
+                for key in keys {
+                    cmd.arg(key);
+                }
+                cmd.arg(MAX_TOKENS).arg(refill).arg(1).arg("").ignore();
+            }
+            Self::SetOne => {
+                pipe.cmd("SET").arg(base).arg(1).arg("EX").arg(120).ignore();
+            }
+        }
+    }
+}
+
+/// Sends `job` for buckets `0..count`, pipelined, from [`WORKERS`] tasks.
+async fn fill(conn: &MultiplexedConnection, job: &Job, count: u64) -> BoxResult<()> {
+    let refill: Arc<str> = REFILL_RATE.to_string().into();
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..WORKERS {
+        let mut conn = conn.clone();
+        let refill = refill.clone();
+        let job = job.clone();
+        let (from, to) = (count * worker / WORKERS, count * (worker + 1) / WORKERS);
+        workers.spawn(async move {
+            let mut next = from;
+            while next < to {
+                let end = (next + BATCH).min(to);
+                let mut pipe = redis::pipe();
+                for i in next..end {
+                    job.add(&mut pipe, i, &refill);
+                }
+                let () = pipe.query_async(&mut conn).await?;
+                next = end;
+            }
+            Ok::<_, redis::RedisError>(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// The text of `INFO <section>`.
+fn info(server: &RedisServer, section: &str) -> BoxResult<String> {
+    let value = server.cmd(redis::cmd("INFO").arg(section));
+    Ok(redis::from_redis_value::<String>(value)?)
+}
+
+/// `field:value` of an `INFO` text.
+pub(crate) fn info_field(info: &str, field: &str) -> Option<String> {
+    info.lines().find_map(|line| {
+        let (name, value) = line.trim_end().split_once(':')?;
+        (name == field).then(|| value.to_owned())
+    })
+}
+
+/// `usec_per_call` of `cmdstat_<command>` in an `INFO commandstats` text.
+pub(crate) fn usec_per_call(info: &str, command: &str) -> Option<f64> {
+    let stats = info_field(info, &format!("cmdstat_{command}"))?;
+    stats.split(',').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        (name == "usec_per_call").then(|| value.parse().ok())?
+    })
+}
+
+fn used_memory(server: &RedisServer) -> BoxResult<f64> {
+    let text = info(server, "memory")?;
+    info_field(&text, "used_memory")
+        .and_then(|v| v.parse::<f64>().ok())
+        .ok_or_else(|| "no used_memory in INFO memory".into())
+}
+
+fn dbsize(server: &RedisServer) -> BoxResult<u64> {
+    Ok(redis::from_redis_value(server.cmd(&redis::cmd("DBSIZE")))?)
+}
+
+fn flush(server: &RedisServer) {
+    server.cmd(redis::cmd("FLUSHALL").arg("SYNC"));
+}
+
+/// Server-side microseconds per call of `job` over buckets `0..count` (which exist already).
+async fn cpu_per_call(
+    server: &RedisServer,
+    conn: &MultiplexedConnection,
+    job: &Job,
+    count: u64,
+) -> BoxResult<f64> {
+    server.cmd(redis::cmd("CONFIG").arg("RESETSTAT"));
+    fill(conn, job, count).await?;
+    let text = info(server, "commandstats")?;
+    usec_per_call(&text, "evalsha").ok_or_else(|| "no cmdstat_evalsha in INFO commandstats".into())
+}
+
+/// Bytes of `used_memory` per bucket, creating `count` buckets with `job` on an empty Redis.
+async fn memory_per_bucket(
+    server: &RedisServer,
+    conn: &MultiplexedConnection,
+    job: &Job,
+    keys_per_bucket: u64,
+    count: u64,
+) -> BoxResult<f64> {
+    flush(server);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = used_memory(server)?;
+    fill(conn, job, count).await?;
+    let after = used_memory(server)?;
+    let keys = dbsize(server)?;
+    if keys != keys_per_bucket * count {
+        return Err(format!(
+            "expected {} keys after creating {count} buckets, found {keys}",
+            keys_per_bucket * count
+        )
+        .into());
+    }
+    Ok((after - before) / count as f64)
+}
+
+/// Figure 2 for every layout. Leaves Redis empty.
+pub(crate) async fn measure(
+    server: &RedisServer,
+    settings: &Settings,
+    progress: &Progress,
+) -> BoxResult<Vec<Figure>> {
+    let client = redis::Client::open(server.url())?;
+    let conn = client.get_multiplexed_async_connection().await?;
+    let noop = load_script(server, NOOP_SCRIPT)?;
+    let mut figures = Vec::new();
+    // (bytes per bucket, CPU µs per check) of each layout, for the compact-vs-spec figures.
+    let mut measured: Vec<(f64, f64)> = Vec::new();
+
+    progress.begin(format!(
+        "redis memory: {} buckets, one key each (baseline)",
+        settings.buckets
+    ));
+    let baseline = memory_per_bucket(server, &conn, &Job::SetOne, 1, settings.buckets).await?;
+    progress.done();
+
+    for layout in LAYOUTS {
+        let sha = load_script(server, layout.script)?;
+        let keys_per_bucket = (layout.keys)("x").len() as u64;
+        let job = Job::Script {
+            sha,
+            keys: layout.keys,
+        };
+        progress.begin(format!(
+            "redis memory: {} buckets, {}",
+            settings.buckets, layout.label
+        ));
+        let bytes =
+            memory_per_bucket(server, &conn, &job, keys_per_bucket, settings.buckets).await?;
+        progress.done();
+        figures.push(Figure::new(
+            format!("redis.memory.{}.bytes_per_bucket", layout.key),
+            format!("Redis memory per bucket: {}", layout.label),
+            bytes,
+            Unit::Bytes,
+            "one key per bucket (SET base 1 EX 120)",
+            Some(baseline),
+        ));
+
+        // The buckets exist now: measure checks of existing buckets, as most checks are.
+        let count = settings.cpu_checks.min(settings.buckets);
+        let noop_job = Job::Script {
+            sha: noop.clone(),
+            keys: layout.keys,
+        };
+        let (mut script_us, mut noop_us, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..settings.rounds {
+            progress.begin(format!(
+                "redis CPU per check, {}: round {}/{}",
+                layout.label,
+                round + 1,
+                settings.rounds
+            ));
+            let script = cpu_per_call(server, &conn, &job, count).await?;
+            let noop = cpu_per_call(server, &conn, &noop_job, count).await?;
+            script_us.push(script);
+            noop_us.push(noop);
+            ratios.push(script / noop);
+            progress.done();
+        }
+        measured.push((bytes, median(&script_us)));
+        figures.push(
+            Figure::new(
+                format!("redis.cpu.{}.usec_per_check", layout.key),
+                format!("Redis CPU per check: {}", layout.label),
+                median(&script_us),
+                Unit::Micros,
+                "EVALSHA `return 1`, same keys and args",
+                Some(median(&noop_us)),
+            )
+            .ratio(median(&ratios)),
+        );
+    }
+    if let [(spec_bytes, spec_cpu), (compact_bytes, compact_cpu), ..] = measured[..] {
+        figures.push(
+            Figure::new(
+                "redis.memory.compact_vs_spec.bytes_per_bucket",
+                "Redis memory per bucket: compact layout",
+                compact_bytes,
+                Unit::Bytes,
+                "the specification's two keys",
+                Some(spec_bytes),
+            )
+            .target(Target::RatioAtMost(0.6)),
+        );
+        figures.push(
+            Figure::new(
+                "redis.cpu.compact_vs_spec.usec_per_check",
+                "Redis CPU per check: compact layout",
+                compact_cpu,
+                Unit::Micros,
+                "the specification's script",
+                Some(spec_cpu),
+            )
+            .target(Target::RatioAtMost(0.5)),
+        );
+    }
+    flush(server);
+    Ok(figures)
+}
+
+/// `SCRIPT LOAD`s a script and returns its SHA.
+fn load_script(server: &RedisServer, script: &str) -> BoxResult<Arc<str>> {
+    let sha: String =
+        redis::from_redis_value(server.cmd(redis::cmd("SCRIPT").arg("LOAD").arg(script)))?;
+    Ok(sha.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_usec_per_call_from_commandstats() {
+        let text = "# Commandstats\r\n\
+            cmdstat_config:calls=1,usec=12,usec_per_call=12.00,rejected_calls=0,failed_calls=0\r\n\
+            cmdstat_evalsha:calls=200000,usec=370000,usec_per_call=1.85,rejected_calls=0,failed_calls=0\r\n";
+        assert_eq!(usec_per_call(text, "evalsha"), Some(1.85));
+        assert_eq!(usec_per_call(text, "config"), Some(12.0));
+        assert_eq!(usec_per_call(text, "get"), None);
+    }
+
+    #[test]
+    fn reads_info_fields() {
+        let text = "# Memory\r\nused_memory:1234567\r\nused_memory_human:1.18M\r\n";
+        assert_eq!(info_field(text, "used_memory").as_deref(), Some("1234567"));
+        assert_eq!(info_field(text, "used_memory_rss"), None);
+    }
+
+    #[test]
+    fn layouts_and_bucket_keys_are_distinct() {
+        assert_ne!(base_key(1), base_key(256));
+        assert_eq!(base_key(0x01_02_03), "rate_limit:ip:10.1.2.3:POST /bench");
+        for layout in LAYOUTS {
+            let keys = (layout.keys)("k");
+            assert!(!keys.is_empty(), "{}", layout.key);
+            assert!(
+                keys.iter().all(|key| key.starts_with('k')),
+                "{}",
+                layout.key
+            );
+        }
+    }
+}
