@@ -69,6 +69,9 @@ pub struct CircuitBreakerStore {
     /// When the circuit opened; `None` while closed. Short critical sections, never held
     /// across an await, hence a std mutex.
     opened_at: Mutex<Option<Instant>>,
+    /// Whether `opened_at` is `Some`: lets the common case (closed circuit) admit and record
+    /// calls without taking the lock. Written only while the lock is held.
+    open: std::sync::atomic::AtomicBool,
     /// Whether the half-open probe has been handed out.
     probing: std::sync::atomic::AtomicBool,
     /// Calls turned away without touching the store.
@@ -89,6 +92,7 @@ impl CircuitBreakerStore {
             config,
             consecutive_failures: AtomicU32::new(0),
             opened_at: Mutex::new(None),
+            open: std::sync::atomic::AtomicBool::new(false),
             probing: std::sync::atomic::AtomicBool::new(false),
             short_circuited: AtomicU64::new(0),
         }
@@ -116,6 +120,9 @@ impl CircuitBreakerStore {
     }
 
     fn admit(&self) -> Admission {
+        if !self.open.load(Ordering::Acquire) {
+            return Admission::Call { probe: false };
+        }
         let opened_at = *self.opened();
         match opened_at {
             None => Admission::Call { probe: false },
@@ -141,6 +148,7 @@ impl CircuitBreakerStore {
                     let mut opened = self.opened();
                     let was_closed = opened.is_none();
                     *opened = Some(Instant::now());
+                    self.open.store(true, Ordering::Release);
                     drop(opened);
                     if was_closed {
                         tracing::warn!(failures, cooldown_ms = self.config.cooldown.as_millis(), error = %err, "rate-limit store failing; circuit opened");
@@ -158,7 +166,11 @@ impl CircuitBreakerStore {
             }
             Ok(_) => {
                 self.consecutive_failures.store(0, Ordering::Release);
-                let was_open = self.opened().take().is_some();
+                let was_open = self.open.load(Ordering::Acquire) && {
+                    let mut opened = self.opened();
+                    self.open.store(false, Ordering::Release);
+                    opened.take().is_some()
+                };
                 if probe {
                     self.probing.store(false, Ordering::Release);
                 }
