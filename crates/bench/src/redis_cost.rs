@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ratelimit_adapter::{RateLimitRule, RateLimitScope};
 use ratelimit_redis::{TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SCRIPT};
 use ratelimit_tests::redis_server::RedisServer;
 use redis::aio::MultiplexedConnection;
@@ -19,9 +20,9 @@ use crate::{BoxResult, Settings};
 
 /// One way of keeping a bucket in Redis.
 ///
-/// Every layout's script takes the same arguments as today's: `ARGV` = max_tokens,
-/// refill_rate (per minute), cost, now (`""` for Redis `TIME`), and replies
-/// `{allowed, retry_after, remaining}`.
+/// Every layout's script takes `ARGV` = max_tokens, refill_rate (per minute), cost, now (`""`
+/// for Redis `TIME`), plus the key lifetime for the compact script, exactly as `RedisStorage`
+/// sends them.
 #[derive(Debug)]
 pub(crate) struct Layout {
     /// Name in `summary.json`.
@@ -32,6 +33,8 @@ pub(crate) struct Layout {
     pub(crate) script: &'static str,
     /// The keys (`KEYS`) of the bucket whose base key is given.
     pub(crate) keys: fn(&str) -> Vec<String>,
+    /// Whether the script takes the key lifetime as `ARGV[5]`, as the compact one does.
+    pub(crate) ttl_arg: bool,
 }
 
 /// The layouts measured: today's, the specification's two string keys.
@@ -41,12 +44,14 @@ pub(crate) const LAYOUTS: &[Layout] = &[
         label: "two string keys (spec)",
         script: TOKEN_BUCKET_SCRIPT,
         keys: two_keys,
+        ttl_arg: false,
     },
     Layout {
         key: "compact",
         label: "one binary key (compact)",
         script: TOKEN_BUCKET_COMPACT_SCRIPT,
         keys: compact_key,
+        ttl_arg: true,
     },
 ];
 
@@ -76,10 +81,12 @@ fn base_key(i: u64) -> String {
 /// What to send for bucket `i`.
 #[derive(Debug, Clone)]
 enum Job {
-    /// `EVALSHA sha <keys of the layout> max_tokens refill_rate 1 ""`.
+    /// `EVALSHA sha <keys of the layout> max_tokens refill_rate 1 "" [ttl]`.
     Script {
         sha: Arc<str>,
         keys: fn(&str) -> Vec<String>,
+        /// `ARGV[5]`, for the compact script.
+        ttl: Option<u64>,
     },
     /// `SET <base> 1 EX <ttl>`: the least a bucket with an expiry can cost.
     SetOne,
@@ -89,13 +96,17 @@ impl Job {
     fn add(&self, pipe: &mut redis::Pipeline, i: u64, refill: &str) {
         let base = base_key(i);
         match self {
-            Self::Script { sha, keys } => {
+            Self::Script { sha, keys, ttl } => {
                 let keys = keys(&base);
                 let cmd = pipe.cmd("EVALSHA").arg(&**sha).arg(keys.len());
                 for key in keys {
                     cmd.arg(key);
                 }
-                cmd.arg(MAX_TOKENS).arg(refill).arg(1).arg("").ignore();
+                cmd.arg(MAX_TOKENS).arg(refill).arg(1).arg("");
+                if let Some(ttl) = ttl {
+                    cmd.arg(*ttl);
+                }
+                cmd.ignore();
             }
             Self::SetOne => {
                 pipe.cmd("SET").arg(base).arg(1).arg("EX").arg(120).ignore();
@@ -217,6 +228,7 @@ pub(crate) async fn measure(
     let client = redis::Client::open(server.url())?;
     let conn = client.get_multiplexed_async_connection().await?;
     let noop = load_script(server, NOOP_SCRIPT)?;
+    let rule = RateLimitRule::new(RateLimitScope::Ip, MAX_TOKENS, REFILL_RATE)?;
     let mut figures = Vec::new();
     // (bytes per bucket, CPU µs per check) of each layout, for the compact-vs-spec figures.
     let mut measured: Vec<(f64, f64)> = Vec::new();
@@ -231,9 +243,11 @@ pub(crate) async fn measure(
     for layout in LAYOUTS {
         let sha = load_script(server, layout.script)?;
         let keys_per_bucket = (layout.keys)("x").len() as u64;
+        let ttl = layout.ttl_arg.then(|| rule.storage_ttl_seconds());
         let job = Job::Script {
             sha,
             keys: layout.keys,
+            ttl,
         };
         progress.begin(format!(
             "redis memory: {} buckets, {}",
@@ -256,6 +270,7 @@ pub(crate) async fn measure(
         let noop_job = Job::Script {
             sha: noop.clone(),
             keys: layout.keys,
+            ttl,
         };
         let (mut script_us, mut noop_us, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..settings.rounds {
