@@ -159,48 +159,55 @@ impl TokenBucketAdapter {
         identifier: &str,
         options: CheckOptions,
     ) -> Result<RateLimitResult> {
-        let started = Instant::now();
         let rule = &prepared.rule;
         let key = prepared.keys.key(identifier)?;
         let cost = options.cost.filter(|&cost| cost > 0).unwrap_or(rule.cost());
-        let identifier: Arc<str> = identifier.into();
         let scope = rule.scope();
-
-        self.publish(RateLimitEvent::attempted(
-            prepared.endpoint.clone(),
-            identifier.clone(),
-            scope,
-            cost,
-        ))
-        .await;
+        // Events nobody receives are not built: no ids, no timestamps, no allocations.
+        let listening = self.events.is_listening();
+        let observed = if listening {
+            let identifier: Arc<str> = identifier.into();
+            self.publish(RateLimitEvent::attempted(
+                prepared.endpoint.clone(),
+                identifier.clone(),
+                scope,
+                cost,
+            ))
+            .await;
+            Some((identifier, Instant::now()))
+        } else {
+            None
+        };
 
         let result = match self.store.check_and_consume(&key, rule, cost, None).await {
             Ok(decision) => RateLimitResult::from_decision(decision, rule),
             Err(err) => self.on_store_failure(&err, prepared, &key, cost).await,
         };
-        let elapsed = started.elapsed();
         tracing::Span::current().record("outcome", outcome(&result));
 
-        let event = if result.allowed {
-            RateLimitEvent::allowed(
-                prepared.endpoint.clone(),
-                identifier,
-                scope,
-                result.remaining,
-                elapsed,
-                result.source,
-            )
-        } else {
-            RateLimitEvent::denied(
-                prepared.endpoint.clone(),
-                identifier,
-                scope,
-                result.retry_after,
-                elapsed,
-                result.source,
-            )
-        };
-        self.publish(event).await;
+        if let Some((identifier, started)) = observed {
+            let elapsed = started.elapsed();
+            let event = if result.allowed {
+                RateLimitEvent::allowed(
+                    prepared.endpoint.clone(),
+                    identifier,
+                    scope,
+                    result.remaining,
+                    elapsed,
+                    result.source,
+                )
+            } else {
+                RateLimitEvent::denied(
+                    prepared.endpoint.clone(),
+                    identifier,
+                    scope,
+                    result.retry_after,
+                    elapsed,
+                    result.source,
+                )
+            };
+            self.publish(event).await;
+        }
         Ok(result)
     }
 }
@@ -372,7 +379,8 @@ mod tests {
         .unwrap()
     }
 
-    fn adapter(store: MockBucketStore, events: MockEventBus) -> TokenBucketAdapter {
+    fn adapter(store: MockBucketStore, mut events: MockEventBus) -> TokenBucketAdapter {
+        events.expect_is_listening().return_const(true);
         TokenBucketAdapter::builder(Arc::new(store), rules())
             .events(Arc::new(events))
             .build()
@@ -395,12 +403,41 @@ mod tests {
     fn recording_bus() -> (MockEventBus, Arc<Mutex<Vec<RateLimitEvent>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let mut bus = MockEventBus::new();
+        bus.expect_is_listening().return_const(true);
         let sink = seen.clone();
         bus.expect_publish().returning(move |event| {
             sink.lock().unwrap().push(event);
             Ok(())
         });
         (bus, seen)
+    }
+
+    #[tokio::test]
+    async fn a_bus_nobody_listens_to_gets_no_events_and_the_check_still_decides() {
+        let mut store = MockBucketStore::new();
+        store
+            .expect_check_and_consume()
+            .times(2)
+            .returning(|_, _, _, _| Ok(allowed(4)));
+        store
+            .expect_check_and_consume()
+            .returning(|_, _, _, _| Err(unavailable()));
+        let mut bus = MockEventBus::new();
+        bus.expect_is_listening().times(3).return_const(false);
+        bus.expect_publish().never();
+        let limiter = TokenBucketAdapter::builder(Arc::new(store), rules())
+            .events(Arc::new(bus))
+            .build()
+            .unwrap();
+        for _ in 0..2 {
+            let result = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
+            assert!(result.allowed);
+            assert_eq!(result.remaining, 4);
+            assert_eq!(result.source, DecisionSource::Store);
+        }
+        let failed_open = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
+        assert!(failed_open.allowed);
+        assert_eq!(failed_open.source, DecisionSource::FailOpen);
     }
 
     #[tokio::test]
@@ -465,6 +502,7 @@ mod tests {
             })
         });
         let mut bus = MockEventBus::new();
+        bus.expect_is_listening().return_const(true);
         let mut order = Sequence::new();
         bus.expect_publish()
             .withf(|e| matches!(e, RateLimitEvent::Attempted(_)))
@@ -595,6 +633,7 @@ mod tests {
                 })
             });
         let mut bus = MockEventBus::new();
+        bus.expect_is_listening().return_const(true);
         bus.expect_publish().times(2).returning(|_| {
             Err(RateLimitError::new(
                 ErrorCode::EventPublishFailed,

@@ -9,7 +9,8 @@ use tokio::task::JoinHandle;
 ///
 /// Publishing never waits: each subscriber has a bounded queue, and one that falls behind
 /// loses its oldest events (it is told how many on its next receive) instead of slowing
-/// checks down. With no subscriber, events are dropped.
+/// checks down. With no subscriber, checks do not build events at all
+/// ([`EventBus::is_listening`]).
 #[derive(Debug, Clone)]
 pub struct BroadcastEventBus {
     sender: broadcast::Sender<RateLimitEvent>,
@@ -48,6 +49,10 @@ impl EventBus for BroadcastEventBus {
         // An error only means that nobody is subscribed, which is not a failure.
         let _ = self.sender.send(event);
         Ok(())
+    }
+
+    fn is_listening(&self) -> bool {
+        self.sender.receiver_count() > 0
     }
 }
 

@@ -135,7 +135,6 @@ impl Targets {
             raw: RawChecker {
                 conn,
                 sha: sha.into(),
-                refill_rate: REFILL_RATE.to_string().into(),
             },
             failed_open: 0,
         })
@@ -398,7 +397,6 @@ impl Checker for AdapterChecker {
 struct RawChecker {
     conn: MultiplexedConnection,
     sha: Arc<str>,
-    refill_rate: Arc<str>,
 }
 
 impl Checker for RawChecker {
@@ -410,7 +408,8 @@ impl Checker for RawChecker {
             .arg(format!("{base}:tokens"))
             .arg(format!("{base}:time"))
             .arg(MAX_TOKENS)
-            .arg(&*self.refill_rate)
+            // As RedisStorage writes it (redis-rs formats an f64 with ryu).
+            .arg(REFILL_RATE)
             .arg(1)
             .arg("");
         let mut conn = self.conn.clone();

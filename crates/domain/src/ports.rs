@@ -120,6 +120,13 @@ pub trait BucketStore: Send + Sync + Debug + 'static {
 pub trait EventBus: Send + Sync + Debug + 'static {
     /// Hands one event to the bus.
     async fn publish(&self, event: RateLimitEvent) -> Result<()>;
+
+    /// Whether anyone would receive an event published now. When `false`, a check builds and
+    /// publishes no events at all (it is asked once per check, so a check publishes both of
+    /// its events or neither). Must be cheap; the default is `true`.
+    fn is_listening(&self) -> bool {
+        true
+    }
 }
 
 /// A shared, dynamically chosen [`RateLimiter`].

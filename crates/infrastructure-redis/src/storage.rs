@@ -2,7 +2,8 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,7 +13,9 @@ use ratelimit_domain::token_bucket::{self, validate_now};
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitError, RateLimitRule, Result,
 };
-use redis::{Cmd, ErrorKind, RedisResult, ServerErrorKind, Value};
+use std::io::Write as _;
+
+use redis::{Cmd, ErrorKind, RedisResult, RedisWrite, ServerErrorKind, ToRedisArgs, Value};
 
 use crate::connection::{Manager, RedisConn, breaks_connection};
 use crate::error::{bad_reply, deadline, from_pool, from_redis};
@@ -55,29 +58,52 @@ impl fmt::Debug for RedisStorage {
 /// The pub/sub channel on which resets are announced (the payload is the bucket key).
 pub const RESET_CHANNEL: &str = "ratelimit:resets";
 
-/// The keys of one bucket: two in the specification's layout, one in the compact layout.
-struct BucketKeys {
-    first: String,
-    second: Option<String>,
+/// One Redis key of a bucket: `<key><suffix>`, or `{<key>}<suffix>` with a hash tag. Keys
+/// never contain a literal `{` or `}` (they are escaped), so the tag is the key's only one.
+///
+/// Written straight into the command's buffer: no string is built per check.
+#[derive(Debug, Clone, Copy)]
+struct KeyArg<'a> {
+    base: &'a str,
+    hash_tag: bool,
+    suffix: &'static str,
 }
 
-impl BucketKeys {
-    /// `<key>:tokens` and `<key>:time` (or `<key>:tb` in the compact layout), wrapped as
-    /// `{<key>}:…` with a hash tag. Keys never contain a literal `{` or `}` (they are escaped),
-    /// so the tag is the key's only one.
-    fn of(key: &BucketKey, hash_tag: bool, layout: KeyLayout) -> Self {
-        let base = key.as_str();
-        let with = |suffix: &str| {
-            let mut out = String::with_capacity(base.len() + suffix.len() + 2);
-            if hash_tag {
-                out.push('{');
-                out.push_str(base);
-                out.push('}');
-            } else {
-                out.push_str(base);
-            }
-            out.push_str(suffix);
-            out
+impl KeyArg<'_> {
+    fn len(&self) -> usize {
+        self.base.len() + self.suffix.len() + if self.hash_tag { 2 } else { 0 }
+    }
+}
+
+impl ToRedisArgs for KeyArg<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut writer = out.writer_for_next_arg();
+        let parts: [&[u8]; 4] = if self.hash_tag {
+            [b"{", self.base.as_bytes(), b"}", self.suffix.as_bytes()]
+        } else {
+            [b"", self.base.as_bytes(), b"", self.suffix.as_bytes()]
+        };
+        for part in parts {
+            // Writing into the command's Vec cannot fail.
+            let _ = writer.write_all(part);
+        }
+    }
+}
+
+/// The keys of one bucket: `<key>:tokens` and `<key>:time` in the specification's layout,
+/// `<key>:tb` in the compact layout.
+#[derive(Debug, Clone, Copy)]
+struct BucketKeys<'a> {
+    first: KeyArg<'a>,
+    second: Option<KeyArg<'a>>,
+}
+
+impl<'a> BucketKeys<'a> {
+    fn of(key: &'a BucketKey, hash_tag: bool, layout: KeyLayout) -> Self {
+        let with = |suffix| KeyArg {
+            base: key.as_str(),
+            hash_tag,
+            suffix,
         };
         match layout {
             KeyLayout::Compact => Self {
@@ -93,6 +119,11 @@ impl BucketKeys {
 
     fn count(&self) -> usize {
         if self.second.is_some() { 2 } else { 1 }
+    }
+
+    /// Bytes of the keys.
+    fn len(&self) -> usize {
+        self.first.len() + self.second.map_or(0, |second| second.len())
     }
 }
 
@@ -237,34 +268,37 @@ impl RedisStorage {
                 }
             }
         };
-        let started = tokio::time::Instant::now();
-        let (conn, broken) = match tokio::time::timeout(timeout, checkout).await {
-            Ok(checked_out) => checked_out?,
-            Err(_) => return Err(deadline(operation, timeout)),
-        };
-        let left = timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, f(conn)).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(err)) => {
-                if breaks_connection(&err) {
-                    // The pool drops the connection the next time it comes back.
-                    broken.store(true, AtomicOrdering::Release);
+        // One deadline (one timer) covers the checkout and the command.
+        let mut in_flight: Option<Arc<AtomicBool>> = None;
+        let operation_future = async {
+            let (conn, broken) = checkout.await?;
+            let flag = in_flight.insert(broken);
+            match f(conn).await {
+                Ok(reply) => Ok(reply),
+                Err(err) => {
+                    if breaks_connection(&err) {
+                        // The pool drops the connection the next time it comes back.
+                        flag.store(true, AtomicOrdering::Release);
+                    }
+                    Err(from_redis(err, operation))
                 }
-                Err(from_redis(err, operation))
             }
-            Err(_) => {
+        };
+        let outcome = tokio::time::timeout(timeout, operation_future).await;
+        outcome.unwrap_or_else(|_| {
+            if let Some(broken) = &in_flight {
                 // A reply may still arrive late on this socket; do not trust it any more.
                 broken.store(true, AtomicOrdering::Release);
-                Err(deadline(operation, timeout))
             }
-        }
+            Err(deadline(operation, timeout))
+        })
     }
 
     /// Runs the script by its SHA; if Redis has lost it (restart, failover, `SCRIPT FLUSH`),
     /// runs it once more with `EVAL` and its full text, which also puts it back in Redis's
     /// script cache. Unlike `SCRIPT LOAD` + `EVALSHA`, this cannot lose a race with another
     /// flush, and it is routed to the key's node on a cluster.
-    async fn eval(&self, mut conn: RedisConn, call: &ScriptCall) -> RedisResult<Value> {
+    async fn eval(&self, mut conn: RedisConn, call: &ScriptCall<'_>) -> RedisResult<Value> {
         match call
             .cmd(Some(self.script.get_hash()), self.script_text)
             .query_async(&mut conn)
@@ -285,68 +319,87 @@ impl RedisStorage {
         }
     }
 
-    fn script_call(
+    fn script_call<'a>(
         &self,
-        key: &BucketKey,
+        key: &'a BucketKey,
         rule: &RateLimitRule,
         cost: u64,
         now: Option<f64>,
-    ) -> Result<ScriptCall> {
-        let now = match now {
-            Some(now) => validate_now(now)?.to_string(),
-            None => String::new(),
-        };
+    ) -> Result<ScriptCall<'a>> {
+        let now = now.map(validate_now).transpose()?;
         Ok(ScriptCall {
             keys: BucketKeys::of(key, self.hash_tag, self.layout),
             max_tokens: rule.max_tokens(),
-            refill_rate: rule.refill_rate().to_string(),
+            refill_rate: rule.refill_rate(),
             cost,
             now,
+            // The compact script takes the key lifetime ready-made rather than computing and
+            // formatting it in Lua (see lua/token_bucket_compact.lua).
+            ttl: (self.layout == KeyLayout::Compact).then(|| rule.storage_ttl_seconds()),
         })
     }
 }
 
 /// The keys and arguments of one script call (see docs/lua.md for the contract).
-struct ScriptCall {
-    keys: BucketKeys,
+#[derive(Debug, Clone, Copy)]
+struct ScriptCall<'a> {
+    keys: BucketKeys<'a>,
     max_tokens: u64,
-    refill_rate: String,
+    refill_rate: f64,
     cost: u64,
-    /// Seconds as a decimal string, or empty for Redis's `TIME`.
-    now: String,
+    /// Seconds since the epoch, or `None` for Redis's `TIME` (sent as an empty argument).
+    now: Option<f64>,
+    /// The key lifetime, for the compact script only.
+    ttl: Option<u64>,
 }
 
-impl ScriptCall {
+impl ScriptCall<'_> {
     /// `EVALSHA sha …`, or `EVAL <script> …` without a SHA.
+    ///
+    /// Numbers go in as redis-rs writes them (`itoa` for integers, `ryu` for `refill_rate` and
+    /// `now`: the shortest text that reads back as the same double, so Lua's `tonumber` sees
+    /// exactly the rule's value). The buffer is sized once, so building the command is one
+    /// allocation per buffer.
     fn cmd(&self, sha: Option<&str>, script: &str) -> Cmd {
-        let mut cmd = match sha {
-            Some(sha) => {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(sha);
-                cmd
-            }
-            None => {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(script);
-                cmd
-            }
+        // EVALSHA/EVAL, sha or script, key count, keys, then at most five numbers of at most
+        // 24 bytes each.
+        let head = sha.map_or(script.len(), str::len);
+        let mut cmd = Cmd::with_capacity(9, 8 + head + 1 + self.keys.len() + 5 * 24);
+        match sha {
+            Some(sha) => cmd.arg("EVALSHA").arg(sha),
+            None => cmd.arg("EVAL").arg(script),
         };
-        cmd.arg(self.keys.count()).arg(&self.keys.first);
-        if let Some(second) = &self.keys.second {
+        cmd.arg(self.keys.count()).arg(self.keys.first);
+        if let Some(second) = self.keys.second {
             cmd.arg(second);
         }
-        cmd.arg(self.max_tokens)
-            .arg(&self.refill_rate)
-            .arg(self.cost)
-            .arg(&self.now);
+        cmd.arg(self.max_tokens).arg(self.refill_rate).arg(self.cost);
+        match self.now {
+            Some(now) => cmd.arg(now),
+            None => cmd.arg(""),
+        };
+        if let Some(ttl) = self.ttl {
+            cmd.arg(ttl);
+        }
         cmd
     }
 }
 
-/// Reads `[allowed, retry_after, remaining, …]`.
+/// Reads `[allowed, retry_after, remaining, …]`, or the compact script's bare `remaining` of
+/// an allowed check.
 fn parse_reply(reply: &Value) -> Result<BucketDecision> {
-    let Value::Array(items) = reply else {
-        return Err(bad_reply(format!("{reply:?}")));
+    let items = match reply {
+        Value::Array(items) => items,
+        Value::Int(remaining) => {
+            let remaining = u64::try_from(*remaining)
+                .map_err(|_| bad_reply(format!("remaining = {remaining}")))?;
+            return Ok(BucketDecision {
+                allowed: true,
+                retry_after: Duration::ZERO,
+                remaining,
+            });
+        }
+        _ => return Err(bad_reply(format!("{reply:?}"))),
     };
     let [allowed, retry_after, remaining, ..] = items.as_slice() else {
         return Err(bad_reply(format!("{reply:?}")));
@@ -413,8 +466,8 @@ impl BucketStore for RedisStorage {
     async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<()> {
         let keys = BucketKeys::of(key, self.hash_tag, self.layout);
         let mut cmd = redis::cmd("DEL");
-        cmd.arg(&keys.first);
-        if let Some(second) = &keys.second {
+        cmd.arg(keys.first);
+        if let Some(second) = keys.second {
             cmd.arg(second);
         }
         self.run("reset", self.admin_timeout, |mut conn| async move {
@@ -459,9 +512,88 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_integer_is_an_allowed_check_of_the_compact_script() {
+        let decision = parse_reply(&Value::Int(41)).unwrap();
+        assert!(decision.allowed);
+        assert_eq!(decision.retry_after, Duration::ZERO);
+        assert_eq!(decision.remaining, 41);
+    }
+
+    #[test]
+    fn commands_carry_the_keys_and_numbers_exactly() {
+        let key = BucketKey::new(
+            ratelimit_domain::RateLimitScope::Ip,
+            "2001:db8::1",
+            "GET /x",
+        )
+        .unwrap();
+        let rule = RateLimitRule::new(ratelimit_domain::RateLimitScope::Ip, 10, 0.1).unwrap();
+        let args = |call: ScriptCall<'_>| -> Vec<String> {
+            call.cmd(Some("abc"), "")
+                .args_iter()
+                .map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => String::from_utf8(bytes.to_vec()).unwrap(),
+                    other => panic!("unexpected argument {other:?}"),
+                })
+                .collect()
+        };
+        let spec = ScriptCall {
+            keys: BucketKeys::of(&key, false, KeyLayout::Specification),
+            max_tokens: rule.max_tokens(),
+            refill_rate: rule.refill_rate(),
+            cost: 3,
+            now: Some(1_700_000_000.125),
+            ttl: None,
+        };
+        assert_eq!(
+            args(spec),
+            [
+                "EVALSHA",
+                "abc",
+                "2",
+                "rate_limit:ip:2001:db8::1:GET /x:tokens",
+                "rate_limit:ip:2001:db8::1:GET /x:time",
+                "10",
+                "0.1",
+                "3",
+                "1700000000.125",
+            ]
+        );
+        let compact = ScriptCall {
+            keys: BucketKeys::of(&key, true, KeyLayout::Compact),
+            now: None,
+            ttl: Some(rule.storage_ttl_seconds()),
+            ..spec
+        };
+        assert_eq!(
+            args(compact),
+            [
+                "EVALSHA",
+                "abc",
+                "1",
+                "{rate_limit:ip:2001:db8::1:GET /x}:tb",
+                "10",
+                "0.1",
+                "3",
+                "",
+                "6060",
+            ]
+        );
+        // Every rate reads back as the same double in Lua (strtod of the shortest text).
+        for rate in [0.1, 1.0 / 3.0, 1e-7, 5.0, 1e20, 123_456.789] {
+            let call = ScriptCall {
+                refill_rate: rate,
+                ..spec
+            };
+            assert_eq!(args(call)[6].parse::<f64>().unwrap(), rate);
+        }
+    }
+
+    #[test]
     fn malformed_replies_are_errors() {
         for reply in [
             Value::Nil,
+            Value::Int(-1),
             Value::Array(vec![Value::Int(1)]),
             Value::Array(vec![
                 Value::Int(2),
