@@ -192,6 +192,11 @@ impl CircuitBreakerStore {
 
     async fn guarded<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
         let Admission::Call { probe } = self.admit() else {
+            // A rejected check does no I/O, so nothing else would make the task yield: a
+            // caller looping on failed-open checks could then starve the very tasks (the
+            // probe, the connection's driver) that close the circuit again. Spend Tokio's
+            // cooperative budget, which yields every so often.
+            tokio::task::consume_budget().await;
             return Err(self.rejected());
         };
         // If the caller drops this future mid-call (a client disconnects, an outer timeout), the
@@ -322,6 +327,28 @@ mod tests {
         let key = BucketKey::new(RateLimitScope::Ip, "1.2.3.4", "GET /x").unwrap();
         let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
         (flaky, breaker, key, rule)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_loop_of_rejected_checks_still_lets_other_tasks_run() {
+        let (flaky, breaker, key, rule) = setup();
+        flaky.down.store(true, Ordering::SeqCst);
+        let other_ran = Arc::new(AtomicBool::new(false));
+        let flag = other_ran.clone();
+        tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+        for _ in 0..1_000 {
+            assert!(
+                breaker
+                    .check_and_consume(&key, &rule, 1, None)
+                    .await
+                    .is_err()
+            );
+        }
+        assert!(breaker.short_circuited() > 900);
+        assert!(
+            other_ran.load(Ordering::SeqCst),
+            "the spawned task never ran"
+        );
     }
 
     #[tokio::test(start_paused = true)]

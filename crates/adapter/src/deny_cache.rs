@@ -146,6 +146,9 @@ impl BucketStore for DenyCacheStore {
         }
         if let Some(denied) = self.cached(key, cost) {
             self.hits.fetch_add(1, Ordering::Relaxed);
+            // No I/O here: spend Tokio's cooperative budget so that a client hammering a
+            // denied key still lets other tasks run (see CircuitBreakerStore).
+            tokio::task::consume_budget().await;
             return Ok(denied);
         }
         let sent_at = Instant::now();
