@@ -24,7 +24,8 @@ pub struct RedisConfig {
     /// A `redis://` URL, e.g. `redis://127.0.0.1:6379/0` or `redis://user:secret@host:6379`.
     /// Never printed with its password.
     pub url: String,
-    /// Connections in the pool. Each is multiplexed, so a few carry many concurrent checks.
+    /// Connections in the pool. Each is multiplexed: concurrent checks share it and are
+    /// pipelined on its socket, so one connection carries all the checks a host makes.
     pub pool_size: u32,
     /// Deadline of one check, taking a connection included. Past it the check fails with
     /// `StorageTimeout` (and the adapter fails open).
@@ -43,8 +44,12 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// Default pool size.
-    pub const DEFAULT_POOL_SIZE: u32 = 4;
+    /// Default pool size: one multiplexed connection. On a 2-core host it matched a raw
+    /// redis-rs connection at 16 and 64 concurrent tasks, where 2 connections gave 0.84x at
+    /// 16 tasks and 4 gave 0.76x at 64 (fewer checks per write, more system calls per check;
+    /// see docs/performance.md). Raise it when a single connection's task becomes the
+    /// bottleneck on a many-core host.
+    pub const DEFAULT_POOL_SIZE: u32 = 1;
     /// Default deadline of a check.
     pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(50);
     /// Default deadline of an admin operation.
