@@ -15,6 +15,16 @@
 //!   plus 60 s after its last write); expired buckets read as missing (full) and are swept out
 //!   as time passes.
 //!
+//! # How it is laid out
+//! Keys are spread over 16 shards, each a mutex around a hash table. A key is hashed once per
+//! operation, with foldhash seeded at random per store (so that crafted identifiers cannot be
+//! aimed at one shard or one slot): high bits of the hash pick the shard, low bits the slot.
+//! A slot is a 16-byte pointer to one allocation holding the bucket's state, its expiry and its
+//! key, so a check reads one small slot and one allocation, and the slots stay small enough
+//! to be found in the CPU's caches (2 MB of them for 100,000 keys). The price is paid by the
+//! sweep, which reads every bucket's allocation: about 30 ns per bucket, one shard at a time,
+//! once per 10 s of clock time.
+//!
 //! ```
 //! use std::time::Duration;
 //! use ratelimit_domain::{BucketKey, BucketStore, ManualClock, RateLimitRule, RateLimitScope};
@@ -37,14 +47,12 @@
 //! # }
 //! ```
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::hash::BuildHasher;
-
-use foldhash::fast::RandomState;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 use ratelimit_domain::token_bucket::{self, BucketState};
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketStore, Clock, RateLimitRule, Result, SystemClock,
@@ -52,6 +60,10 @@ use ratelimit_domain::{
 
 /// Shards of the key space; each has its own lock, so unrelated keys rarely contend.
 const SHARDS: usize = 16;
+
+/// Where a key's shard index sits in its hash: the bits just below the top seven, which the
+/// shard's table keeps as a tag, and far above the low bits it picks a slot with.
+const SHARD_SHIFT: u32 = 64 - 7 - SHARDS.trailing_zeros();
 
 /// How often, in clock seconds, a shard drops its expired buckets.
 const SWEEP_INTERVAL_SECONDS: f64 = 10.0;
@@ -61,24 +73,89 @@ const SWEEP_INTERVAL_SECONDS: f64 = 10.0;
 pub struct MemoryStorage {
     shards: Box<[Mutex<Shard>]>,
     clock: Arc<dyn Clock>,
-    /// Picks a key's shard. Seeded at random per store, like the shards' maps, so that crafted
-    /// identifiers cannot be aimed at one shard.
+    /// Hashes each key once per operation, for both its shard and its slot in the shard's
+    /// table. foldhash is several times faster than std's SipHash on short keys; its seed is
+    /// random per store, so that crafted identifiers cannot be aimed at one shard or slot.
     hasher: RandomState,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
-    /// foldhash with a random seed: several times faster than std's SipHash on short keys.
-    buckets: HashMap<Box<str>, StoredBucket, RandomState>,
+    /// Found by the hashes [`MemoryStorage::hasher`] computes, which the table does not store.
+    buckets: HashTable<StoredBucket>,
     /// The clock time at or after which the next operation sweeps out expired buckets.
     next_sweep: f64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct StoredBucket {
-    state: BucketState,
+/// One bucket and its key in a single allocation: tokens, last and expires_at as native-endian
+/// doubles, then the key's bytes.
+///
+/// A table slot is then only this 16-byte pointer, and a check touches one slot and one
+/// allocation. With many keys, waiting for the slot is most of a check, so its size matters:
+/// over 100,000 keys, checks took about a quarter longer with 40-byte slots (key pointer and
+/// state), and longer too with 24 (expiry moved into the slot to make sweeps cheaper).
+#[derive(Debug)]
+struct StoredBucket(Box<[u8]>);
+
+/// Offsets in a [`StoredBucket`]'s allocation.
+const TOKENS: usize = 0;
+const LAST: usize = 8;
+const EXPIRES_AT: usize = 16;
+const KEY: usize = 24;
+
+impl StoredBucket {
+    fn new(key: &[u8], state: BucketState, expires_at: f64) -> Self {
+        let mut bytes = Vec::with_capacity(KEY + key.len());
+        bytes.extend_from_slice(&state.tokens.to_ne_bytes());
+        bytes.extend_from_slice(&state.last.to_ne_bytes());
+        bytes.extend_from_slice(&expires_at.to_ne_bytes());
+        bytes.extend_from_slice(key);
+        Self(bytes.into_boxed_slice())
+    }
+
+    fn key(&self) -> &[u8] {
+        self.0.get(KEY..).unwrap_or_default()
+    }
+
+    fn state(&self) -> BucketState {
+        let header = self.header();
+        BucketState {
+            tokens: read(&header, TOKENS),
+            last: read(&header, LAST),
+        }
+    }
+
     /// When the bucket is forgotten, as a Redis key with a TTL would be.
-    expires_at: f64,
+    fn expires_at(&self) -> f64 {
+        read(&self.header(), EXPIRES_AT)
+    }
+
+    fn set(&mut self, state: BucketState, expires_at: f64) {
+        // Every bucket has its header (see new), so this always writes.
+        if let Some(header) = self.0.first_chunk_mut::<KEY>() {
+            header[TOKENS..LAST].copy_from_slice(&state.tokens.to_ne_bytes());
+            header[LAST..EXPIRES_AT].copy_from_slice(&state.last.to_ne_bytes());
+            header[EXPIRES_AT..KEY].copy_from_slice(&expires_at.to_ne_bytes());
+        }
+    }
+
+    fn header(&self) -> [u8; KEY] {
+        // Every bucket has its header (see new); the default is never used.
+        self.0.first_chunk().copied().unwrap_or_default()
+    }
+}
+
+/// The double at `offset` in a bucket's header.
+fn read(header: &[u8; KEY], offset: usize) -> f64 {
+    let mut bytes = [0; 8];
+    bytes.copy_from_slice(&header[offset..offset + 8]);
+    f64::from_ne_bytes(bytes)
+}
+
+fn hash(hasher: &RandomState, key: &[u8]) -> u64 {
+    let mut hasher = hasher.build_hasher();
+    hasher.write(key);
+    hasher.finish()
 }
 
 impl Default for MemoryStorage {
@@ -110,61 +187,84 @@ impl MemoryStorage {
 
     /// How many buckets the store holds, expired ones not yet swept included.
     pub fn bucket_count(&self) -> usize {
-        (0..SHARDS).map(|i| self.lock(i).buckets.len()).sum()
+        self.shards
+            .iter()
+            .map(|shard| lock(shard).buckets.len())
+            .sum()
     }
 
     /// Drops every expired bucket now, rather than as time passes.
     pub fn sweep_expired(&self) {
         let now = self.clock.now();
-        for i in 0..SHARDS {
-            self.lock(i).sweep(now);
+        for shard in &self.shards {
+            lock(shard).sweep(now);
         }
     }
 
     fn now(&self, now: Option<f64>) -> Result<f64> {
-        token_bucket::validate_now(now.unwrap_or_else(|| self.clock.now()))
+        let now = now.unwrap_or_else(|| self.clock.now());
+        // validate_now's check, inline: the call is only made to build the error.
+        if now.is_finite() && now >= 0.0 {
+            Ok(now)
+        } else {
+            token_bucket::validate_now(now)
+        }
     }
 
-    fn shard_of(&self, key: &BucketKey) -> usize {
-        // The remainder is below SHARDS, so the cast cannot truncate.
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        // Masked below SHARDS, so the cast cannot truncate.
         #[allow(clippy::cast_possible_truncation)]
-        let index = (self.hasher.hash_one(key.as_str()) % SHARDS as u64) as usize;
-        index
+        let index = (hash >> SHARD_SHIFT) as usize & (SHARDS - 1);
+        lock(&self.shards[index])
     }
+}
 
-    fn lock(&self, index: usize) -> MutexGuard<'_, Shard> {
-        // A panic while the lock was held cannot leave a bucket half-written (every update is
-        // one assignment), so a poisoned lock is safe to use.
-        self.shards[index]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while the lock was held cannot leave a bucket half-written (nothing that can
+    // panic runs while one is written), so a poisoned lock is safe to use.
+    shard
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shard {
     fn sweep(&mut self, now: f64) {
-        self.buckets.retain(|_, bucket| bucket.expires_at > now);
+        self.buckets.retain(|bucket| bucket.expires_at() > now);
         self.next_sweep = now + SWEEP_INTERVAL_SECONDS;
     }
 
-    fn live(&mut self, key: &str, now: f64) -> Option<BucketState> {
+    /// One step on the bucket of `key`, whose hash is `hash`, in a single probe of the table.
+    fn check_and_consume(
+        &mut self,
+        hasher: &RandomState,
+        key: &[u8],
+        hash: u64,
+        rule: &RateLimitRule,
+        cost: u64,
+        now: f64,
+    ) -> BucketDecision {
         if now >= self.next_sweep {
             self.sweep(now);
         }
-        self.buckets
-            .get(key)
-            .filter(|bucket| bucket.expires_at > now)
-            .map(|bucket| bucket.state)
-    }
-
-    fn store(&mut self, key: &str, state: BucketState, expires_at: f64) {
-        let bucket = StoredBucket { state, expires_at };
-        // Look up by &str first so that updating an existing bucket allocates nothing.
-        if let Some(existing) = self.buckets.get_mut(key) {
-            *existing = bucket;
-        } else if let Entry::Vacant(slot) = self.buckets.entry(key.into()) {
-            slot.insert(bucket);
+        let step =
+            |stored| token_bucket::step(stored, rule.max_tokens(), rule.refill_rate(), cost, now);
+        if let Some(bucket) = self.buckets.find_mut(hash, |bucket| bucket.key() == key) {
+            // An expired bucket reads as missing; a step that stores brings it back to life.
+            let step = step((bucket.expires_at() > now).then(|| bucket.state()));
+            if let Some(state) = step.store {
+                bucket.set(state, now + rule.storage_ttl_seconds() as f64);
+            }
+            return step.decision;
         }
+        let step = step(None);
+        if let Some(state) = step.store {
+            let expires_at = now + rule.storage_ttl_seconds() as f64;
+            let bucket = StoredBucket::new(key, state, expires_at);
+            // The table rehashes its buckets when it grows.
+            self.buckets
+                .insert_unique(hash, bucket, |bucket| self::hash(hasher, bucket.key()));
+        }
+        step.decision
     }
 }
 
@@ -178,18 +278,12 @@ impl BucketStore for MemoryStorage {
         now: Option<f64>,
     ) -> Result<BucketDecision> {
         let now = self.now(now)?;
-        let mut shard = self.lock(self.shard_of(key));
-        let step = token_bucket::step(
-            shard.live(key.as_str(), now),
-            rule.max_tokens(),
-            rule.refill_rate(),
-            cost,
-            now,
-        );
-        if let Some(state) = step.store {
-            shard.store(key.as_str(), state, now + rule.storage_ttl_seconds() as f64);
-        }
-        Ok(step.decision)
+        let key = key.as_str().as_bytes();
+        let hash = hash(&self.hasher, key);
+        let decision = self
+            .shard(hash)
+            .check_and_consume(&self.hasher, key, hash, rule, cost, now);
+        Ok(decision)
     }
 
     async fn get_remaining(
@@ -202,7 +296,12 @@ impl BucketStore for MemoryStorage {
     }
 
     async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<()> {
-        self.lock(self.shard_of(key)).buckets.remove(key.as_str());
+        let key = key.as_str().as_bytes();
+        let hash = hash(&self.hasher, key);
+        let mut shard = self.shard(hash);
+        if let Ok(bucket) = shard.buckets.find_entry(hash, |bucket| bucket.key() == key) {
+            bucket.remove();
+        }
         Ok(())
     }
 }
@@ -304,6 +403,69 @@ mod tests {
             10
         );
         assert_eq!(store.bucket_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn every_key_keeps_its_own_bucket_as_the_tables_grow() {
+        let store = MemoryStorage::with_clock(ManualClock::new(1_000.0));
+        let rule = rule(10, 1.0);
+        // Keys that are prefixes of each other, and enough of them to grow every table.
+        let keys: Vec<BucketKey> = (0..5_000).map(|i| key(&i.to_string())).collect();
+        for (i, key) in keys.iter().enumerate() {
+            let cost = 1 + i as u64 % 3;
+            let d = store
+                .check_and_consume(key, &rule, cost, None)
+                .await
+                .unwrap();
+            assert_eq!(d.remaining, 10 - cost);
+        }
+        assert_eq!(store.bucket_count(), keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            let d = store.check_and_consume(key, &rule, 1, None).await.unwrap();
+            assert_eq!(d.remaining, 9 - (1 + i as u64 % 3), "key {i}");
+        }
+        for key in &keys[..2_500] {
+            store.reset(key, &rule).await.unwrap();
+        }
+        assert_eq!(store.bucket_count(), 2_500);
+        assert_eq!(
+            store.get_remaining(&keys[0], &rule, None).await.unwrap(),
+            10
+        );
+        assert_eq!(
+            store
+                .get_remaining(&keys[2_500], &rule, None)
+                .await
+                .unwrap(),
+            7 // 10 - 2 - 1
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expired_bucket_not_yet_swept_reads_as_full() {
+        let store = MemoryStorage::with_clock(ManualClock::new(0.0));
+        let rule = rule(5, 5.0); // storage TTL 120 s
+        let at = |now: f64, cost: u64| {
+            let store = &store;
+            let rule = &rule;
+            async move {
+                store
+                    .check_and_consume(&key("a"), rule, cost, Some(now))
+                    .await
+                    .unwrap()
+            }
+        };
+        // Sweeps at 2000, so the shard's next sweep is not before 2010.
+        assert_eq!(at(2_000.0, 1).await.remaining, 4);
+        // Time goes back: nothing refills, and the bucket now expires at 1120.
+        assert_eq!(at(1_000.0, 1).await.remaining, 3);
+        // Expired and not swept: a peek reads it as full and leaves it be.
+        assert_eq!(at(1_200.0, 0).await.remaining, 5);
+        assert_eq!(store.bucket_count(), 1);
+        // A check starts it over from full, in place.
+        assert_eq!(at(1_200.0, 2).await.remaining, 3);
+        assert_eq!(store.bucket_count(), 1);
+        assert_eq!(at(1_200.0, 0).await.remaining, 3);
     }
 
     #[tokio::test]

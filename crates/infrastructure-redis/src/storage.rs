@@ -373,7 +373,9 @@ impl ScriptCall<'_> {
         if let Some(second) = self.keys.second {
             cmd.arg(second);
         }
-        cmd.arg(self.max_tokens).arg(self.refill_rate).arg(self.cost);
+        cmd.arg(self.max_tokens)
+            .arg(self.refill_rate)
+            .arg(self.cost);
         match self.now {
             Some(now) => cmd.arg(now),
             None => cmd.arg(""),
