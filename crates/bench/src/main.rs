@@ -119,9 +119,9 @@ impl Settings {
     fn steps(&self) -> u64 {
         let rounds = self.rounds as u64;
         let layouts = redis_cost::LAYOUTS.len() as u64;
-        // warm-up, figure 1, redis-benchmark, deny flood, memory baseline, per layout
-        // (memory + CPU rounds), memory backend.
-        1 + 3 * rounds + 1 + rounds + 1 + layouts * (1 + rounds) + rounds
+        // warm-up, figure 1, redis-benchmark, deny flood, memory baseline, memory per layout,
+        // CPU rounds (every layout each), memory backend.
+        1 + 3 * rounds + 1 + rounds + 1 + layouts + rounds + rounds
     }
 }
 
