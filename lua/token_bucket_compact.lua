@@ -1,11 +1,10 @@
 -- Token bucket, compact layout: one key per bucket holding both numbers.
 --
 -- KEYS[1]  <bucket key>:tb       struct.pack('dd', tokens, last): 16 bytes
--- ARGV[1]  max_tokens            as lua/token_bucket.lua
--- ARGV[2]  refill_rate           as lua/token_bucket.lua
--- ARGV[3]  cost                  as lua/token_bucket.lua
--- ARGV[4]  now                   as lua/token_bucket.lua ("" for Redis TIME)
--- ARGV[5]  ttl                   key lifetime in whole seconds, ceil(max_tokens / refill_rate
+-- ARGV[1]  struct.pack('<ddd', max_tokens, refill_rate, cost): 24 bytes, the three numbers of
+--          lua/token_bucket.lua as little-endian doubles
+-- ARGV[2]  now                   as lua/token_bucket.lua's ARGV[4] ("" for Redis TIME)
+-- ARGV[3]  ttl                   key lifetime in whole seconds, ceil(max_tokens / refill_rate
 --                                * 60) + 60, computed by the caller
 --
 -- Reply:   allowed  → remaining (integer, floored), a bare integer
@@ -14,19 +13,18 @@
 -- Same arithmetic as lua/token_bucket.lua and ratelimit_domain::token_bucket::step, operation
 -- for operation, so every layout reaches bit-identical decisions. What makes it cheaper for
 -- Redis (docs/lua.md has the measurements): one GET and one SETEX of a 16-byte binary value
--- instead of two of each with decimal formatting, the lifetime passed in as text rather than
--- computed and formatted here, and a bare integer reply on the common path instead of a table.
+-- instead of two of each with decimal formatting, the numbers passed in binary (one unpack
+-- instead of three decimal parses), the lifetime passed in as text rather than computed and
+-- formatted here, and a bare integer reply on the common path instead of a table.
 
-local max_tokens = tonumber(ARGV[1])
-local refill_rate = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
+local max_tokens, refill_rate, cost = struct.unpack('<ddd', ARGV[1])
 
 local now
-if ARGV[4] == '' then
+if ARGV[2] == '' then
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 else
-  now = tonumber(ARGV[4])
+  now = tonumber(ARGV[2])
 end
 
 local tokens, last
@@ -55,11 +53,11 @@ end
 
 if current >= cost then
   local left = current - cost
-  redis.call('SETEX', KEYS[1], ARGV[5], struct.pack('dd', left, last))
+  redis.call('SETEX', KEYS[1], ARGV[3], struct.pack('dd', left, last))
   return math.floor(left)
 end
 
-redis.call('SETEX', KEYS[1], ARGV[5], struct.pack('dd', current, last))
+redis.call('SETEX', KEYS[1], ARGV[3], struct.pack('dd', current, last))
 if cost > max_tokens then
   return { 0, 'inf', math.floor(current) }
 end

@@ -20,9 +20,9 @@ use crate::{BoxResult, Settings};
 
 /// One way of keeping a bucket in Redis.
 ///
-/// Every layout's script takes `ARGV` = max_tokens, refill_rate (per minute), cost, now (`""`
-/// for Redis `TIME`), plus the key lifetime for the compact script, exactly as `RedisStorage`
-/// sends them.
+/// Every layout's script gets the arguments `RedisStorage` sends it: max_tokens, refill_rate
+/// (per minute), cost and now (`""` for Redis `TIME`) for the specification's; for the compact
+/// one the three numbers packed as little-endian doubles, now, and the key lifetime.
 #[derive(Debug)]
 pub(crate) struct Layout {
     /// Name in `summary.json`.
@@ -33,8 +33,9 @@ pub(crate) struct Layout {
     pub(crate) script: &'static str,
     /// The keys (`KEYS`) of the bucket whose base key is given.
     pub(crate) keys: fn(&str) -> Vec<String>,
-    /// Whether the script takes the key lifetime as `ARGV[5]`, as the compact one does.
-    pub(crate) ttl_arg: bool,
+    /// Whether the script takes the compact script's arguments (the three numbers packed in
+    /// `ARGV[1]`, now, the key lifetime) rather than the specification's four.
+    pub(crate) compact_args: bool,
 }
 
 /// The layouts measured: today's, the specification's two string keys.
@@ -44,14 +45,14 @@ pub(crate) const LAYOUTS: &[Layout] = &[
         label: "two string keys (spec)",
         script: TOKEN_BUCKET_SCRIPT,
         keys: two_keys,
-        ttl_arg: false,
+        compact_args: false,
     },
     Layout {
         key: "compact",
         label: "one binary key (compact)",
         script: TOKEN_BUCKET_COMPACT_SCRIPT,
         keys: compact_key,
-        ttl_arg: true,
+        compact_args: true,
     },
 ];
 
@@ -81,11 +82,12 @@ fn base_key(i: u64) -> String {
 /// What to send for bucket `i`.
 #[derive(Debug, Clone)]
 enum Job {
-    /// `EVALSHA sha <keys of the layout> max_tokens refill_rate 1 "" [ttl]`.
+    /// `EVALSHA sha <keys of the layout> max_tokens refill_rate 1 ""`, or for the compact
+    /// script `EVALSHA sha <key> <packed max_tokens, refill_rate, 1> "" ttl`.
     Script {
         sha: Arc<str>,
         keys: fn(&str) -> Vec<String>,
-        /// `ARGV[5]`, for the compact script.
+        /// The key lifetime, for the compact script's arguments.
         ttl: Option<u64>,
     },
     /// `SET <base> 1 EX <ttl>`: the least a bucket with an expiry can cost.
@@ -102,9 +104,18 @@ impl Job {
                 for key in keys {
                     cmd.arg(key);
                 }
-                cmd.arg(MAX_TOKENS).arg(refill).arg(1).arg("");
-                if let Some(ttl) = ttl {
-                    cmd.arg(*ttl);
+                match ttl {
+                    None => {
+                        cmd.arg(MAX_TOKENS).arg(refill).arg(1).arg("");
+                    }
+                    Some(ttl) => {
+                        let mut packed = Vec::with_capacity(24);
+                        #[allow(clippy::cast_precision_loss)] // 10^9: exact
+                        for number in [MAX_TOKENS as f64, REFILL_RATE, 1.0] {
+                            packed.extend_from_slice(&number.to_le_bytes());
+                        }
+                        cmd.arg(packed).arg("").arg(*ttl);
+                    }
                 }
                 cmd.ignore();
             }
@@ -248,7 +259,7 @@ pub(crate) async fn measure(
     for layout in LAYOUTS {
         let sha = load_script(server, layout.script)?;
         let keys_per_bucket = (layout.keys)("x").len() as u64;
-        let ttl = layout.ttl_arg.then(|| rule.storage_ttl_seconds());
+        let ttl = layout.compact_args.then(|| rule.storage_ttl_seconds());
         let job = Job::Script {
             sha,
             keys: layout.keys,

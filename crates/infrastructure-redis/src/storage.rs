@@ -354,6 +354,14 @@ struct ScriptCall<'a> {
 }
 
 impl ScriptCall<'_> {
+    /// `now`, or an empty argument for Redis's `TIME`.
+    fn now_arg(&self, cmd: &mut Cmd) {
+        match self.now {
+            Some(now) => cmd.arg(now),
+            None => cmd.arg(""),
+        };
+    }
+
     /// `EVALSHA sha …`, or `EVAL <script> …` without a SHA.
     ///
     /// Numbers go in as redis-rs writes them (`itoa` for integers, `ryu` for `refill_rate` and
@@ -373,15 +381,27 @@ impl ScriptCall<'_> {
         if let Some(second) = self.keys.second {
             cmd.arg(second);
         }
-        cmd.arg(self.max_tokens)
-            .arg(self.refill_rate)
-            .arg(self.cost);
-        match self.now {
-            Some(now) => cmd.arg(now),
-            None => cmd.arg(""),
-        };
-        if let Some(ttl) = self.ttl {
-            cmd.arg(ttl);
+        match self.ttl {
+            None => {
+                cmd.arg(self.max_tokens)
+                    .arg(self.refill_rate)
+                    .arg(self.cost);
+                self.now_arg(&mut cmd);
+            }
+            Some(ttl) => {
+                // The compact script's ARGV[1]: the three numbers as little-endian doubles, as
+                // `struct.unpack('<ddd', …)` reads them. `as f64` is the conversion the reference
+                // step and Lua's tonumber make too (max_tokens is below 2^53 by validation).
+                #[allow(clippy::cast_precision_loss)]
+                let numbers = [self.max_tokens as f64, self.refill_rate, self.cost as f64];
+                let mut packed = [0_u8; 24];
+                for (chunk, number) in packed.chunks_exact_mut(8).zip(numbers) {
+                    chunk.copy_from_slice(&number.to_le_bytes());
+                }
+                cmd.arg(&packed[..]);
+                self.now_arg(&mut cmd);
+                cmd.arg(ttl);
+            }
         }
         cmd
     }
@@ -534,7 +554,9 @@ mod tests {
             call.cmd(Some("abc"), "")
                 .args_iter()
                 .map(|arg| match arg {
-                    redis::Arg::Simple(bytes) => String::from_utf8(bytes.to_vec()).unwrap(),
+                    redis::Arg::Simple(bytes) => {
+                        String::from_utf8(bytes.to_vec()).unwrap_or_else(|_| format!("{bytes:?}"))
+                    }
                     other => panic!("unexpected argument {other:?}"),
                 })
                 .collect()
@@ -567,18 +589,20 @@ mod tests {
             ttl: Some(rule.storage_ttl_seconds()),
             ..spec
         };
+        let mut packed = Vec::new();
+        for number in [10.0_f64, 0.1, 3.0] {
+            packed.extend_from_slice(&number.to_le_bytes());
+        }
         assert_eq!(
             args(compact),
             [
-                "EVALSHA",
-                "abc",
-                "1",
-                "{rate_limit:ip:2001:db8::1:GET /x}:tb",
-                "10",
-                "0.1",
-                "3",
-                "",
-                "6060",
+                "EVALSHA".to_owned(),
+                "abc".to_owned(),
+                "1".to_owned(),
+                "{rate_limit:ip:2001:db8::1:GET /x}:tb".to_owned(),
+                format!("{:?}", &packed[..]),
+                String::new(),
+                "6060".to_owned(),
             ]
         );
         // Every rate reads back as the same double in Lua (strtod of the shortest text).
