@@ -1,7 +1,7 @@
 //! A reproducible fault-injection run against real, throwaway `redis-server` processes.
 //!
 //! For each fault (and a baseline without one) it starts a fresh Redis, builds the limiter with
-//! the default container configuration (fail-open, `check_timeout` 50 ms, pool of 4, circuit
+//! the default container configuration (fail-open, `check_timeout` 50 ms, default pool, circuit
 //! breaker), runs a steady load of 4 concurrent tasks checking in a loop, and injects the fault
 //! after 1 s, heals it 2 s later and keeps the load on for 2 s more. Every check's latency and
 //! decision source is recorded. The result is printed as a Markdown table and written into
@@ -395,10 +395,11 @@ fn render(machine: &str, outcomes: &[Outcome]) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "Limiter: default container configuration (fail-open, `check_timeout` 50 ms, pool of 4, \
+        "Limiter: default container configuration (fail-open, `check_timeout` 50 ms, pool of {}, \
          breaker opening after 5 consecutive failures and probing every 500 ms). Load: {TASKS} \
          tasks, each checking in a loop with a {} ms pause. Timeline per fault: {} s of load, \
          {} s of fault, heal, {} s of load.",
+        ratelimit_redis::RedisConfig::DEFAULT_POOL_SIZE,
         PACE.as_millis(),
         BEFORE.as_secs(),
         DURING.as_secs(),
