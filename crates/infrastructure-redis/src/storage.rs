@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering as AtomicOrdering};
 use std::time::Duration;
@@ -13,8 +14,6 @@ use ratelimit_domain::token_bucket::{self, validate_now};
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitError, RateLimitRule, Result,
 };
-use std::io::Write as _;
-
 use redis::{Cmd, ErrorKind, RedisResult, RedisWrite, ServerErrorKind, ToRedisArgs, Value};
 
 use crate::connection::{Manager, RedisConn, breaks_connection};
