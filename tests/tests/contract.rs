@@ -2,9 +2,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_domain::BucketStore;
+use ratelimit_domain::DynBucketStore;
 use ratelimit_memory::MemoryStorage;
 use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract::{
@@ -32,8 +33,9 @@ async fn memory_store_passes_the_contract() {
 
 #[tokio::test]
 async fn memory_store_passes_the_contract_through_a_dyn_pointer() {
-    let store: Box<dyn BucketStore> = Box::new(MemoryStorage::new());
-    contract::run_all(&store, &unique_prefix()).await;
+    // As the adapter and the combinators hold a store.
+    let store: DynBucketStore = Arc::new(MemoryStorage::new());
+    contract::run_all(&*store, &unique_prefix()).await;
 }
 
 #[tokio::test]

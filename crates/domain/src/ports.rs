@@ -132,27 +132,10 @@ pub trait EventBus: Send + Sync + Debug + 'static {
 /// A shared, dynamically chosen [`RateLimiter`].
 pub type DynRateLimiter = Arc<dyn RateLimiter>;
 /// A shared, dynamically chosen [`BucketStore`].
+///
+/// Deliberately, `Arc<S>` does not implement [`BucketStore`] itself: calls on a
+/// `DynBucketStore` then go straight through the vtable to the store, instead of through a
+/// forwarding impl that would box one more future on every check.
 pub type DynBucketStore = Arc<dyn BucketStore>;
 /// A shared, dynamically chosen [`EventBus`].
 pub type DynEventBus = Arc<dyn EventBus>;
-
-/// Forwards a port through a smart pointer, so that `Arc<S>` and `Box<S>` are ports too.
-macro_rules! forward_bucket_store {
-    ($($ptr:ident),*) => {$(
-        #[async_trait]
-        #[deny(clippy::missing_trait_methods)]
-        impl<S: BucketStore + ?Sized> BucketStore for $ptr<S> {
-            async fn check_and_consume(&self, key: &BucketKey, rule: &RateLimitRule, cost: u64, now: Option<f64>) -> Result<BucketDecision> {
-                (**self).check_and_consume(key, rule, cost, now).await
-            }
-            async fn get_remaining(&self, key: &BucketKey, rule: &RateLimitRule, now: Option<f64>) -> Result<u64> {
-                (**self).get_remaining(key, rule, now).await
-            }
-            async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<()> {
-                (**self).reset(key, rule).await
-            }
-        }
-    )*};
-}
-
-forward_bucket_store!(Arc, Box);
