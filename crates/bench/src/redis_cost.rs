@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratelimit_adapter::{RateLimitRule, RateLimitScope};
-use ratelimit_redis::{TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SCRIPT};
+use ratelimit_redis::{TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SCRIPT, compact_numbers};
 use ratelimit_tests::redis_server::RedisServer;
 use redis::aio::MultiplexedConnection;
 
@@ -109,12 +109,8 @@ impl Job {
                         cmd.arg(MAX_TOKENS).arg(refill).arg(1).arg("");
                     }
                     Some(ttl) => {
-                        let mut packed = Vec::with_capacity(24);
-                        #[allow(clippy::cast_precision_loss)] // 10^9: exact
-                        for number in [MAX_TOKENS as f64, REFILL_RATE, 1.0] {
-                            packed.extend_from_slice(&number.to_le_bytes());
-                        }
-                        cmd.arg(packed).arg("").arg(*ttl);
+                        let packed = compact_numbers(MAX_TOKENS, REFILL_RATE, 1);
+                        cmd.arg(&packed[..]).arg("").arg(*ttl);
                     }
                 }
                 cmd.ignore();

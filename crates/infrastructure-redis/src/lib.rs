@@ -38,3 +38,21 @@ pub const TOKEN_BUCKET_SCRIPT: &str = include_str!("../../../lua/token_bucket.lu
 
 /// The token-bucket script of the compact layout ([`KeyLayout::Compact`]).
 pub const TOKEN_BUCKET_COMPACT_SCRIPT: &str = include_str!("../../../lua/token_bucket_compact.lua");
+
+/// The compact script's `ARGV[1]`: `max_tokens`, `refill_rate` and `cost` as three little-endian
+/// doubles, as `struct.unpack('<ddd', …)` reads them (see docs/lua.md).
+///
+/// `as f64` is the conversion the reference step ([`ratelimit_domain::token_bucket::step`]) and
+/// Lua's `tonumber` make too; rules keep `max_tokens` below 2^53, where it is exact.
+#[allow(clippy::cast_precision_loss)]
+pub fn compact_numbers(max_tokens: u64, refill_rate: f64, cost: u64) -> [u8; 24] {
+    let mut packed = [0_u8; 24];
+    for (chunk, number) in
+        packed
+            .chunks_exact_mut(8)
+            .zip([max_tokens as f64, refill_rate, cost as f64])
+    {
+        chunk.copy_from_slice(&number.to_le_bytes());
+    }
+    packed
+}

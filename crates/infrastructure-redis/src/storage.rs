@@ -388,15 +388,7 @@ impl ScriptCall<'_> {
                 self.now_arg(&mut cmd);
             }
             Some(ttl) => {
-                // The compact script's ARGV[1]: the three numbers as little-endian doubles, as
-                // `struct.unpack('<ddd', …)` reads them. `as f64` is the conversion the reference
-                // step and Lua's tonumber make too (max_tokens is below 2^53 by validation).
-                #[allow(clippy::cast_precision_loss)]
-                let numbers = [self.max_tokens as f64, self.refill_rate, self.cost as f64];
-                let mut packed = [0_u8; 24];
-                for (chunk, number) in packed.chunks_exact_mut(8).zip(numbers) {
-                    chunk.copy_from_slice(&number.to_le_bytes());
-                }
+                let packed = crate::compact_numbers(self.max_tokens, self.refill_rate, self.cost);
                 cmd.arg(&packed[..]);
                 self.now_arg(&mut cmd);
                 cmd.arg(ttl);
@@ -592,6 +584,7 @@ mod tests {
         for number in [10.0_f64, 0.1, 3.0] {
             packed.extend_from_slice(&number.to_le_bytes());
         }
+        assert_eq!(crate::compact_numbers(10, 0.1, 3).as_slice(), packed);
         assert_eq!(
             args(compact),
             [
