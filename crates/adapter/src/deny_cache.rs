@@ -220,8 +220,8 @@ mod tests {
             calls: AtomicU64::new(0),
         });
         let cache = DenyCacheStore::new(counting.clone(), capacity);
-        // 10 tokens at 6000 per minute: one token every 10 ms of real time... but the memory
-        // store runs on the manual clock, which the test moves; the cache runs on real time.
+        // 2 tokens, one more per minute. The memory store runs on the manual clock, which the
+        // tests move; the cache runs on real time.
         let rule = RateLimitRule::new(RateLimitScope::Ip, 2, 1.0).unwrap();
         (counting, cache, clock, rule)
     }
@@ -230,16 +230,19 @@ mod tests {
         BucketKey::new(RateLimitScope::Ip, id, "POST /login").unwrap()
     }
 
+    /// Whether a check of `id` at `cost` through `cache` is allowed.
+    async fn allowed(cache: &DenyCacheStore, id: &str, rule: &RateLimitRule, cost: u64) -> bool {
+        cache
+            .check_and_consume(&key(id), rule, cost, None)
+            .await
+            .unwrap()
+            .allowed
+    }
+
     #[tokio::test]
     async fn repeated_denials_are_answered_without_the_store() {
         let (counting, cache, _clock, rule) = setup(16);
-        assert!(
-            cache
-                .check_and_consume(&key("a"), &rule, 2, None)
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(allowed(&cache, "a", &rule, 2).await);
         let first = cache
             .check_and_consume(&key("a"), &rule, 1, None)
             .await
@@ -262,20 +265,8 @@ mod tests {
         );
         assert_eq!(cache.hits(), 1_000);
         // A higher cost is denied too; other buckets and zero-cost peeks still reach the store.
-        assert!(
-            !cache
-                .check_and_consume(&key("a"), &rule, 2, None)
-                .await
-                .unwrap()
-                .allowed
-        );
-        assert!(
-            cache
-                .check_and_consume(&key("b"), &rule, 1, None)
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(!allowed(&cache, "a", &rule, 2).await);
+        assert!(allowed(&cache, "b", &rule, 1).await);
         assert_eq!(
             cache.get_remaining(&key("a"), &rule, None).await.unwrap(),
             0
@@ -286,28 +277,10 @@ mod tests {
     #[tokio::test]
     async fn a_lower_cost_than_the_cached_denial_goes_to_the_store() {
         let (counting, cache, _clock, rule) = setup(16);
-        assert!(
-            cache
-                .check_and_consume(&key("a"), &rule, 1, None)
-                .await
-                .unwrap()
-                .allowed
-        );
-        assert!(
-            !cache
-                .check_and_consume(&key("a"), &rule, 2, None)
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(allowed(&cache, "a", &rule, 1).await);
+        assert!(!allowed(&cache, "a", &rule, 2).await);
         // One token is left: a cost of 1 must be asked of the store, and is allowed.
-        assert!(
-            cache
-                .check_and_consume(&key("a"), &rule, 1, None)
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(allowed(&cache, "a", &rule, 1).await);
         assert_eq!(counting.calls.load(Ordering::SeqCst), 3);
     }
 
@@ -318,33 +291,15 @@ mod tests {
             .check_and_consume(&key("a"), &rule, 2, None)
             .await
             .unwrap();
-        assert!(
-            !cache
-                .check_and_consume(&key("a"), &rule, 1, None)
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(!allowed(&cache, "a", &rule, 1).await);
         cache.reset(&key("a"), &rule).await.unwrap();
-        assert!(
-            cache
-                .check_and_consume(&key("a"), &rule, 1, None)
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(allowed(&cache, "a", &rule, 1).await);
 
         cache
             .check_and_consume(&key("a"), &rule, 1, None)
             .await
             .unwrap();
-        assert!(
-            !cache
-                .check_and_consume(&key("a"), &rule, 1, None)
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(!allowed(&cache, "a", &rule, 1).await);
         assert_eq!(cache.len(), 1);
         cache.invalidate(key("a").as_str());
         assert!(cache.is_empty());
@@ -373,13 +328,7 @@ mod tests {
         let clock = ManualClock::starting_now();
         let cache = DenyCacheStore::new(Arc::new(MemoryStorage::with_clock(clock.clone())), 16);
         let rule = RateLimitRule::new(RateLimitScope::Ip, 1, 60.0).unwrap();
-        assert!(
-            cache
-                .check_and_consume(&key("a"), &rule, 1, None)
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(allowed(&cache, "a", &rule, 1).await);
         let denied = cache
             .check_and_consume(&key("a"), &rule, 1, None)
             .await
@@ -389,12 +338,6 @@ mod tests {
         // Past the deadline the entry is dropped and the store is asked again.
         tokio::time::sleep(denied.retry_after + Duration::from_millis(20)).await;
         clock.advance(Duration::from_secs(1));
-        assert!(
-            cache
-                .check_and_consume(&key("a"), &rule, 1, None)
-                .await
-                .unwrap()
-                .allowed
-        );
+        assert!(allowed(&cache, "a", &rule, 1).await);
     }
 }
