@@ -53,6 +53,6 @@ redis port="6390":
 chaos:
     cargo run --release -q -p ratelimit-tests --example chaos
 
-# Benchmark (release build, own throwaway redis-server, ~2.5 min; `just bench --quick` for ~30 s); writes target/bench/.
+# Benchmark (release build, own throwaway redis-server, ~3 min; `just bench --quick` for ~30 s); writes target/bench/.
 bench *args:
     cargo run --release -q -p ratelimit-bench -- {{args}}

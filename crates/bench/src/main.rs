@@ -1,6 +1,6 @@
 //! The rate limiter's benchmark.
 //!
-//! Run it with `just bench` (about 2½ minutes on 2 cores) or `just bench --quick` (about
+//! Run it with `just bench` (about 3 minutes on 2 cores) or `just bench --quick` (about
 //! 30 s; or set `BENCH_QUICK=1`). It builds in release mode, starts its own throwaway
 //! `redis-server`, and measures:
 //!
@@ -105,7 +105,7 @@ impl Settings {
             }
         } else {
             Self {
-                rounds: 4,
+                rounds: 6,
                 round: Duration::from_millis(1_500),
                 buckets: 1_000_000,
                 cpu_checks: 100_000,
