@@ -1,36 +1,47 @@
--- Token bucket, compact layout: one key per bucket holding both numbers.
+-- Token bucket, compact layout: one key per bucket holding both numbers and its own expiry.
 --
--- KEYS[1]  <bucket key>:tb       struct.pack('dd', tokens, last): 16 bytes
--- ARGV[1]  struct.pack('<ddd', max_tokens, refill_rate, cost): 24 bytes, the three numbers of
---          lua/token_bucket.lua as little-endian doubles
--- ARGV[2]  now                   as lua/token_bucket.lua's ARGV[4] ("" for Redis TIME)
--- ARGV[3]  ttl                   key lifetime in whole seconds, ceil(max_tokens / refill_rate
---                                * 60) + 60, computed by the caller
+-- KEYS[1]  <bucket key>:tb   struct.pack('<ddI4', tokens, last, expires): 20 bytes, where
+--                            expires is when Redis drops the key, in whole seconds (floored)
+-- ARGV[1]  struct.pack('<ddd', max_tokens, refill_rate, cost) followed by the key lifetime as
+--          decimal text: ceil(max_tokens / refill_rate * 60) + 60 seconds, computed by the
+--          caller (ratelimit_redis::compact_args)
+-- ARGV[2]  now, optional, as lua/token_bucket.lua's ARGV[4]; absent or "" for Redis TIME
 --
 -- Reply:   allowed  → remaining (integer, floored), a bare integer
 --          denied   → { 0, retry_after, remaining }, as lua/token_bucket.lua
 --
 -- Same arithmetic as lua/token_bucket.lua and ratelimit_domain::token_bucket::step, operation
--- for operation, so every layout reaches bit-identical decisions. What makes it cheaper for
--- Redis (docs/lua.md has the measurements): one GET and one SETEX of a 16-byte binary value
--- instead of two of each with decimal formatting, the numbers passed in binary (one unpack
--- instead of three decimal parses), the lifetime passed in as text rather than computed and
--- formatted here, and a bare integer reply on the common path instead of a table.
+-- for operation, so every layout reaches bit-identical decisions.
+--
+-- The key's lifetime is only renewed when it must be. A bucket that has refilled to full is
+-- the same as a missing one (a missing bucket reads as full, as of now), so the key only has to
+-- outlive the time its bucket needs to refill. While the recorded expiry covers that time plus
+-- a second, a write overwrites the two numbers in place (SETRANGE) and keeps the expiry;
+-- otherwise it rewrites the whole value with a fresh lifetime (SETEX). docs/lua.md has the
+-- measurements behind each choice.
 
-local max_tokens, refill_rate, cost = struct.unpack('<ddd', ARGV[1])
+local args = ARGV[1]
+local max_tokens, refill_rate, cost = struct.unpack('<ddd', args)
 
 local now
-if ARGV[2] == '' then
+local clock = ARGV[2]
+if clock and clock ~= '' then
+  now = tonumber(clock)
+else
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-else
-  now = tonumber(ARGV[2])
 end
 
 local tokens, last
+-- 0: no expiry recorded, so the next write renews it.
+local expires = 0
 local stored = redis.call('GET', KEYS[1])
-if stored and #stored == 16 then
-  tokens, last = struct.unpack('dd', stored)
+local size = stored and #stored
+if size == 20 then
+  tokens, last, expires = struct.unpack('<ddI4', stored)
+elseif size == 16 then
+  -- Written by the previous version of this script (no recorded expiry).
+  tokens, last = struct.unpack('<dd', stored)
 else
   -- A missing bucket is a full one, as of now.
   tokens = max_tokens
@@ -51,13 +62,23 @@ if cost == 0 then
   return math.floor(current)
 end
 
+local left = current
 if current >= cost then
-  local left = current - cost
-  redis.call('SETEX', KEYS[1], ARGV[3], struct.pack('dd', left, last))
-  return math.floor(left)
+  left = current - cost
 end
 
-redis.call('SETEX', KEYS[1], ARGV[3], struct.pack('dd', current, last))
+-- Seconds until the bucket is full again, after which the key may go.
+if expires - now >= (max_tokens - left) / (refill_rate / 60) + 1 then
+  redis.call('SETRANGE', KEYS[1], '0', struct.pack('<dd', left, last))
+else
+  local ttl = string.sub(args, 25)
+  expires = math.min(math.floor(now + tonumber(ttl)), 4294967295)
+  redis.call('SETEX', KEYS[1], ttl, struct.pack('<ddI4', left, last, expires))
+end
+
+if current >= cost then
+  return math.floor(left)
+end
 if cost > max_tokens then
   return { 0, 'inf', math.floor(current) }
 end

@@ -587,7 +587,7 @@ async fn the_compact_layout_keeps_one_binary_key_per_bucket() {
         .arg(format!("{base}:tb"))
         .query(&mut conn)
         .unwrap();
-    assert_eq!(raw.len(), 16, "two little-endian doubles");
+    assert_eq!(raw.len(), 20, "two little-endian doubles and the expiry");
     let tokens = f64::from_le_bytes(raw[..8].try_into().unwrap());
     assert_eq!(tokens, 4.0);
     let ttl = ttl(&redis, &format!("{base}:tb"));
@@ -599,6 +599,141 @@ async fn the_compact_layout_keeps_one_binary_key_per_bucket() {
         .query(&mut conn)
         .unwrap();
     assert!(gone.is_none());
+}
+
+/// A compact bucket's value: tokens, last refill time and the recorded expiry (whole seconds).
+fn compact_value(conn: &mut redis::Connection, key: &str) -> (f64, f64, u32) {
+    let raw: Vec<u8> = redis::cmd("GET").arg(key).query(conn).unwrap();
+    assert_eq!(raw.len(), 20, "{key}: {raw:?}");
+    (
+        f64::from_le_bytes(raw[..8].try_into().unwrap()),
+        f64::from_le_bytes(raw[8..16].try_into().unwrap()),
+        u32::from_le_bytes(raw[16..].try_into().unwrap()),
+    )
+}
+
+fn pttl(conn: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query(conn).unwrap()
+}
+
+#[tokio::test]
+async fn the_compact_layout_renews_a_key_lifetime_only_when_its_bucket_needs_it() {
+    let redis = TestRedis::get();
+    let prefix = unique_prefix();
+    let store = RedisStorage::new(
+        &redis_config(&redis.url).with_layout(ratelimit_redis::KeyLayout::Compact),
+    )
+    .unwrap();
+    let key = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
+        .unwrap()
+        .key("10.2.2.2")
+        .unwrap();
+    let tb = format!("{}:tb", key.as_str());
+    // Full after 60 s; keys live 120 s.
+    let rule = RateLimitRule::new(RateLimitScope::Ip, 10, 10.0).unwrap();
+    assert_eq!(rule.storage_ttl_seconds(), 120);
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    const T0: f64 = 1_700_000_000.0;
+    let check = |cost: u64, at: f64| {
+        let store = &store;
+        let key = &key;
+        let rule = &rule;
+        async move {
+            store
+                .check_and_consume(key, rule, cost, Some(T0 + at))
+                .await
+                .unwrap()
+                .remaining
+        }
+    };
+
+    // A new bucket gets the full lifetime, recorded in its value.
+    assert_eq!(check(1, 0.0).await, 9);
+    assert_eq!(compact_value(&mut conn, &tb), (9.0, T0, 1_700_000_120));
+    assert!(pttl(&mut conn, &tb) > 110_000);
+    // Shorten the real lifetime so that a renewal would show.
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&tb)
+        .arg(30_000)
+        .query(&mut conn)
+        .unwrap();
+
+    // 10 s later: full again, one taken. Refilling 1 token takes 6 s, and 110 s are left:
+    // the numbers are overwritten in place and the expiry is kept.
+    assert_eq!(check(1, 10.0).await, 9);
+    assert_eq!(
+        compact_value(&mut conn, &tb),
+        (9.0, T0 + 10.0, 1_700_000_120)
+    );
+    assert!(pttl(&mut conn, &tb) <= 30_000);
+
+    // At 60 s: 9 taken, 1 left. Refilling takes 54 s, 60 s are left: kept.
+    assert_eq!(check(9, 60.0).await, 1);
+    assert_eq!(compact_value(&mut conn, &tb).2, 1_700_000_120);
+    assert!(pttl(&mut conn, &tb) <= 30_000);
+
+    // At 70 s: 1 + 10/6 tokens, one taken. Refilling takes 50 s and only 50 s are left: the
+    // key gets a fresh lifetime.
+    assert_eq!(check(1, 70.0).await, 1);
+    let (tokens, last, expires) = compact_value(&mut conn, &tb);
+    assert_eq!((last, expires), (T0 + 70.0, 1_700_000_190));
+    assert!((tokens - (1.0 + 10.0 / 6.0 - 1.0)).abs() < 1e-9, "{tokens}");
+    assert!(pttl(&mut conn, &tb) > 110_000);
+
+    // Reading consumes nothing and writes nothing.
+    assert_eq!(
+        store
+            .get_remaining(&key, &rule, Some(T0 + 70.0))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(compact_value(&mut conn, &tb), (tokens, last, expires));
+
+    // A bucket written by the previous version of the script (16 bytes, no expiry recorded)
+    // is read, and its next write records one.
+    let legacy = format!("{}:tb", key.as_str().replace("10.2.2.2", "10.3.3.3"));
+    let mut old = 4.0_f64.to_le_bytes().to_vec();
+    old.extend_from_slice(&T0.to_le_bytes());
+    let _: () = redis::cmd("SETEX")
+        .arg(&legacy)
+        .arg(120)
+        .arg(old)
+        .query(&mut conn)
+        .unwrap();
+    let legacy_key = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
+        .unwrap()
+        .key("10.3.3.3")
+        .unwrap();
+    let decision = store
+        .check_and_consume(&legacy_key, &rule, 1, Some(T0))
+        .await
+        .unwrap();
+    assert_eq!(decision.remaining, 3);
+    assert_eq!(compact_value(&mut conn, &legacy), (3.0, T0, 1_700_000_120));
+
+    // On Redis's clock (no `now`), a bucket with a recorded expiry far enough away keeps it.
+    let live = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
+        .unwrap()
+        .key("10.4.4.4")
+        .unwrap();
+    let live_tb = format!("{}:tb", live.as_str());
+    for expected in [9, 8] {
+        let decision = store
+            .check_and_consume(&live, &rule, 1, None)
+            .await
+            .unwrap();
+        assert_eq!(decision.remaining, expected);
+        if expected == 9 {
+            let _: () = redis::cmd("PEXPIRE")
+                .arg(&live_tb)
+                .arg(30_000)
+                .query(&mut conn)
+                .unwrap();
+        }
+    }
+    assert!(pttl(&mut conn, &live_tb) <= 30_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

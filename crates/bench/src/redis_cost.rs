@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratelimit_adapter::{RateLimitRule, RateLimitScope};
-use ratelimit_redis::{TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SCRIPT, compact_numbers};
+use ratelimit_redis::{CompactArgs, TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SCRIPT};
 use ratelimit_tests::redis_server::RedisServer;
 use redis::aio::MultiplexedConnection;
 
@@ -22,7 +22,8 @@ use crate::{BoxResult, Settings};
 ///
 /// Every layout's script gets the arguments `RedisStorage` sends it: max_tokens, refill_rate
 /// (per minute), cost and now (`""` for Redis `TIME`) for the specification's; for the compact
-/// one the three numbers packed as little-endian doubles, now, and the key lifetime.
+/// one a single argument, the three numbers packed as little-endian doubles followed by the
+/// key lifetime (no `now`: Redis `TIME`).
 #[derive(Debug)]
 pub(crate) struct Layout {
     /// Name in `summary.json`.
@@ -33,8 +34,8 @@ pub(crate) struct Layout {
     pub(crate) script: &'static str,
     /// The keys (`KEYS`) of the bucket whose base key is given.
     pub(crate) keys: fn(&str) -> Vec<String>,
-    /// Whether the script takes the compact script's arguments (the three numbers packed in
-    /// `ARGV[1]`, now, the key lifetime) rather than the specification's four.
+    /// Whether the script takes the compact script's argument ([`CompactArgs`]) rather than
+    /// the specification's four.
     pub(crate) compact_args: bool,
 }
 
@@ -83,7 +84,7 @@ fn base_key(i: u64) -> String {
 #[derive(Debug, Clone)]
 enum Job {
     /// `EVALSHA sha <keys of the layout> max_tokens refill_rate 1 ""`, or for the compact
-    /// script `EVALSHA sha <key> <packed max_tokens, refill_rate, 1> "" ttl`.
+    /// script `EVALSHA sha <key> <packed max_tokens, refill_rate, 1, ttl>`.
     Script {
         sha: Arc<str>,
         keys: fn(&str) -> Vec<String>,
@@ -109,8 +110,8 @@ impl Job {
                         cmd.arg(MAX_TOKENS).arg(refill).arg(1).arg("");
                     }
                     Some(ttl) => {
-                        let packed = compact_numbers(MAX_TOKENS, REFILL_RATE, 1);
-                        cmd.arg(&packed[..]).arg("").arg(*ttl);
+                        let args = CompactArgs::new(MAX_TOKENS, REFILL_RATE, 1, *ttl);
+                        cmd.arg(args.as_bytes());
                     }
                 }
                 cmd.ignore();

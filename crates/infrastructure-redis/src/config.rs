@@ -12,8 +12,9 @@ pub enum KeyLayout {
     /// decimal numbers. Buckets can be shared with the original service. The default.
     #[default]
     Specification,
-    /// One key per bucket, `<key>:tb`, holding both numbers as 16 binary bytes: less Redis
-    /// memory and CPU per check, same decisions. Not readable by the original service.
+    /// One key per bucket, `<key>:tb`, holding both numbers and the key's expiry in 20 binary
+    /// bytes: less Redis memory and CPU per check, same decisions. Not readable by the original
+    /// service.
     Compact,
 }
 

@@ -39,20 +39,73 @@ pub const TOKEN_BUCKET_SCRIPT: &str = include_str!("../../../lua/token_bucket.lu
 /// The token-bucket script of the compact layout ([`KeyLayout::Compact`]).
 pub const TOKEN_BUCKET_COMPACT_SCRIPT: &str = include_str!("../../../lua/token_bucket_compact.lua");
 
-/// The compact script's `ARGV[1]`: `max_tokens`, `refill_rate` and `cost` as three little-endian
-/// doubles, as `struct.unpack('<ddd', …)` reads them (see docs/lua.md).
+/// The compact script's `ARGV[1]`: `max_tokens`, `refill_rate` and `cost` as three
+/// little-endian doubles, as `struct.unpack('<ddd', …)` reads them, followed by the key
+/// lifetime in seconds as decimal text (see docs/lua.md).
 ///
 /// `as f64` is the conversion the reference step ([`ratelimit_domain::token_bucket::step`]) and
-/// Lua's `tonumber` make too; rules keep `max_tokens` below 2^53, where it is exact.
-#[allow(clippy::cast_precision_loss)]
-pub fn compact_numbers(max_tokens: u64, refill_rate: f64, cost: u64) -> [u8; 24] {
-    let mut packed = [0_u8; 24];
-    for (chunk, number) in
-        packed
-            .chunks_exact_mut(8)
-            .zip([max_tokens as f64, refill_rate, cost as f64])
-    {
-        chunk.copy_from_slice(&number.to_le_bytes());
+/// Lua's `tonumber` make too; rules keep `max_tokens` below 2^53, where it is exact. Built on
+/// the stack: no allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct CompactArgs {
+    bytes: [u8; CompactArgs::CAPACITY],
+    len: usize,
+}
+
+impl CompactArgs {
+    /// 24 bytes of numbers and at most 20 digits of lifetime.
+    const CAPACITY: usize = 24 + 20;
+
+    /// Packs the numbers of one check.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn new(max_tokens: u64, refill_rate: f64, cost: u64, ttl_seconds: u64) -> Self {
+        let mut bytes = [0_u8; Self::CAPACITY];
+        for (chunk, number) in
+            bytes[..24]
+                .chunks_exact_mut(8)
+                .zip([max_tokens as f64, refill_rate, cost as f64])
+        {
+            chunk.copy_from_slice(&number.to_le_bytes());
+        }
+        // The lifetime's digits, most significant first.
+        let mut digits = [0_u8; 20];
+        let mut count = 0;
+        let mut rest = ttl_seconds;
+        loop {
+            digits[count] = b'0' + (rest % 10) as u8;
+            count += 1;
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        for (slot, digit) in bytes[24..].iter_mut().zip(digits[..count].iter().rev()) {
+            *slot = *digit;
+        }
+        Self {
+            bytes,
+            len: 24 + count,
+        }
     }
-    packed
+
+    /// The argument as sent.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl std::fmt::Debug for CompactArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let number = |i: usize| {
+            let mut chunk = [0_u8; 8];
+            chunk.copy_from_slice(&self.bytes[i * 8..i * 8 + 8]);
+            f64::from_le_bytes(chunk)
+        };
+        f.debug_struct("CompactArgs")
+            .field("max_tokens", &number(0))
+            .field("refill_rate", &number(1))
+            .field("cost", &number(2))
+            .field("ttl", &String::from_utf8_lossy(&self.bytes[24..self.len]))
+            .finish()
+    }
 }

@@ -388,10 +388,13 @@ impl ScriptCall<'_> {
                 self.now_arg(&mut cmd);
             }
             Some(ttl) => {
-                let packed = crate::compact_numbers(self.max_tokens, self.refill_rate, self.cost);
-                cmd.arg(&packed[..]);
-                self.now_arg(&mut cmd);
-                cmd.arg(ttl);
+                let args =
+                    crate::CompactArgs::new(self.max_tokens, self.refill_rate, self.cost, ttl);
+                cmd.arg(args.as_bytes());
+                // No `now` argument means Redis's `TIME`: one argument fewer for Lua to copy.
+                if let Some(now) = self.now {
+                    cmd.arg(now);
+                }
             }
         }
         cmd
@@ -584,7 +587,8 @@ mod tests {
         for number in [10.0_f64, 0.1, 3.0] {
             packed.extend_from_slice(&number.to_le_bytes());
         }
-        assert_eq!(crate::compact_numbers(10, 0.1, 3).as_slice(), packed);
+        packed.extend_from_slice(b"6060");
+        assert_eq!(crate::CompactArgs::new(10, 0.1, 3, 6060).as_bytes(), packed);
         assert_eq!(
             args(compact),
             [
@@ -593,10 +597,19 @@ mod tests {
                 "1".to_owned(),
                 "{rate_limit:ip:2001:db8::1:GET /x}:tb".to_owned(),
                 format!("{:?}", &packed[..]),
-                String::new(),
-                "6060".to_owned(),
             ]
         );
+        // An explicit `now` follows as the second argument.
+        let at = args(ScriptCall {
+            now: Some(1_700_000_000.125),
+            ..compact
+        });
+        assert_eq!(at.len(), 6);
+        assert_eq!(at[5], "1700000000.125");
+        for ttl in [0, 7, 60, 6060, u64::MAX] {
+            let bytes = crate::CompactArgs::new(1, 1.0, 1, ttl);
+            assert_eq!(&bytes.as_bytes()[24..], ttl.to_string().as_bytes());
+        }
         // Every rate reads back as the same double in Lua (strtod of the shortest text).
         for rate in [0.1, 1.0 / 3.0, 1e-7, 5.0, 1e20, 123_456.789] {
             let call = ScriptCall {
