@@ -1,5 +1,8 @@
 //! An in-process event bus and a subscriber that logs.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use async_trait::async_trait;
 use ratelimit_domain::{EventBus, RateLimitEvent, Result};
 use tokio::sync::broadcast;
@@ -14,6 +17,9 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Clone)]
 pub struct BroadcastEventBus {
     sender: broadcast::Sender<RateLimitEvent>,
+    /// Whether anyone ever subscribed. Until then [`EventBus::is_listening`] is one atomic load;
+    /// the channel's own count takes a lock, once per check.
+    ever_subscribed: Arc<AtomicBool>,
 }
 
 impl BroadcastEventBus {
@@ -23,11 +29,15 @@ impl BroadcastEventBus {
     /// A bus whose subscribers may fall `capacity` events behind (at least 1).
     pub fn new(capacity: usize) -> Self {
         let (sender, _) = broadcast::channel(capacity.max(1));
-        Self { sender }
+        Self {
+            sender,
+            ever_subscribed: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// A new subscriber, receiving every event published from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<RateLimitEvent> {
+        self.ever_subscribed.store(true, Ordering::Release);
         self.sender.subscribe()
     }
 
@@ -52,7 +62,7 @@ impl EventBus for BroadcastEventBus {
     }
 
     fn is_listening(&self) -> bool {
-        self.sender.receiver_count() > 0
+        self.ever_subscribed.load(Ordering::Acquire) && self.sender.receiver_count() > 0
     }
 }
 
@@ -133,6 +143,19 @@ mod tests {
         ));
         // After the lag report the subscriber resumes with the newest events.
         assert_eq!(slow.recv().await.unwrap().identifier(), "9996");
+    }
+
+    #[tokio::test]
+    async fn it_is_listening_exactly_while_someone_subscribes() {
+        let bus = BroadcastEventBus::default();
+        let copy = bus.clone();
+        assert!(!bus.is_listening());
+        let rx = copy.subscribe();
+        assert!(bus.is_listening() && copy.is_listening());
+        drop(rx);
+        assert!(!bus.is_listening());
+        let _again = bus.subscribe();
+        assert!(copy.is_listening());
     }
 
     #[tokio::test]
