@@ -78,15 +78,20 @@ fn default_out() -> PathBuf {
 /// How long and how much to measure.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
-    /// Paired rounds per figure.
+    /// Paired rounds per figure, figure 1 apart.
     pub(crate) rounds: usize,
     /// Length of one timed run of one contender.
     pub(crate) round: Duration,
+    /// Paired rounds per concurrency level of figure 1 (shorter and more of them: each opens
+    /// fresh connections).
+    pub(crate) pairs: usize,
+    /// Length of one timed run of one contender in figure 1.
+    pub(crate) pair_round: Duration,
     /// Buckets created for the memory figure.
     pub(crate) buckets: u64,
     /// Checks per CPU-per-check measurement.
     pub(crate) cpu_checks: u64,
-    /// Requests of the `redis-benchmark` run.
+    /// At most this many requests per `redis-benchmark` round.
     pub(crate) rb_requests: u64,
     /// Checks per round of the memory backend figure.
     pub(crate) memory_checks: usize,
@@ -98,6 +103,8 @@ impl Settings {
             Self {
                 rounds: 2,
                 round: Duration::from_millis(700),
+                pairs: 6,
+                pair_round: Duration::from_millis(250),
                 buckets: 100_000,
                 cpu_checks: 50_000,
                 rb_requests: 200_000,
@@ -107,6 +114,8 @@ impl Settings {
             Self {
                 rounds: 6,
                 round: Duration::from_millis(1_500),
+                pairs: 20,
+                pair_round: Duration::from_millis(400),
                 buckets: 1_000_000,
                 cpu_checks: 100_000,
                 rb_requests: 400_000,
@@ -119,9 +128,9 @@ impl Settings {
     fn steps(&self) -> u64 {
         let rounds = self.rounds as u64;
         let layouts = redis_cost::LAYOUTS.len() as u64;
-        // warm-up, figure 1, redis-benchmark, deny flood, memory baseline, memory per layout,
-        // CPU rounds (every layout each), memory backend.
-        1 + 3 * rounds + 1 + rounds + 1 + layouts + rounds + rounds
+        // warm-up, figure 1, redis-benchmark rounds, deny flood, memory baseline, memory per
+        // layout, CPU rounds (every layout each), memory backend.
+        1 + 3 * self.pairs as u64 + rounds + rounds + 1 + layouts + rounds + rounds
     }
 }
 
@@ -156,19 +165,27 @@ fn run(args: &Args) -> BoxResult<bool> {
     progress.done();
     let levels = runtime.block_on(targets.measure_levels(&settings, &progress))?;
 
-    progress.begin("redis-benchmark, same script");
     let sha = redis::Script::new(TOKEN_BUCKET_SCRIPT)
         .get_hash()
         .to_owned();
-    let (rb, rb_note) = match redis_benchmark::run(server.port(), &sha, settings.rb_requests) {
-        Ok(Some(rps)) => (Some(rps), String::new()),
+    let estimate = levels
+        .iter()
+        .find(|level| level.concurrency == 64)
+        .map_or(30_000.0, redis_path::Level::raw_throughput);
+    let (versus, rb_note) = match runtime.block_on(targets.versus_redis_benchmark(
+        server.port(),
+        &sha,
+        &settings,
+        &progress,
+        estimate,
+    )) {
+        Ok(Some(versus)) => (Some(versus), String::new()),
         Ok(None) => (None, "redis-benchmark not installed".to_owned()),
         Err(err) => {
-            progress.note(format!("warning: {err}"));
+            progress.note(format!("warning: redis-benchmark: {err}"));
             (None, "redis-benchmark failed".to_owned())
         }
     };
-    progress.done();
 
     let deny = runtime.block_on(targets.deny_flood(&settings, &progress))?;
     let failed_open = targets.failed_open;
@@ -179,7 +196,7 @@ fn run(args: &Args) -> BoxResult<bool> {
     progress.finish();
     drop(server);
 
-    let mut figures = redis_path::figures(&levels, rb, &rb_note);
+    let mut figures = redis_path::figures(&levels, versus.as_ref(), &rb_note);
     figures.extend(cost);
     figures.extend(memory);
     figures.push(deny);
@@ -216,7 +233,13 @@ fn run(args: &Args) -> BoxResult<bool> {
         serde_json::to_string_pretty(&summary)? + "\n",
     )?;
     let chart_path = out.join("redis.svg");
-    chart::draw(&chart_path, &levels, rb)?;
+    chart::draw(
+        &chart_path,
+        &levels,
+        versus
+            .as_ref()
+            .map(redis_path::VersusRedisBenchmark::redis_benchmark_throughput),
+    )?;
     println!("\nwrote {}", summary_path.display());
     println!("wrote {}", chart_path.display());
 
