@@ -1,10 +1,11 @@
 -- Token bucket, compact layout: one key per bucket holding both numbers and its own expiry.
 --
 -- KEYS[1]  <bucket key>:tb   struct.pack('<ddI4', tokens, last, expires): 20 bytes, where
---                            expires is when Redis drops the key, in whole seconds (floored)
+--                            expires is when Redis drops the key, in whole seconds (floored) of
+--                            Redis's clock, or 0 when unknown
 -- ARGV[1]  struct.pack('<ddd', max_tokens, refill_rate, cost) followed by the key lifetime as
 --          decimal text: ceil(max_tokens / refill_rate * 60) + 60 seconds, computed by the
---          caller (ratelimit_redis::compact_args)
+--          caller (ratelimit_redis::CompactArgs)
 -- ARGV[2]  now, optional, as lua/token_bucket.lua's ARGV[4]; absent or "" for Redis TIME
 --
 -- Reply:   allowed  → remaining (integer, floored), a bare integer
@@ -15,17 +16,19 @@
 --
 -- The key's lifetime is only renewed when it must be. A bucket that has refilled to full is
 -- the same as a missing one (a missing bucket reads as full, as of now), so the key only has to
--- outlive the time its bucket needs to refill. While the recorded expiry covers that time plus
--- a second, a write overwrites the two numbers in place (SETRANGE) and keeps the expiry;
--- otherwise it rewrites the whole value with a fresh lifetime (SETEX). docs/lua.md has the
--- measurements behind each choice.
+-- outlive the moment its bucket is full again: `last` plus the refill time. While the recorded
+-- expiry covers that with 30 s to spare, a write overwrites the two numbers in place (SETRANGE)
+-- and keeps the expiry; otherwise it rewrites the whole value with a fresh lifetime (SETEX). An
+-- explicit `now` is another clock than the one Redis expires keys by, so with one the lifetime
+-- is always renewed and no expiry is recorded. docs/lua.md has the measurements and the limits.
 
 local args = ARGV[1]
 local max_tokens, refill_rate, cost = struct.unpack('<ddd', args)
 
 local now
 local clock = ARGV[2]
-if clock and clock ~= '' then
+local explicit = clock and clock ~= ''
+if explicit then
   now = tonumber(clock)
 else
   local t = redis.call('TIME')
@@ -67,12 +70,16 @@ if current >= cost then
   left = current - cost
 end
 
--- Seconds until the bucket is full again, after which the key may go.
-if expires - now >= (max_tokens - left) / (refill_rate / 60) + 1 then
+-- The bucket is full again (and the key may go) `refill time` seconds after `last`, which is
+-- never before now.
+if not explicit and expires - last >= (max_tokens - left) / (refill_rate / 60) + 30 then
   redis.call('SETRANGE', KEYS[1], '0', struct.pack('<dd', left, last))
 else
   local ttl = string.sub(args, 25)
-  expires = math.min(math.floor(now + tonumber(ttl)), 4294967295)
+  expires = 0
+  if not explicit then
+    expires = math.min(math.floor(now + tonumber(ttl)), 4294967295)
+  end
   redis.call('SETEX', KEYS[1], ttl, struct.pack('<ddI4', left, last, expires))
 end
 

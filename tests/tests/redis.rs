@@ -616,6 +616,36 @@ fn pttl(conn: &mut redis::Connection, key: &str) -> i64 {
     redis::cmd("PTTL").arg(key).query(conn).unwrap()
 }
 
+fn pexpire(conn: &mut redis::Connection, key: &str, ms: u64) {
+    let set: bool = redis::cmd("PEXPIRE").arg(key).arg(ms).query(conn).unwrap();
+    assert!(set, "{key} exists");
+}
+
+/// Redis's clock, in seconds.
+fn redis_time(conn: &mut redis::Connection) -> f64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(conn).unwrap();
+    secs as f64 + micros as f64 / 1e6
+}
+
+/// Whole seconds of a Redis time, as a compact bucket records its expiry.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // times of today fit
+fn whole_seconds(time: f64) -> u32 {
+    time.floor() as u32
+}
+
+/// Writes a compact bucket's value by hand, with a lifetime of `ttl` seconds.
+fn set_compact(conn: &mut redis::Connection, key: &str, value: (f64, f64, u32), ttl: u64) {
+    let mut raw = value.0.to_le_bytes().to_vec();
+    raw.extend_from_slice(&value.1.to_le_bytes());
+    raw.extend_from_slice(&value.2.to_le_bytes());
+    let _: () = redis::cmd("SETEX")
+        .arg(key)
+        .arg(ttl)
+        .arg(raw)
+        .query(conn)
+        .unwrap();
+}
+
 #[tokio::test]
 async fn the_compact_layout_renews_a_key_lifetime_only_when_its_bucket_needs_it() {
     let redis = TestRedis::get();
@@ -624,116 +654,136 @@ async fn the_compact_layout_renews_a_key_lifetime_only_when_its_bucket_needs_it(
         &redis_config(&redis.url).with_layout(ratelimit_redis::KeyLayout::Compact),
     )
     .unwrap();
-    let key = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
-        .unwrap()
-        .key("10.2.2.2")
-        .unwrap();
-    let tb = format!("{}:tb", key.as_str());
+    let bucket = |identifier: &str| {
+        let key = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
+            .unwrap()
+            .key(identifier)
+            .unwrap();
+        let tb = format!("{}:tb", key.as_str());
+        (key, tb)
+    };
     // Full after 60 s; keys live 120 s.
     let rule = RateLimitRule::new(RateLimitScope::Ip, 10, 10.0).unwrap();
     assert_eq!(rule.storage_ttl_seconds(), 120);
     let client = redis::Client::open(redis.url.as_str()).unwrap();
     let mut conn = client.get_connection().unwrap();
-    const T0: f64 = 1_700_000_000.0;
-    let check = |cost: u64, at: f64| {
+    let check = |key: &ratelimit_domain::BucketKey, cost: u64, now: Option<f64>| {
         let store = &store;
-        let key = &key;
         let rule = &rule;
+        let key = key.clone();
         async move {
             store
-                .check_and_consume(key, rule, cost, Some(T0 + at))
+                .check_and_consume(&key, rule, cost, now)
                 .await
                 .unwrap()
-                .remaining
         }
     };
+    let lifetime_kept = |conn: &mut redis::Connection, tb: &str| {
+        let pttl = pttl(conn, tb);
+        assert!((1..=30_000).contains(&pttl), "{tb}: PTTL {pttl}");
+    };
+    let lifetime_renewed = |conn: &mut redis::Connection, tb: &str| {
+        let pttl = pttl(conn, tb);
+        assert!((110_000..=120_000).contains(&pttl), "{tb}: PTTL {pttl}");
+    };
 
-    // A new bucket gets the full lifetime, recorded in its value.
-    assert_eq!(check(1, 0.0).await, 9);
-    assert_eq!(compact_value(&mut conn, &tb), (9.0, T0, 1_700_000_120));
-    assert!(pttl(&mut conn, &tb) > 110_000);
-    // Shorten the real lifetime so that a renewal would show.
-    let _: () = redis::cmd("PEXPIRE")
-        .arg(&tb)
-        .arg(30_000)
-        .query(&mut conn)
-        .unwrap();
-
-    // 10 s later: full again, one taken. Refilling 1 token takes 6 s, and 110 s are left:
-    // the numbers are overwritten in place and the expiry is kept.
-    assert_eq!(check(1, 10.0).await, 9);
-    assert_eq!(
-        compact_value(&mut conn, &tb),
-        (9.0, T0 + 10.0, 1_700_000_120)
-    );
-    assert!(pttl(&mut conn, &tb) <= 30_000);
-
-    // At 60 s: 9 taken, 1 left. Refilling takes 54 s, 60 s are left: kept.
-    assert_eq!(check(9, 60.0).await, 1);
-    assert_eq!(compact_value(&mut conn, &tb).2, 1_700_000_120);
-    assert!(pttl(&mut conn, &tb) <= 30_000);
-
-    // At 70 s: 1 + 10/6 tokens, one taken. Refilling takes 50 s and only 50 s are left: the
-    // key gets a fresh lifetime.
-    assert_eq!(check(1, 70.0).await, 1);
+    // A new bucket gets the full lifetime, recorded in its value on Redis's clock.
+    let (key, tb) = bucket("10.2.2.2");
+    let before = redis_time(&mut conn);
+    assert_eq!(check(&key, 1, None).await.remaining, 9);
+    let after = redis_time(&mut conn);
     let (tokens, last, expires) = compact_value(&mut conn, &tb);
-    assert_eq!((last, expires), (T0 + 70.0, 1_700_000_190));
-    assert!((tokens - (1.0 + 10.0 / 6.0 - 1.0)).abs() < 1e-9, "{tokens}");
-    assert!(pttl(&mut conn, &tb) > 110_000);
+    assert_eq!(tokens, 9.0);
+    assert!(before <= last && last <= after, "{before} {last} {after}");
+    assert_eq!(f64::from(expires), (last + 120.0).floor());
+    lifetime_renewed(&mut conn, &tb);
 
-    // Reading consumes nothing and writes nothing.
-    assert_eq!(
-        store
-            .get_remaining(&key, &rule, Some(T0 + 70.0))
-            .await
-            .unwrap(),
-        1
+    // Shorten the real lifetime, so that a renewal would show. Taking 2 more leaves a bucket
+    // 18 s from full, well within the recorded expiry: the numbers are overwritten in place
+    // and the expiry is kept.
+    pexpire(&mut conn, &tb, 30_000);
+    assert_eq!(check(&key, 2, None).await.remaining, 7);
+    assert_eq!(compact_value(&mut conn, &tb).2, expires);
+    lifetime_kept(&mut conn, &tb);
+    // Draining it (60 s from full) and a denied check still fit: kept.
+    assert_eq!(check(&key, 7, None).await.remaining, 0);
+    let denied = check(&key, 1, None).await;
+    assert!(!denied.allowed);
+    assert_eq!(compact_value(&mut conn, &tb).2, expires);
+    lifetime_kept(&mut conn, &tb);
+
+    // When the recorded expiry comes within the refill time plus 30 s, the next write (a
+    // denied one here) renews the lifetime.
+    let now = redis_time(&mut conn);
+    let (tokens, last, _) = compact_value(&mut conn, &tb);
+    set_compact(
+        &mut conn,
+        &tb,
+        (tokens, last, whole_seconds(now + 80.0)),
+        80,
     );
-    assert_eq!(compact_value(&mut conn, &tb), (tokens, last, expires));
+    assert!(!check(&key, 1, None).await.allowed);
+    let (_, _, renewed) = compact_value(&mut conn, &tb);
+    assert!(
+        f64::from(renewed) >= (now + 119.0).floor(),
+        "{renewed} {now}"
+    );
+    lifetime_renewed(&mut conn, &tb);
 
-    // A bucket written by the previous version of the script (16 bytes, no expiry recorded)
-    // is read, and its next write records one.
-    let legacy = format!("{}:tb", key.as_str().replace("10.2.2.2", "10.3.3.3"));
+    // A bucket whose `last` is ahead of Redis's clock (written by a primary whose clock ran
+    // ahead, before a failover) fills up only `refill time` after that `last`: an expiry that
+    // would cover the refill from now, but not from `last`, is renewed.
+    let (key, tb) = bucket("10.5.5.5");
+    let now = redis_time(&mut conn);
+    set_compact(
+        &mut conn,
+        &tb,
+        (0.0, now + 100.0, whole_seconds(now + 170.0)),
+        170,
+    );
+    assert!(!check(&key, 1, None).await.allowed);
+    let (tokens, last, _) = compact_value(&mut conn, &tb);
+    assert_eq!((tokens, last), (0.0, now + 100.0));
+    lifetime_renewed(&mut conn, &tb);
+
+    // A bucket written by the previous version of the script (16 bytes, no expiry recorded) is
+    // read, and its next write renews the lifetime and records the expiry.
+    let (key, tb) = bucket("10.3.3.3");
+    let now = redis_time(&mut conn);
     let mut old = 4.0_f64.to_le_bytes().to_vec();
-    old.extend_from_slice(&T0.to_le_bytes());
+    old.extend_from_slice(&now.to_le_bytes());
     let _: () = redis::cmd("SETEX")
-        .arg(&legacy)
-        .arg(120)
+        .arg(&tb)
+        .arg(30)
         .arg(old)
         .query(&mut conn)
         .unwrap();
-    let legacy_key = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
-        .unwrap()
-        .key("10.3.3.3")
-        .unwrap();
-    let decision = store
-        .check_and_consume(&legacy_key, &rule, 1, Some(T0))
-        .await
-        .unwrap();
-    assert_eq!(decision.remaining, 3);
-    assert_eq!(compact_value(&mut conn, &legacy), (3.0, T0, 1_700_000_120));
+    assert_eq!(check(&key, 1, None).await.remaining, 3);
+    let (tokens, _, expires) = compact_value(&mut conn, &tb);
+    // 4 tokens, plus what refilled since `now`, minus 1.
+    assert!((3.0..3.1).contains(&tokens), "{tokens}");
+    assert!(f64::from(expires) >= (now + 119.0).floor());
+    lifetime_renewed(&mut conn, &tb);
 
-    // On Redis's clock (no `now`), a bucket with a recorded expiry far enough away keeps it.
-    let live = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
-        .unwrap()
-        .key("10.4.4.4")
-        .unwrap();
-    let live_tb = format!("{}:tb", live.as_str());
-    for expected in [9, 8] {
-        let decision = store
-            .check_and_consume(&live, &rule, 1, None)
+    // With an explicit `now` (another clock than Redis's), every write renews the lifetime and
+    // records no expiry.
+    let (key, tb) = bucket("10.4.4.4");
+    const T0: f64 = 1_700_000_000.0;
+    assert_eq!(check(&key, 1, Some(T0)).await.remaining, 9);
+    assert_eq!(compact_value(&mut conn, &tb), (9.0, T0, 0));
+    pexpire(&mut conn, &tb, 30_000);
+    assert_eq!(check(&key, 1, Some(T0 + 1.0)).await.remaining, 8);
+    lifetime_renewed(&mut conn, &tb);
+    // Reading consumes nothing and writes nothing.
+    let value = compact_value(&mut conn, &tb);
+    assert_eq!(
+        store
+            .get_remaining(&key, &rule, Some(T0 + 1.0))
             .await
-            .unwrap();
-        assert_eq!(decision.remaining, expected);
-        if expected == 9 {
-            let _: () = redis::cmd("PEXPIRE")
-                .arg(&live_tb)
-                .arg(30_000)
-                .query(&mut conn)
-                .unwrap();
-        }
-    }
-    assert!(pttl(&mut conn, &live_tb) <= 30_000);
+            .unwrap(),
+        8
+    );
+    assert_eq!(compact_value(&mut conn, &tb), value);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

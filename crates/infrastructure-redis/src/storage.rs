@@ -346,7 +346,8 @@ struct ScriptCall<'a> {
     max_tokens: u64,
     refill_rate: f64,
     cost: u64,
-    /// Seconds since the epoch, or `None` for Redis's `TIME` (sent as an empty argument).
+    /// Seconds since the epoch, or `None` for Redis's `TIME` (an empty argument to the
+    /// specification's script, no argument to the compact one).
     now: Option<f64>,
     /// The key lifetime, for the compact script only.
     ttl: Option<u64>,
@@ -368,8 +369,9 @@ impl ScriptCall<'_> {
     /// exactly the rule's value). The buffer is sized once, so building the command is one
     /// allocation per buffer.
     fn cmd(&self, sha: Option<&str>, script: &str) -> Cmd {
-        // EVALSHA/EVAL, sha or script, key count, keys, then at most five numbers of at most
-        // 24 bytes each.
+        // EVALSHA/EVAL, sha or script, key count, keys, then the arguments: at most four
+        // numbers of at most 24 bytes each (the compact script's packed argument is at most 44
+        // bytes, plus `now`).
         let head = sha.map_or(script.len(), str::len);
         let mut cmd = Cmd::with_capacity(9, 8 + head + 1 + self.keys.len() + 5 * 24);
         match sha {
