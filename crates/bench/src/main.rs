@@ -91,6 +91,8 @@ pub(crate) struct Settings {
     pub(crate) buckets: u64,
     /// Checks per CPU-per-check measurement.
     pub(crate) cpu_checks: u64,
+    /// Rounds of redis-benchmark, adapter and raw baseline (one `round` each).
+    pub(crate) rb_rounds: usize,
     /// At most this many requests per `redis-benchmark` round.
     pub(crate) rb_requests: u64,
     /// Checks per round of the memory backend figure.
@@ -107,6 +109,7 @@ impl Settings {
                 pair_round: Duration::from_millis(250),
                 buckets: 100_000,
                 cpu_checks: 50_000,
+                rb_rounds: 2,
                 rb_requests: 200_000,
                 memory_checks: 300_000,
             }
@@ -118,6 +121,7 @@ impl Settings {
                 pair_round: Duration::from_millis(400),
                 buckets: 1_000_000,
                 cpu_checks: 100_000,
+                rb_rounds: 10,
                 rb_requests: 400_000,
                 memory_checks: 1_000_000,
             }
@@ -130,7 +134,7 @@ impl Settings {
         let layouts = redis_cost::LAYOUTS.len() as u64;
         // warm-up, figure 1, redis-benchmark rounds, deny flood, memory baseline, memory per
         // layout, CPU rounds (every layout each), memory backend.
-        1 + 3 * self.pairs as u64 + rounds + rounds + 1 + layouts + rounds + rounds
+        1 + 3 * self.pairs as u64 + self.rb_rounds as u64 + rounds + 1 + layouts + rounds + rounds
     }
 }
 

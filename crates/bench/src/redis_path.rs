@@ -342,7 +342,7 @@ impl VersusRedisBenchmark {
 const RB_CONCURRENCY: usize = 64;
 
 impl Targets {
-    /// `settings.rounds` rounds of redis-benchmark, the adapter and the raw baseline at 64 tasks,
+    /// `settings.rb_rounds` rounds of redis-benchmark, the adapter and the raw baseline at 64 tasks,
     /// each for about `settings.round` (redis-benchmark's request count is sized from its
     /// previous round, starting from `estimate` requests/s). `Ok(None)` when redis-benchmark
     /// is not installed.
@@ -355,11 +355,11 @@ impl Targets {
         mut estimate: f64,
     ) -> BoxResult<Option<VersusRedisBenchmark>> {
         let mut out = VersusRedisBenchmark::default();
-        for round in 0..settings.rounds {
+        for round in 0..settings.rb_rounds {
             progress.begin(format!(
                 "redis-benchmark vs adapter vs raw, 64 tasks: round {}/{}",
                 round + 1,
-                settings.rounds
+                settings.rb_rounds
             ));
             self.reconnect().await?;
             let (mut rb, mut adapter, mut raw) = (None, None, None);
