@@ -285,3 +285,32 @@ async fn script_flush_under_load_never_reaches_the_caller_and_loses_no_count() {
         "the flushes during the load should have forced a resend"
     );
 }
+
+#[tokio::test]
+async fn an_admin_deadline_longer_than_half_a_second_is_honoured() {
+    // redis-rs gives up on a reply after 500 ms by default; the store's own deadlines must be
+    // the only ones, or a reset allowed 3 s would fail after 0.5 s.
+    let server = RedisServer::start();
+    let store = RedisStorage::new(
+        &RedisConfig::new(server.url())
+            .with_check_timeout(Duration::from_millis(200))
+            .with_admin_timeout(Duration::from_secs(3)),
+    )
+    .unwrap();
+    store.ping().await.unwrap();
+    let key = ratelimit_domain::KeyBuilder::new("pause", RateLimitScope::Ip, LOGIN)
+        .unwrap()
+        .key("1.2.3.4")
+        .unwrap();
+    let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
+    server.cmd(redis::cmd("CLIENT").arg("PAUSE").arg(900).arg("ALL"));
+    let started = std::time::Instant::now();
+    ratelimit_domain::BucketStore::reset(&store, &key, &rule)
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "the reset should have waited for the pause: {:?}",
+        started.elapsed()
+    );
+}

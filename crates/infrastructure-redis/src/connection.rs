@@ -3,13 +3,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bb8_redis::bb8::ManageConnection;
 use ratelimit_domain::{ErrorCode, RateLimitError, Result};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, Cmd, Pipeline, RedisError, RedisFuture, TlsCertificates, Value};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, TlsCertificates, Value,
+};
 
 use crate::RedisConfig;
 
@@ -23,7 +26,11 @@ use crate::RedisConfig;
 #[derive(Debug, Clone)]
 #[allow(clippy::large_enum_variant)] // one manager per pool: its size does not matter
 pub(crate) enum Manager {
-    Single(Client),
+    Single {
+        client: Client,
+        /// How long opening a connection may take.
+        connect_timeout: Duration,
+    },
     Cluster(ClusterClient),
 }
 
@@ -67,7 +74,12 @@ impl Manager {
             None => Client::open(config.url.as_str()),
             Some(certificates) => Client::build_with_tls(config.url.as_str(), certificates),
         };
-        client.map(Self::Single).map_err(invalid)
+        client
+            .map(|client| Self::Single {
+                client,
+                connect_timeout: config.admin_timeout.max(config.check_timeout),
+            })
+            .map_err(invalid)
     }
 }
 
@@ -134,8 +146,21 @@ impl ManageConnection for Manager {
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
         let conn = match self {
-            Self::Single(client) => {
-                RedisConn::Single(client.get_multiplexed_async_connection().await?)
+            Self::Single {
+                client,
+                connect_timeout,
+            } => {
+                // No response timeout of redis-rs's own (its default is 500 ms): every operation
+                // of the store runs under its own deadline, the check's or the admin one, so a
+                // second timer per command would only cost time, and cut admin operations short.
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(*connect_timeout))
+                    .set_response_timeout(None);
+                RedisConn::Single(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                )
             }
             Self::Cluster(client) => RedisConn::Cluster(client.get_async_connection().await?),
         };

@@ -206,7 +206,7 @@ impl RedisStorage {
     where
         F: Fn(Option<&str>) + Send + Sync + 'static,
     {
-        let Manager::Single(client) = &self.manager else {
+        let Manager::Single { client, .. } = &self.manager else {
             tracing::warn!("reset notifications are not supported on a Redis Cluster");
             return None;
         };
