@@ -65,7 +65,10 @@ pub fn load_rules_file(path: impl AsRef<Path>) -> Result<RuleSet> {
     })
 }
 
-/// Parses and validates rules written in TOML (see the [module docs](self)).
+/// Parses and validates rules written in TOML: one `[rules."<endpoint>"]` table per rule with
+/// `max_tokens`, `refill_rate` (tokens per minute), `scope` (`ip`, `user`, `user_provider` or
+/// `global`), and optionally `cost` (default 1) and `enabled` (default true); unknown fields are
+/// errors.
 ///
 /// # Errors
 /// As [`load_rules_file`], without the path.
