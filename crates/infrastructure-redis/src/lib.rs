@@ -33,6 +33,8 @@ mod storage;
 pub use config::{KeyLayout, RedisConfig};
 pub use storage::{RESET_CHANNEL, RedisStorage};
 
+use std::io::Write as _;
+
 /// The token-bucket script, as Redis runs it.
 pub const TOKEN_BUCKET_SCRIPT: &str = include_str!("../../../lua/token_bucket.lua");
 
@@ -67,25 +69,11 @@ impl CompactArgs {
         {
             chunk.copy_from_slice(&number.to_le_bytes());
         }
-        // The lifetime's digits, most significant first.
-        let mut digits = [0_u8; 20];
-        let mut count = 0;
-        let mut rest = ttl_seconds;
-        loop {
-            digits[count] = b'0' + (rest % 10) as u8;
-            count += 1;
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
-        }
-        for (slot, digit) in bytes[24..].iter_mut().zip(digits[..count].iter().rev()) {
-            *slot = *digit;
-        }
-        Self {
-            bytes,
-            len: 24 + count,
-        }
+        // The lifetime's digits; 20 bytes hold any u64, so the write cannot fail.
+        let mut digits = &mut bytes[24..];
+        let _ = write!(digits, "{ttl_seconds}");
+        let len = Self::CAPACITY - digits.len();
+        Self { bytes, len }
     }
 
     /// The argument as sent.

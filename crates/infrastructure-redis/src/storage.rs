@@ -354,14 +354,6 @@ struct ScriptCall<'a> {
 }
 
 impl ScriptCall<'_> {
-    /// `now`, or an empty argument for Redis's `TIME`.
-    fn now_arg(&self, cmd: &mut Cmd) {
-        match self.now {
-            Some(now) => cmd.arg(now),
-            None => cmd.arg(""),
-        };
-    }
-
     /// `EVALSHA sha …`, or `EVAL <script> …` without a SHA.
     ///
     /// Numbers go in as redis-rs writes them (`itoa` for integers, `ryu` for `refill_rate` and
@@ -387,7 +379,11 @@ impl ScriptCall<'_> {
                 cmd.arg(self.max_tokens)
                     .arg(self.refill_rate)
                     .arg(self.cost);
-                self.now_arg(&mut cmd);
+                // An empty `now` means Redis's `TIME`.
+                match self.now {
+                    Some(now) => cmd.arg(now),
+                    None => cmd.arg(""),
+                };
             }
             Some(ttl) => {
                 let args =
