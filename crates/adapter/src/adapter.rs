@@ -317,9 +317,9 @@ impl RateLimiter for TokenBucketAdapter {
         }
     }
 
-    async fn reset(&self, endpoint: &str, identifier: &str) -> Result<()> {
+    async fn reset(&self, endpoint: &str, identifier: &str) -> Result<bool> {
         let Some(prepared) = self.rules.get(endpoint) else {
-            return Ok(());
+            return Ok(false);
         };
         let key = prepared.keys.key(identifier)?;
         if let Some(fallback) = &self.fallback {
@@ -329,9 +329,9 @@ impl RateLimiter for TokenBucketAdapter {
             }
         }
         match self.store.reset(&key, &prepared.rule).await {
-            Ok(()) => {
-                tracing::info!(endpoint, identifier, "rate limit reset");
-                Ok(())
+            Ok(existed) => {
+                tracing::info!(endpoint, identifier, existed, "rate limit reset");
+                Ok(existed)
             }
             Err(err) => {
                 tracing::error!(error = %err, endpoint, identifier, "rate limit reset failed");
@@ -672,7 +672,7 @@ mod tests {
             .expect_reset()
             .withf(|key, _| key.as_str() == "rate_limit:user:alice:POST /export")
             .times(1)
-            .returning(|_, _| Ok(()));
+            .returning(|_, _| Ok(true));
         store
             .expect_get_remaining()
             .withf(|key, _, now| {

@@ -255,7 +255,7 @@ impl BucketStore for CircuitBreakerStore {
         self.guarded(self.inner.get_remaining(key, rule, now)).await
     }
 
-    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<()> {
+    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<bool> {
         let outcome = self.inner.reset(key, rule).await;
         if outcome.is_ok() {
             self.record(false, &outcome);
@@ -313,8 +313,8 @@ mod tests {
         ) -> Result<u64> {
             Err(RateLimitError::new(ErrorCode::InvalidInput, "bad"))
         }
-        async fn reset(&self, _: &BucketKey, _: &RateLimitRule) -> Result<()> {
-            Ok(())
+        async fn reset(&self, _: &BucketKey, _: &RateLimitRule) -> Result<bool> {
+            Ok(true)
         }
     }
 

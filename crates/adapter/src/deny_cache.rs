@@ -166,7 +166,7 @@ impl BucketStore for DenyCacheStore {
         self.inner.get_remaining(key, rule, now).await
     }
 
-    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<()> {
+    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<bool> {
         self.invalidate(key.as_str());
         self.inner.reset(key, rule).await
     }
@@ -208,7 +208,7 @@ mod tests {
         ) -> Result<u64> {
             self.inner.get_remaining(key, rule, now).await
         }
-        async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<()> {
+        async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<bool> {
             self.inner.reset(key, rule).await
         }
     }

@@ -69,7 +69,7 @@ impl<S: BucketStore> BucketStore for ErrorCapture<S> {
         self.record(result)
     }
 
-    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<()> {
+    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<bool> {
         let result = self.inner.reset(key, rule).await;
         self.record(result)
     }

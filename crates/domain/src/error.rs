@@ -20,6 +20,10 @@ pub enum ErrorCode {
     StorageTimeout,
     /// The store answered with an error or with a reply this crate cannot read.
     StorageError,
+    /// The store answered, but one bucket's stored value (a key of another type, say) or the
+    /// reply about it could not be used. Says nothing about the store's health: other buckets
+    /// are unaffected, so it does not count towards opening a circuit breaker.
+    CorruptBucket,
     /// A reset did not happen.
     ResetFailed,
     /// An event could not be published.
@@ -37,6 +41,7 @@ impl ErrorCode {
             Self::StorageUnavailable => "RATE_LIMIT_STORAGE_UNAVAILABLE",
             Self::StorageTimeout => "RATE_LIMIT_STORAGE_TIMEOUT",
             Self::StorageError => "RATE_LIMIT_STORAGE_ERROR",
+            Self::CorruptBucket => "RATE_LIMIT_CORRUPT_BUCKET",
             Self::ResetFailed => "RATE_LIMIT_RESET_FAILED",
             Self::EventPublishFailed => "RATE_LIMIT_EVENT_PUBLISH_FAILED",
             Self::Configuration => "RATE_LIMIT_CONFIGURATION",
@@ -51,7 +56,18 @@ impl ErrorCode {
             Self::StorageUnavailable
                 | Self::StorageTimeout
                 | Self::StorageError
+                | Self::CorruptBucket
                 | Self::EventPublishFailed
+        )
+    }
+
+    /// Whether the error says the store as a whole is failing (unreachable, too slow, or
+    /// answering with errors), as opposed to one bucket's data ([`Self::CorruptBucket`]) or the
+    /// caller's input. Only these count towards opening a circuit breaker.
+    pub const fn is_store_failure(self) -> bool {
+        matches!(
+            self,
+            Self::StorageUnavailable | Self::StorageTimeout | Self::StorageError
         )
     }
 }

@@ -50,8 +50,9 @@ pub trait RateLimiter: Send + Sync + Debug + 'static {
     /// enabled rule).
     async fn get_remaining(&self, endpoint: &str, identifier: &str) -> Result<u64>;
 
-    /// Refills the bucket. Does nothing, successfully, for an endpoint without a rule.
-    async fn reset(&self, endpoint: &str, identifier: &str) -> Result<()>;
+    /// Refills the bucket. Answers whether there was a bucket to refill (`false`: it was
+    /// already full, or the endpoint has no rule, which resets nothing, successfully).
+    async fn reset(&self, endpoint: &str, identifier: &str) -> Result<bool>;
 }
 
 /// Conveniences over [`RateLimiter`], for every implementation.
@@ -108,7 +109,8 @@ pub trait BucketStore: Send + Sync + Debug + 'static {
     ) -> Result<u64>;
 
     /// Makes the bucket full by forgetting it (a missing bucket is a full one). Atomic.
-    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<()>;
+    /// Answers whether there was a bucket to forget (`false`: it was missing, so already full).
+    async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<bool>;
 }
 
 /// Where checks publish their events.

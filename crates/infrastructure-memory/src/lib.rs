@@ -295,14 +295,20 @@ impl BucketStore for MemoryStorage {
         Ok(self.check_and_consume(key, rule, 0, now).await?.remaining)
     }
 
-    async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<()> {
+    async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<bool> {
         let key = key.as_str().as_bytes();
         let hash = hash(&self.hasher, key);
+        let now = self.clock.now();
         let mut shard = self.shard(hash);
-        if let Ok(bucket) = shard.buckets.find_entry(hash, |bucket| bucket.key() == key) {
-            bucket.remove();
+        match shard.buckets.find_entry(hash, |bucket| bucket.key() == key) {
+            Ok(bucket) => {
+                // An expired bucket not yet swept is a missing one: nothing was reset.
+                let live = bucket.get().expires_at() > now;
+                bucket.remove();
+                Ok(live)
+            }
+            Err(_) => Ok(false),
         }
-        Ok(())
     }
 }
 

@@ -477,7 +477,7 @@ impl BucketStore for RedisStorage {
         Ok(parse_reply(&reply)?.remaining)
     }
 
-    async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<()> {
+    async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<bool> {
         let keys = BucketKeys::of(key, self.hash_tag, self.layout);
         let mut cmd = redis::cmd("DEL");
         cmd.arg(keys.first);
@@ -485,14 +485,14 @@ impl BucketStore for RedisStorage {
             cmd.arg(second);
         }
         self.run("reset", self.admin_timeout, |mut conn| async move {
-            let _: i64 = cmd.query_async(&mut conn).await?;
+            let deleted: i64 = cmd.query_async(&mut conn).await?;
             // Tell every host's deny cache; the reset itself has happened either way.
             let announced: RedisResult<i64> =
                 redis::cmd("PUBLISH").arg(RESET_CHANNEL).arg(key.as_str()).query_async(&mut conn).await;
             if let Err(err) = announced {
                 tracing::warn!(error = %err, "bucket reset, but the reset could not be announced to other hosts");
             }
-            Ok(())
+            Ok(deleted > 0)
         })
         .await
         .map_err(|err| {
