@@ -54,11 +54,24 @@ pub enum CircuitState {
 /// A [`BucketStore`] that stops calling a failing store for a while.
 ///
 /// After [`failure_threshold`](CircuitBreakerConfig::failure_threshold) consecutive
-/// infrastructure failures (unavailable, timeout, store error) the circuit opens: checks fail
-/// at once with [`ErrorCode::StorageUnavailable`], so the adapter applies its failure policy
-/// without waiting for a deadline on every request. After the cool-down one probe goes
-/// through; if it answers, the circuit closes, otherwise it stays open for another cool-down.
-/// Bad input (`InvalidInput`) neither counts as a failure nor closes the circuit.
+/// store failures (unavailable, timeout, store error: [`ErrorCode::is_store_failure`]) the
+/// circuit opens: checks fail at once with [`ErrorCode::StorageUnavailable`], so the adapter
+/// applies its failure policy without waiting for a deadline on every request. After the
+/// cool-down one probe goes through; if it answers, the circuit closes, otherwise it stays
+/// open for another cool-down.
+///
+/// Only the store's own health moves the breaker, never what a caller does or one bucket
+/// holds:
+/// - Bad input (`InvalidInput`) neither counts as a failure nor closes the circuit.
+/// - One bucket's unusable data ([`ErrorCode::CorruptBucket`]: a key of the wrong type, say)
+///   is an answer from a working store: it counts as a success, so a corrupt key cannot open
+///   the circuit for every other key.
+/// - A call whose caller goes away before the store answers (a client that disconnects, an
+///   outer timeout) is not counted at all: it says nothing about the store. Were it counted as
+///   a failure, any client could open the circuit — and, under fail-open, switch limiting off
+///   for everyone — by cancelling a handful of requests. An abandoned probe hands the probe
+///   to the next call. The store's own deadline still bounds every call that is awaited, so a
+///   store that really hangs is still noticed by the callers that wait for it.
 ///
 /// `reset` always goes to the store: an admin operation wants the store's real answer.
 #[derive(Debug)]
@@ -139,7 +152,7 @@ impl CircuitBreakerStore {
 
     fn record<T>(&self, probe: bool, outcome: &Result<T>) {
         match outcome {
-            Err(err) if err.code().is_infrastructure() => {
+            Err(err) if err.code().is_store_failure() => {
                 let failures = self
                     .consecutive_failures
                     .fetch_add(1, Ordering::AcqRel)
@@ -158,13 +171,14 @@ impl CircuitBreakerStore {
                     self.probing.store(false, Ordering::Release);
                 }
             }
-            Err(_) => {
+            Err(err) if err.code() != ErrorCode::CorruptBucket => {
                 // Bad input says nothing about the store's health: no state changes.
                 if probe {
                     self.probing.store(false, Ordering::Release);
                 }
             }
-            Ok(_) => {
+            // An answer, even one about a corrupt bucket, shows a working store.
+            Ok(_) | Err(_) => {
                 self.consecutive_failures.store(0, Ordering::Release);
                 let was_open = self.open.load(Ordering::Acquire) && {
                     let mut opened = self.opened();
@@ -200,8 +214,8 @@ impl CircuitBreakerStore {
             return Err(self.rejected());
         };
         // If the caller drops this future mid-call (a client disconnects, an outer timeout), the
-        // guard counts the abandoned call as a failure, so a probe never stays "in flight" for
-        // ever with the circuit rejecting everything behind it.
+        // guard releases the probe, so that it never stays "in flight" for ever with the
+        // circuit rejecting everything behind it; the abandoned call itself is not counted.
         let mut guard = Pending {
             breaker: self,
             probe,
@@ -214,7 +228,7 @@ impl CircuitBreakerStore {
     }
 }
 
-/// Records an abandoned call as an infrastructure failure when dropped before completion.
+/// Releases the probe of a call dropped before the store answered; records nothing else.
 struct Pending<'a> {
     breaker: &'a CircuitBreakerStore,
     probe: bool,
@@ -223,12 +237,8 @@ struct Pending<'a> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            let abandoned: Result<()> = Err(RateLimitError::new(
-                ErrorCode::StorageTimeout,
-                "call abandoned before the store answered",
-            ));
-            self.breaker.record(self.probe, &abandoned);
+        if !self.done && self.probe {
+            self.breaker.probing.store(false, Ordering::Release);
         }
     }
 }
@@ -279,6 +289,8 @@ mod tests {
         down: AtomicBool,
         /// While set, calls never answer.
         hang: AtomicBool,
+        /// While set (and not down), calls answer that the bucket's data is unusable.
+        corrupt: AtomicBool,
         calls: AtomicU32,
     }
 
@@ -297,6 +309,11 @@ mod tests {
             }
             if self.down.load(Ordering::SeqCst) {
                 Err(RateLimitError::new(ErrorCode::StorageTimeout, "slow"))
+            } else if self.corrupt.load(Ordering::SeqCst) {
+                Err(RateLimitError::new(
+                    ErrorCode::CorruptBucket,
+                    "WRONGTYPE Operation against a key holding the wrong kind of value",
+                ))
             } else {
                 Ok(BucketDecision {
                     allowed: true,
@@ -451,6 +468,60 @@ mod tests {
                 .await
                 .is_ok()
         );
+        assert_eq!(breaker.state(), CircuitState::Closed);
+    }
+
+    /// The attack of issue 10: clients that disconnect before their answer. On the code
+    /// before the fix, three abandoned calls opened the circuit.
+    #[tokio::test(start_paused = true)]
+    async fn abandoned_calls_never_open_the_circuit() {
+        let (flaky, breaker, key, rule) = setup();
+        flaky.hang.store(true, Ordering::SeqCst);
+        for _ in 0..100 {
+            let abandoned = tokio::time::timeout(
+                Duration::from_millis(1),
+                breaker.check_and_consume(&key, &rule, 1, None),
+            )
+            .await;
+            assert!(abandoned.is_err(), "the call should have been cut off");
+        }
+        assert_eq!(breaker.state(), CircuitState::Closed);
+        assert_eq!(breaker.short_circuited(), 0);
+        assert_eq!(flaky.calls.load(Ordering::SeqCst), 100);
+        // Real failures still count from zero: the abandoned calls left no debt.
+        flaky.hang.store(false, Ordering::SeqCst);
+        flaky.down.store(true, Ordering::SeqCst);
+        for _ in 0..2 {
+            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+        }
+        assert_eq!(breaker.state(), CircuitState::Closed);
+        let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+        assert_eq!(breaker.state(), CircuitState::Open);
+    }
+
+    /// One corrupt bucket (a key of the wrong type) must not switch the store off for every
+    /// other key: the store answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_corrupt_bucket_is_an_answer_not_a_failure() {
+        let (flaky, breaker, key, rule) = setup();
+        flaky.corrupt.store(true, Ordering::SeqCst);
+        for _ in 0..10 {
+            let err = breaker
+                .check_and_consume(&key, &rule, 1, None)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), ErrorCode::CorruptBucket);
+        }
+        assert_eq!(breaker.state(), CircuitState::Closed);
+        // It even closes an open circuit when it is the probe's answer.
+        flaky.down.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+        }
+        assert_eq!(breaker.state(), CircuitState::Open);
+        flaky.down.store(false, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
         assert_eq!(breaker.state(), CircuitState::Closed);
     }
 
