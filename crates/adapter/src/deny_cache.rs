@@ -1,14 +1,22 @@
 //! A local cache of denials in front of a store.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use foldhash::fast::RandomState;
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketStore, DynBucketStore, RateLimitRule, Result,
 };
+
+/// Shards of the cache; each has its own lock, so checks of unrelated keys rarely contend.
+const SHARDS: usize = 16;
+
+/// How often, at most, one shard is scanned for expired denials while the cache is full.
+const PRUNE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// A [`BucketStore`] that remembers denials and answers repeats of them in process.
 ///
@@ -22,22 +30,47 @@ use ratelimit_domain::{
 ///   measured from *before* the request was sent, so it ends no later than the store's own.
 ///   Checks of a lower cost, zero-cost peeks and checks with an explicit `now` always go to the
 ///   store.
-/// - **Resets.** A reset through this store clears its entry at once. Resets made elsewhere are
-///   seen only through [`invalidate`](Self::invalidate) / [`clear`](Self::clear), which the
-///   container calls from Redis pub/sub (`RedisStorage::spawn_reset_listener`); until such a
-///   message arrives, a bucket reset by another host may still be denied here for up to its
-///   remaining `retry_after`.
-/// - **Bounded memory.** At most `capacity` entries; when full, expired entries are dropped and,
-///   if it is still full, new denials are simply not cached.
+/// - **Resets.** A reset through this store clears its entry before and after the store's
+///   reset, and a denial that was in flight while any invalidation of its shard happened is
+///   not cached (each shard counts its invalidations; a denial is only remembered if the count
+///   did not move while it was on its way). Resets made elsewhere are seen only through
+///   [`invalidate`](Self::invalidate) / [`clear`](Self::clear), which the container calls from
+///   Redis pub/sub (`RedisStorage::spawn_reset_listener`); until such a message arrives, a
+///   bucket reset by another host may still be denied here for up to its remaining
+///   `retry_after`. The container therefore refuses the cache where no listener runs.
+/// - **Bounded memory and work.** At most `capacity` entries in 16 shards, each behind its own
+///   lock. When the cache is full, a new denial makes one shard (in turn) drop its expired
+///   entries, at most once per 50 ms per shard; if there is still no room, the denial is simply
+///   not cached. A check never scans more than one shard.
 /// - A cached denial reports the store's `remaining` at the time of the denial (a lower bound)
 ///   and the time left of its `retry_after`.
 #[derive(Debug)]
 pub struct DenyCacheStore {
     inner: DynBucketStore,
     capacity: usize,
-    /// Key → denial. A std mutex: held for a map operation only, never across an await.
-    denials: Mutex<HashMap<Box<str>, Denial>>,
+    shards: Box<[Shard]>,
+    /// Entries in all shards together; never above `capacity`.
+    len: AtomicUsize,
+    /// The shard that the next prune of a full cache scans.
+    prune_cursor: AtomicUsize,
+    /// Picks a key's shard; seeded at random per cache, so crafted keys cannot aim at one.
+    hasher: RandomState,
     hits: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shard {
+    /// Key → denial. A std mutex: held for a map operation only, never across an await.
+    denials: Mutex<ShardMap>,
+    /// Invalidations of this shard so far. Changed only while `denials` is locked.
+    generation: AtomicU64,
+}
+
+#[derive(Debug)]
+struct ShardMap {
+    map: HashMap<Box<str>, Denial, RandomState>,
+    /// Not pruned again before this instant.
+    next_prune: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -47,25 +80,64 @@ struct Denial {
     remaining: u64,
 }
 
+/// What a check saw before it went to the store: where its key lives and how many
+/// invalidations that shard had seen.
+#[derive(Debug, Clone, Copy)]
+struct Ticket {
+    shard: usize,
+    generation: u64,
+    sent_at: Instant,
+}
+
 impl DenyCacheStore {
     /// A cache of at most `capacity` denials (at least 1) in front of `inner`.
     pub fn new(inner: DynBucketStore, capacity: usize) -> Self {
+        let now = Instant::now();
+        let shards = (0..SHARDS)
+            .map(|_| Shard {
+                denials: Mutex::new(ShardMap {
+                    map: HashMap::default(),
+                    next_prune: now,
+                }),
+                generation: AtomicU64::new(0),
+            })
+            .collect();
         Self {
             inner,
             capacity: capacity.max(1),
-            denials: Mutex::new(HashMap::new()),
+            shards,
+            len: AtomicUsize::new(0),
+            prune_cursor: AtomicUsize::new(0),
+            hasher: RandomState::default(),
             hits: AtomicU64::new(0),
         }
     }
 
-    /// Forgets the denial of one bucket (its key as [`BucketKey::as_str`] gives it).
-    pub fn invalidate(&self, key: &str) {
-        self.lock().remove(key);
+    /// The wrapped store.
+    pub fn inner(&self) -> &DynBucketStore {
+        &self.inner
     }
 
-    /// Forgets every denial.
+    /// Forgets the denial of one bucket (its key as [`BucketKey::as_str`] gives it), and keeps
+    /// a denial of its shard that is in flight now from being cached.
+    pub fn invalidate(&self, key: &str) {
+        let index = self.shard_of(key);
+        let mut shard = self.lock(index);
+        self.shards[index].generation.fetch_add(1, Ordering::AcqRel);
+        if shard.map.remove(key).is_some() {
+            self.len.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Forgets every denial, and keeps every denial in flight now from being cached.
     pub fn clear(&self) {
-        self.lock().clear();
+        for index in 0..self.shards.len() {
+            let mut shard = self.lock(index);
+            self.shards[index].generation.fetch_add(1, Ordering::AcqRel);
+            let dropped = shard.map.len();
+            shard.map.clear();
+            self.len.fetch_sub(dropped, Ordering::AcqRel);
+        }
     }
 
     /// How many checks were denied from the cache.
@@ -75,7 +147,7 @@ impl DenyCacheStore {
 
     /// How many denials are cached, expired ones not yet dropped included.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.len.load(Ordering::Acquire)
     }
 
     /// Whether no denial is cached.
@@ -83,52 +155,104 @@ impl DenyCacheStore {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Denial>> {
+    fn shard_of(&self, key: &str) -> usize {
+        // The top bits: HashMap's own hash of the key (another seed) picks slots by the low ones.
+        let hash = self.hasher.hash_one(key);
+        (hash >> 60) as usize % SHARDS
+    }
+
+    fn lock(&self, index: usize) -> MutexGuard<'_, ShardMap> {
         // Every update is a single map operation, so a poisoned map is still consistent.
-        self.denials
+        self.shards[index]
+            .denials
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn cached(&self, key: &BucketKey, cost: u64) -> Option<BucketDecision> {
+    /// The cached denial of a check, or the ticket to send it to the store with.
+    fn cached(&self, key: &BucketKey, cost: u64) -> std::result::Result<BucketDecision, Ticket> {
+        let index = self.shard_of(key.as_str());
         let now = Instant::now();
-        let mut denials = self.lock();
-        let denial = *denials.get(key.as_str())?;
+        let mut shard = self.lock(index);
+        let ticket = Ticket {
+            shard: index,
+            generation: self.shards[index].generation.load(Ordering::Acquire),
+            sent_at: now,
+        };
+        let Some(denial) = shard.map.get(key.as_str()).copied() else {
+            return Err(ticket);
+        };
         if now >= denial.until {
-            denials.remove(key.as_str());
-            return None;
+            shard.map.remove(key.as_str());
+            self.len.fetch_sub(1, Ordering::AcqRel);
+            return Err(ticket);
         }
-        (cost >= denial.cost).then(|| BucketDecision {
-            allowed: false,
-            retry_after: denial.until - now,
-            remaining: denial.remaining,
-        })
+        if cost >= denial.cost {
+            Ok(BucketDecision {
+                allowed: false,
+                retry_after: denial.until - now,
+                remaining: denial.remaining,
+            })
+        } else {
+            Err(ticket)
+        }
     }
 
-    fn remember(&self, key: &BucketKey, cost: u64, sent_at: Instant, decision: &BucketDecision) {
-        let mut denials = self.lock();
-        if decision.allowed || decision.is_never() || decision.retry_after == Duration::ZERO {
-            denials.remove(key.as_str());
-            return;
-        }
-        let Some(until) = sent_at.checked_add(decision.retry_after) else {
-            return;
-        };
-        if denials.len() >= self.capacity && !denials.contains_key(key.as_str()) {
-            let now = Instant::now();
-            denials.retain(|_, denial| denial.until > now);
-            if denials.len() >= self.capacity {
-                return;
-            }
-        }
-        denials.insert(
-            key.as_str().into(),
-            Denial {
+    fn remember(&self, key: &BucketKey, cost: u64, ticket: Ticket, decision: &BucketDecision) {
+        let cacheable =
+            !(decision.allowed || decision.is_never() || decision.retry_after == Duration::ZERO);
+        let until = ticket.sent_at.checked_add(decision.retry_after);
+        let denial = match until {
+            Some(until) if cacheable => Denial {
                 until,
                 cost,
                 remaining: decision.remaining,
             },
-        );
+            _ => {
+                let mut shard = self.lock(ticket.shard);
+                if shard.map.remove(key.as_str()).is_some() {
+                    self.len.fetch_sub(1, Ordering::AcqRel);
+                }
+                return;
+            }
+        };
+        if self.len() >= self.capacity {
+            self.prune_one();
+        }
+        let mut shard = self.lock(ticket.shard);
+        if self.shards[ticket.shard].generation.load(Ordering::Acquire) != ticket.generation {
+            // An invalidation (a reset) happened while this denial was on its way: it may
+            // describe the bucket as it was before the reset.
+            return;
+        }
+        if let Some(entry) = shard.map.get_mut(key.as_str()) {
+            *entry = denial;
+            return;
+        }
+        let reserved = self
+            .len
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok();
+        if reserved {
+            shard.map.insert(key.as_str().into(), denial);
+        }
+    }
+
+    /// Drops the expired denials of the next shard in turn, unless it was scanned very lately.
+    fn prune_one(&self) {
+        let index = self.prune_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        let now = Instant::now();
+        let mut shard = self.lock(index);
+        if now < shard.next_prune {
+            return;
+        }
+        shard.next_prune = now + PRUNE_INTERVAL;
+        let before = shard.map.len();
+        shard.map.retain(|_, denial| denial.until > now);
+        self.len
+            .fetch_sub(before - shard.map.len(), Ordering::AcqRel);
     }
 }
 
@@ -144,16 +268,18 @@ impl BucketStore for DenyCacheStore {
         if cost == 0 || now.is_some() {
             return self.inner.check_and_consume(key, rule, cost, now).await;
         }
-        if let Some(denied) = self.cached(key, cost) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            // No I/O here: spend Tokio's cooperative budget so that a client hammering a
-            // denied key still lets other tasks run (see CircuitBreakerStore).
-            tokio::task::consume_budget().await;
-            return Ok(denied);
-        }
-        let sent_at = Instant::now();
+        let ticket = match self.cached(key, cost) {
+            Ok(denied) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                // No I/O here: spend Tokio's cooperative budget so that a client hammering a
+                // denied key still lets other tasks run (see CircuitBreakerStore).
+                tokio::task::consume_budget().await;
+                return Ok(denied);
+            }
+            Err(ticket) => ticket,
+        };
         let decision = self.inner.check_and_consume(key, rule, cost, now).await?;
-        self.remember(key, cost, sent_at, &decision);
+        self.remember(key, cost, ticket, &decision);
         Ok(decision)
     }
 
@@ -167,8 +293,12 @@ impl BucketStore for DenyCacheStore {
     }
 
     async fn reset(&self, key: &BucketKey, rule: &RateLimitRule) -> Result<bool> {
+        // Before: no check waits on a denial the reset is about to void. After: a denial that
+        // the store gave just before the reset and that arrives after it is not kept either.
         self.invalidate(key.as_str());
-        self.inner.reset(key, rule).await
+        let outcome = self.inner.reset(key, rule).await;
+        self.invalidate(key.as_str());
+        outcome
     }
 }
 
@@ -303,6 +433,115 @@ mod tests {
         assert_eq!(cache.len(), 1);
         cache.invalidate(key("a").as_str());
         assert!(cache.is_empty());
+    }
+
+    /// Denies every check, after waiting for `open` when `gate` is set.
+    #[derive(Debug, Default)]
+    struct Gated {
+        gate: std::sync::atomic::AtomicBool,
+        entered: tokio::sync::Notify,
+        open: tokio::sync::Notify,
+        calls: AtomicU64,
+    }
+
+    #[async_trait]
+    impl BucketStore for Gated {
+        async fn check_and_consume(
+            &self,
+            _: &BucketKey,
+            _: &RateLimitRule,
+            _: u64,
+            _: Option<f64>,
+        ) -> Result<BucketDecision> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.gate.load(Ordering::SeqCst) {
+                self.entered.notify_one();
+                self.open.notified().await;
+            }
+            Ok(BucketDecision {
+                allowed: false,
+                retry_after: Duration::from_secs(60),
+                remaining: 0,
+            })
+        }
+        async fn get_remaining(
+            &self,
+            _: &BucketKey,
+            _: &RateLimitRule,
+            _: Option<f64>,
+        ) -> Result<u64> {
+            Ok(0)
+        }
+        async fn reset(&self, _: &BucketKey, _: &RateLimitRule) -> Result<bool> {
+            Ok(true)
+        }
+    }
+
+    /// A denial that the store gave before a reset, arriving after the reset's invalidation,
+    /// must not be cached: it would deny a freshly reset bucket for its whole retry_after.
+    /// On the code before the fix, the second check below was answered from the cache.
+    #[tokio::test]
+    async fn a_denial_in_flight_during_an_invalidation_is_not_cached() {
+        let gated = Arc::new(Gated::default());
+        let cache = Arc::new(DenyCacheStore::new(gated.clone(), 16));
+        let rule = RateLimitRule::new(RateLimitScope::Ip, 2, 1.0).unwrap();
+        gated.gate.store(true, Ordering::SeqCst);
+        let in_flight = {
+            let cache = cache.clone();
+            let rule = rule.clone();
+            tokio::spawn(async move { cache.check_and_consume(&key("a"), &rule, 1, None).await })
+        };
+        gated.entered.notified().await;
+        // The reset notice from another host arrives while the denial is on its way.
+        cache.invalidate(key("a").as_str());
+        gated.open.notify_one();
+        assert!(!in_flight.await.unwrap().unwrap().allowed);
+        gated.gate.store(false, Ordering::SeqCst);
+
+        assert!(!allowed(&cache, "a", &rule, 1).await);
+        assert_eq!(
+            gated.calls.load(Ordering::SeqCst),
+            2,
+            "the stale denial was cached"
+        );
+        // With no invalidation in between, the next denial is cached as before.
+        assert!(!allowed(&cache, "a", &rule, 1).await);
+        assert_eq!(gated.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.hits(), 1);
+    }
+
+    /// A full cache whose entries have all expired makes room again, one shard at a time.
+    #[tokio::test]
+    async fn a_full_cache_of_expired_denials_makes_room() {
+        let clock = ManualClock::starting_now();
+        let cache = DenyCacheStore::new(Arc::new(MemoryStorage::with_clock(clock.clone())), 8);
+        // One token, 600 a minute: each denial lasts 100 ms of real time.
+        let rule = RateLimitRule::new(RateLimitScope::Ip, 1, 600.0).unwrap();
+        for i in 0..8 {
+            let id = format!("old-{i}");
+            assert!(allowed(&cache, &id, &rule, 1).await);
+            assert!(!allowed(&cache, &id, &rule, 1).await);
+        }
+        assert_eq!(cache.len(), 8);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Every new denial scans one shard: within one round of them, one finds room.
+        let mut cached = false;
+        for i in 0..=SHARDS {
+            let id = format!("new-{i}");
+            assert!(allowed(&cache, &id, &rule, 1).await);
+            assert!(!allowed(&cache, &id, &rule, 1).await);
+            let hits = cache.hits();
+            assert!(!allowed(&cache, &id, &rule, 1).await);
+            if cache.hits() > hits {
+                cached = true;
+                break;
+            }
+        }
+        assert!(
+            cached,
+            "no new denial was cached: the full cache never made room"
+        );
+        assert!(cache.len() <= 8);
     }
 
     #[tokio::test]

@@ -31,7 +31,8 @@ use ratelimit_adapter::{
     BroadcastEventBus, CircuitBreakerStore, DenyCacheStore, TokenBucketAdapter, spawn_event_logger,
 };
 use ratelimit_domain::{
-    Clock, DynBucketStore, DynRateLimiter, KeyBuilder, Result, RuleSet, SystemClock,
+    Clock, DynBucketStore, DynRateLimiter, ErrorCode, KeyBuilder, RateLimitError, Result, RuleSet,
+    SystemClock,
 };
 use ratelimit_memory::MemoryStorage;
 use ratelimit_redis::RedisStorage;
@@ -74,7 +75,8 @@ pub struct ContainerConfig {
     pub circuit_breaker: Option<CircuitBreakerConfig>,
     /// A local cache of up to this many Redis denials (`None`, the default: no cache). Repeats
     /// of a denied check are then answered in process until its `retry_after`; resets reach
-    /// every host's cache through Redis pub/sub. See `DenyCacheStore` for the guarantees.
+    /// every host's cache through Redis pub/sub. See `DenyCacheStore` for the guarantees. Not
+    /// available on a Redis Cluster (no reset notifications there).
     pub deny_cache: Option<usize>,
 }
 
@@ -168,6 +170,17 @@ impl ContainerConfig {
     }
 }
 
+/// The error for a deny cache where resets would not reach it.
+fn no_reset_listener() -> RateLimitError {
+    RateLimitError::new(
+        ErrorCode::Configuration,
+        "the deny cache needs reset notifications over Redis pub/sub, which do not run on a \
+         Redis Cluster: a reset would not clear a cached denial. Turn the deny cache off for a \
+         cluster",
+    )
+    .with_detail("field", "deny_cache")
+}
+
 /// The built graph. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Container {
@@ -183,7 +196,8 @@ impl Container {
     /// back); it logs a warning when a first `PING` fails.
     ///
     /// # Errors
-    /// `Configuration` for an unparsable Redis URL; `InvalidInput` for an empty key prefix.
+    /// `Configuration` for an unparsable Redis URL, or for a deny cache on a Redis Cluster
+    /// (where resets could not reach it); `InvalidInput` for an empty key prefix.
     pub async fn build(config: ContainerConfig) -> Result<Self> {
         let (store, backend): (DynBucketStore, _) = match &config.backend {
             Backend::Memory => (
@@ -191,30 +205,31 @@ impl Container {
                 "memory",
             ),
             Backend::Redis(redis) => {
-                let store = RedisStorage::new(redis)?;
-                if let Err(err) = store.ping().await {
+                if config.deny_cache.is_some() && redis.is_cluster() {
+                    // Without reset notifications a cached denial outlives a reset.
+                    return Err(no_reset_listener());
+                }
+                let redis_store = Arc::new(RedisStorage::new(redis)?);
+                if let Err(err) = redis_store.ping().await {
                     tracing::warn!(url = %redis.redacted_url(), error = %err, "redis is not answering yet; checks fail open until it does");
                 }
-                let store = Arc::new(store);
-                let cache = config.deny_cache.map(|capacity| {
-                    let breaker: DynBucketStore = match config.circuit_breaker {
-                        Some(breaker) => Arc::new(CircuitBreakerStore::new(store.clone(), breaker)),
-                        None => store.clone(),
-                    };
-                    Arc::new(DenyCacheStore::new(breaker, capacity))
-                });
-                let store: DynBucketStore = match (&cache, config.circuit_breaker) {
-                    (Some(cache), _) => {
-                        let listener = cache.clone();
-                        store.spawn_reset_listener(move |key| match key {
-                            Some(key) => listener.invalidate(key),
-                            None => listener.clear(),
-                        });
-                        cache.clone()
+                // Store, then breaker, then deny cache, as configured.
+                let mut store: DynBucketStore = redis_store.clone();
+                if let Some(breaker) = config.circuit_breaker {
+                    store = Arc::new(CircuitBreakerStore::new(store, breaker));
+                }
+                if let Some(capacity) = config.deny_cache {
+                    let cache = Arc::new(DenyCacheStore::new(store, capacity));
+                    let listener = cache.clone();
+                    let spawned = redis_store.spawn_reset_listener(move |key| match key {
+                        Some(key) => listener.invalidate(key),
+                        None => listener.clear(),
+                    });
+                    if spawned.is_none() {
+                        return Err(no_reset_listener());
                     }
-                    (None, Some(breaker)) => Arc::new(CircuitBreakerStore::new(store, breaker)),
-                    (None, None) => store,
-                };
+                    store = cache;
+                }
                 (store, "redis")
             }
         };
@@ -338,6 +353,21 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), ratelimit_domain::ErrorCode::Configuration);
+    }
+
+    /// On a cluster no reset listener runs, so a cached denial would outlive a reset (issue
+    /// 10): the container used to install the cache anyway.
+    #[tokio::test]
+    async fn a_deny_cache_on_a_cluster_is_refused() {
+        let config = ContainerConfig::redis("redis://127.0.0.1:1", rules())
+            .with_backend(Backend::Redis(RedisConfig::cluster([
+                "redis://127.0.0.1:1",
+                "redis://127.0.0.1:2",
+            ])))
+            .with_deny_cache(1_000);
+        let err = Container::build(config).await.unwrap_err();
+        assert_eq!(err.code(), ratelimit_domain::ErrorCode::Configuration);
+        assert!(err.message().contains("deny cache"), "{err}");
     }
 
     #[test]
