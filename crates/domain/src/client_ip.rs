@@ -177,7 +177,10 @@ pub fn parse_client_ip(text: &str) -> Result<IpAddr, ClientIpError> {
 /// Whether `zone` is a plausible IPv6 zone id (RFC 6874: unreserved characters, or `%25`
 /// for the URI form's encoded `%`).
 fn is_zone_id(zone: &str) -> bool {
-    let zone = zone.strip_prefix("25").filter(|z| !z.is_empty()).unwrap_or(zone);
+    let zone = zone
+        .strip_prefix("25")
+        .filter(|z| !z.is_empty())
+        .unwrap_or(zone);
     !zone.is_empty()
         && zone.len() <= 64
         && zone
@@ -253,7 +256,10 @@ mod tests {
         assert_eq!(fine.prefixes(), (24, 128));
         let clamped = IpGrouping::new().ipv6_prefix(200).ipv4_prefix(99);
         assert_eq!(clamped.prefixes(), (32, 128));
-        assert_eq!(IpGrouping::new().ipv4_prefix(0).identifier(ip("9.9.9.9")), "0.0.0.0/0");
+        assert_eq!(
+            IpGrouping::new().ipv4_prefix(0).identifier(ip("9.9.9.9")),
+            "0.0.0.0/0"
+        );
     }
 
     #[test]

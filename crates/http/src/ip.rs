@@ -240,7 +240,11 @@ impl ClientIpResolver {
             ForwardedHeader::XForwardedFor => X_FORWARDED_FOR,
             ForwardedHeader::Forwarded => FORWARDED,
         };
-        let lines = headers.get_all(name).iter().rev().map(|value| value.as_bytes());
+        let lines = headers
+            .get_all(name)
+            .iter()
+            .rev()
+            .map(|value| value.as_bytes());
         for hop in HopsFromRight::new(lines, self.header) {
             match hop {
                 Hop::Empty => {}
@@ -373,11 +377,7 @@ fn split_last_element<'a>(
         i -= 1;
         match line[i] {
             b'"' if quotes && quoted => {
-                let backslashes = line[..i]
-                    .iter()
-                    .rev()
-                    .take_while(|&&b| b == b'\\')
-                    .count();
+                let backslashes = line[..i].iter().rev().take_while(|&&b| b == b'\\').count();
                 if backslashes % 2 == 0 {
                     quoted = false;
                 }
@@ -394,7 +394,10 @@ fn split_last_element<'a>(
 fn trim_ows(bytes: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| matches!(b, b' ' | b'\t');
     let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
-    let end = bytes.iter().rposition(|b| !is_ows(b)).map_or(start, |i| i + 1);
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |i| i + 1);
     &bytes[start..end]
 }
 
@@ -407,7 +410,10 @@ fn forwarded_for(element: &[u8]) -> Option<String> {
     loop {
         // One pair (or an empty one) up to the next `;` or the end.
         let rest = &element[pos..];
-        let lead = rest.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
+        let lead = rest
+            .iter()
+            .take_while(|b| matches!(b, b' ' | b'\t'))
+            .count();
         pos += lead;
         if pos == element.len() {
             break;
@@ -449,7 +455,10 @@ fn forwarded_for(element: &[u8]) -> Option<String> {
 /// A token or a quoted-string at the start of `text`: its value and the bytes it took.
 fn pair_value(text: &[u8]) -> Option<(String, usize)> {
     if text.first() != Some(&b'"') {
-        let len = text.iter().take_while(|&&b| is_tchar(b) || b == b':' || b == b'[' || b == b']').count();
+        let len = text
+            .iter()
+            .take_while(|&&b| is_tchar(b) || b == b':' || b == b'[' || b == b']')
+            .count();
         if len == 0 {
             return None;
         }
@@ -691,5 +700,252 @@ mod tests {
             http::HeaderValue::from_bytes(b"1.2.3.4, \xff").unwrap(),
         );
         assert_eq!(resolver.resolve(ip("10.0.0.1"), &h), ip("10.0.0.1"));
+    }
+
+    /// A resolver behind one trusted proxy (10.0.0.1) that appends `, for=<client>` to the
+    /// `Forwarded` header the client sent (nginx: `$http_forwarded, for=$remote_addr`).
+    fn behind_appending_proxy(header: ForwardedHeader, client_sent: &[u8]) -> IpAddr {
+        let resolver = ClientIpResolver::new()
+            .trust([net("10.0.0.0/8")])
+            .header(header);
+        let (name, appended): (HeaderName, &[u8]) = match header {
+            ForwardedHeader::Forwarded => (FORWARDED, b", for=203.0.113.9"),
+            _ => (X_FORWARDED_FOR, b", 203.0.113.9"),
+        };
+        let mut value = client_sent.to_vec();
+        value.extend_from_slice(appended);
+        let mut h = HeaderMap::new();
+        h.append(name, http::HeaderValue::from_bytes(&value).unwrap());
+        resolver.resolve(ip("10.0.0.1"), &h)
+    }
+
+    /// Whatever a client writes before the proxy's element, the proxy's element wins.
+    /// (Before the right-to-left reading, `for=198.51.100.7;x="` picked the client's own
+    /// address and a bare `"` put it into the proxy's bucket.)
+    #[test]
+    fn client_text_left_of_the_proxy_s_element_cannot_steer_it() {
+        let long_quote = format!("for=\"{}", "a".repeat(100_000));
+        let many_commas = ",".repeat(10_000);
+        let many_hops = "198.51.100.7, ".repeat(5_000);
+        let hostile: Vec<&[u8]> = vec![
+            b"for=198.51.100.7;x=\"",
+            b"\"",
+            b"for=\"",
+            b"for=\"\\",
+            b"for=\"[::1]",
+            b"for=198.51.100.7;x=\"\\\"",
+            b"\\\"",
+            b"for=10.0.0.5",
+            b"for=198.51.100.7, for=10.0.0.5",
+            b";;;===",
+            b"for=\xff\xfe",
+            b"\xff",
+            b"unknown",
+            b"for=_hidden",
+            b"",
+            b" , , ",
+            long_quote.as_bytes(),
+            many_commas.as_bytes(),
+            many_hops.as_bytes(),
+        ];
+        for header in [ForwardedHeader::Forwarded, ForwardedHeader::XForwardedFor] {
+            for client_sent in &hostile {
+                assert_eq!(
+                    behind_appending_proxy(header, client_sent),
+                    ip("203.0.113.9"),
+                    "{header:?} after {:?}",
+                    String::from_utf8_lossy(&client_sent[..client_sent.len().min(40)])
+                );
+            }
+        }
+    }
+
+    /// A proxy that adds its own header line: the client's line, however broken, is a list of
+    /// its own and cannot swallow the proxy's.
+    #[test]
+    fn an_unterminated_quote_stays_in_its_own_line() {
+        let resolver = ClientIpResolver::new()
+            .trust([net("10.0.0.0/8")])
+            .header(ForwardedHeader::Forwarded);
+        let peer = ip("10.0.0.1");
+        for (values, expected) in [
+            (
+                &["for=198.51.100.7;x=\"", "for=203.0.113.9"][..],
+                "203.0.113.9",
+            ),
+            (&["\"", "for=203.0.113.9;proto=https"][..], "203.0.113.9"),
+            (&["for=203.0.113.9", "for=10.0.0.2"][..], "203.0.113.9"),
+            // The proxy chain reaches the broken line: stop at the last proxy-added hop.
+            (&["for=\"198.51.100.7", "for=10.0.0.2"][..], "10.0.0.2"),
+            (&["for=198.51.100.7, \"x", "for=10.0.0.2"][..], "10.0.0.2"),
+        ] {
+            let h = headers("forwarded", values);
+            assert_eq!(resolver.resolve(peer, &h), ip(expected), "{values:?}");
+        }
+    }
+
+    /// Bytes that are not ASCII poison only the element that holds them (they used to make
+    /// the whole line unreadable, and put the client into the proxy's bucket).
+    #[test]
+    fn non_ascii_bytes_only_poison_their_own_element() {
+        let resolver = ClientIpResolver::new().trust([net("10.0.0.0/8")]);
+        let mut h = HeaderMap::new();
+        h.append(
+            X_FORWARDED_FOR,
+            http::HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.9").unwrap(),
+        );
+        assert_eq!(resolver.resolve(ip("10.0.0.1"), &h), ip("203.0.113.9"));
+        let mut h = HeaderMap::new();
+        h.append(
+            X_FORWARDED_FOR,
+            http::HeaderValue::from_bytes(b"203.0.113.9, 10.0.0.2\xff").unwrap(),
+        );
+        assert_eq!(resolver.resolve(ip("10.0.0.1"), &h), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn empty_elements_are_ignored_and_unknown_or_obfuscated_nodes_stop_the_walk() {
+        let xff = ClientIpResolver::new().trust([net("10.0.0.0/8")]);
+        let fwd = xff.clone().header(ForwardedHeader::Forwarded);
+        let peer = ip("10.0.0.1");
+        for (values, expected) in [
+            (&["6.6.6.6, , 203.0.113.9"][..], "203.0.113.9"),
+            (&["203.0.113.9, ,"][..], "203.0.113.9"),
+            (&["203.0.113.9", "", " "][..], "203.0.113.9"),
+            (&["6.6.6.6,,,10.0.0.2,"][..], "6.6.6.6"),
+            (&["6.6.6.6, unknown, 10.0.0.2"][..], "10.0.0.2"),
+            (&["6.6.6.6, _hidden"][..], "10.0.0.1"),
+            (&["6.6.6.6, 10.0.0.2\t,\t"][..], "6.6.6.6"),
+        ] {
+            assert_eq!(
+                xff.resolve(peer, &headers("x-forwarded-for", values)),
+                ip(expected),
+                "{values:?}"
+            );
+        }
+        for (values, expected) in [
+            (&["for=6.6.6.6, , for=203.0.113.9"][..], "203.0.113.9"),
+            (&["for=6.6.6.6, for=unknown, for=10.0.0.2"][..], "10.0.0.2"),
+            (&["for=6.6.6.6, for=_hidden;proto=https"][..], "10.0.0.1"),
+            (&["for=6.6.6.6, for=\"_x\""][..], "10.0.0.1"),
+            // Two `for` in one element: nobody honest writes that.
+            (&["for=6.6.6.6;for=203.0.113.9"][..], "10.0.0.1"),
+            // Not `name=value`: unreadable.
+            (&["for=6.6.6.6, for"][..], "10.0.0.1"),
+            (&["for=6.6.6.6, for=203.0.113.9 junk"][..], "10.0.0.1"),
+            (&["for=6.6.6.6, for=\"\""][..], "10.0.0.1"),
+            // Tabs are whitespace (what is left of an obs-fold once a proxy unfolds it).
+            (
+                &["for=6.6.6.6,\tfor=203.0.113.9\t;\tproto=https"][..],
+                "203.0.113.9",
+            ),
+        ] {
+            assert_eq!(
+                fwd.resolve(peer, &headers("forwarded", values)),
+                ip(expected),
+                "{values:?}"
+            );
+        }
+        // An obs-fold itself cannot reach the parser: a header value holds no CR or LF.
+        assert!(http::HeaderValue::from_bytes(b"for=1.2.3.4,\r\n for=5.6.7.8").is_err());
+    }
+
+    #[test]
+    fn ports_brackets_and_zone_ids() {
+        let xff = ClientIpResolver::new().trust([net("10.0.0.0/8")]);
+        let fwd = xff.clone().header(ForwardedHeader::Forwarded);
+        let peer = ip("10.0.0.1");
+        for (value, expected) in [
+            ("for=\"[2001:db8::1]:4711\"", "2001:db8::1"),
+            ("for=\"[2001:db8::1]:_port\"", "2001:db8::1"),
+            ("for=\"1.2.3.4:80\"", "1.2.3.4"),
+            ("for=1.2.3.4:80", "1.2.3.4"),
+            ("for=\"[fe80::1%eth0]:80\"", "fe80::1"),
+            ("for=\"[fe80::1%25eth0]\"", "fe80::1"),
+            ("for=\"[::ffff:1.2.3.4]:80\"", "1.2.3.4"),
+        ] {
+            assert_eq!(
+                fwd.resolve(peer, &headers("forwarded", &[value])),
+                ip(expected),
+                "{value}"
+            );
+        }
+        for (value, expected) in [
+            ("1.2.3.4:80", "1.2.3.4"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("fe80::1%eth0", "fe80::1"),
+            ("[fe80::1%eth0]:443", "fe80::1"),
+        ] {
+            assert_eq!(
+                xff.resolve(peer, &headers("x-forwarded-for", &[value])),
+                ip(expected),
+                "{value}"
+            );
+        }
+        // Malformed: unreadable, the walk stops at the proxy.
+        for value in [
+            "[1.2.3.4]",
+            "[2001:db8::1",
+            "[2001:db8::1]x",
+            "[2001:db8::1]:99999999",
+            "1.2.3.4:",
+            "1.2.3.4%eth0",
+            "fe80::1%",
+            "fe80::1%a/b",
+        ] {
+            assert_eq!(
+                xff.resolve(peer, &headers("x-forwarded-for", &[value])),
+                peer,
+                "{value}"
+            );
+        }
+    }
+
+    /// Thousands of hops, thousands of lines and huge values are read only as far as the
+    /// limits: a longer chain of trusted proxies ends at the last hop read.
+    #[test]
+    fn work_is_bounded_by_hops_and_bytes() {
+        let resolver = ClientIpResolver::new().trust([net("10.0.0.0/8")]);
+        let peer = ip("10.0.0.1");
+        let chain = format!("198.51.100.7, {}10.0.0.3", "10.0.0.2, ".repeat(10_000));
+        assert_eq!(
+            resolver.resolve(peer, &headers("x-forwarded-for", &[&chain])),
+            ip("10.0.0.2")
+        );
+        let hops: Vec<Hop> = HopsFromRight::new(
+            std::iter::once(chain.as_bytes()),
+            ForwardedHeader::XForwardedFor,
+        )
+        .collect();
+        assert_eq!(hops.len(), ClientIpResolver::MAX_HOPS + 1);
+        assert_eq!(hops.last(), Some(&Hop::Unreadable));
+
+        // Thousands of lines: the same limit.
+        let mut many = HeaderMap::new();
+        many.append(X_FORWARDED_FOR, "198.51.100.7".parse().unwrap());
+        for _ in 0..5_000 {
+            many.append(X_FORWARDED_FOR, "10.0.0.2".parse().unwrap());
+        }
+        assert_eq!(resolver.resolve(peer, &many), ip("10.0.0.2"));
+
+        // One huge element right of everything: past the byte limit, unreadable.
+        let huge = format!("198.51.100.7, 10.0.0.2, {}", "9".repeat(1_000_000));
+        assert_eq!(
+            resolver.resolve(peer, &headers("x-forwarded-for", &[&huge])),
+            peer
+        );
+        let mut budget = ClientIpResolver::MAX_SCAN_BYTES;
+        assert_eq!(
+            split_last_element(huge.as_bytes(), false, &mut budget),
+            None
+        );
+        assert_eq!(budget, 0);
+        // A long quoted-string of the proxy's own making is fine within the limit.
+        let fwd = resolver.clone().header(ForwardedHeader::Forwarded);
+        let ok = format!("for=203.0.113.9;x=\"{}\"", "a\\\"".repeat(1_000));
+        assert_eq!(
+            fwd.resolve(peer, &headers("forwarded", &[&ok])),
+            ip("203.0.113.9")
+        );
     }
 }
