@@ -834,3 +834,23 @@ fn a_closed_stdout_pipe_ends_the_command_quietly() {
         }
     }
 }
+
+/// `"get /x "` (lower-case method, trailing space) can never match a request: a rule that
+/// limits nothing. `rules check` used to call the file valid.
+#[test]
+fn rules_check_refuses_an_endpoint_no_request_can_match() {
+    let bad =
+        RulesFile::new("[rules.\"get /x \"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\n");
+    let run = ratelimit(&["rules", "check", bad.path()], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stdout.starts_with("invalid: ") && run.stdout.contains("field endpoint"),
+        "{run:?}"
+    );
+    let json = ratelimit(&["--json", "rules", "check", bad.path()], &[]);
+    assert_eq!(json.code, 2, "{json:?}");
+    assert_eq!(
+        (json.json()["rule"].clone(), json.json()["field"].clone()),
+        ("get /x ".into(), "endpoint".into())
+    );
+}
