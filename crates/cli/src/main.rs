@@ -71,14 +71,14 @@ fn main() -> ExitCode {
     // the command's own exit code stands and nothing more is said. Any other failure to write
     // the result is reported on stderr and exits 2.
     let mut exit = exit;
-    if let Err(err) = write_all(&mut std::io::stdout().lock(), &stdout) {
-        if err.kind() != std::io::ErrorKind::BrokenPipe {
-            let _ = write_all(
-                &mut std::io::stderr().lock(),
-                &format!("ratelimit: error: cannot write the output: {err}\n"),
-            );
-            exit = error::Exit::Usage;
-        }
+    if let Err(err) = write_all(&mut std::io::stdout().lock(), &stdout)
+        && err.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        let _ = write_all(
+            &mut std::io::stderr().lock(),
+            &format!("ratelimit: error: cannot write the output: {err}\n"),
+        );
+        exit = error::Exit::Usage;
     }
     let _ = write_all(&mut std::io::stderr().lock(), &stderr);
     exit.into()
