@@ -171,9 +171,16 @@ pub enum ForwardedHeader {
 /// 2. Otherwise walk the header's hops from right (nearest) to left. Each hop was written by
 ///    the trusted proxy to its right; the first hop that is not itself a trusted proxy is the
 ///    client.
-/// 3. A hop that cannot be read (garbage, `unknown`, an obfuscated `_name`) stops the walk:
-///    the client is the last address known for sure (the trusted proxy that handed the
-///    request over). If every hop is trusted, the left-most one is the client.
+/// 3. A hop that cannot be read (garbage, `unknown`, an obfuscated `_name`, an unterminated
+///    quoted-string) stops the walk: the client is the last address known for sure (the last
+///    hop a trusted proxy added, or the peer). If every hop is trusted, the left-most one read
+///    is the client.
+///
+/// Each header line is split into elements from its right end, so what a client wrote on the
+/// left (an unterminated quote, a stray comma, bytes that are not ASCII) cannot change how the
+/// elements its proxies appended are split: the right-most element a trusted proxy added
+/// always wins. Work is bounded by [`MAX_HOPS`](Self::MAX_HOPS) and
+/// [`MAX_SCAN_BYTES`](Self::MAX_SCAN_BYTES).
 ///
 /// Addresses are compared and returned in canonical form (IPv4-mapped IPv6 → IPv4).
 ///
