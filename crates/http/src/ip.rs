@@ -384,7 +384,13 @@ fn split_last_element<'a>(
         i -= 1;
         match line[i] {
             b'"' if quotes && quoted => {
-                let backslashes = line[..i].iter().rev().take_while(|&&b| b == b'\\').count();
+                // Counted within the budget: a longer run exhausts the budget below anyway.
+                let backslashes = line[..i]
+                    .iter()
+                    .rev()
+                    .take(*budget)
+                    .take_while(|&&b| b == b'\\')
+                    .count();
                 if backslashes % 2 == 0 {
                     quoted = false;
                 }
