@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
+use ratelimit_domain::IpGrouping;
 
 /// The default `--key-prefix`: the one the service uses unless configured otherwise.
 pub(crate) const DEFAULT_KEY_PREFIX: &str = "rate_limit";
@@ -71,9 +72,36 @@ pub(crate) struct BucketArgs {
     pub(crate) endpoint: String,
 
     /// Whose bucket: an IP address, a user id, … as the rule's scope says. Not needed for
-    /// endpoints with the global scope.
+    /// endpoints with the global scope. For `ip` rules it is read as an address (`::1`,
+    /// `[::1]`, `::ffff:1.2.3.4`, `fe80::1%eth0`, or an identifier the service wrote such as
+    /// `2001:db8::/64`) and grouped exactly as the service groups clients.
     #[arg(long, short = 'i', value_name = "IDENTIFIER")]
     pub(crate) identifier: Option<String>,
+
+    /// How the service groups IPv6 clients: the prefix length of one bucket (the HTTP layer's
+    /// and the example server's default is 64). Used for `ip` rules only.
+    #[arg(
+        long,
+        value_name = "BITS",
+        default_value_t = IpGrouping::DEFAULT_IPV6_PREFIX,
+        value_parser = clap::value_parser!(u8).range(0..=128)
+    )]
+    pub(crate) ipv6_prefix: u8,
+
+    /// How the service groups IPv4 clients: the prefix length of one bucket (default 32, one
+    /// bucket per address). Used for `ip` rules only.
+    #[arg(
+        long,
+        value_name = "BITS",
+        default_value_t = IpGrouping::DEFAULT_IPV4_PREFIX,
+        value_parser = clap::value_parser!(u8).range(0..=32)
+    )]
+    pub(crate) ipv4_prefix: u8,
+
+    /// Use --identifier exactly as given, even for an `ip` rule: for a service whose own
+    /// identifier extractor writes something other than an address for `ip` rules.
+    #[arg(long)]
+    pub(crate) raw_identifier: bool,
 
     /// Where the rules and Redis are.
     #[command(flatten)]

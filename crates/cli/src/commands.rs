@@ -7,8 +7,8 @@ use std::time::Duration;
 use ratelimit_adapter::TokenBucketAdapter;
 use ratelimit_container::{RedisConfig, load_rules_file};
 use ratelimit_domain::{
-    BucketKey, BucketStore, CheckOptions, DecisionSource, RateLimitError, RateLimitRule,
-    RateLimiter, RuleSet,
+    BucketKey, BucketStore, CheckOptions, DecisionSource, IpGrouping, RateLimitError,
+    RateLimitRule, RateLimitScope, RateLimiter, RuleSet,
 };
 use ratelimit_redis::{KeyLayout, RedisStorage};
 
@@ -186,7 +186,7 @@ impl<S: BucketStore> Bucket<S> {
                     identifier_meaning(scope.as_str())
                 )));
             };
-            Some(identifier.to_owned())
+            Some(service_identifier(scope, identifier, args)?)
         } else {
             None
         };
@@ -203,11 +203,12 @@ impl<S: BucketStore> Bucket<S> {
             store,
             limiter,
             rule,
-            key,
             target: Target {
                 endpoint: endpoint.to_owned(),
                 identifier,
+                key: key.as_str().to_owned(),
             },
+            key,
         })
     }
 
@@ -274,13 +275,15 @@ impl<S: BucketStore> Bucket<S> {
     /// # Errors
     /// Exit 3 when the store failed.
     pub(crate) async fn reset(&self) -> Result<ResetReport, CliError> {
-        self.limiter
+        let existed = self
+            .limiter
             .reset(&self.target.endpoint, self.identifier())
             .await
             .map_err(|err| redis_error("reset", &err))?;
         Ok(ResetReport {
             target: self.target.clone(),
             limit: self.rule.max_tokens(),
+            existed,
         })
     }
 }
@@ -291,6 +294,37 @@ fn redis_error(operation: &str, err: &RateLimitError) -> CliError {
         code: Some(err.code()),
         ..CliError::redis(format!("{operation} failed: {err}"))
     }
+}
+
+/// The identifier the service uses for `identifier` under `scope`.
+///
+/// For `ip` rules the text is read as an address and grouped as the HTTP layer groups
+/// clients ([`IpGrouping`], with the `--ipv4-prefix`/`--ipv6-prefix` given), so that `::1`,
+/// `[::1]` and `0::1` all name the service's `::/64` bucket. Anything else is a usage error
+/// unless `--raw-identifier` says the service writes its own identifiers.
+///
+/// # Errors
+/// Exit 2 for an `ip` rule and a text that is not an address.
+fn service_identifier(
+    scope: RateLimitScope,
+    identifier: &str,
+    args: &BucketArgs,
+) -> Result<String, CliError> {
+    if scope != RateLimitScope::Ip || args.raw_identifier {
+        return Ok(identifier.to_owned());
+    }
+    IpGrouping::new()
+        .ipv4_prefix(args.ipv4_prefix)
+        .ipv6_prefix(args.ipv6_prefix)
+        .normalize(identifier)
+        .map_err(|err| {
+            CliError::usage(format!(
+                "--identifier: the rule for {:?} has scope ip, and {err}; pass the client's \
+                 address (1.2.3.4, ::1, [2001:db8::1]), or --raw-identifier if the service's \
+                 own identifier extractor writes something else for ip rules",
+                args.endpoint
+            ))
+        })
 }
 
 fn identifier_meaning(scope: &str) -> &'static str {
@@ -321,6 +355,9 @@ mod tests {
         BucketArgs {
             endpoint: endpoint.to_owned(),
             identifier: identifier.map(str::to_owned),
+            ipv6_prefix: 64,
+            ipv4_prefix: 32,
+            raw_identifier: false,
             connection: ConnectionArgs {
                 rules: Some(PathBuf::from("rules.toml")),
                 redis_url: None,
@@ -444,6 +481,88 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(prefix.exit(), Exit::Usage);
+    }
+
+    /// `reset -i ::1` used to reset `rate_limit:ip:::1:GET /x`, a key the service never
+    /// writes: the layer groups IPv6 clients by /64.
+    #[test]
+    fn ip_identifiers_are_grouped_as_the_service_groups_them() {
+        let key_of = |args: &BucketArgs, scope: RateLimitScope| {
+            let rules = RuleSet::try_from_rules([("GET /x", rule(scope))]).unwrap();
+            Bucket::with_store(
+                MockBucketStore::new(),
+                rules,
+                rule(scope),
+                args,
+                "rate_limit",
+            )
+            .map(|bucket| (bucket.key.as_str().to_owned(), bucket.target.identifier))
+        };
+        for (typed, identifier) in [
+            ("::1", "::/64"),
+            ("[::1]", "::/64"),
+            ("0:0::1", "::/64"),
+            ("::/64", "::/64"),
+            ("2001:DB8::1:2", "2001:db8::/64"),
+            ("::ffff:192.0.2.7", "192.0.2.7"),
+            ("fe80::1%eth0", "fe80::/64"),
+            (" 192.0.2.7", "192.0.2.7"),
+        ] {
+            let (key, shown) = key_of(&args("GET /x", Some(typed)), RateLimitScope::Ip).unwrap();
+            assert_eq!(key, format!("rate_limit:ip:{identifier}:GET /x"), "{typed}");
+            assert_eq!(shown.as_deref(), Some(identifier));
+        }
+        // The service's grouping, when it is not the default.
+        let mut fine = args("GET /x", Some("2001:db8::1:2"));
+        fine.ipv6_prefix = 128;
+        fine.ipv4_prefix = 24;
+        assert_eq!(
+            key_of(&fine, RateLimitScope::Ip).unwrap().0,
+            "rate_limit:ip:2001:db8::1:2:GET /x"
+        );
+        fine.identifier = Some("192.0.2.7".to_owned());
+        assert_eq!(
+            key_of(&fine, RateLimitScope::Ip).unwrap().0,
+            "rate_limit:ip:192.0.2.0/24:GET /x"
+        );
+        // Not an address: a usage error that says what to pass.
+        for bad in ["alice", "1.2.3.4:80", "2001:db8::/48", "[::1"] {
+            let err = key_of(&args("GET /x", Some(bad)), RateLimitScope::Ip).unwrap_err();
+            assert_eq!(err.exit(), Exit::Usage, "{bad}");
+            assert!(err.message.contains("--raw-identifier"), "{}", err.message);
+        }
+        // Unless the operator says the service writes its own identifiers.
+        let mut raw = args("GET /x", Some("alice"));
+        raw.raw_identifier = true;
+        assert_eq!(
+            key_of(&raw, RateLimitScope::Ip).unwrap().0,
+            "rate_limit:ip:alice:GET /x"
+        );
+        // Other scopes take the identifier as it is.
+        assert_eq!(
+            key_of(&args("GET /x", Some("::1")), RateLimitScope::User)
+                .unwrap()
+                .0,
+            "rate_limit:user:::1:GET /x"
+        );
+    }
+
+    #[tokio::test]
+    async fn reset_says_whether_there_was_a_bucket() {
+        for existed in [true, false] {
+            let mut store = MockBucketStore::new();
+            store
+                .expect_reset()
+                .withf(|key, _| key.as_str() == "rate_limit:ip:::/64:GET /x")
+                .times(1)
+                .returning(move |_, _| Ok(existed));
+            let report = bucket(store, RateLimitScope::Ip, Some("[::1]"))
+                .reset()
+                .await
+                .unwrap();
+            assert_eq!(report.existed, existed);
+            assert_eq!(report.target.key, "rate_limit:ip:::/64:GET /x");
+        }
     }
 
     #[test]

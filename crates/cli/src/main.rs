@@ -11,16 +11,13 @@
 //! The modules: [`cli`] (arguments), [`commands`] (what each command does), [`output`]
 //! (rendering), [`error`] (exit codes), [`store`] (a store wrapper that keeps the last error).
 
-// A command-line tool's job is to print its results on stdout.
-#![allow(clippy::print_stdout)]
-
 mod cli;
 mod commands;
 mod error;
 mod output;
 mod store;
 
-use std::io::IsTerminal as _;
+use std::io::{IsTerminal as _, Write};
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -49,28 +46,48 @@ fn main() -> ExitCode {
         ))),
     };
 
-    let exit = match outcome {
+    let (stdout, stderr, exit) = match outcome {
         Ok(report) => {
             let text = if cli.json {
                 format!("{}\n", report.json())
             } else {
                 report.human()
             };
-            print!("{}", output::scrub(&text, &secrets));
-            report.exit()
+            (text, String::new(), report.exit())
         }
         Err(err) => {
-            if cli.json {
-                println!(
-                    "{}",
-                    output::scrub(&output::error_json(&err).to_string(), &secrets)
-                );
-            }
-            eprint!("{}", output::scrub(&output::error_human(&err), &secrets));
-            err.exit()
+            let stdout = if cli.json {
+                format!("{}\n", output::error_json(&err))
+            } else {
+                String::new()
+            };
+            (stdout, output::error_human(&err), err.exit())
         }
     };
+    let stdout = output::scrub(&stdout, &secrets);
+    let stderr = output::scrub(&stderr, &secrets);
+    // Output written with error handling, never `print!` (which panics on a closed pipe):
+    // a reader that went away (`ratelimit … | head -0`) is not an error of the command, so
+    // the command's own exit code stands and nothing more is said. Any other failure to write
+    // the result is reported on stderr and exits 2.
+    let mut exit = exit;
+    if let Err(err) = write_all(&mut std::io::stdout().lock(), &stdout)
+        && err.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        let _ = write_all(
+            &mut std::io::stderr().lock(),
+            &format!("ratelimit: error: cannot write the output: {err}\n"),
+        );
+        exit = error::Exit::Usage;
+    }
+    let _ = write_all(&mut std::io::stderr().lock(), &stderr);
     exit.into()
+}
+
+/// Writes `text` and flushes.
+fn write_all(out: &mut impl Write, text: &str) -> std::io::Result<()> {
+    out.write_all(text.as_bytes())?;
+    out.flush()
 }
 
 /// Logs of the libraries (resets, fail-open warnings…) on stderr, only when `RUST_LOG` asks

@@ -14,8 +14,11 @@ use crate::error::{CliError, Exit};
 pub(crate) struct Target {
     /// The endpoint, as named in the rules file.
     pub(crate) endpoint: String,
-    /// Whose bucket; `None` for the global scope, whose one bucket belongs to nobody.
+    /// Whose bucket, as the service writes it (an `ip` rule's address grouped like the
+    /// service's); `None` for the global scope, whose one bucket belongs to nobody.
     pub(crate) identifier: Option<String>,
+    /// The bucket's key (without the store's suffixes `:tokens`, `:time`, `:tb`).
+    pub(crate) key: String,
 }
 
 impl Target {
@@ -59,6 +62,9 @@ pub(crate) struct ResetReport {
     pub(crate) target: Target,
     /// The bucket's capacity, which it holds again.
     pub(crate) limit: u64,
+    /// Whether there was a bucket to reset; a missing one is already full, or is not the
+    /// service's (another endpoint, identifier, grouping, key prefix or database).
+    pub(crate) existed: bool,
 }
 
 /// The outcome of `rules check`.
@@ -111,11 +117,7 @@ impl Report {
         let mut out = match self {
             Self::Check(check) => check_line(check),
             Self::Remaining(remaining) => remaining_line(remaining),
-            Self::Reset(reset) => format!(
-                "reset: the bucket of {} is full again ({})",
-                reset.target.describe(),
-                tokens_left(reset.limit, reset.limit)
-            ),
+            Self::Reset(reset) => reset_lines(reset),
             Self::Rules(rules) => rules_lines(rules),
         };
         if !out.ends_with('\n') {
@@ -144,6 +146,7 @@ impl Report {
             Self::Remaining(remaining) => json!({
                 "endpoint": remaining.target.endpoint,
                 "identifier": remaining.target.identifier,
+                "key": remaining.target.key,
                 "remaining": remaining.remaining,
                 "limit": remaining.limit,
                 "enabled": remaining.enabled,
@@ -151,7 +154,9 @@ impl Report {
             Self::Reset(reset) => json!({
                 "endpoint": reset.target.endpoint,
                 "identifier": reset.target.identifier,
+                "key": reset.target.key,
                 "reset": true,
+                "existed": reset.existed,
                 "remaining": reset.limit,
                 "limit": reset.limit,
             }),
@@ -231,7 +236,30 @@ fn remaining_line(report: &RemainingReport) -> String {
     if !report.enabled {
         line.push_str("; the rule is disabled, nothing is limited");
     }
+    // Writing to a String cannot fail.
+    let _ = write!(line, "\n  key: {}", report.target.key);
     line
+}
+
+fn reset_lines(reset: &ResetReport) -> String {
+    let full = tokens_left(reset.limit, reset.limit);
+    if reset.existed {
+        format!(
+            "reset: the bucket of {} is full again ({full})\n  key: {}",
+            reset.target.describe(),
+            reset.target.key
+        )
+    } else {
+        format!(
+            "reset: there was no bucket to reset for {} (it is full: {full})\n  key: {}\n  \
+             Either it was already full (a bucket is dropped once it refills), or the service \
+             keeps this client's bucket under another key: check the endpoint, the identifier, \
+             --ipv6-prefix/--ipv4-prefix (ip rules), --key-prefix, --layout and the Redis \
+             database.",
+            reset.target.describe(),
+            reset.target.key
+        )
+    }
 }
 
 fn rules_lines(report: &RulesReport) -> String {
@@ -349,6 +377,7 @@ mod tests {
         Target {
             endpoint: "POST /login".to_owned(),
             identifier: Some("1.2.3.4".to_owned()),
+            key: "rate_limit:ip:1.2.3.4:POST /login".to_owned(),
         }
     }
 
@@ -450,7 +479,7 @@ mod tests {
         });
         assert_eq!(
             remaining.human(),
-            "remaining: 5 of 5 tokens left (nothing consumed); the rule is disabled, nothing is limited\n"
+            "remaining: 5 of 5 tokens left (nothing consumed); the rule is disabled, nothing is limited\n  key: rate_limit:ip:1.2.3.4:POST /login\n"
         );
     }
 
@@ -464,26 +493,52 @@ mod tests {
         });
         assert_eq!(
             remaining.human(),
-            "remaining: 1 of 1 token left (nothing consumed)\n"
+            "remaining: 1 of 1 token left (nothing consumed)\n  key: rate_limit:ip:1.2.3.4:POST /login\n"
         );
         assert_eq!(
             remaining.json(),
-            json!({"endpoint": "POST /login", "identifier": "1.2.3.4", "remaining": 1, "limit": 1, "enabled": true})
+            json!({"endpoint": "POST /login", "identifier": "1.2.3.4", "key": "rate_limit:ip:1.2.3.4:POST /login", "remaining": 1, "limit": 1, "enabled": true})
         );
 
+        let global = Target {
+            endpoint: "GET /x".to_owned(),
+            identifier: None,
+            key: "rate_limit:global:GET /x".to_owned(),
+        };
         let reset = Report::Reset(ResetReport {
-            target: Target {
-                endpoint: "GET /x".to_owned(),
-                identifier: None,
-            },
+            target: global.clone(),
             limit: 5,
+            existed: true,
         });
         assert_eq!(
             reset.human(),
-            "reset: the bucket of everyone on GET /x (global) is full again (5 of 5 tokens left)\n"
+            "reset: the bucket of everyone on GET /x (global) is full again (5 of 5 tokens left)\n  key: rate_limit:global:GET /x\n"
         );
         assert_eq!(reset.json()["identifier"], Value::Null);
+        assert_eq!(reset.json()["existed"], true);
+        assert_eq!(reset.json()["key"], "rate_limit:global:GET /x");
         assert_eq!(reset.exit(), Exit::Success);
+
+        // Nothing to reset: still done (exit 0), but said, with what to check.
+        let nothing = Report::Reset(ResetReport {
+            target: target(),
+            limit: 5,
+            existed: false,
+        });
+        let human = nothing.human();
+        assert!(
+            human.starts_with(
+                "reset: there was no bucket to reset for 1.2.3.4 on POST /login (it is full: 5 of 5 tokens left)\n  key: rate_limit:ip:1.2.3.4:POST /login\n"
+            ),
+            "{human}"
+        );
+        for hint in ["endpoint", "identifier", "--ipv6-prefix", "--key-prefix"] {
+            assert!(human.contains(hint), "{human}");
+        }
+        assert!(!human.contains("full again"), "{human}");
+        assert_eq!(nothing.json()["existed"], false);
+        assert_eq!(nothing.json()["reset"], true);
+        assert_eq!(nothing.exit(), Exit::Success);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
+use ratelimit_domain::RateLimiterExt as _;
 use ratelimit_tests::redis_server::{TestRedis, free_port, unique_prefix};
 use serde_json::Value;
 
@@ -260,7 +261,10 @@ fn remaining_consumes_nothing() {
         assert_eq!(run.code, 0, "{run:?}");
         assert_eq!(
             run.stdout,
-            "remaining: 3 of 3 tokens left (nothing consumed)\n"
+            format!(
+                "remaining: 3 of 3 tokens left (nothing consumed)\n  key: {}:ip:192.0.2.1:{LOGIN}\n",
+                fx.prefix
+            )
         );
     }
     assert_eq!(fx.run("check", LOGIN, Some("192.0.2.1"), &[]).code, 0);
@@ -272,6 +276,7 @@ fn remaining_consumes_nothing() {
         serde_json::json!({
             "endpoint": LOGIN,
             "identifier": "192.0.2.1",
+            "key": format!("{}:ip:192.0.2.1:{LOGIN}", fx.prefix),
             "remaining": 2,
             "limit": 3,
             "enabled": true,
@@ -299,7 +304,10 @@ fn reset_unlocks_a_user() {
     assert_eq!(reset.code, 0, "{reset:?}");
     assert_eq!(
         reset.stdout,
-        format!("reset: the bucket of 203.0.113.7 on {LOGIN} is full again (3 of 3 tokens left)\n")
+        format!(
+            "reset: the bucket of 203.0.113.7 on {LOGIN} is full again (3 of 3 tokens left)\n  key: {}:ip:203.0.113.7:{LOGIN}\n",
+            fx.prefix
+        )
     );
 
     let again = fx.run("check", LOGIN, user, &[]);
@@ -308,7 +316,9 @@ fn reset_unlocks_a_user() {
 
     let json = fx.run("reset", LOGIN, user, &["--json"]).json();
     assert_eq!(json["reset"], true);
+    assert_eq!(json["existed"], true);
     assert_eq!(json["remaining"], 3);
+    assert_eq!(json["key"], format!("{}:ip:203.0.113.7:{LOGIN}", fx.prefix));
 }
 
 #[test]
@@ -336,9 +346,10 @@ fn the_cli_addresses_the_same_buckets_as_the_service() {
         assert_eq!(result.remaining, 1);
     });
     let run = fx.run("remaining", LOGIN, Some("192.0.2.9"), &[]);
-    assert_eq!(
-        run.stdout,
-        "remaining: 1 of 3 tokens left (nothing consumed)\n"
+    assert!(
+        run.stdout
+            .starts_with("remaining: 1 of 3 tokens left (nothing consumed)\n"),
+        "{run:?}"
     );
 
     // Another prefix is another service's buckets.
@@ -464,7 +475,7 @@ fn redis_down_is_exit_3_and_never_shows_the_password() {
             "-e",
             LOGIN,
             "-i",
-            "a",
+            "192.0.2.1",
             "--rules",
             rules.path(),
             "--timeout-ms",
@@ -670,4 +681,176 @@ fn the_compact_layout_option_addresses_the_service_s_compact_buckets() {
         redis::Value::Int(0)
     ));
     assert_eq!(run(&check).code, 0);
+}
+
+/// The service limited `[::1]` (the layer writes its bucket as `::/64`); the operator types
+/// `::1`. Before the shared normalisation the CLI reset `…:ip:::1:…`, said "full again", and
+/// the client stayed locked out.
+#[test]
+fn reset_and_remaining_find_the_bucket_the_service_used_for_an_ipv6_client() {
+    let fx = Fixture::new();
+    let rules = ratelimit_container::load_rules_file(fx.rules.path()).unwrap();
+    let config = ratelimit_container::ContainerConfig::redis(fx.redis.url.clone(), rules)
+        .with_key_prefix(fx.prefix.clone())
+        .with_event_logging(false);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // What the HTTP layer writes for a client at [::1].
+    let service_identifier =
+        ratelimit_domain::IpGrouping::default().identifier("::1".parse().unwrap());
+    assert_eq!(service_identifier, "::/64");
+    let container = runtime.block_on(async {
+        let container = ratelimit_container::Container::build(config).await.unwrap();
+        for _ in 0..3 {
+            let result = container
+                .rate_limiter()
+                .is_allowed(LOGIN, &service_identifier)
+                .await
+                .unwrap();
+            assert!(result.allowed);
+        }
+        container
+    });
+    let key = format!("{}:ip:::/64:{LOGIN}", fx.prefix);
+
+    for typed in ["::1", "[::1]", "0:0:0:0:0:0:0:1", "::/64"] {
+        let remaining = fx.run("remaining", LOGIN, Some(typed), &["--json"]);
+        assert_eq!(remaining.code, 0, "{remaining:?}");
+        assert_eq!(remaining.json()["remaining"], 0, "{typed}: {remaining:?}");
+        assert_eq!(remaining.json()["key"], key.as_str());
+        assert_eq!(remaining.json()["identifier"], "::/64");
+    }
+
+    let reset = fx.run("reset", LOGIN, Some("::1"), &[]);
+    assert_eq!(reset.code, 0, "{reset:?}");
+    assert_eq!(
+        reset.stdout,
+        format!(
+            "reset: the bucket of ::/64 on {LOGIN} is full again (3 of 3 tokens left)\n  key: {key}\n"
+        )
+    );
+    runtime.block_on(async {
+        let result = container
+            .rate_limiter()
+            .is_allowed(LOGIN, &service_identifier)
+            .await
+            .unwrap();
+        assert!(result.allowed, "the service's own bucket was reset");
+    });
+
+    // The service's grouping, when it is not the default: --ipv6-prefix 128.
+    let fine = fx.run(
+        "remaining",
+        LOGIN,
+        Some("[::1]"),
+        &["--ipv6-prefix", "128", "--json"],
+    );
+    assert_eq!(fine.json()["key"], format!("{}:ip:::1:{LOGIN}", fx.prefix));
+}
+
+#[test]
+fn reset_of_a_bucket_that_does_not_exist_says_so() {
+    let fx = Fixture::new();
+    let run = fx.run("reset", LOGIN, Some("198.51.100.77"), &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.starts_with(&format!(
+            "reset: there was no bucket to reset for 198.51.100.77 on {LOGIN}"
+        )),
+        "{run:?}"
+    );
+    assert!(!run.stdout.contains("full again"), "{run:?}");
+    for hint in ["endpoint", "identifier", "--ipv6-prefix", "--key-prefix"] {
+        assert!(run.stdout.contains(hint), "{hint}: {run:?}");
+    }
+    let json = fx.run("reset", LOGIN, Some("198.51.100.77"), &["--json"]);
+    assert_eq!(json.code, 0, "{json:?}");
+    assert_eq!(json.json()["existed"], false);
+    assert_eq!(
+        json.json()["key"],
+        format!("{}:ip:198.51.100.77:{LOGIN}", fx.prefix)
+    );
+}
+
+#[test]
+fn an_ip_rule_refuses_an_identifier_that_is_not_an_address_unless_raw() {
+    let fx = Fixture::new();
+    for command in ["check", "remaining", "reset"] {
+        let run = fx.run(command, LOGIN, Some("alice"), &[]);
+        assert_eq!(run.code, 2, "{command}: {run:?}");
+        assert!(run.stderr.contains("--raw-identifier"), "{run:?}");
+        assert!(run.stdout.is_empty(), "{run:?}");
+    }
+    let raw = fx.run(
+        "remaining",
+        LOGIN,
+        Some("alice"),
+        &["--raw-identifier", "--json"],
+    );
+    assert_eq!(raw.code, 0, "{raw:?}");
+    assert_eq!(raw.json()["key"], format!("{}:ip:alice:{LOGIN}", fx.prefix));
+    // A user rule takes any identifier, as it is.
+    let user = fx.run(
+        "remaining",
+        "POST /api/v1/exports",
+        Some("::1"),
+        &["--json"],
+    );
+    assert_eq!(user.json()["identifier"], "::1");
+}
+
+/// `ratelimit --json rules check FILE | true`: stdout is a pipe whose reader is gone. The CLI
+/// used to panic on the write (exit 101); it now ends quietly with the command's own code.
+#[test]
+fn a_closed_stdout_pipe_ends_the_command_quietly() {
+    let good = RulesFile::new(RULES);
+    let bad =
+        RulesFile::new("[rules.\"GET /x\"]\nmax_tokens = 0\nrefill_rate = 1.0\nscope = \"ip\"\n");
+    for (args, expected) in [
+        (vec!["--json", "rules", "check", good.path()], 0),
+        (vec!["rules", "check", good.path()], 0),
+        (vec!["--json", "rules", "check", bad.path()], 2),
+        // An error with --json writes its JSON to stdout, the line to stderr.
+        (vec!["--json", "check", "-e", LOGIN, "-i", "192.0.2.1"], 2),
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_ratelimit"))
+            .args(&args)
+            .env_remove("REDIS_URL")
+            .env_remove("RATELIMIT_RULES")
+            .env_remove("RUST_LOG")
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        if expected == 0 {
+            assert!(stderr.is_empty(), "{args:?}: {stderr}");
+        }
+    }
+}
+
+/// `"get /x "` (lower-case method, trailing space) can never match a request: a rule that
+/// limits nothing. `rules check` used to call the file valid.
+#[test]
+fn rules_check_refuses_an_endpoint_no_request_can_match() {
+    let bad =
+        RulesFile::new("[rules.\"get /x \"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\n");
+    let run = ratelimit(&["rules", "check", bad.path()], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stdout.starts_with("invalid: ") && run.stdout.contains("field endpoint"),
+        "{run:?}"
+    );
+    let json = ratelimit(&["--json", "rules", "check", bad.path()], &[]);
+    assert_eq!(json.code, 2, "{json:?}");
+    assert_eq!(
+        (json.json()["rule"].clone(), json.json()["field"].clone()),
+        ("get /x ".into(), "endpoint".into())
+    );
 }

@@ -1,13 +1,16 @@
 //! Rules from a TOML file.
 //!
 //! ```toml
-//! [rules."POST /api/v1/sessions"]
+//! [rules."POST /api/v1/sessions"]  # METHOD /path: upper-case method, one space, a path
 //! max_tokens = 5
 //! refill_rate = 5.0        # tokens per minute
 //! scope = "ip"             # ip | user | user_provider | global
 //! cost = 1                 # optional, default 1
 //! enabled = true           # optional, default true
 //! ```
+//!
+//! Endpoints are checked here (not in the domain's `RuleSet`, which accepts any name): an
+//! endpoint the HTTP layer can never produce (`"get /x "`) would be a rule that limits nothing.
 //!
 //! Every problem is reported with the rule, the field and the reason, so that a bad file
 //! stops a service at start-up with a message that says what to fix.
@@ -65,7 +68,8 @@ pub fn load_rules_file(path: impl AsRef<Path>) -> Result<RuleSet> {
     })
 }
 
-/// Parses and validates rules written in TOML: one `[rules."<endpoint>"]` table per rule with
+/// Parses and validates rules written in TOML: one `[rules."METHOD /path"]` table per rule
+/// (an upper-case method token, exactly one space, a path starting with `/`) with
 /// `max_tokens`, `refill_rate` (tokens per minute), `scope` (`ip`, `user`, `user_provider` or
 /// `global`), and optionally `cost` (default 1) and `enabled` (default true); unknown fields are
 /// errors.
@@ -81,12 +85,62 @@ pub fn parse_rules(text: &str) -> Result<RuleSet> {
     })?;
     let mut rules = RuleSet::new();
     for (endpoint, raw) in file.rules {
+        check_endpoint(&endpoint)?;
         let rule = build(&endpoint, &raw)?;
         rules
             .insert(endpoint.clone(), rule)
             .map_err(|err| problem(&endpoint, "endpoint", err.message()))?;
     }
     Ok(rules)
+}
+
+/// Checks that `endpoint` is one the HTTP layer can produce: `METHOD /path`, an upper-case
+/// method token (RFC 9110 `tchar`s, no lower-case letters), exactly one space, and a path
+/// that starts with `/` and holds no whitespace; no control characters, no surrounding space.
+fn check_endpoint(endpoint: &str) -> Result<()> {
+    let fail = |reason: String| Err(problem(endpoint, "endpoint", &reason));
+    const SHAPE: &str = "an endpoint is `METHOD /path`, e.g. \"POST /api/v1/sessions\"";
+    if endpoint.is_empty() {
+        return fail(format!("is empty; {SHAPE}"));
+    }
+    if endpoint.chars().any(char::is_control) {
+        return fail(format!("holds a control character; {SHAPE}"));
+    }
+    if endpoint.trim() != endpoint {
+        return fail(format!(
+            "has leading or trailing whitespace, which no request's endpoint has; {SHAPE}"
+        ));
+    }
+    let Some((method, path)) = endpoint.split_once(' ') else {
+        return fail(format!("has no space between method and path; {SHAPE}"));
+    };
+    if method.is_empty() || !method.bytes().all(is_tchar) {
+        return fail(format!(
+            "the method {method:?} is not an HTTP method token; {SHAPE}"
+        ));
+    }
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        return fail(format!(
+            "the method {method:?} must be upper-case (methods are case-sensitive: {:?}, \
+             not {method:?})",
+            method.to_ascii_uppercase()
+        ));
+    }
+    if path.chars().any(char::is_whitespace) {
+        return fail(format!(
+            "exactly one space separates method and path, and a path holds no whitespace; \
+             {SHAPE}"
+        ));
+    }
+    if !path.starts_with('/') {
+        return fail(format!("the path must start with /, got {path:?}; {SHAPE}"));
+    }
+    Ok(())
+}
+
+/// RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn build(endpoint: &str, raw: &RawRule) -> Result<RateLimitRule> {
@@ -277,6 +331,70 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.details()["field"], "max_tokens");
+    }
+
+    /// `"get /x "` was accepted: a rule no request can ever match, so nothing is limited.
+    #[test]
+    fn endpoints_that_no_request_can_match_are_refused_naming_the_rule() {
+        for (endpoint, reason) in [
+            ("get /x ", "whitespace"),
+            ("get /x", "upper-case"),
+            ("Get /x", "upper-case"),
+            (" GET /x", "whitespace"),
+            ("GET /x\t", "control"),
+            ("GET  /x", "no whitespace"),
+            ("GET\t/x", "control"),
+            ("GET /a b", "no whitespace"),
+            ("GET x", "the path must start with /"),
+            ("GET", "no space"),
+            ("/x", "no space"),
+            ("", "empty"),
+            (" /x", "whitespace"),
+            ("G(T /x", "not an HTTP method token"),
+            ("GET /x\u{7f}", "control"),
+            ("GET /x\u{85}", "control"),
+        ] {
+            let toml_key: String = endpoint
+                .chars()
+                .map(|c| match c {
+                    '"' | '\\' => format!("\\{c}"),
+                    c if c.is_control() => format!("\\u{:04X}", u32::from(c)),
+                    c => c.to_string(),
+                })
+                .collect();
+            let err = error_of(&format!(
+                "[rules.\"{toml_key}\"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\n"
+            ));
+            assert_eq!(err.code(), ErrorCode::Configuration, "{endpoint:?}");
+            assert_eq!(
+                err.details().get("rule").map(String::as_str),
+                Some(endpoint),
+                "{endpoint:?}: {err}"
+            );
+            assert_eq!(err.details()["field"], "endpoint", "{endpoint:?}");
+            assert!(err.message().contains(reason), "{endpoint:?}: {err}");
+        }
+        for endpoint in [
+            "GET /",
+            "GET /users/{id}",
+            "POST /api/v1/sessions",
+            "M-SEARCH /upnp",
+            "FETCH /x",
+            "GET /users/:id",
+            "GET /café",
+        ] {
+            let text = format!(
+                "[rules.\"{endpoint}\"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\n"
+            );
+            assert!(parse_rules(&text).is_ok(), "{endpoint:?}");
+        }
+    }
+
+    #[test]
+    fn the_repository_s_example_rules_load() {
+        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../http/examples/rules.toml");
+        let rules = load_rules_file(examples).unwrap();
+        assert!(!rules.is_empty());
     }
 
     #[test]

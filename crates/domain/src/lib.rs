@@ -7,6 +7,8 @@
 //!   validated when it is built ([`RuleError`]).
 //! - [`RuleSet`]: endpoint → rule, looked up in O(1) on every check.
 //! - [`BucketKey`]: the storage key of one bucket, built from untrusted identifiers.
+//! - [`IpGrouping`]: the identifier of a client IP address (canonical form, IPv6 by `/64`),
+//!   shared by the HTTP layer and the admin CLI.
 //! - [`token_bucket`]: the pure token-bucket step that every store must reproduce exactly.
 //! - [`RateLimitResult`], [`BucketDecision`] and [`DecisionSource`]: what a check answers.
 //! - [`RateLimitEvent`] and its three variants: what a check tells observers.
@@ -17,6 +19,7 @@
 //! With the `mocks` feature, mockall mocks of the ports are exported
 //! (`MockBucketStore`, `MockEventBus`, `MockRateLimiter`).
 
+pub mod client_ip;
 mod clock;
 mod error;
 mod event;
@@ -29,6 +32,7 @@ mod rules;
 mod scope;
 pub mod token_bucket;
 
+pub use client_ip::{ClientIpError, IpGrouping, parse_client_ip};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ErrorCode, RateLimitError, Result};
 pub use event::{

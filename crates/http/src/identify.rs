@@ -346,6 +346,36 @@ mod tests {
         );
     }
 
+    /// The identifier the layer writes is the one the admin CLI computes from any spelling of
+    /// the address an operator types (both use the domain's `IpGrouping`).
+    #[test]
+    fn the_layer_and_the_cli_normalisation_agree() {
+        let plain = DefaultExtractor::new();
+        let cli = ratelimit_adapter::domain::IpGrouping::default();
+        for (peer, typed) in [
+            ("[::1]:4000", "::1"),
+            ("[::1]:4000", "[0:0::1]"),
+            ("[2001:db8::1:2]:4000", "2001:DB8::1:2"),
+            ("[::ffff:198.51.100.7]:4000", "198.51.100.7"),
+            ("[::ffff:198.51.100.7]:4000", "::ffff:198.51.100.7"),
+            ("198.51.100.7:4000", "[::ffff:198.51.100.7]"),
+            ("[fe80::1]:4000", "fe80::1%eth0"),
+        ] {
+            let layer = identify(&plain, RateLimitScope::Ip, &parts(Some(peer), None, None));
+            assert_eq!(layer.ok(), cli.normalize(typed).ok(), "{peer} / {typed}");
+        }
+        let coarse = DefaultExtractor::new().ipv6_prefix(48);
+        let layer = identify(
+            &coarse,
+            RateLimitScope::Ip,
+            &parts(Some("[2001:db8:1:2::9]:1"), None, None),
+        );
+        assert_eq!(
+            layer.ok(),
+            cli.ipv6_prefix(48).normalize("2001:db8:1:ffff::1").ok()
+        );
+    }
+
     #[test]
     fn ip_scope_without_peer_is_a_500() {
         let err = identify(

@@ -1,11 +1,17 @@
 //! Client addresses: canonical form, grouping by prefix, and proxy trust.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::IpAddr;
 use std::str::FromStr;
 
 use http::HeaderMap;
 use http::header::{FORWARDED, HeaderName};
+use ratelimit_adapter::domain::client_ip::{mask, max_prefix};
+use ratelimit_adapter::domain::parse_client_ip;
+
+// How client addresses are grouped into buckets lives in the domain, shared with the admin
+// CLI so that both write the same identifier for the same client.
+pub use ratelimit_adapter::domain::IpGrouping;
 
 /// The `X-Forwarded-For` header name.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -140,111 +146,6 @@ impl fmt::Display for ParseIpNetError {
 
 impl std::error::Error for ParseIpNetError {}
 
-fn max_prefix(addr: IpAddr) -> u8 {
-    match addr {
-        IpAddr::V4(_) => 32,
-        IpAddr::V6(_) => 128,
-    }
-}
-
-/// `addr` with every bit after the first `prefix` cleared (`prefix` is clamped to the
-/// address's length).
-fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let keep = match u32::from(prefix.min(32)) {
-                0 => 0,
-                n => u32::MAX << (32 - n),
-            };
-            IpAddr::V4(Ipv4Addr::from(bits & keep))
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let keep = match u32::from(prefix.min(128)) {
-                0 => 0,
-                n => u128::MAX << (128 - n),
-            };
-            IpAddr::V6(Ipv6Addr::from(bits & keep))
-        }
-    }
-}
-
-/// How many leading bits of a client address name one client.
-///
-/// Addresses are first made canonical (an IPv4-mapped IPv6 address `::ffff:1.2.3.4` is the
-/// IPv4 address `1.2.3.4`), then grouped:
-///
-/// - IPv4: `/32` by default, one bucket per address, written `1.2.3.4`; a shorter prefix
-///   writes the network, `1.2.3.0/24`.
-/// - IPv6: `/64` by default, written as the network, `2001:db8:1:2::/64`. One host usually
-///   owns a whole `/64` and can pick any address in it, so per-address buckets would let it
-///   bypass the limit. `/128` writes the plain address.
-///
-/// The written form is RFC 5952's canonical text, so every spelling of an address yields
-/// the same identifier.
-///
-/// ```
-/// use ratelimit_http::IpGrouping;
-///
-/// let grouping = IpGrouping::default();
-/// assert_eq!(grouping.identifier("::ffff:192.0.2.7".parse()?), "192.0.2.7");
-/// assert_eq!(grouping.identifier("2001:DB8:0:0:1::7".parse()?), "2001:db8::/64");
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpGrouping {
-    ipv4_prefix: u8,
-    ipv6_prefix: u8,
-}
-
-impl Default for IpGrouping {
-    fn default() -> Self {
-        Self {
-            ipv4_prefix: 32,
-            ipv6_prefix: 64,
-        }
-    }
-}
-
-impl IpGrouping {
-    /// The default IPv6 prefix length.
-    pub const DEFAULT_IPV6_PREFIX: u8 = 64;
-
-    /// Groups IPv4 clients by their first `prefix` bits (values above 32 mean 32).
-    #[must_use]
-    pub fn ipv4_prefix(mut self, prefix: u8) -> Self {
-        self.ipv4_prefix = prefix.min(32);
-        self
-    }
-
-    /// Groups IPv6 clients by their first `prefix` bits (values above 128 mean 128).
-    #[must_use]
-    pub fn ipv6_prefix(mut self, prefix: u8) -> Self {
-        self.ipv6_prefix = prefix.min(128);
-        self
-    }
-
-    /// The prefix lengths in use: (IPv4, IPv6).
-    pub fn prefixes(&self) -> (u8, u8) {
-        (self.ipv4_prefix, self.ipv6_prefix)
-    }
-
-    /// The bucket identifier of a client address.
-    pub fn identifier(&self, ip: IpAddr) -> String {
-        let ip = ip.to_canonical();
-        let prefix = match ip {
-            IpAddr::V4(_) => self.ipv4_prefix,
-            IpAddr::V6(_) => self.ipv6_prefix,
-        };
-        if prefix == max_prefix(ip) {
-            ip.to_string()
-        } else {
-            format!("{}/{prefix}", mask(ip, prefix))
-        }
-    }
-}
-
 /// Which header the trusted proxies maintain.
 ///
 /// Only one is read: a proxy that maintains `X-Forwarded-For` passes a client's own
@@ -270,9 +171,16 @@ pub enum ForwardedHeader {
 /// 2. Otherwise walk the header's hops from right (nearest) to left. Each hop was written by
 ///    the trusted proxy to its right; the first hop that is not itself a trusted proxy is the
 ///    client.
-/// 3. A hop that cannot be read (garbage, `unknown`, an obfuscated `_name`) stops the walk:
-///    the client is the last address known for sure (the trusted proxy that handed the
-///    request over). If every hop is trusted, the left-most one is the client.
+/// 3. A hop that cannot be read (garbage, `unknown`, an obfuscated `_name`, an unterminated
+///    quoted-string) stops the walk: the client is the last address known for sure (the last
+///    hop a trusted proxy added, or the peer). If every hop is trusted, the left-most one read
+///    is the client.
+///
+/// Each header line is split into elements from its right end, so what a client wrote on the
+/// left (an unterminated quote, a stray comma, bytes that are not ASCII) cannot change how the
+/// elements its proxies appended are split: the right-most element a trusted proxy added
+/// always wins. Work is bounded by [`MAX_HOPS`](Self::MAX_HOPS) and
+/// [`MAX_SCAN_BYTES`](Self::MAX_SCAN_BYTES).
 ///
 /// Addresses are compared and returned in canonical form (IPv4-mapped IPv6 → IPv4).
 ///
@@ -326,118 +234,309 @@ impl ClientIpResolver {
     }
 
     /// The client address of a request that arrived from `peer` with `headers`.
+    ///
+    /// Bounded work: at most [`MAX_HOPS`](Self::MAX_HOPS) elements and
+    /// [`MAX_SCAN_BYTES`](Self::MAX_SCAN_BYTES) bytes of the header are read, from the right;
+    /// a chain of trusted proxies longer than that ends at the last hop read.
     pub fn resolve(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let mut client = peer.to_canonical();
         if !self.is_trusted(client) {
             return client;
         }
-        let hops = match self.header {
-            ForwardedHeader::XForwardedFor => x_forwarded_for_hops(headers),
-            ForwardedHeader::Forwarded => forwarded_hops(headers),
+        let name = match self.header {
+            ForwardedHeader::XForwardedFor => X_FORWARDED_FOR,
+            ForwardedHeader::Forwarded => FORWARDED,
         };
-        for hop in hops.into_iter().rev() {
-            let Some(ip) = hop else {
-                return client;
-            };
-            client = ip.to_canonical();
-            if !self.is_trusted(client) {
-                return client;
+        let lines = headers
+            .get_all(name)
+            .iter()
+            .rev()
+            .map(|value| value.as_bytes());
+        for hop in HopsFromRight::new(lines, self.header) {
+            match hop {
+                Hop::Empty => {}
+                Hop::Unreadable => return client,
+                Hop::Address(ip) => {
+                    client = ip.to_canonical();
+                    if !self.is_trusted(client) {
+                        return client;
+                    }
+                }
             }
         }
         client
     }
+
+    /// The most header elements (hops, empty ones included) [`resolve`](Self::resolve) reads.
+    pub const MAX_HOPS: usize = 32;
+
+    /// The most header bytes [`resolve`](Self::resolve) reads, over all lines.
+    pub const MAX_SCAN_BYTES: usize = 8 * 1024;
 }
 
-/// The hops of every `X-Forwarded-For` line, in order; `None` for one that cannot be read.
-fn x_forwarded_for_hops(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let mut hops = Vec::new();
-    for value in headers.get_all(X_FORWARDED_FOR) {
-        match value.to_str() {
-            Ok(text) => hops.extend(text.split(',').map(parse_node)),
-            Err(_) => hops.push(None),
+/// One element of a forwarding header, read from the right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    /// An empty list element (`a, , b`): ignored, as RFC 9110 asks of list recipients.
+    Empty,
+    /// An element that names no address: garbage, `unknown`, an obfuscated `_name`, an
+    /// element without `for=`, an unterminated quoted-string, or one past the reading limits.
+    Unreadable,
+    /// The address an element names.
+    Address(IpAddr),
+}
+
+/// The elements of every line of a forwarding header, right-most first.
+///
+/// Each line is split from its right end, so how an element is delimited depends only on
+/// the text to its right: what a client wrote on the left (an unterminated quote, a stray
+/// comma, bytes that are not ASCII) can never change how the elements the proxies appended
+/// are split. Lines are separate lists (a quoted-string never runs from one line into the
+/// next), read last line first.
+struct HopsFromRight<'a, I> {
+    lines: I,
+    /// The part of the current line not yet read; `None` when the line is done.
+    rest: Option<&'a [u8]>,
+    header: ForwardedHeader,
+    hops_left: usize,
+    bytes_left: usize,
+    /// Set once an element made the rest unreadable: nothing more is yielded.
+    done: bool,
+}
+
+impl<'a, I: Iterator<Item = &'a [u8]>> HopsFromRight<'a, I> {
+    fn new(lines: I, header: ForwardedHeader) -> Self {
+        Self {
+            lines,
+            rest: None,
+            header,
+            hops_left: ClientIpResolver::MAX_HOPS,
+            bytes_left: ClientIpResolver::MAX_SCAN_BYTES,
+            done: false,
         }
     }
-    hops
+
+    fn stop(&mut self) -> Option<Hop> {
+        self.done = true;
+        Some(Hop::Unreadable)
+    }
 }
 
-/// The `for=` hops of every RFC 7239 `Forwarded` line, in order; `None` for an element
-/// without a readable `for=`.
-fn forwarded_hops(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let mut hops = Vec::new();
-    for value in headers.get_all(FORWARDED) {
-        let Ok(text) = value.to_str() else {
-            hops.push(None);
-            continue;
+impl<'a, I: Iterator<Item = &'a [u8]>> Iterator for HopsFromRight<'a, I> {
+    type Item = Hop;
+
+    fn next(&mut self) -> Option<Hop> {
+        if self.done {
+            return None;
+        }
+        let line = match self.rest.take() {
+            Some(line) => line,
+            None => self.lines.next()?,
         };
-        for element in split_unquoted(text, ',') {
-            let node = split_unquoted(element, ';').into_iter().find_map(|pair| {
-                let (name, value) = pair.split_once('=')?;
-                name.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| unquote(value.trim()))
-            });
-            hops.push(node.and_then(|node| parse_node(&node)));
+        if self.hops_left == 0 {
+            // More elements than the limit: the walk ends here.
+            return self.stop();
         }
-    }
-    hops
-}
-
-/// Splits on `separator` outside double-quoted strings (which may hold `\` escapes).
-fn split_unquoted(text: &str, separator: char) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let (mut start, mut quoted, mut escaped) = (0, false, false);
-    for (i, c) in text.char_indices() {
-        if escaped {
-            escaped = false;
-        } else if quoted && c == '\\' {
-            escaped = true;
-        } else if c == '"' {
-            quoted = !quoted;
-        } else if !quoted && c == separator {
-            parts.push(&text[start..i]);
-            start = i + c.len_utf8();
+        self.hops_left -= 1;
+        let quotes = self.header == ForwardedHeader::Forwarded;
+        let Some((element, rest)) = split_last_element(line, quotes, &mut self.bytes_left) else {
+            // An unterminated quoted-string or the byte limit: this element, and anything to
+            // its left, cannot be read.
+            return self.stop();
+        };
+        self.rest = rest;
+        let element = trim_ows(element);
+        if element.is_empty() {
+            return Some(Hop::Empty);
         }
-    }
-    parts.push(&text[start..]);
-    parts
-}
-
-/// The value of a token or a quoted-string.
-fn unquote(value: &str) -> String {
-    let Some(inner) = value
-        .strip_prefix('"')
-        .and_then(|rest| rest.strip_suffix('"'))
-    else {
-        return value.to_owned();
-    };
-    let mut out = String::with_capacity(inner.len());
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            if let Some(next) = chars.next() {
-                out.push(next);
-            }
+        let node = if quotes {
+            forwarded_for(element)
         } else {
-            out.push(c);
+            std::str::from_utf8(element).ok().map(str::to_owned)
+        };
+        match node.as_deref().and_then(parse_node) {
+            Some(ip) => Some(Hop::Address(ip)),
+            None => self.stop(),
         }
     }
-    out
 }
 
-/// An address as proxies write it: `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]`
-/// or `[2001:db8::1]:443`. `None` for anything else (`unknown`, `_hidden`, garbage).
+/// Splits the right-most element off `line`: `(element, the rest of the line left of its
+/// comma)`, the rest `None` when the element started the line. `None` when the element cannot
+/// be delimited: a quoted-string (with `quotes`) that is not closed before the line's start,
+/// or more bytes than `budget` allows (the budget is charged with the bytes read).
+///
+/// Reading right to left, a `"` outside a quoted-string closes one, which runs left to the
+/// first `"` not escaped by an odd number of backslashes. The state at any byte depends only
+/// on the bytes to its right.
+fn split_last_element<'a>(
+    line: &'a [u8],
+    quotes: bool,
+    budget: &mut usize,
+) -> Option<(&'a [u8], Option<&'a [u8]>)> {
+    let mut quoted = false;
+    let mut i = line.len();
+    while i > 0 {
+        if *budget == 0 {
+            return None;
+        }
+        *budget -= 1;
+        i -= 1;
+        match line[i] {
+            b'"' if quotes && quoted => {
+                // Counted within the budget: a longer run exhausts the budget below anyway.
+                let backslashes = line[..i]
+                    .iter()
+                    .rev()
+                    .take(*budget)
+                    .take_while(|&&b| b == b'\\')
+                    .count();
+                if backslashes % 2 == 0 {
+                    quoted = false;
+                }
+            }
+            b'"' if quotes => quoted = true,
+            b',' if !quoted => return Some((&line[i + 1..], Some(&line[..i]))),
+            _ => {}
+        }
+    }
+    (!quoted).then_some((line, None))
+}
+
+/// `bytes` without leading and trailing spaces and tabs (RFC 9110's OWS).
+fn trim_ows(bytes: &[u8]) -> &[u8] {
+    let is_ows = |b: &u8| matches!(b, b' ' | b'\t');
+    let start = bytes.iter().position(|b| !is_ows(b)).unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |i| i + 1);
+    &bytes[start..end]
+}
+
+/// The `for=` value of one RFC 7239 element (`for=192.0.2.60;proto=http`), unquoted; `None`
+/// unless the element is well-formed (`name=value` pairs separated by `;`, a value being a
+/// token or a quoted-string) with exactly one `for`.
+fn forwarded_for(element: &[u8]) -> Option<String> {
+    let mut node = None;
+    let mut pos = 0;
+    loop {
+        // One pair (or an empty one) up to the next `;` or the end.
+        let rest = &element[pos..];
+        let lead = rest
+            .iter()
+            .take_while(|b| matches!(b, b' ' | b'\t'))
+            .count();
+        pos += lead;
+        if pos == element.len() {
+            break;
+        }
+        if element[pos] == b';' {
+            pos += 1;
+            continue;
+        }
+        let name_len = element[pos..].iter().take_while(|&&b| is_tchar(b)).count();
+        let name = &element[pos..pos + name_len];
+        pos += name_len;
+        if name.is_empty() || element.get(pos) != Some(&b'=') {
+            return None;
+        }
+        pos += 1;
+        let (value, used) = pair_value(&element[pos..])?;
+        pos += used;
+        if name.eq_ignore_ascii_case(b"for") {
+            if node.is_some() {
+                // RFC 7239 §4: a parameter occurs at most once per element.
+                return None;
+            }
+            node = Some(value);
+        }
+        let trailing = element[pos..]
+            .iter()
+            .take_while(|b| matches!(b, b' ' | b'\t'))
+            .count();
+        pos += trailing;
+        match element.get(pos) {
+            None => break,
+            Some(b';') => pos += 1,
+            Some(_) => return None,
+        }
+    }
+    node
+}
+
+/// A token or a quoted-string at the start of `text`: its value and the bytes it took.
+fn pair_value(text: &[u8]) -> Option<(String, usize)> {
+    if text.first() != Some(&b'"') {
+        let len = text
+            .iter()
+            .take_while(|&&b| is_tchar(b) || b == b':' || b == b'[' || b == b']')
+            .count();
+        if len == 0 {
+            return None;
+        }
+        return Some((String::from_utf8(text[..len].to_vec()).ok()?, len));
+    }
+    let mut value = Vec::new();
+    let mut i = 1;
+    while i < text.len() {
+        match text[i] {
+            b'"' => return Some((String::from_utf8(value).ok()?, i + 1)),
+            b'\\' => {
+                value.push(*text.get(i + 1)?);
+                i += 2;
+            }
+            b => {
+                value.push(b);
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
+/// RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// An address as proxies write it: `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]`,
+/// `[2001:db8::1]:443`, a port obfuscated as `_name`, or an IPv6 zone id (`fe80::1%eth0`,
+/// dropped). `None` for anything else (`unknown`, `_hidden`, garbage).
 fn parse_node(node: &str) -> Option<IpAddr> {
-    let node = node.trim();
-    if let Ok(ip) = node.parse::<IpAddr>() {
-        return Some(ip);
+    let node = node.trim_matches([' ', '\t']);
+    if node.is_empty() || node.len() > 100 {
+        return None;
     }
-    if let Ok(socket) = node.parse::<SocketAddr>() {
-        return Some(socket.ip());
-    }
-    node.strip_prefix('[')
-        .and_then(|rest| rest.strip_suffix(']'))
-        .and_then(|inner| inner.parse::<Ipv6Addr>().ok())
-        .map(IpAddr::V6)
+    let host = if let Some(rest) = node.strip_prefix('[') {
+        let (inner, after) = rest.split_once(']')?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        // Only IPv6 goes in brackets.
+        if inner.contains('.') && !inner.contains(':') {
+            return None;
+        }
+        inner
+    } else {
+        match node.split_once(':') {
+            // `1.2.3.4:80`: one colon after an IPv4 address.
+            Some((v4, port)) if v4.contains('.') && !port.contains(':') && is_port(port) => v4,
+            _ => node,
+        }
+    };
+    parse_client_ip(host).ok()
+}
+
+/// A port as RFC 7239 writes it: digits, or an obfuscated `_name`.
+fn is_port(port: &str) -> bool {
+    let digits = !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    let obfuscated = port.len() > 1
+        && port.starts_with('_')
+        && port
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    digits || obfuscated
 }
 
 #[cfg(test)]
@@ -614,5 +713,252 @@ mod tests {
             http::HeaderValue::from_bytes(b"1.2.3.4, \xff").unwrap(),
         );
         assert_eq!(resolver.resolve(ip("10.0.0.1"), &h), ip("10.0.0.1"));
+    }
+
+    /// A resolver behind one trusted proxy (10.0.0.1) that appends `, for=<client>` to the
+    /// `Forwarded` header the client sent (nginx: `$http_forwarded, for=$remote_addr`).
+    fn behind_appending_proxy(header: ForwardedHeader, client_sent: &[u8]) -> IpAddr {
+        let resolver = ClientIpResolver::new()
+            .trust([net("10.0.0.0/8")])
+            .header(header);
+        let (name, appended): (HeaderName, &[u8]) = match header {
+            ForwardedHeader::Forwarded => (FORWARDED, b", for=203.0.113.9"),
+            _ => (X_FORWARDED_FOR, b", 203.0.113.9"),
+        };
+        let mut value = client_sent.to_vec();
+        value.extend_from_slice(appended);
+        let mut h = HeaderMap::new();
+        h.append(name, http::HeaderValue::from_bytes(&value).unwrap());
+        resolver.resolve(ip("10.0.0.1"), &h)
+    }
+
+    /// Whatever a client writes before the proxy's element, the proxy's element wins.
+    /// (Before the right-to-left reading, `for=198.51.100.7;x="` picked the client's own
+    /// address and a bare `"` put it into the proxy's bucket.)
+    #[test]
+    fn client_text_left_of_the_proxy_s_element_cannot_steer_it() {
+        let long_quote = format!("for=\"{}", "a".repeat(100_000));
+        let many_commas = ",".repeat(10_000);
+        let many_hops = "198.51.100.7, ".repeat(5_000);
+        let hostile: Vec<&[u8]> = vec![
+            b"for=198.51.100.7;x=\"",
+            b"\"",
+            b"for=\"",
+            b"for=\"\\",
+            b"for=\"[::1]",
+            b"for=198.51.100.7;x=\"\\\"",
+            b"\\\"",
+            b"for=10.0.0.5",
+            b"for=198.51.100.7, for=10.0.0.5",
+            b";;;===",
+            b"for=\xff\xfe",
+            b"\xff",
+            b"unknown",
+            b"for=_hidden",
+            b"",
+            b" , , ",
+            long_quote.as_bytes(),
+            many_commas.as_bytes(),
+            many_hops.as_bytes(),
+        ];
+        for header in [ForwardedHeader::Forwarded, ForwardedHeader::XForwardedFor] {
+            for client_sent in &hostile {
+                assert_eq!(
+                    behind_appending_proxy(header, client_sent),
+                    ip("203.0.113.9"),
+                    "{header:?} after {:?}",
+                    String::from_utf8_lossy(&client_sent[..client_sent.len().min(40)])
+                );
+            }
+        }
+    }
+
+    /// A proxy that adds its own header line: the client's line, however broken, is a list of
+    /// its own and cannot swallow the proxy's.
+    #[test]
+    fn an_unterminated_quote_stays_in_its_own_line() {
+        let resolver = ClientIpResolver::new()
+            .trust([net("10.0.0.0/8")])
+            .header(ForwardedHeader::Forwarded);
+        let peer = ip("10.0.0.1");
+        for (values, expected) in [
+            (
+                &["for=198.51.100.7;x=\"", "for=203.0.113.9"][..],
+                "203.0.113.9",
+            ),
+            (&["\"", "for=203.0.113.9;proto=https"][..], "203.0.113.9"),
+            (&["for=203.0.113.9", "for=10.0.0.2"][..], "203.0.113.9"),
+            // The proxy chain reaches the broken line: stop at the last proxy-added hop.
+            (&["for=\"198.51.100.7", "for=10.0.0.2"][..], "10.0.0.2"),
+            (&["for=198.51.100.7, \"x", "for=10.0.0.2"][..], "10.0.0.2"),
+        ] {
+            let h = headers("forwarded", values);
+            assert_eq!(resolver.resolve(peer, &h), ip(expected), "{values:?}");
+        }
+    }
+
+    /// Bytes that are not ASCII poison only the element that holds them (they used to make
+    /// the whole line unreadable, and put the client into the proxy's bucket).
+    #[test]
+    fn non_ascii_bytes_only_poison_their_own_element() {
+        let resolver = ClientIpResolver::new().trust([net("10.0.0.0/8")]);
+        let mut h = HeaderMap::new();
+        h.append(
+            X_FORWARDED_FOR,
+            http::HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.9").unwrap(),
+        );
+        assert_eq!(resolver.resolve(ip("10.0.0.1"), &h), ip("203.0.113.9"));
+        let mut h = HeaderMap::new();
+        h.append(
+            X_FORWARDED_FOR,
+            http::HeaderValue::from_bytes(b"203.0.113.9, 10.0.0.2\xff").unwrap(),
+        );
+        assert_eq!(resolver.resolve(ip("10.0.0.1"), &h), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn empty_elements_are_ignored_and_unknown_or_obfuscated_nodes_stop_the_walk() {
+        let xff = ClientIpResolver::new().trust([net("10.0.0.0/8")]);
+        let fwd = xff.clone().header(ForwardedHeader::Forwarded);
+        let peer = ip("10.0.0.1");
+        for (values, expected) in [
+            (&["6.6.6.6, , 203.0.113.9"][..], "203.0.113.9"),
+            (&["203.0.113.9, ,"][..], "203.0.113.9"),
+            (&["203.0.113.9", "", " "][..], "203.0.113.9"),
+            (&["6.6.6.6,,,10.0.0.2,"][..], "6.6.6.6"),
+            (&["6.6.6.6, unknown, 10.0.0.2"][..], "10.0.0.2"),
+            (&["6.6.6.6, _hidden"][..], "10.0.0.1"),
+            (&["6.6.6.6, 10.0.0.2\t,\t"][..], "6.6.6.6"),
+        ] {
+            assert_eq!(
+                xff.resolve(peer, &headers("x-forwarded-for", values)),
+                ip(expected),
+                "{values:?}"
+            );
+        }
+        for (values, expected) in [
+            (&["for=6.6.6.6, , for=203.0.113.9"][..], "203.0.113.9"),
+            (&["for=6.6.6.6, for=unknown, for=10.0.0.2"][..], "10.0.0.2"),
+            (&["for=6.6.6.6, for=_hidden;proto=https"][..], "10.0.0.1"),
+            (&["for=6.6.6.6, for=\"_x\""][..], "10.0.0.1"),
+            // Two `for` in one element: nobody honest writes that.
+            (&["for=6.6.6.6;for=203.0.113.9"][..], "10.0.0.1"),
+            // Not `name=value`: unreadable.
+            (&["for=6.6.6.6, for"][..], "10.0.0.1"),
+            (&["for=6.6.6.6, for=203.0.113.9 junk"][..], "10.0.0.1"),
+            (&["for=6.6.6.6, for=\"\""][..], "10.0.0.1"),
+            // Tabs are whitespace (what is left of an obs-fold once a proxy unfolds it).
+            (
+                &["for=6.6.6.6,\tfor=203.0.113.9\t;\tproto=https"][..],
+                "203.0.113.9",
+            ),
+        ] {
+            assert_eq!(
+                fwd.resolve(peer, &headers("forwarded", values)),
+                ip(expected),
+                "{values:?}"
+            );
+        }
+        // An obs-fold itself cannot reach the parser: a header value holds no CR or LF.
+        assert!(http::HeaderValue::from_bytes(b"for=1.2.3.4,\r\n for=5.6.7.8").is_err());
+    }
+
+    #[test]
+    fn ports_brackets_and_zone_ids() {
+        let xff = ClientIpResolver::new().trust([net("10.0.0.0/8")]);
+        let fwd = xff.clone().header(ForwardedHeader::Forwarded);
+        let peer = ip("10.0.0.1");
+        for (value, expected) in [
+            ("for=\"[2001:db8::1]:4711\"", "2001:db8::1"),
+            ("for=\"[2001:db8::1]:_port\"", "2001:db8::1"),
+            ("for=\"1.2.3.4:80\"", "1.2.3.4"),
+            ("for=1.2.3.4:80", "1.2.3.4"),
+            ("for=\"[fe80::1%eth0]:80\"", "fe80::1"),
+            ("for=\"[fe80::1%25eth0]\"", "fe80::1"),
+            ("for=\"[::ffff:1.2.3.4]:80\"", "1.2.3.4"),
+        ] {
+            assert_eq!(
+                fwd.resolve(peer, &headers("forwarded", &[value])),
+                ip(expected),
+                "{value}"
+            );
+        }
+        for (value, expected) in [
+            ("1.2.3.4:80", "1.2.3.4"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("fe80::1%eth0", "fe80::1"),
+            ("[fe80::1%eth0]:443", "fe80::1"),
+        ] {
+            assert_eq!(
+                xff.resolve(peer, &headers("x-forwarded-for", &[value])),
+                ip(expected),
+                "{value}"
+            );
+        }
+        // Malformed: unreadable, the walk stops at the proxy.
+        for value in [
+            "[1.2.3.4]",
+            "[2001:db8::1",
+            "[2001:db8::1]x",
+            "[2001:db8::1]:99999999",
+            "1.2.3.4:",
+            "1.2.3.4%eth0",
+            "fe80::1%",
+            "fe80::1%a/b",
+        ] {
+            assert_eq!(
+                xff.resolve(peer, &headers("x-forwarded-for", &[value])),
+                peer,
+                "{value}"
+            );
+        }
+    }
+
+    /// Thousands of hops, thousands of lines and huge values are read only as far as the
+    /// limits: a longer chain of trusted proxies ends at the last hop read.
+    #[test]
+    fn work_is_bounded_by_hops_and_bytes() {
+        let resolver = ClientIpResolver::new().trust([net("10.0.0.0/8")]);
+        let peer = ip("10.0.0.1");
+        let chain = format!("198.51.100.7, {}10.0.0.3", "10.0.0.2, ".repeat(10_000));
+        assert_eq!(
+            resolver.resolve(peer, &headers("x-forwarded-for", &[&chain])),
+            ip("10.0.0.2")
+        );
+        let hops: Vec<Hop> = HopsFromRight::new(
+            std::iter::once(chain.as_bytes()),
+            ForwardedHeader::XForwardedFor,
+        )
+        .collect();
+        assert_eq!(hops.len(), ClientIpResolver::MAX_HOPS + 1);
+        assert_eq!(hops.last(), Some(&Hop::Unreadable));
+
+        // Thousands of lines: the same limit.
+        let mut many = HeaderMap::new();
+        many.append(X_FORWARDED_FOR, "198.51.100.7".parse().unwrap());
+        for _ in 0..5_000 {
+            many.append(X_FORWARDED_FOR, "10.0.0.2".parse().unwrap());
+        }
+        assert_eq!(resolver.resolve(peer, &many), ip("10.0.0.2"));
+
+        // One huge element right of everything: past the byte limit, unreadable.
+        let huge = format!("198.51.100.7, 10.0.0.2, {}", "9".repeat(1_000_000));
+        assert_eq!(
+            resolver.resolve(peer, &headers("x-forwarded-for", &[&huge])),
+            peer
+        );
+        let mut budget = ClientIpResolver::MAX_SCAN_BYTES;
+        assert_eq!(
+            split_last_element(huge.as_bytes(), false, &mut budget),
+            None
+        );
+        assert_eq!(budget, 0);
+        // A long quoted-string of the proxy's own making is fine within the limit.
+        let fwd = resolver.clone().header(ForwardedHeader::Forwarded);
+        let ok = format!("for=203.0.113.9;x=\"{}\"", "a\\\"".repeat(1_000));
+        assert_eq!(
+            fwd.resolve(peer, &headers("forwarded", &[&ok])),
+            ip("203.0.113.9")
+        );
     }
 }
