@@ -11,9 +11,31 @@
 //!   Redis script computes; the workspace's conformance suite runs against both stores.
 //! - `check_and_consume` is atomic per key (a mutex per shard of keys), and the store is
 //!   `Send + Sync`.
-//! - Memory stays bounded: a bucket lives as long as its keys would in Redis (time to refill
-//!   plus 60 s after its last write); expired buckets read as missing (full) and are swept out
-//!   as time passes.
+//! - Memory stays bounded, by time and by count. A bucket lives as long as its keys would in
+//!   Redis (time to refill plus 60 s after its last write); expired buckets read as missing
+//!   (full) and are swept out as time passes. And the store holds at most its capacity in
+//!   buckets, [`MemoryStorage::DEFAULT_CAPACITY`] (1,000,000, 132 MB with 47-byte keys)
+//!   unless [`MemoryStorage::builder`] sets another: refill times may be years, and every new
+//!   identifier (an IPv6 /64, a free account) adds a bucket.
+//!
+//! # When the store is full
+//! A new bucket then takes the place of one that gives the least away. Evicting a bucket
+//! that is full loses nothing (a missing bucket *is* a full one), so each bucket records when
+//! it will be full again (its last update plus the time its missing tokens take to come
+//! back), and the eviction drops a full or expired bucket if it finds one, else the one that
+//! will be full soonest: the smallest refill handed out, counted in time. It does not search
+//! the whole store: it looks at up to 5 buckets in up to 64 random slots of the new key's
+//! shard (a small shard, of at most 64 slots, whole), so a check that creates a bucket in a
+//! full store reads a few more cache lines, and every other check is unchanged.
+//!
+//! Each shard holds its share of the capacity (1/16 of it), so a flood of distinct keys,
+//! crafted or not, cannot crowd the other shards; since the hasher's seed is random per store,
+//! the shards fill alike, and the store starts evicting when it holds within about 1% of its
+//! capacity. [`MemoryStorage::stats`] counts evictions, and the non-full ones apart: each of
+//! those handed a client a refill it had not earned yet. A steady client whose bucket is
+//! further from full than the buckets around it keeps it through a flood of one-shot
+//! identifiers; one whose bucket is the furthest from full is the one that loses it, so
+//! watch `evictions_not_full` and size the capacity to the clients of one refill time.
 //!
 //! # How it is laid out
 //! Keys are spread over 16 shards, each a mutex around a hash table. A key is hashed once per
@@ -297,8 +319,10 @@ impl Default for MemoryStorage {
 }
 
 impl MemoryStorage {
-    /// Buckets a store holds at most unless told otherwise: 1,000,000, about 120 MB of buckets
-    /// with keys of about 40 bytes (docs/performance.md has the measurement).
+    /// Buckets a store holds at most unless told otherwise: 1,000,000, which took 132 MB of
+    /// resident memory with 47-byte keys (about 85 bytes of allocation per bucket and its key,
+    /// the rest the table's slots; `just bench memory-flood`, docs/performance.md). Enough for
+    /// a million clients within one refill time of each other; small next to a service.
     pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
     /// A store on the host's wall clock, holding at most [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY)
@@ -499,9 +523,15 @@ impl Shard {
         let mut sample = Sample::default();
         if slots > EVICTION_PROBES {
             for _ in 0..EVICTION_PROBES {
-                // Any bits of the random number will do.
+                // Any bits of the random number will do; hashbrown's slot count is a power
+                // of two, so the remainder is a mask.
                 #[allow(clippy::cast_possible_truncation)]
-                let index = self.next_random() as usize % slots;
+                let random = self.next_random() as usize;
+                let index = if slots.is_power_of_two() {
+                    random & (slots - 1)
+                } else {
+                    random % slots
+                };
                 if let Some(bucket) = self.buckets.get_bucket(index)
                     && (sample.consider(index, bucket.eviction_rank(now), now)
                         || sample.seen == EVICTION_SAMPLE)
