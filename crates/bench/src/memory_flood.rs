@@ -96,9 +96,12 @@ fn flood(keys: u64, capacity_name: &str) -> BoxResult<()> {
     let builder = KeyBuilder::new(KeyBuilder::DEFAULT_PREFIX, RateLimitScope::Ip, ENDPOINT)?;
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let start_rss = rss_bytes()?;
+    let example = builder.key("2001:db8:98:967f::/64")?;
     println!(
-        "capacity {capacity_name} ({capacity} buckets); RSS before the first key: {:.1} MB\n",
-        mb(start_rss)
+        "capacity {capacity_name} ({capacity} buckets); RSS before the first key: {:.1} MB; \
+         keys like {example} ({} bytes)\n",
+        mb(start_rss),
+        example.as_str().len()
     );
     println!("| keys sent | buckets held | RSS MB | evictions | non-full evictions | ns per key |");
     println!("|---:|---:|---:|---:|---:|---:|");

@@ -320,8 +320,8 @@ impl Default for MemoryStorage {
 
 impl MemoryStorage {
     /// Buckets a store holds at most unless told otherwise: 1,000,000, which took 132 MB of
-    /// resident memory with 47-byte keys (about 85 bytes of allocation per bucket and its key,
-    /// the rest the table's slots; `just bench memory-flood`, docs/performance.md). Enough for
+    /// resident memory with 47-byte keys (a 96-byte heap chunk per bucket and its key, the
+    /// rest the table's slots; `just bench memory-flood`, docs/performance.md). Enough for
     /// a million clients within one refill time of each other; small next to a service.
     pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
