@@ -30,8 +30,8 @@
 //!
 //! Each shard holds its share of the capacity (1/16 of it), so a flood of distinct keys,
 //! crafted or not, cannot crowd the other shards; since the hasher's seed is random per store,
-//! the shards fill alike, and the store starts evicting when it holds within about 1% of its
-//! capacity. [`MemoryStorage::stats`] counts evictions, and the non-full ones apart: each of
+//! the shards fill alike (at the default capacity, the first eviction came with 99.9% of it
+//! held). [`MemoryStorage::stats`] counts evictions, and the non-full ones apart: each of
 //! those handed a client a refill it had not earned yet. A steady client whose bucket is
 //! further from full than the buckets around it keeps it through a flood of one-shot
 //! identifiers; one whose bucket is the furthest from full is the one that loses it, so
@@ -97,8 +97,8 @@ const SWEEP_INTERVAL_SECONDS: f64 = 10.0;
 /// cache miss, and 5 already find one of the fullest few.
 const EVICTION_SAMPLE: usize = 5;
 
-/// Random table slots looked at to find that sample, at most. A table at capacity is at least
-/// a quarter occupied, so 5 buckets take about 20 probes (control bytes only), and finding
+/// Random table slots looked at to find that sample, at most. A table at capacity is about a
+/// quarter occupied or more, so 5 buckets take about 20 probes (control bytes only), and finding
 /// fewer than 2 in 64 has odds of about 1 in 5 million.
 const EVICTION_PROBES: usize = 64;
 
@@ -541,8 +541,8 @@ impl Shard {
             }
         }
         if sample.seen == 0 {
-            // A small table, read whole for the best choice; or (which a table at capacity, at
-            // least a quarter occupied, all but never shows) not one bucket in all those slots.
+            // A small table, read whole for the best choice; or (which a table at capacity,
+            // about a quarter occupied or more, all but never shows) no bucket in those slots.
             for index in 0..slots {
                 if let Some(bucket) = self.buckets.get_bucket(index)
                     && sample.consider(index, bucket.eviction_rank(now), now)
