@@ -13,6 +13,10 @@
 //!    against the `governor` crate's keyed limiter.
 //! 4. **A deny flood**: one denied key checked in a loop, against allowed checks.
 //!
+//! `just bench memory-flood` runs something else: 10 million distinct identifiers through a
+//! `MemoryStorage`, with the process's memory every million keys, to show that the store's
+//! capacity holds it flat (see `memory_flood`).
+//!
 //! Machines are shared and noisy, so every figure is a ratio to a baseline measured in the
 //! same run, in alternating rounds. It prints a table with PASS/FAIL against the targets,
 //! and writes `target/bench/summary.json` (figure name → value) and `target/bench/redis.svg`.
@@ -24,6 +28,7 @@
 mod chart;
 mod load;
 mod memory_backend;
+mod memory_flood;
 mod progress;
 mod redis_benchmark;
 mod redis_cost;
@@ -35,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ratelimit_redis::TOKEN_BUCKET_SCRIPT;
 use ratelimit_tests::redis_server::RedisServer;
 use serde_json::json;
@@ -62,6 +67,17 @@ struct Args {
     /// Exit with status 1 when a target is missed.
     #[arg(long)]
     strict: bool,
+    /// Something other than the benchmark's figures.
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+}
+
+/// What else the benchmark binary can run.
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Distinct identifiers (10 million by default) through MemoryStorage, printing buckets
+    /// held, evictions and the process's resident memory every million keys.
+    MemoryFlood(memory_flood::FloodArgs),
 }
 
 /// `target/bench` of the workspace.
@@ -140,6 +156,15 @@ impl Settings {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(BenchCommand::MemoryFlood(flood)) = &args.command {
+        return match memory_flood::run(flood) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("ratelimit-bench memory-flood: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&args) {
         Ok(all_passed) if all_passed || !args.strict => ExitCode::SUCCESS,
         Ok(_) => ExitCode::FAILURE,
@@ -311,6 +336,9 @@ mod tests {
         let args = Args::try_parse_from(["ratelimit-bench", "--quick", "--out", "x"])?;
         assert!(args.quick && !args.strict);
         assert_eq!(args.out, PathBuf::from("x"));
+        assert!(args.command.is_none());
+        let args = Args::try_parse_from(["ratelimit-bench", "memory-flood", "--keys", "5"])?;
+        assert!(matches!(args.command, Some(BenchCommand::MemoryFlood(_))));
         Ok(())
     }
 }

@@ -11,9 +11,31 @@
 //!   Redis script computes; the workspace's conformance suite runs against both stores.
 //! - `check_and_consume` is atomic per key (a mutex per shard of keys), and the store is
 //!   `Send + Sync`.
-//! - Memory stays bounded: a bucket lives as long as its keys would in Redis (time to refill
-//!   plus 60 s after its last write); expired buckets read as missing (full) and are swept out
-//!   as time passes.
+//! - Memory stays bounded, by time and by count. A bucket lives as long as its keys would in
+//!   Redis (time to refill plus 60 s after its last write); expired buckets read as missing
+//!   (full) and are swept out as time passes. And the store holds at most its capacity in
+//!   buckets, [`MemoryStorage::DEFAULT_CAPACITY`] (1,000,000, 132 MB with 47-byte keys)
+//!   unless [`MemoryStorage::builder`] sets another: refill times may be years, and every new
+//!   identifier (an IPv6 /64, a free account) adds a bucket.
+//!
+//! # When the store is full
+//! A new bucket then takes the place of one that gives the least away. Evicting a bucket
+//! that is full loses nothing (a missing bucket *is* a full one), so each bucket records when
+//! it will be full again (its last update plus the time its missing tokens take to come
+//! back), and the eviction drops a full or expired bucket if it finds one, else the one that
+//! will be full soonest: the smallest refill handed out, counted in time. It does not search
+//! the whole store: it looks at up to 5 buckets in up to 64 random slots of the new key's
+//! shard (a small shard, of at most 64 slots, whole), so a check that creates a bucket in a
+//! full store reads a few more cache lines, and every other check is unchanged.
+//!
+//! Each shard holds its share of the capacity (1/16 of it), so a flood of distinct keys,
+//! crafted or not, cannot crowd the other shards; since the hasher's seed is random per store,
+//! the shards fill alike (at the default capacity, the first eviction came with 99.9% of it
+//! held). [`MemoryStorage::stats`] counts evictions, and the non-full ones apart: each of
+//! those handed a client a refill it had not earned yet. A steady client whose bucket is
+//! further from full than the buckets around it keeps it through a flood of one-shot
+//! identifiers; one whose bucket is the furthest from full is the one that loses it, so
+//! watch `evictions_not_full` and size the capacity to the clients of one refill time.
 //!
 //! # How it is laid out
 //! Keys are spread over 16 shards, each a mutex around a hash table. A key is hashed once per
@@ -55,23 +77,39 @@ use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use ratelimit_domain::token_bucket::{self, BucketState};
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketStore, Clock, RateLimitRule, Result, SystemClock,
+    BucketDecision, BucketKey, BucketStore, Clock, ErrorCode, RateLimitError, RateLimitRule,
+    Result, SystemClock,
 };
 
-/// Shards of the key space; each has its own lock, so unrelated keys rarely contend.
-const SHARDS: usize = 16;
+/// Shards of the key space (fewer for a capacity below it); each has its own lock, so
+/// unrelated keys rarely contend. A power of two.
+const MAX_SHARDS: usize = 16;
 
 /// Where a key's shard index sits in its hash: the bits just below the top seven, which the
 /// shard's table keeps as a tag, and far above the low bits it picks a slot with.
-const SHARD_SHIFT: u32 = 64 - 7 - SHARDS.trailing_zeros();
+const SHARD_SHIFT: u32 = 64 - 7 - MAX_SHARDS.trailing_zeros();
 
 /// How often, in clock seconds, a shard drops its expired buckets.
 const SWEEP_INTERVAL_SECONDS: f64 = 10.0;
+
+/// Buckets compared to choose the one to evict, at most (a full one ends the search). Redis
+/// samples 5 keys for its approximated LRU by default, for the same reason: each costs a
+/// cache miss, and 5 already find one of the fullest few.
+const EVICTION_SAMPLE: usize = 5;
+
+/// Random table slots looked at to find that sample, at most. A table at capacity is about a
+/// quarter occupied or more, so 5 buckets take about 20 probes (control bytes only), and finding
+/// fewer than 2 in 64 has odds of about 1 in 5 million.
+const EVICTION_PROBES: usize = 64;
 
 /// An in-process token-bucket store. See the [crate docs](crate).
 #[derive(Debug)]
 pub struct MemoryStorage {
     shards: Box<[Mutex<Shard>]>,
+    /// `shards.len() - 1`; the length is a power of two.
+    shard_mask: usize,
+    /// Buckets held at most, over all shards.
+    capacity: usize,
     clock: Arc<dyn Clock>,
     /// Hashes each key once per operation, for both its shard and its slot in the shard's
     /// table. foldhash is several times faster than std's SipHash on short keys; its seed is
@@ -79,16 +117,110 @@ pub struct MemoryStorage {
     hasher: RandomState,
 }
 
-#[derive(Debug, Default)]
+/// What a [`MemoryStorage`] holds and what it had to let go, from [`MemoryStorage::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct MemoryStats {
+    /// Buckets held now, expired ones not yet swept included.
+    pub buckets: usize,
+    /// Buckets held at most (the store's capacity).
+    pub capacity: usize,
+    /// Buckets dropped to make room for a new one, since the store was built. Expired buckets
+    /// swept out as time passes are not counted.
+    pub evictions: u64,
+    /// Those of [`evictions`](Self::evictions) whose bucket was not full: each one handed a
+    /// client a refill it had not earned yet (its next check starts from a full bucket). Zero
+    /// while the store has room, or while there are full buckets to drop instead.
+    pub evictions_not_full: u64,
+}
+
+/// Builds a [`MemoryStorage`]: see [`MemoryStorage::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct MemoryStorageBuilder {
+    capacity: usize,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl MemoryStorageBuilder {
+    /// Buckets held at most (default [`MemoryStorage::DEFAULT_CAPACITY`]); at least 1.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// The clock the store reads (default: the host's wall clock, [`SystemClock`]).
+    pub fn clock(self, clock: impl Clock) -> Self {
+        self.shared_clock(Arc::new(clock))
+    }
+
+    /// A clock shared with other components.
+    pub fn shared_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The store.
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`] for a capacity of 0: a store that can hold no bucket would
+    /// limit nothing.
+    pub fn build(self) -> Result<MemoryStorage> {
+        if self.capacity == 0 {
+            return Err(RateLimitError::new(
+                ErrorCode::InvalidInput,
+                "the memory store's capacity must be at least 1 bucket",
+            )
+            .with_detail("capacity", "0"));
+        }
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        Ok(MemoryStorage::from_parts(
+            self.capacity,
+            shard_count(self.capacity),
+            clock,
+        ))
+    }
+}
+
+#[derive(Debug)]
 struct Shard {
     /// Found by the hashes [`MemoryStorage::hasher`] computes, which the table does not store.
     buckets: HashTable<StoredBucket>,
     /// The clock time at or after which the next operation sweeps out expired buckets.
     next_sweep: f64,
+    /// Buckets this shard holds at most: its share of the store's capacity.
+    capacity: usize,
+    /// xorshift state: where the next eviction starts looking.
+    rng: u64,
+    /// See [`MemoryStats`].
+    evictions: u64,
+    /// See [`MemoryStats`].
+    evictions_not_full: u64,
 }
 
-/// One bucket and its key in a single allocation: tokens, last and expires_at as native-endian
-/// doubles, then the key's bytes.
+/// The buckets looked at to choose one to evict.
+#[derive(Debug, Default)]
+struct Sample {
+    /// The slot and [rank](StoredBucket::eviction_rank) of the bucket to evict so far.
+    best: Option<(usize, f64)>,
+    /// Buckets looked at.
+    seen: usize,
+}
+
+impl Sample {
+    /// Looks at the bucket in slot `index`; `true` if it is full, which ends the search (it
+    /// gives nothing away).
+    fn consider(&mut self, index: usize, rank: f64, now: f64) -> bool {
+        self.seen += 1;
+        if self.best.is_none_or(|(_, best)| rank < best) {
+            self.best = Some((index, rank));
+        }
+        rank <= now
+    }
+}
+
+/// One bucket and its key in a single allocation: tokens, last, expires_at and full_at as
+/// native-endian doubles, then the key's bytes.
 ///
 /// A table slot is then only this 16-byte pointer, and a check touches one slot and one
 /// allocation. With many keys, waiting for the slot is most of a check, so its size matters:
@@ -101,14 +233,24 @@ struct StoredBucket(Box<[u8]>);
 const TOKENS: usize = 0;
 const LAST: usize = 8;
 const EXPIRES_AT: usize = 16;
-const KEY: usize = 24;
+const FULL_AT: usize = 24;
+const KEY: usize = 32;
+
+/// When a bucket left alone is full again: `last` plus the time its missing tokens take to
+/// come back. From then on it decides exactly as a missing bucket would, so dropping it loses
+/// nothing.
+fn full_at(state: BucketState, rule: &RateLimitRule) -> f64 {
+    let missing = (rule.max_tokens() as f64 - state.tokens).max(0.0);
+    state.last + missing * 60.0 / rule.refill_rate()
+}
 
 impl StoredBucket {
-    fn new(key: &[u8], state: BucketState, expires_at: f64) -> Self {
+    fn new(key: &[u8], state: BucketState, expires_at: f64, full_at: f64) -> Self {
         let mut bytes = Vec::with_capacity(KEY + key.len());
         bytes.extend_from_slice(&state.tokens.to_ne_bytes());
         bytes.extend_from_slice(&state.last.to_ne_bytes());
         bytes.extend_from_slice(&expires_at.to_ne_bytes());
+        bytes.extend_from_slice(&full_at.to_ne_bytes());
         bytes.extend_from_slice(key);
         Self(bytes.into_boxed_slice())
     }
@@ -130,18 +272,30 @@ impl StoredBucket {
         read(&self.header(), EXPIRES_AT)
     }
 
-    fn set(&mut self, state: BucketState, expires_at: f64) {
+    /// How much evicting the bucket at `now` would give away, as the time at which it is full
+    /// again: at or before `now` for a full (or expired) bucket, which gives nothing away.
+    fn eviction_rank(&self, now: f64) -> f64 {
+        let header = self.header();
+        if read(&header, EXPIRES_AT) <= now {
+            f64::NEG_INFINITY
+        } else {
+            read(&header, FULL_AT)
+        }
+    }
+
+    fn set(&mut self, state: BucketState, expires_at: f64, full_at: f64) {
         // Every bucket has its header (see new), so this always writes.
         if let Some(header) = self.0.first_chunk_mut::<KEY>() {
             header[TOKENS..LAST].copy_from_slice(&state.tokens.to_ne_bytes());
             header[LAST..EXPIRES_AT].copy_from_slice(&state.last.to_ne_bytes());
-            header[EXPIRES_AT..KEY].copy_from_slice(&expires_at.to_ne_bytes());
+            header[EXPIRES_AT..FULL_AT].copy_from_slice(&expires_at.to_ne_bytes());
+            header[FULL_AT..KEY].copy_from_slice(&full_at.to_ne_bytes());
         }
     }
 
     fn header(&self) -> [u8; KEY] {
         // Every bucket has its header (see new); the default is never used.
-        self.0.first_chunk().copied().unwrap_or_default()
+        self.0.first_chunk().copied().unwrap_or([0; KEY])
     }
 }
 
@@ -165,23 +319,79 @@ impl Default for MemoryStorage {
 }
 
 impl MemoryStorage {
-    /// A store on the host's wall clock.
+    /// Buckets a store holds at most unless told otherwise: 1,000,000, which took 132 MB of
+    /// resident memory with 47-byte keys (a 96-byte heap chunk per bucket and its key, the
+    /// rest the table's slots; `just bench memory-flood`, docs/performance.md). Enough for
+    /// a million clients within one refill time of each other; small next to a service.
+    pub const DEFAULT_CAPACITY: usize = 1_000_000;
+
+    /// A store on the host's wall clock, holding at most [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY)
+    /// buckets.
     pub fn new() -> Self {
         Self::with_clock(SystemClock)
     }
 
-    /// A store on the given clock (a [`ManualClock`](ratelimit_domain::ManualClock) in tests).
+    /// A store on the given clock (a [`ManualClock`](ratelimit_domain::ManualClock) in tests),
+    /// holding at most [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) buckets.
     pub fn with_clock(clock: impl Clock) -> Self {
         Self::with_shared_clock(Arc::new(clock))
     }
 
-    /// A store on a clock shared with other components.
+    /// A store on a clock shared with other components, holding at most
+    /// [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) buckets.
     pub fn with_shared_clock(clock: Arc<dyn Clock>) -> Self {
-        let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
+        let capacity = Self::DEFAULT_CAPACITY;
+        Self::from_parts(capacity, shard_count(capacity), clock)
+    }
+
+    /// A builder, to choose the capacity as well as the clock:
+    ///
+    /// ```
+    /// # use ratelimit_domain::ManualClock;
+    /// # use ratelimit_memory::MemoryStorage;
+    /// let store = MemoryStorage::builder()
+    ///     .capacity(10_000)
+    ///     .clock(ManualClock::new(0.0))
+    ///     .build()?;
+    /// assert_eq!(store.stats().capacity, 10_000);
+    /// # Ok::<(), ratelimit_domain::RateLimitError>(())
+    /// ```
+    pub fn builder() -> MemoryStorageBuilder {
+        MemoryStorageBuilder {
+            capacity: Self::DEFAULT_CAPACITY,
+            clock: None,
+        }
+    }
+
+    /// `count` shards: a power of two, at most the capacity and [`MAX_SHARDS`].
+    fn from_parts(capacity: usize, count: usize, clock: Arc<dyn Clock>) -> Self {
+        let capacity = capacity.max(1);
+        let count = if count.is_power_of_two() && count <= capacity.min(MAX_SHARDS) {
+            count
+        } else {
+            shard_count(capacity)
+        };
+        let hasher = RandomState::default();
+        let shards = (0..count)
+            .map(|index| {
+                Mutex::new(Shard {
+                    buckets: HashTable::new(),
+                    next_sweep: 0.0,
+                    // Shares that differ by at most one and add up to the capacity.
+                    capacity: capacity / count + usize::from(index < capacity % count),
+                    // xorshift needs a state other than zero.
+                    rng: hasher.hash_one(index) | 1,
+                    evictions: 0,
+                    evictions_not_full: 0,
+                })
+            })
+            .collect();
         Self {
             shards,
+            shard_mask: count - 1,
+            capacity,
             clock,
-            hasher: RandomState::default(),
+            hasher,
         }
     }
 
@@ -191,6 +401,22 @@ impl MemoryStorage {
             .iter()
             .map(|shard| lock(shard).buckets.len())
             .sum()
+    }
+
+    /// What the store holds and what it had to let go (one shard locked at a time, so the
+    /// figures of a store in use are each a moment's).
+    pub fn stats(&self) -> MemoryStats {
+        let mut stats = MemoryStats {
+            capacity: self.capacity,
+            ..MemoryStats::default()
+        };
+        for shard in &self.shards {
+            let shard = lock(shard);
+            stats.buckets += shard.buckets.len();
+            stats.evictions += shard.evictions;
+            stats.evictions_not_full += shard.evictions_not_full;
+        }
+        stats
     }
 
     /// Drops every expired bucket now, rather than as time passes.
@@ -212,11 +438,18 @@ impl MemoryStorage {
     }
 
     fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
-        // Masked below SHARDS, so the cast cannot truncate.
+        // Masked below the shard count, so the cast cannot truncate.
         #[allow(clippy::cast_possible_truncation)]
-        let index = (hash >> SHARD_SHIFT) as usize & (SHARDS - 1);
+        let index = (hash >> SHARD_SHIFT) as usize & self.shard_mask;
         lock(&self.shards[index])
     }
+}
+
+/// Shards for a capacity: [`MAX_SHARDS`], or for a smaller capacity the largest power of two
+/// at most the capacity, so that every shard holds at least one bucket.
+fn shard_count(capacity: usize) -> usize {
+    let capacity = capacity.max(1);
+    MAX_SHARDS.min(1 << (usize::BITS - 1 - capacity.leading_zeros()))
 }
 
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
@@ -252,19 +485,98 @@ impl Shard {
             // An expired bucket reads as missing; a step that stores brings it back to life.
             let step = step((bucket.expires_at() > now).then(|| bucket.state()));
             if let Some(state) = step.store {
-                bucket.set(state, now + rule.storage_ttl_seconds() as f64);
+                let expires_at = now + rule.storage_ttl_seconds() as f64;
+                bucket.set(state, expires_at, full_at(state, rule));
             }
             return step.decision;
         }
         let step = step(None);
         if let Some(state) = step.store {
+            while self.buckets.len() >= self.capacity {
+                if !self.evict_one(now) {
+                    break;
+                }
+            }
             let expires_at = now + rule.storage_ttl_seconds() as f64;
-            let bucket = StoredBucket::new(key, state, expires_at);
+            let bucket = StoredBucket::new(key, state, expires_at, full_at(state, rule));
             // The table rehashes its buckets when it grows.
             self.buckets
                 .insert_unique(hash, bucket, |bucket| self::hash(hasher, bucket.key()));
         }
         step.decision
+    }
+
+    /// Drops the bucket that gives the least away, of a few looked at in random slots: the
+    /// first full (or expired) one met, else the one that will be full soonest. `false` if
+    /// the shard holds no bucket.
+    ///
+    /// Work is bounded: at most [`EVICTION_SAMPLE`] buckets read, in at most
+    /// [`EVICTION_PROBES`] slots unless none of those held one; a table of at most that many
+    /// slots is read whole. Each slot is drawn on its own
+    /// (not a run of neighbours from one random start, which evicts the bucket after the
+    /// widest gap more often, widens the gaps, and leaves samples of one or two buckets).
+    fn evict_one(&mut self, now: f64) -> bool {
+        let slots = self.buckets.num_buckets();
+        if slots == 0 || self.buckets.is_empty() {
+            return false;
+        }
+        let mut sample = Sample::default();
+        if slots > EVICTION_PROBES {
+            for _ in 0..EVICTION_PROBES {
+                // Any bits of the random number will do; hashbrown's slot count is a power
+                // of two, so the remainder is a mask.
+                #[allow(clippy::cast_possible_truncation)]
+                let random = self.next_random() as usize;
+                let index = if slots.is_power_of_two() {
+                    random & (slots - 1)
+                } else {
+                    random % slots
+                };
+                if let Some(bucket) = self.buckets.get_bucket(index)
+                    && (sample.consider(index, bucket.eviction_rank(now), now)
+                        || sample.seen == EVICTION_SAMPLE)
+                {
+                    break;
+                }
+            }
+        }
+        if sample.seen == 0 {
+            // A small table, read whole for the best choice; or (which a table at capacity,
+            // about a quarter occupied or more, all but never shows) no bucket in those slots.
+            for index in 0..slots {
+                if let Some(bucket) = self.buckets.get_bucket(index)
+                    && sample.consider(index, bucket.eviction_rank(now), now)
+                {
+                    break;
+                }
+            }
+        }
+        let Some((index, rank)) = sample.best else {
+            return false;
+        };
+        match self.buckets.get_bucket_entry(index) {
+            Ok(entry) => {
+                entry.remove();
+                self.evictions += 1;
+                // A NaN rank (never written so) counts as not full, to err on the safe side.
+                let full = rank <= now;
+                if !full {
+                    self.evictions_not_full += 1;
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The next xorshift64 number.
+    fn next_random(&mut self) -> u64 {
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
     }
 }
 
@@ -505,5 +817,229 @@ mod tests {
             admitted += usize::from(task.await.unwrap());
         }
         assert_eq!(admitted, 10);
+    }
+
+    /// A store of one shard, so that a test knows which buckets compete for room.
+    fn one_shard(capacity: usize, clock: &ManualClock) -> MemoryStorage {
+        MemoryStorage::from_parts(capacity, 1, Arc::new(clock.clone()))
+    }
+
+    /// Buckets held by each shard, and each shard's share of the capacity.
+    fn shard_fill(store: &MemoryStorage) -> Vec<(usize, usize)> {
+        store
+            .shards
+            .iter()
+            .map(|shard| {
+                let shard = lock(shard);
+                (shard.buckets.len(), shard.capacity)
+            })
+            .collect()
+    }
+
+    async fn remaining(store: &MemoryStorage, id: &str, rule: &RateLimitRule) -> u64 {
+        store.get_remaining(&key(id), rule, None).await.unwrap()
+    }
+
+    async fn take(store: &MemoryStorage, id: &str, rule: &RateLimitRule, cost: u64) -> u64 {
+        let d = store
+            .check_and_consume(&key(id), rule, cost, None)
+            .await
+            .unwrap();
+        assert!(d.allowed, "{id}");
+        d.remaining
+    }
+
+    #[test]
+    fn the_existing_constructors_hold_the_default_capacity() {
+        assert_eq!(
+            MemoryStorage::new().stats().capacity,
+            MemoryStorage::DEFAULT_CAPACITY
+        );
+        let stats = MemoryStorage::with_clock(ManualClock::new(0.0)).stats();
+        assert_eq!(
+            stats,
+            MemoryStats {
+                buckets: 0,
+                capacity: MemoryStorage::DEFAULT_CAPACITY,
+                evictions: 0,
+                evictions_not_full: 0,
+            }
+        );
+        let default = MemoryStorage::builder().build().unwrap();
+        assert_eq!(default.stats().capacity, MemoryStorage::DEFAULT_CAPACITY);
+    }
+
+    #[test]
+    fn a_capacity_of_zero_is_an_error() {
+        let err = MemoryStorage::builder().capacity(0).build().unwrap_err();
+        assert_eq!(err.code(), ratelimit_domain::ErrorCode::InvalidInput);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_distinct_keys_never_exceeds_the_capacity_nor_a_shards_share() {
+        let clock = ManualClock::new(1_000.0);
+        let store = MemoryStorage::builder()
+            .capacity(1_000)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let shares = shard_fill(&store);
+        assert_eq!(shares.len(), 16);
+        assert_eq!(shares.iter().map(|&(_, share)| share).sum::<usize>(), 1_000);
+        // A refill time of ten years: nothing expires, only eviction makes room.
+        let rule = rule(10, 10.0 / (10.0 * 365.0 * 24.0 * 60.0));
+        for i in 0..20_000 {
+            let id = format!("attacker-{i}");
+            assert_eq!(take(&store, &id, &rule, 1).await, 9);
+            // The newest bucket is held, never evicted to make room for itself.
+            assert_eq!(remaining(&store, &id, &rule).await, 9);
+            if i % 500 == 0 {
+                assert!(store.bucket_count() <= 1_000);
+                for (held, share) in shard_fill(&store) {
+                    assert!(held <= share, "{held} > {share}");
+                }
+            }
+            clock.advance(Duration::from_millis(1));
+        }
+        let stats = store.stats();
+        assert_eq!(stats.buckets, 1_000);
+        assert_eq!(stats.capacity, 1_000);
+        assert_eq!(stats.evictions, 19_000);
+        // Every one-shot bucket was one token short of full for years.
+        assert_eq!(stats.evictions_not_full, 19_000);
+    }
+
+    #[tokio::test]
+    async fn small_capacities_hold_and_are_never_exceeded() {
+        let clock = ManualClock::new(1_000.0);
+        let rule = rule(10, 1.0);
+        for capacity in 1..=40 {
+            let store = MemoryStorage::builder()
+                .capacity(capacity)
+                .clock(clock.clone())
+                .build()
+                .unwrap();
+            for i in 0..200 {
+                let id = i.to_string();
+                assert_eq!(take(&store, &id, &rule, 1).await, 9);
+                assert_eq!(remaining(&store, &id, &rule).await, 9);
+                assert!(store.bucket_count() <= capacity, "capacity {capacity}");
+            }
+            assert_eq!(store.stats().evictions, 200 - store.bucket_count() as u64);
+        }
+    }
+
+    #[tokio::test]
+    async fn full_buckets_are_evicted_before_non_full_ones() {
+        let clock = ManualClock::new(1_000.0);
+        let store = one_shard(8, &clock);
+        let rule = rule(10, 10.0); // a token every 6 s
+        // Eight buckets, one to eight tokens short: full again after 6, 12, ..., 48 s.
+        for i in 0..8 {
+            take(&store, &format!("k{i}"), &rule, i + 1).await;
+        }
+        clock.advance(Duration::from_secs(7)); // k0 is full again
+        take(&store, "n1", &rule, 1).await; // full at 1013
+        let stats = store.stats();
+        assert_eq!((stats.buckets, stats.evictions), (8, 1));
+        assert_eq!(stats.evictions_not_full, 0);
+        for i in 1..8 {
+            assert!(remaining(&store, &format!("k{i}"), &rule).await < 10);
+        }
+        // None is full now: the one full soonest goes, k1 (at 1012), and is counted.
+        take(&store, "n2", &rule, 1).await;
+        let stats = store.stats();
+        assert_eq!((stats.evictions, stats.evictions_not_full), (2, 1));
+        assert_eq!(remaining(&store, "k1", &rule).await, 10); // handed a refill
+        assert_eq!(remaining(&store, "n1", &rule).await, 9);
+        for i in 2..8 {
+            // k2 has 8 + 1 token back after 7 s, k3 7 + 1, ...
+            assert_eq!(remaining(&store, &format!("k{i}"), &rule).await, 10 - i);
+        }
+    }
+
+    #[tokio::test]
+    async fn in_a_large_shard_the_sample_still_finds_full_buckets_first() {
+        let clock = ManualClock::new(1_000.0);
+        let store = one_shard(2_000, &clock);
+        let short = rule(10, 10.0); // a token every 6 s
+        let long = rule(10, 0.01); // a token every 100 min
+        for i in 0..1_000 {
+            take(&store, &format!("short-{i}"), &short, 1).await;
+            take(&store, &format!("long-{i}"), &long, 1).await;
+        }
+        clock.advance(Duration::from_secs(7)); // every short bucket is full again
+        for i in 0..500 {
+            take(&store, &format!("new-{i}"), &long, 1).await;
+        }
+        // Half the buckets full at first, a quarter by the end: a sample of 5 misses them all
+        // one time in 32 at first, one in 4 by the end, about 50 times in all (picking at
+        // random would drop about 300 non-full buckets).
+        let stats = store.stats();
+        assert_eq!(stats.evictions, 500);
+        assert!(stats.evictions_not_full < 100, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn a_steady_client_survives_a_flood_of_one_shot_identifiers() {
+        let clock = ManualClock::new(1_000.0);
+        let store = MemoryStorage::builder()
+            .capacity(1_024)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let steady = rule(1_000, 1.0); // 1,000 tokens, one back a minute
+        let one_shot = rule(10, 10.0); // one back every 6 s
+        let mut expected = 1_000;
+        for i in 0..100_000 {
+            if i % 1_000 == 0 {
+                expected -= 1;
+                // Never handed a refill: each check finds the tokens the last one left.
+                assert_eq!(take(&store, "steady", &steady, 1).await, expected);
+            }
+            take(&store, &format!("flood-{i}"), &one_shot, 1).await;
+        }
+        let stats = store.stats();
+        assert_eq!(stats.buckets, 1_024);
+        assert_eq!(stats.evictions, 100_001 - 1_024);
+        assert_eq!(stats.evictions_not_full, stats.evictions);
+        assert_eq!(remaining(&store, "steady", &steady).await, 900);
+    }
+
+    #[tokio::test]
+    async fn decisions_are_unchanged_up_to_the_capacity() {
+        let clock = ManualClock::new(1_000.0);
+        let exact = MemoryStorage::builder()
+            .capacity(64)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let roomy = MemoryStorage::with_clock(clock.clone());
+        let rule = rule(5, 30.0);
+        // 64 keys in one shard of 64: exactly full, never over.
+        let exact_one = one_shard(64, &clock);
+        let mut held = 0;
+        for round in 0..20 {
+            for i in 0..64 {
+                let key = key(&i.to_string());
+                let cost = (round + i) % 3;
+                let a = roomy.check_and_consume(&key, &rule, cost, None).await;
+                let b = exact_one.check_and_consume(&key, &rule, cost, None).await;
+                assert_eq!(a.unwrap(), b.unwrap());
+                // 16 shards of 4: fewer keys than that per shard decide the same too.
+                if i % 4 == 0 {
+                    let c = exact.check_and_consume(&key, &rule, cost, None).await;
+                    assert_eq!(
+                        c.unwrap().remaining,
+                        roomy.get_remaining(&key, &rule, None).await.unwrap()
+                    );
+                    held += 1;
+                }
+            }
+            clock.advance(Duration::from_secs(1));
+        }
+        assert!(held > 0);
+        assert_eq!(exact_one.stats().evictions, 0);
+        assert_eq!(roomy.stats().evictions, 0);
     }
 }
