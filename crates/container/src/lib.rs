@@ -68,6 +68,10 @@ pub struct ContainerConfig {
     pub log_events: bool,
     /// The clock of the memory backend (the host's clock by default; a `ManualClock` in tests).
     pub clock: Arc<dyn Clock>,
+    /// The most buckets an in-process store holds: the memory backend, and the local fallback
+    /// of the `local` policy (default [`MemoryStorage::DEFAULT_CAPACITY`]). Past it, full
+    /// buckets are evicted first; see `MemoryStorage`.
+    pub memory_capacity: usize,
     /// What checks decide when Redis fails (default: allow).
     pub failure_policy: FailurePolicy,
     /// The circuit breaker in front of Redis (default on; `None` turns it off). Unused by the
@@ -91,6 +95,7 @@ impl fmt::Debug for ContainerConfig {
             .field("failure_policy", &self.failure_policy)
             .field("circuit_breaker", &self.circuit_breaker)
             .field("deny_cache", &self.deny_cache)
+            .field("memory_capacity", &self.memory_capacity)
             .finish_non_exhaustive()
     }
 }
@@ -105,6 +110,7 @@ impl ContainerConfig {
             event_capacity: BroadcastEventBus::DEFAULT_CAPACITY,
             log_events: true,
             clock: Arc::new(SystemClock),
+            memory_capacity: MemoryStorage::DEFAULT_CAPACITY,
             failure_policy: FailurePolicy::Open,
             circuit_breaker: Some(CircuitBreakerConfig::default()),
             deny_cache: None,
@@ -163,11 +169,25 @@ impl ContainerConfig {
         self
     }
 
+    /// The same configuration with in-process stores of at most `capacity` buckets.
+    pub fn with_memory_capacity(mut self, capacity: usize) -> Self {
+        self.memory_capacity = capacity;
+        self
+    }
+
     /// The same configuration, with or without the event-logging subscriber.
     pub fn with_event_logging(mut self, log_events: bool) -> Self {
         self.log_events = log_events;
         self
     }
+}
+
+/// An in-process store as configured.
+fn memory_store(config: &ContainerConfig) -> Result<MemoryStorage> {
+    MemoryStorage::builder()
+        .capacity(config.memory_capacity)
+        .shared_clock(config.clock.clone())
+        .build()
 }
 
 /// The error for a deny cache where resets would not reach it.
@@ -200,10 +220,7 @@ impl Container {
     /// (where resets could not reach it); `InvalidInput` for an empty key prefix.
     pub async fn build(config: ContainerConfig) -> Result<Self> {
         let (store, backend): (DynBucketStore, _) = match &config.backend {
-            Backend::Memory => (
-                Arc::new(MemoryStorage::with_shared_clock(config.clock.clone())),
-                "memory",
-            ),
+            Backend::Memory => (Arc::new(memory_store(&config)?), "memory"),
             Backend::Redis(redis) => {
                 if config.deny_cache.is_some() && redis.is_cluster() {
                     // Without reset notifications a cached denial outlives a reset.
@@ -237,14 +254,16 @@ impl Container {
         if config.log_events {
             spawn_event_logger(&events);
         }
+        let fallback = match config.failure_policy {
+            FailurePolicy::Local => Some(Arc::new(memory_store(&config)?)),
+            _ => None,
+        };
         let mut builder = TokenBucketAdapter::builder(store, config.rules)
             .events(Arc::new(events.clone()))
             .key_prefix(config.key_prefix)
             .failure_policy(config.failure_policy);
-        if config.failure_policy == FailurePolicy::Local {
-            builder = builder.local_fallback(Arc::new(MemoryStorage::with_shared_clock(
-                config.clock.clone(),
-            )));
+        if let Some(fallback) = fallback {
+            builder = builder.local_fallback(fallback);
         }
         let limiter = builder.build()?;
         Ok(Self {
@@ -345,6 +364,14 @@ mod tests {
             ]
         );
         assert!(events.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_zero_memory_capacity_is_refused() {
+        let err = Container::build(ContainerConfig::memory(rules()).with_memory_capacity(0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ratelimit_domain::ErrorCode::InvalidInput);
     }
 
     #[tokio::test]
