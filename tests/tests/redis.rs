@@ -239,6 +239,23 @@ async fn buckets_written_by_the_original_service_are_read() {
 }
 
 #[tokio::test]
+async fn connect_reads_the_redis_version_and_accepts_this_one() {
+    let redis = TestRedis::get();
+    let store = RedisStorage::connect(&redis_config(&redis.url))
+        .await
+        .unwrap();
+    store.check_version().await.unwrap();
+    // Nothing listens on a free port: the error says Redis is unreachable, not too old.
+    let nowhere = format!("redis://127.0.0.1:{}/", free_port());
+    let err =
+        RedisStorage::connect(&redis_config(&nowhere).with_admin_timeout(Duration::from_secs(1)))
+            .await
+            .unwrap_err();
+    assert_ne!(err.code(), ErrorCode::Configuration, "{err}");
+    assert!(err.code().is_store_failure(), "{err}");
+}
+
+#[tokio::test]
 async fn a_flushed_script_is_reloaded_and_limiting_continues() {
     let redis = TestRedis::get();
     let store = RedisStorage::new(&redis_config(&redis.url)).unwrap();
