@@ -550,7 +550,7 @@ impl ResetListener {
 
     async fn run<F>(self, on_reset: F)
     where
-        F: Fn(Option<&str>),
+        F: Fn(Option<&str>) + Send + Sync,
     {
         let mut backoff = Self::FIRST_BACKOFF;
         loop {
@@ -589,7 +589,7 @@ impl ResetListener {
     /// received), so that the next attempt may start without waiting long.
     async fn listen<F>(&self, pubsub: redis::aio::PubSub, on_reset: &F) -> bool
     where
-        F: Fn(Option<&str>),
+        F: Fn(Option<&str>) + Send + Sync,
     {
         let (mut sink, mut stream) = pubsub.split();
         let mut healthy = false;
