@@ -154,7 +154,8 @@ async fn a_far_future_time_neither_locks_a_bucket_nor_keeps_it_alive() {
             &format!("{:?}", now + 1e6),
             30,
         );
-        // Before: denied, told to wait a million seconds, and every denial renewed the lifetime.
+        // It reads as a missing bucket: full, as of now. (Before: denied with a wait of a
+        // million seconds, and every denial wrote the time back and renewed the lifetime.)
         for expected_remaining in [4, 3, 2, 1, 0] {
             let d = store
                 .check_and_consume(&bucket, &rule, 1, None)

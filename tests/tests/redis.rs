@@ -256,6 +256,30 @@ async fn connect_reads_the_redis_version_and_accepts_this_one() {
 }
 
 #[tokio::test]
+async fn connect_works_for_a_user_not_allowed_to_read_info() {
+    // The minimal ACL of docs/failure.md has no +info: the version cannot be read, which is
+    // logged, and connect checks that Redis answers instead.
+    let server = RedisServer::start_with_args(&[
+        "--user", "limiter", "on", ">pw", "~*", "-@all", "+ping", "+evalsha", "+eval", "+get",
+        "+set", "+time", "+del",
+    ]);
+    let url = format!("redis://limiter:pw@127.0.0.1:{}/", server.port());
+    let store = RedisStorage::connect(&redis_config(&url)).await.unwrap();
+    let key = ratelimit_domain::KeyBuilder::new("acl", RateLimitScope::Ip, LOGIN)
+        .unwrap()
+        .key("1.2.3.4")
+        .unwrap();
+    let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
+    assert!(
+        store
+            .check_and_consume(&key, &rule, 1, None)
+            .await
+            .unwrap()
+            .allowed
+    );
+}
+
+#[tokio::test]
 async fn a_flushed_script_is_reloaded_and_limiting_continues() {
     let redis = TestRedis::get();
     let store = RedisStorage::new(&redis_config(&redis.url)).unwrap();
