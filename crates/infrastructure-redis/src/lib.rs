@@ -21,7 +21,15 @@
 //!   [`StorageUnavailable`](ratelimit_domain::ErrorCode::StorageUnavailable),
 //!   [`StorageTimeout`](ratelimit_domain::ErrorCode::StorageTimeout) or
 //!   [`StorageError`](ratelimit_domain::ErrorCode::StorageError); deciding to fail open is the
-//!   adapter's job, so that the policy sits in one place for every store.
+//!   adapter's job, so that the policy sits in one place for every store. One bucket's
+//!   unusable data (a key of another type: `WRONGTYPE`; a reply that cannot be read) is
+//!   [`CorruptBucket`](ratelimit_domain::ErrorCode::CorruptBucket), naming the key, which says
+//!   nothing about the store's health.
+//! - **Hostile stored values.** The scripts validate what they read as
+//!   [`token_bucket::step`](ratelimit_domain::token_bucket::step) does: a value no step could
+//!   have written reads as a missing (full) bucket.
+//! - **Old servers.** [`RedisStorage::connect`] refuses Redis before 5.0
+//!   ([`RedisStorage::check_version`]).
 //!
 //! The key layout and the script contract are in `docs/lua.md`.
 
