@@ -2,9 +2,9 @@
 --
 -- KEYS[1]  <bucket key>:tokens   tokens in the bucket (decimal string)
 -- KEYS[2]  <bucket key>:time     when the bucket was last updated (seconds, decimal string)
--- ARGV[1]  max_tokens            bucket capacity (integer)
+-- ARGV[1]  max_tokens            bucket capacity (integer, decimal digits, at most 2^53)
 -- ARGV[2]  refill_rate           tokens added per minute (decimal)
--- ARGV[3]  cost                  tokens to take; 0 only reads
+-- ARGV[3]  cost                  tokens to take (integer, decimal digits); 0 only reads
 -- ARGV[4]  now                   seconds since the Unix epoch (decimal), or "" for Redis TIME
 --
 -- Reply: { allowed (0|1), retry_after (decimal string of seconds, "0" when allowed,
@@ -27,8 +27,11 @@ end
 
 local tokens = tonumber(redis.call('GET', KEYS[1]))
 local last = tonumber(redis.call('GET', KEYS[2]))
-if tokens == nil or last == nil then
-  -- A missing (or half-missing) bucket is a full one, as of now.
+-- A missing (or half-missing) bucket is a full one, as of now. So is one that no step could have
+-- written: tokens outside 0..max_tokens, or a time that is NaN (which fails every comparison),
+-- before the epoch, or further ahead of now than the refill time plus 60 s (docs/lua.md).
+if not (tokens and last and tokens >= 0 and tokens <= max_tokens and last >= 0
+    and (last <= now or last - now <= max_tokens / refill_rate * 60 + 60)) then
   tokens = max_tokens
   last = now
 end
@@ -43,13 +46,19 @@ if now > last then
   last = now
 end
 
+if cost == 0 then
+  return { 1, '0', math.floor(current) }
+end
+-- A cost above capacity waits for ever and takes nothing, so nothing is written. Decided exactly:
+-- the doubles of two integers at most 2^53 apart compare like the integers, except that a cost
+-- above 2^53 may round to max_tokens = 2^53; the digits tell those apart.
+if cost > max_tokens or (cost == max_tokens and ARGV[3] ~= ARGV[1]) then
+  return { 0, 'inf', math.floor(current) }
+end
+
 -- %.17g keeps every bit of a double, so the stored value reads back exactly.
 local function decimal(x)
   return string.format('%.17g', x)
-end
-
-if cost == 0 then
-  return { 1, '0', math.floor(current) }
 end
 
 local ttl = math.ceil(max_tokens / refill_rate * 60) + 60
@@ -63,7 +72,5 @@ end
 
 redis.call('SET', KEYS[1], decimal(current), 'EX', ttl)
 redis.call('SET', KEYS[2], decimal(last), 'EX', ttl)
-if cost > max_tokens then
-  return { 0, 'inf', math.floor(current) }
-end
-return { 0, decimal((cost - current) / (refill_rate / 60)), math.floor(current) }
+-- Nothing refills until now reaches last (0 unless a clock went back), then the refill.
+return { 0, decimal((last - now) + (cost - current) / (refill_rate / 60)), math.floor(current) }

@@ -5,7 +5,8 @@
 --                            Redis's clock, or 0 when unknown
 -- ARGV[1]  struct.pack('<ddd', max_tokens, refill_rate, cost) followed by the key lifetime as
 --          decimal text: ceil(max_tokens / refill_rate * 60) + 60 seconds, computed by the
---          caller (ratelimit_redis::CompactArgs)
+--          caller (ratelimit_redis::CompactArgs). A cost above max_tokens is decided by the
+--          caller on the integers and sent as +inf, so that rounding never blurs it.
 -- ARGV[2]  now, optional, as lua/token_bucket.lua's ARGV[4]; absent or "" for Redis TIME
 --
 -- Reply:   allowed  → remaining (integer, floored), a bare integer
@@ -45,10 +46,15 @@ if size == 20 then
 elseif size == 16 then
   -- Written by the previous version of this script (no recorded expiry).
   tokens, last = struct.unpack('<dd', stored)
-else
-  -- A missing bucket is a full one, as of now.
+end
+-- A missing bucket is a full one, as of now. So is a value of another size, and one that no step
+-- could have written (junk bytes read as doubles): as lua/token_bucket.lua, and its expiry is
+-- renewed by the next write.
+if not (tokens and tokens >= 0 and tokens <= max_tokens and last >= 0
+    and (last <= now or last - now <= max_tokens / refill_rate * 60 + 60)) then
   tokens = max_tokens
   last = now
+  expires = 0
 end
 
 local elapsed = now - last
@@ -63,6 +69,10 @@ end
 
 if cost == 0 then
   return math.floor(current)
+end
+-- A cost above capacity (+inf from the caller) waits for ever and takes nothing: no write.
+if cost > max_tokens then
+  return { 0, 'inf', math.floor(current) }
 end
 
 local left = current
@@ -86,7 +96,6 @@ end
 if current >= cost then
   return math.floor(left)
 end
-if cost > max_tokens then
-  return { 0, 'inf', math.floor(current) }
-end
-return { 0, string.format('%.17g', (cost - current) / (refill_rate / 60)), math.floor(current) }
+-- Nothing refills until now reaches last (0 unless a clock went back), then the refill.
+return { 0, string.format('%.17g', (last - now) + (cost - current) / (refill_rate / 60)),
+  math.floor(current) }

@@ -77,6 +77,7 @@ pub async fn run_all(store: &dyn BucketStore, prefix: &str) {
     identifiers_and_endpoints_are_isolated(store, prefix).await;
     a_cost_above_capacity_is_denied_for_ever(store, prefix).await;
     a_clock_running_behind_earns_nothing(store, prefix).await;
+    a_cost_above_two_to_the_53_is_denied_for_ever(store, prefix).await;
     retry_after_keeps_sub_second_precision(store, prefix).await;
     invalid_now_is_rejected(store, prefix).await;
 }
@@ -237,11 +238,31 @@ pub async fn a_clock_running_behind_earns_nothing(store: &dyn BucketStore, prefi
     let k = key(prefix, "10.0.0.12", "GET /items");
     let r = rule(5, 60.0); // one token per second
     assert!(take(store, &k, &r, 5, T0 + 10.0).await.allowed);
-    // Ten seconds "earlier": nothing has refilled.
-    assert!(!take(store, &k, &r, 1, T0).await.allowed);
+    // Ten seconds "earlier": nothing has refilled, and nothing will until the clock reaches
+    // the bucket's time: 10 s, then 1 s for the token.
+    let d = take(store, &k, &r, 1, T0).await;
+    assert!(!d.allowed);
+    assert_eq!(d.retry_after, Duration::from_secs(11));
     // Back at the later time: still nothing, since the bucket's time did not go back.
     assert!(!take(store, &k, &r, 1, T0 + 10.0).await.allowed);
     assert!(take(store, &k, &r, 1, T0 + 11.0).await.allowed);
+}
+
+/// A cost that a double rounds down to the capacity (2^53 + 1 against 2^53) is still above
+/// it: denied for ever, and nothing is taken.
+pub async fn a_cost_above_two_to_the_53_is_denied_for_ever(store: &dyn BucketStore, prefix: &str) {
+    let k = key(prefix, "10.0.0.15", "POST /export");
+    let max = ratelimit_domain::MAX_TOKENS_LIMIT;
+    let r = rule(max, 1e12);
+    for cost in [max + 1, max + 2, u64::MAX] {
+        let d = take(store, &k, &r, cost, T0).await;
+        assert!(!d.allowed, "cost {cost}");
+        assert!(d.is_never(), "cost {cost}: retry_after {:?}", d.retry_after);
+        assert_eq!(d.remaining, max, "cost {cost}");
+    }
+    let d = take(store, &k, &r, max, T0).await;
+    assert!(d.allowed);
+    assert_eq!(d.remaining, 0);
 }
 
 /// Retry-after is not truncated to whole seconds.
@@ -355,6 +376,173 @@ pub async fn store_decisions(
     let mut out = Vec::with_capacity(steps.len());
     for s in steps {
         out.push(take(store, key, rule, s.cost, s.now).await);
+    }
+    out
+}
+
+/// A bucket's stored value that no step could have written (or that a step could, chosen to sit
+/// on an edge), as someone with write access to Redis, a bug or a corrupt restore may leave it,
+/// and the state [`token_bucket::step`] must be given to decide as the store does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredGarbage {
+    /// What it is, for failure messages.
+    pub name: String,
+    /// What is written at the bucket's key(s).
+    pub value: GarbageValue,
+    /// The state a Lua script reads from it (`tonumber` of the text, `struct.unpack` of the
+    /// bytes), `None` when it reads no state at all (a missing key, a value of another size).
+    pub reads_as: Option<BucketState>,
+}
+
+/// The raw value of a [`StoredGarbage`], in one of the two Redis layouts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GarbageValue {
+    /// The specification's layout: the text of `<key>:tokens` and `<key>:time`, `None` for a
+    /// key that is not there.
+    TwoKeys(Option<String>, Option<String>),
+    /// The compact layout: the bytes of `<key>:tb`.
+    Compact(Vec<u8>),
+}
+
+/// The compact layout's value for `tokens`, `last` and a recorded expiry.
+pub fn compact_bytes(tokens: f64, last: f64, expires: u32) -> Vec<u8> {
+    let mut raw = tokens.to_le_bytes().to_vec();
+    raw.extend_from_slice(&last.to_le_bytes());
+    raw.extend_from_slice(&expires.to_le_bytes());
+    raw
+}
+
+/// The catalogue of hostile stored values for a bucket of `max_tokens` at `now`: every pair of
+/// tokens and time from non-finite, negative, above capacity, far-future and edge values, in
+/// both layouts; texts Lua reads its own way (`0x10`, spaces, `1e400`, `nan(1)`); text that is
+/// no number; one key of two missing; junk bytes (`seed` picks them), values of the wrong size,
+/// and the previous version's 16 bytes.
+pub fn stored_garbage(
+    max_tokens: u64,
+    refill_rate: f64,
+    now: f64,
+    seed: u64,
+) -> Vec<StoredGarbage> {
+    let max = max_tokens as f64;
+    let horizon = token_bucket::future_horizon(max, refill_rate);
+    let tokens = [
+        f64::NAN,
+        -f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        -1e308,
+        -1.0,
+        -0.0,
+        0.0,
+        max / 2.0,
+        max,
+        max + 1.0,
+        1e308,
+    ];
+    let times = [
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        -1e308,
+        -1.0,
+        0.0,
+        now - 30.0,
+        now,
+        now + 10.0,
+        now + horizon,
+        now + horizon + 1.0,
+        now + 1e9,
+        1e308,
+    ];
+    let mut out = Vec::new();
+    for &t in &tokens {
+        for &l in &times {
+            let reads_as = Some(BucketState { tokens: t, last: l });
+            out.push(StoredGarbage {
+                name: format!("tokens {t:e}, time {l:e}, two keys"),
+                // Rust's shortest round-trip text ("NaN", "inf", digits): Lua's strtod reads
+                // each back as the same double.
+                value: GarbageValue::TwoKeys(Some(format!("{t:?}")), Some(format!("{l:?}"))),
+                reads_as,
+            });
+            for expires in [0, u32::MAX] {
+                out.push(StoredGarbage {
+                    name: format!("tokens {t:e}, time {l:e}, expires {expires}, compact"),
+                    value: GarbageValue::Compact(compact_bytes(t, l, expires)),
+                    reads_as,
+                });
+            }
+        }
+    }
+    let text =
+        |tokens: Option<&str>, last: Option<&str>, reads_as: Option<(f64, f64)>| StoredGarbage {
+            name: format!("text {tokens:?} / {last:?}"),
+            value: GarbageValue::TwoKeys(tokens.map(str::to_owned), last.map(str::to_owned)),
+            reads_as: reads_as.map(|(tokens, last)| BucketState { tokens, last }),
+        };
+    let now_text = format!("{now:?}");
+    let now_text = Some(now_text.as_str());
+    out.extend([
+        text(Some("nan"), now_text, Some((f64::NAN, now))),
+        text(Some("0"), Some("nan"), Some((0.0, f64::NAN))),
+        text(Some("0"), Some("nan(123)"), Some((0.0, f64::NAN))),
+        text(Some("0"), Some("-Infinity"), Some((0.0, f64::NEG_INFINITY))),
+        text(Some("1e400"), now_text, Some((f64::INFINITY, now))),
+        text(Some("-1e400"), now_text, Some((f64::NEG_INFINITY, now))),
+        text(Some("0x1"), now_text, Some((1.0, now))),
+        text(Some(" 1 "), now_text, Some((1.0, now))),
+        text(Some("1e-400"), now_text, Some((0.0, now))),
+        text(Some("0"), Some("1e400"), Some((0.0, f64::INFINITY))),
+        text(Some("abc"), now_text, None),
+        text(Some(""), now_text, None),
+        text(Some("1 2"), now_text, None),
+        text(Some("0"), Some("yesterday"), None),
+        text(Some("0"), None, None),
+        text(None, Some("1e308"), None),
+    ]);
+    let compact = |name: String, bytes: Vec<u8>, reads_as: Option<(f64, f64)>| StoredGarbage {
+        name,
+        value: GarbageValue::Compact(bytes),
+        reads_as: reads_as.map(|(tokens, last)| BucketState { tokens, last }),
+    };
+    let mut rng = Sequence::new(seed);
+    for i in 0..64 {
+        let junk: Vec<u8> = (0..20).map(|_| rng.next_u64().to_le_bytes()[3]).collect();
+        let read = |at: usize| {
+            let mut bytes = [0_u8; 8];
+            bytes.copy_from_slice(&junk[at..at + 8]);
+            f64::from_le_bytes(bytes)
+        };
+        let reads_as = Some((read(0), read(8)));
+        out.push(compact(
+            format!("20 junk bytes #{i}: {junk:?}"),
+            junk.clone(),
+            reads_as,
+        ));
+        let short = junk[..16].to_vec();
+        out.push(compact(
+            format!("16 junk bytes #{i}: {short:?}"),
+            short,
+            reads_as,
+        ));
+    }
+    let nan16 = [f64::NAN.to_le_bytes(), f64::NAN.to_le_bytes()].concat();
+    out.push(compact(
+        "16 bytes of NaN".to_owned(),
+        nan16,
+        Some((f64::NAN, f64::NAN)),
+    ));
+    let legacy = [0.0_f64.to_le_bytes(), (now + 10.0).to_le_bytes()].concat();
+    out.push(compact(
+        "16 bytes, empty, 10 s ahead (previous version)".to_owned(),
+        legacy,
+        Some((0.0, now + 10.0)),
+    ));
+    for size in [0, 1, 8, 15, 17, 19, 21, 24, 40, 1000] {
+        let bytes = vec![0xFF; size];
+        out.push(compact(format!("{size} bytes of 0xFF"), bytes, None));
+        let zeros = vec![0; size];
+        out.push(compact(format!("{size} zero bytes"), zeros, None));
     }
     out
 }

@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ratelimit_domain::DynBucketStore;
+use ratelimit_domain::token_bucket::{self, BucketState};
+use ratelimit_domain::{BucketKey, BucketStore, DynBucketStore};
 use ratelimit_memory::MemoryStorage;
 use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract::{
-    self, key, random_workload, reference_decisions, rule, store_decisions,
+    self, GarbageValue, T0, key, random_workload, reference_decisions, rule, store_decisions,
+    stored_garbage,
 };
 use ratelimit_tests::redis_server::{TestRedis, unique_prefix};
 
@@ -84,4 +86,112 @@ async fn memory_and_redis_agree_step_by_step_on_long_random_workloads() {
         assert!(expected.iter().any(|d| !d.allowed && !d.is_never()));
         assert!(expected.iter().any(|d| d.is_never()));
     }
+}
+
+/// What Redis holds for a bucket: the two keys' values, or the compact key's.
+fn raw(conn: &mut redis::Connection, key: &BucketKey, compact: bool) -> Vec<Option<Vec<u8>>> {
+    let names: Vec<String> = if compact {
+        vec![format!("{}:tb", key.as_str())]
+    } else {
+        vec![
+            format!("{}:tokens", key.as_str()),
+            format!("{}:time", key.as_str()),
+        ]
+    };
+    names
+        .iter()
+        .map(|name| redis::cmd("GET").arg(name).query(conn).unwrap())
+        .collect()
+}
+
+/// The state a store wrote, as bits (NaN-safe comparison).
+fn written(conn: &mut redis::Connection, key: &BucketKey, compact: bool) -> (u64, u64) {
+    let values = raw(conn, key, compact);
+    if compact {
+        let bytes = values[0].clone().unwrap();
+        assert_eq!(bytes.len(), 20, "{bytes:?}");
+        let number = |at: usize| f64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        (number(0).to_bits(), number(8).to_bits())
+    } else {
+        let number = |value: &Option<Vec<u8>>| {
+            let text = String::from_utf8(value.clone().unwrap()).unwrap();
+            text.parse::<f64>()
+                .unwrap_or_else(|err| panic!("{text:?}: {err}"))
+        };
+        (number(&values[0]).to_bits(), number(&values[1]).to_bits())
+    }
+}
+
+fn seed(conn: &mut redis::Connection, key: &BucketKey, value: &GarbageValue) {
+    let set = |conn: &mut redis::Connection, name: String, value: &[u8]| {
+        let _: () = redis::cmd("SET")
+            .arg(name)
+            .arg(value)
+            .arg("EX")
+            .arg(3_600)
+            .query(conn)
+            .unwrap();
+    };
+    match value {
+        GarbageValue::TwoKeys(tokens, time) => {
+            for (suffix, value) in [(":tokens", tokens), (":time", time)] {
+                let name = format!("{}{suffix}", key.as_str());
+                let _: () = redis::cmd("DEL").arg(&name).query(conn).unwrap();
+                if let Some(value) = value {
+                    set(conn, name, value.as_bytes());
+                }
+            }
+        }
+        GarbageValue::Compact(bytes) => set(conn, format!("{}:tb", key.as_str()), bytes),
+    }
+}
+
+#[tokio::test]
+async fn hostile_stored_values_decide_as_the_reference_step_in_both_layouts() {
+    let redis = TestRedis::get();
+    let spec = redis_store(&redis.url);
+    let compact = compact_store(&redis.url);
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let prefix = unique_prefix();
+    let rules = [rule(5, 5.0), rule(10, 600.0), rule(3, 0.37)];
+    let mut n = 0_u64;
+    for (i, rule) in rules.iter().enumerate() {
+        let (max, rate) = (rule.max_tokens(), rule.refill_rate());
+        for garbage in stored_garbage(max, rate, T0, 0xBAD_DA7A + i as u64) {
+            let is_compact = matches!(garbage.value, GarbageValue::Compact(_));
+            let store: &RedisStorage = if is_compact { &compact } else { &spec };
+            for cost in [0, 1, max, max + 1] {
+                n += 1;
+                let bucket = key(&prefix, &format!("garbage-{n}"), "GET /garbage");
+                let context = format!("{} (rule {max} per {rate}/min, cost {cost})", garbage.name);
+                seed(&mut conn, &bucket, &garbage.value);
+                let before = raw(&mut conn, &bucket, is_compact);
+                let expected = token_bucket::step(garbage.reads_as, max, rate, cost, T0);
+                let got = store
+                    .check_and_consume(&bucket, rule, cost, Some(T0))
+                    .await
+                    .unwrap_or_else(|err| panic!("{context}: {err}"));
+                assert_eq!(got, expected.decision, "{context}");
+                // The store keeps what the step stores, bit for bit, or leaves the value alone.
+                match expected.store {
+                    Some(BucketState { tokens, last }) => assert_eq!(
+                        written(&mut conn, &bucket, is_compact),
+                        (tokens.to_bits(), last.to_bits()),
+                        "{context}"
+                    ),
+                    None => assert_eq!(raw(&mut conn, &bucket, is_compact), before, "{context}"),
+                }
+                // The next check decides from what is there as the step does.
+                let state = expected.store.or(garbage.reads_as);
+                let next = token_bucket::step(state, max, rate, 1, T0 + 1.0);
+                let got = store
+                    .check_and_consume(&bucket, rule, 1, Some(T0 + 1.0))
+                    .await
+                    .unwrap_or_else(|err| panic!("{context}, next check: {err}"));
+                assert_eq!(got, next.decision, "{context}, next check");
+            }
+        }
+    }
+    assert!(n > 5_000, "only {n} cases");
 }

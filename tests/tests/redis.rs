@@ -239,6 +239,47 @@ async fn buckets_written_by_the_original_service_are_read() {
 }
 
 #[tokio::test]
+async fn connect_reads_the_redis_version_and_accepts_this_one() {
+    let redis = TestRedis::get();
+    let store = RedisStorage::connect(&redis_config(&redis.url))
+        .await
+        .unwrap();
+    store.check_version().await.unwrap();
+    // Nothing listens on a free port: the error says Redis is unreachable, not too old.
+    let nowhere = format!("redis://127.0.0.1:{}/", free_port());
+    let err =
+        RedisStorage::connect(&redis_config(&nowhere).with_admin_timeout(Duration::from_secs(1)))
+            .await
+            .unwrap_err();
+    assert_ne!(err.code(), ErrorCode::Configuration, "{err}");
+    assert!(err.code().is_store_failure(), "{err}");
+}
+
+#[tokio::test]
+async fn connect_works_for_a_user_not_allowed_to_read_info() {
+    // The minimal ACL of docs/failure.md has no +info: the version cannot be read, which is
+    // logged, and connect checks that Redis answers instead.
+    let server = RedisServer::start_with_args(&[
+        "--user", "limiter", "on", ">pw", "~*", "-@all", "+ping", "+evalsha", "+eval", "+get",
+        "+set", "+time", "+del",
+    ]);
+    let url = format!("redis://limiter:pw@127.0.0.1:{}/", server.port());
+    let store = RedisStorage::connect(&redis_config(&url)).await.unwrap();
+    let key = ratelimit_domain::KeyBuilder::new("acl", RateLimitScope::Ip, LOGIN)
+        .unwrap()
+        .key("1.2.3.4")
+        .unwrap();
+    let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
+    assert!(
+        store
+            .check_and_consume(&key, &rule, 1, None)
+            .await
+            .unwrap()
+            .allowed
+    );
+}
+
+#[tokio::test]
 async fn a_flushed_script_is_reloaded_and_limiting_continues() {
     let redis = TestRedis::get();
     let store = RedisStorage::new(&redis_config(&redis.url)).unwrap();

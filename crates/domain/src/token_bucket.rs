@@ -30,14 +30,21 @@ pub struct Step {
 
 /// One check-and-consume step at time `now` (seconds since the Unix epoch).
 ///
-/// - A missing bucket is full, as of `now`.
+/// - A missing bucket is full, as of `now`. So is a stored one that no step could have
+///   written ([`is_usable`]): tokens that are not a number in `0..=max_tokens`, or a time that
+///   is not a number, is before the epoch, or lies further ahead of `now` than
+///   [`future_horizon`]. Garbage in a store (hostile or corrupt) therefore never disables a
+///   bucket nor locks it.
 /// - Tokens refill continuously at `refill_rate` per minute, up to `max_tokens`. Time that
 ///   runs backwards (a host whose clock is behind) refills nothing, and the stored time keeps
 ///   its later value.
-/// - If at least `cost` tokens are there, they are taken and the request is allowed.
-///   Otherwise nothing is taken and `retry_after` says when `cost` tokens will be there, or
-///   [`BucketDecision::NEVER`] when `cost` exceeds `max_tokens`.
 /// - A `cost` of zero only reads: allowed, nothing to store.
+/// - A `cost` above `max_tokens` is denied with [`BucketDecision::NEVER`] and stores nothing.
+///   It is decided on the integers, before any conversion to a double (which would round a cost
+///   above 2^53).
+/// - If at least `cost` tokens are there, they are taken and the request is allowed.
+///   Otherwise nothing is taken and `retry_after` says when `cost` tokens will be there: the
+///   wait for `now` to reach the stored time (nothing refills before it) plus the refill time.
 pub fn step(
     stored: Option<BucketState>,
     max_tokens: u64,
@@ -45,12 +52,14 @@ pub fn step(
     cost: u64,
     now: f64,
 ) -> Step {
+    // Exact: rules keep max_tokens at or below 2^53.
     let max = max_tokens as f64;
-    let cost_f = cost as f64;
-    let BucketState { tokens, last } = stored.unwrap_or(BucketState {
-        tokens: max,
-        last: now,
-    });
+    let BucketState { tokens, last } = stored
+        .filter(|state| is_usable(state, max, refill_rate, now))
+        .unwrap_or(BucketState {
+            tokens: max,
+            last: now,
+        });
     let elapsed = (now - last).max(0.0);
     // Same operation order as the Lua script: tokens + ((elapsed * refill_rate) / 60).
     let current = max.min(tokens + elapsed * refill_rate / 60.0);
@@ -67,6 +76,20 @@ pub fn step(
             store: None,
         };
     }
+    if cost > max_tokens {
+        // Waiting never helps, and nothing is taken: nothing to store either.
+        let decision = BucketDecision {
+            allowed: false,
+            retry_after: BucketDecision::NEVER,
+            remaining: floor(current),
+        };
+        return Step {
+            decision,
+            store: None,
+        };
+    }
+    // Exact: cost <= max_tokens <= 2^53.
+    let cost_f = cost as f64;
     if current >= cost_f {
         let left = current - cost_f;
         let decision = BucketDecision {
@@ -79,11 +102,8 @@ pub fn step(
             store: Some(BucketState { tokens: left, last }),
         };
     }
-    let retry_after = if cost > max_tokens {
-        BucketDecision::NEVER
-    } else {
-        seconds((cost_f - current) / (refill_rate / 60.0))
-    };
+    // Nothing refills until `now` reaches `last` (0 unless a clock went back).
+    let retry_after = seconds((last - now) + (cost_f - current) / (refill_rate / 60.0));
     let decision = BucketDecision {
         allowed: false,
         retry_after,
@@ -96,6 +116,30 @@ pub fn step(
             last,
         }),
     }
+}
+
+/// How far ahead of `now` a stored time may lie and still be trusted: the bucket's refill time
+/// plus 60 s (`max_tokens / refill_rate * 60 + 60`, the lifetime Redis gives its keys, before
+/// rounding up).
+///
+/// A stored time ahead of `now` only comes from clocks that disagree (a failover to a Redis whose
+/// clock is behind, or hosts passing their own `now`): it is ahead by at most the skew between
+/// them. This bound honours a skew of at least a minute for every rule, and longer for slower
+/// rules, while a time beyond it, which would hold the bucket below full for longer than the rule
+/// itself ever does, is treated as garbage. docs/lua.md has the reasoning.
+pub fn future_horizon(max_tokens: f64, refill_rate: f64) -> f64 {
+    max_tokens / refill_rate * 60.0 + 60.0
+}
+
+/// Whether a stored bucket is one that [`step`] could have written: `tokens` a number in
+/// `0..=max_tokens` and `last` a number, not before the epoch, at most [`future_horizon`] ahead
+/// of `now`. NaN fails every comparison, so it is never usable. The Lua scripts make the same
+/// test with the same operations.
+pub fn is_usable(state: &BucketState, max_tokens: f64, refill_rate: f64, now: f64) -> bool {
+    state.tokens >= 0.0
+        && state.tokens <= max_tokens
+        && state.last >= 0.0
+        && (state.last <= now || state.last - now <= future_horizon(max_tokens, refill_rate))
 }
 
 /// Checks an explicit "now" given to a store.
@@ -198,6 +242,8 @@ mod tests {
         let first = step(None, 5, 60.0, 5, T0 + 10.0);
         let back = step(first.store, 5, 60.0, 1, T0);
         assert!(!back.decision.allowed);
+        // Nothing refills for the 10 s until now reaches the stored time, then 1 s per token.
+        assert_eq!(back.decision.retry_after, Duration::from_secs(11));
         assert_eq!(back.store.map(|s| s.last), Some(T0 + 10.0));
         // Catching up to the stored time still refills nothing extra.
         let caught_up = step(back.store, 5, 60.0, 1, T0 + 10.0);
@@ -213,6 +259,142 @@ mod tests {
         assert_eq!(d[1].retry_after, Duration::from_secs(6));
         let d = run(&[(5, T0), (1, T0 + 6.25)], 5, 5.0);
         assert_eq!(d[1].retry_after, Duration::from_millis(5_750));
+    }
+
+    /// Stored values no step could have written, as a hostile or corrupt store may hold them.
+    fn garbage(max: f64, now: f64) -> Vec<BucketState> {
+        let mut states = Vec::new();
+        for tokens in [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -1e308,
+            -1.0,
+            -1e-300,
+        ] {
+            states.push(BucketState { tokens, last: now });
+        }
+        for tokens in [max + 1.0, max * 2.0, 1e308] {
+            states.push(BucketState { tokens, last: now });
+        }
+        for last in [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -1.0,
+            1e308,
+            now + 1e9,
+        ] {
+            states.push(BucketState { tokens: 0.0, last });
+        }
+        // NaN with another sign bit and payload, as 8 junk bytes may read.
+        states.push(BucketState {
+            tokens: f64::from_bits(0xFFF8_0000_DEAD_BEEF),
+            last: f64::from_bits(0x7FF0_0000_0000_0001),
+        });
+        states
+    }
+
+    #[test]
+    fn stored_garbage_is_a_missing_bucket() {
+        for (max, rate) in [(5_u64, 5.0), (10, 60.0), (1, 0.01), (1 << 53, 1e12)] {
+            let max_f = max as f64;
+            for state in garbage(max_f, T0) {
+                for cost in [0, 1, max, max + 1] {
+                    let got = step(Some(state), max, rate, cost, T0);
+                    let missing = step(None, max, rate, cost, T0);
+                    assert_eq!(
+                        (
+                            got.decision,
+                            got.store.map(|s| (s.tokens.to_bits(), s.last.to_bits()))
+                        ),
+                        (
+                            missing.decision,
+                            missing
+                                .store
+                                .map(|s| (s.tokens.to_bits(), s.last.to_bits()))
+                        ),
+                        "max {max}, rate {rate}, cost {cost}, stored {state:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_clock_skew_within_the_horizon_is_honoured_and_beyond_it_is_not() {
+        // 5 tokens at 5 per minute: refill time 60 s, horizon 120 s.
+        let horizon = future_horizon(5.0, 5.0);
+        assert_eq!(horizon, 120.0);
+        let empty_at = |last: f64| Some(BucketState { tokens: 0.0, last });
+        // A Redis 10 s behind the one that wrote the bucket: still empty, and the wait counts
+        // the 10 s before anything refills.
+        let skewed = step(empty_at(T0 + 10.0), 5, 5.0, 1, T0);
+        assert!(!skewed.decision.allowed);
+        assert_eq!(skewed.decision.retry_after, Duration::from_secs(22));
+        assert_eq!(skewed.store.map(|s| s.last), Some(T0 + 10.0));
+        // At the horizon exactly: trusted.
+        let edge = step(empty_at(T0 + horizon), 5, 5.0, 1, T0);
+        assert!(!edge.decision.allowed);
+        assert_eq!(edge.decision.retry_after, Duration::from_secs(132));
+        // Beyond it: garbage, so the bucket is full as of now and its time is now.
+        let beyond = step(empty_at(T0 + horizon + 0.001), 5, 5.0, 1, T0);
+        assert!(beyond.decision.allowed);
+        assert_eq!(beyond.decision.remaining, 4);
+        assert_eq!(beyond.store.map(|s| s.last), Some(T0));
+    }
+
+    #[test]
+    fn a_far_future_time_does_not_lock_a_bucket_and_a_nan_time_does_not_free_it() {
+        // Before validation a far-future time locked the bucket (and every denial kept it).
+        let locked = step(
+            Some(BucketState {
+                tokens: 0.0,
+                last: T0 + 1e9,
+            }),
+            5,
+            5.0,
+            1,
+            T0,
+        );
+        assert!(locked.decision.allowed);
+        assert_eq!(locked.store.map(|s| s.last), Some(T0));
+        // A NaN token count reads as a full bucket, and what is stored is a real state again.
+        let out = step(
+            Some(BucketState {
+                tokens: f64::NAN,
+                last: T0,
+            }),
+            5,
+            5.0,
+            5,
+            T0,
+        );
+        assert!(out.decision.allowed);
+        assert_eq!(
+            out.store,
+            Some(BucketState {
+                tokens: 0.0,
+                last: T0
+            })
+        );
+        assert!(!step(out.store, 5, 5.0, 1, T0).decision.allowed);
+    }
+
+    #[test]
+    fn costs_above_capacity_are_never_allowed_however_large() {
+        let max = 1_u64 << 53;
+        // 2^53 + 1 rounds to 2^53 as a double: it must still be "never", not a finite wait.
+        for cost in [max + 1, max + 2, u64::MAX] {
+            let out = step(None, max, 1e12, cost, T0);
+            assert!(!out.decision.allowed, "cost {cost}");
+            assert!(out.decision.is_never(), "cost {cost}");
+            assert_eq!(out.decision.remaining, max);
+            assert_eq!(out.store, None);
+        }
+        let all = step(None, max, 1e12, max, T0);
+        assert!(all.decision.allowed);
+        assert_eq!(all.decision.remaining, 0);
     }
 
     #[test]

@@ -42,6 +42,13 @@ pub struct RedisConfig {
     /// For `rediss://` URLs: a PEM file of the certificate authorities to trust instead of the
     /// system's (a private CA, as managed Redis services and self-hosted TLS often use).
     pub ca_file: Option<PathBuf>,
+    /// How often the reset listener ([`RedisStorage::spawn_reset_listener`]) sends a `PING` on
+    /// its pub/sub connection, to notice a connection that died silently (a NAT or firewall
+    /// dropping it). An answer must come within [`admin_timeout`](Self::admin_timeout), or
+    /// the listener subscribes again on a new connection.
+    ///
+    /// [`RedisStorage::spawn_reset_listener`]: crate::RedisStorage::spawn_reset_listener
+    pub reset_ping_interval: Duration,
 }
 
 impl RedisConfig {
@@ -55,6 +62,9 @@ impl RedisConfig {
     pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(50);
     /// Default deadline of an admin operation.
     pub const DEFAULT_ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Default interval of the reset listener's keepalive `PING`: a dead subscription is
+    /// noticed within this plus the admin deadline (7 s by default), for one `PING` per 5 s.
+    pub const DEFAULT_RESET_PING_INTERVAL: Duration = Duration::from_secs(5);
 
     /// Settings for `url` with the default pool size and deadlines.
     pub fn new(url: impl Into<String>) -> Self {
@@ -66,6 +76,7 @@ impl RedisConfig {
             ca_file: None,
             cluster_nodes: Vec::new(),
             layout: KeyLayout::Specification,
+            reset_ping_interval: Self::DEFAULT_RESET_PING_INTERVAL,
         }
     }
 
@@ -112,6 +123,14 @@ impl RedisConfig {
         self
     }
 
+    /// The same settings with another interval for the reset listener's keepalive `PING`
+    /// (at least 10 ms).
+    #[must_use]
+    pub fn with_reset_ping_interval(mut self, interval: Duration) -> Self {
+        self.reset_ping_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
     /// The same settings with another admin deadline.
     #[must_use]
     pub fn with_admin_timeout(mut self, timeout: Duration) -> Self {
@@ -134,6 +153,7 @@ impl fmt::Debug for RedisConfig {
             .field("admin_timeout", &self.admin_timeout)
             .field("ca_file", &self.ca_file)
             .field("layout", &self.layout)
+            .field("reset_ping_interval", &self.reset_ping_interval)
             .field(
                 "cluster_nodes",
                 &self

@@ -21,7 +21,15 @@
 //!   [`StorageUnavailable`](ratelimit_domain::ErrorCode::StorageUnavailable),
 //!   [`StorageTimeout`](ratelimit_domain::ErrorCode::StorageTimeout) or
 //!   [`StorageError`](ratelimit_domain::ErrorCode::StorageError); deciding to fail open is the
-//!   adapter's job, so that the policy sits in one place for every store.
+//!   adapter's job, so that the policy sits in one place for every store. One bucket's
+//!   unusable data (a key of another type: `WRONGTYPE`; a reply that cannot be read) is
+//!   [`CorruptBucket`](ratelimit_domain::ErrorCode::CorruptBucket), naming the key, which says
+//!   nothing about the store's health.
+//! - **Hostile stored values.** The scripts validate what they read as
+//!   [`token_bucket::step`](ratelimit_domain::token_bucket::step) does: a value no step could
+//!   have written reads as a missing (full) bucket.
+//! - **Old servers.** [`RedisStorage::connect`] refuses Redis before 5.0
+//!   ([`RedisStorage::check_version`]).
 //!
 //! The key layout and the script contract are in `docs/lua.md`.
 
@@ -46,8 +54,11 @@ pub const TOKEN_BUCKET_COMPACT_SCRIPT: &str = include_str!("../../../lua/token_b
 /// lifetime in seconds as decimal text (see docs/lua.md).
 ///
 /// `as f64` is the conversion the reference step ([`ratelimit_domain::token_bucket::step`]) and
-/// Lua's `tonumber` make too; rules keep `max_tokens` below 2^53, where it is exact. Built on
-/// the stack: no allocation.
+/// Lua's `tonumber` make too; rules keep `max_tokens` at or below 2^53, where it is exact, and
+/// a `cost` up to `max_tokens` is exact too. A `cost` above `max_tokens` is decided here, on the
+/// integers, and sent as `+inf`, which the script denies for ever as the step does: as a
+/// double, a cost above 2^53 could round down to `max_tokens`. Built on the stack: no
+/// allocation.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct CompactArgs {
     bytes: [u8; CompactArgs::CAPACITY],
@@ -62,11 +73,11 @@ impl CompactArgs {
     #[allow(clippy::cast_precision_loss)]
     pub fn new(max_tokens: u64, refill_rate: f64, cost: u64, ttl_seconds: u64) -> Self {
         let mut bytes = [0_u8; Self::CAPACITY];
-        for (chunk, number) in
-            bytes[..24]
-                .chunks_exact_mut(8)
-                .zip([max_tokens as f64, refill_rate, cost as f64])
-        {
+        for (chunk, number) in bytes[..24].chunks_exact_mut(8).zip([
+            max_tokens as f64,
+            refill_rate,
+            Self::cost(max_tokens, cost),
+        ]) {
             chunk.copy_from_slice(&number.to_le_bytes());
         }
         // The lifetime's digits; 20 bytes hold any u64, so the write cannot fail.
@@ -74,6 +85,16 @@ impl CompactArgs {
         let _ = write!(digits, "{ttl_seconds}");
         let len = Self::CAPACITY - digits.len();
         Self { bytes, len }
+    }
+
+    /// `cost` as the script reads it: exact up to `max_tokens`, `+inf` above.
+    #[allow(clippy::cast_precision_loss)] // exact: cost <= max_tokens <= 2^53
+    fn cost(max_tokens: u64, cost: u64) -> f64 {
+        if cost > max_tokens {
+            f64::INFINITY
+        } else {
+            cost as f64
+        }
     }
 
     /// The argument as sent.

@@ -40,6 +40,8 @@ pub struct RedisStorage {
     /// The text of the layout's script, for the `EVAL` resend after a `NOSCRIPT`.
     script_text: &'static str,
     script_reloads: AtomicU64,
+    /// How often the reset listener pings its subscription.
+    reset_ping_interval: Duration,
 }
 
 impl fmt::Debug for RedisStorage {
@@ -166,17 +168,19 @@ impl RedisStorage {
             redacted_url,
             hash_tag: config.is_cluster(),
             script_reloads: AtomicU64::new(0),
+            reset_ping_interval: config.reset_ping_interval,
         })
     }
 
-    /// Like [`new`](Self::new), then checks that Redis answers a `PING` within the admin
-    /// deadline.
+    /// Like [`new`](Self::new), then checks within the admin deadline that Redis answers and
+    /// is a version the scripts run on ([`check_version`](Self::check_version)).
     ///
     /// # Errors
-    /// As [`new`](Self::new), or the error of the `PING`.
+    /// As [`new`](Self::new); [`ErrorCode::Configuration`] for a Redis older than 5.0; or the
+    /// error of the `INFO` (Redis unreachable or too slow).
     pub async fn connect(config: &RedisConfig) -> Result<Self> {
         let store = Self::new(config)?;
-        store.ping().await?;
+        store.check_version().await?;
         Ok(store)
     }
 
@@ -199,43 +203,78 @@ impl RedisStorage {
 
     /// Spawns a task that listens on [`RESET_CHANNEL`] and calls `on_reset` with the key of
     /// every bucket reset through this library (by any host), and with `None` each time the
-    /// subscription is (re)established, since resets may have been missed meanwhile. The task
-    /// reconnects by itself. Used to keep local deny caches exact; must be called within a Tokio
-    /// runtime. Returns `None` on a cluster, where it is not supported.
+    /// subscription is (re)established, since resets may have been missed meanwhile. Used to
+    /// keep local deny caches exact; must be called within a Tokio runtime. Returns `None` on a
+    /// cluster, where it is not supported.
+    ///
+    /// The task keeps its subscription alive by itself: every
+    /// [`RedisConfig::reset_ping_interval`] it sends a `PING` on the subscribed connection, and
+    /// when no answer comes within [`RedisConfig::admin_timeout`] (a connection silently dropped
+    /// by a NAT or a firewall, a frozen server) or the connection closes, it drops the connection
+    /// and subscribes again on a new one, waiting 0.1 s, then twice as long after each failed
+    /// attempt, up to 5 s.
     pub fn spawn_reset_listener<F>(&self, on_reset: F) -> Option<tokio::task::JoinHandle<()>>
     where
         F: Fn(Option<&str>) + Send + Sync + 'static,
     {
-        let Manager::Single { client, .. } = &self.manager else {
+        let Manager::Single {
+            client,
+            connect_timeout,
+        } = &self.manager
+        else {
             tracing::warn!("reset notifications are not supported on a Redis Cluster");
             return None;
         };
-        let client = client.clone();
-        Some(tokio::spawn(async move {
-            loop {
-                match client.get_async_pubsub().await {
-                    Ok(mut pubsub) => match pubsub.subscribe(RESET_CHANNEL).await {
-                        Ok(()) => {
-                            on_reset(None);
-                            let mut messages = pubsub.on_message();
-                            while let Some(message) = messages.next().await {
-                                if let Ok(key) = message.get_payload::<String>() {
-                                    on_reset(Some(&key));
-                                }
-                            }
-                            tracing::debug!("reset subscription ended; reconnecting");
-                        }
-                        Err(err) => {
-                            tracing::warn!(error = %err, "cannot subscribe to reset notifications")
-                        }
-                    },
-                    Err(err) => {
-                        tracing::debug!(error = %err, "cannot connect for reset notifications")
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        let listener = ResetListener {
+            client: client.clone(),
+            connect_timeout: *connect_timeout,
+            ping_every: self.reset_ping_interval,
+            ping_timeout: self.admin_timeout,
+        };
+        Some(tokio::spawn(listener.run(on_reset)))
+    }
+
+    /// Checks that Redis (every primary of a cluster) is a version the scripts run on: 5.0 or
+    /// later, where scripts replicate their effects by default. The scripts read `TIME` and then
+    /// write, which Redis before 5.0 refuses under its default script replication, so every
+    /// check would fail (and, failing open, limit nothing).
+    ///
+    /// When `INFO` is refused (renamed or denied by an ACL), the version is not known: a warning
+    /// is logged and only a `PING` is checked.
+    ///
+    /// # Errors
+    /// [`ErrorCode::Configuration`] for a Redis older than 5.0; `StorageUnavailable` or
+    /// `StorageTimeout` when Redis does not answer within the admin deadline.
+    pub async fn check_version(&self) -> Result<()> {
+        let info = self
+            .run("info", self.admin_timeout, |mut conn| async move {
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query_async::<Value>(&mut conn)
+                    .await
+            })
+            .await;
+        let info = match info {
+            Ok(info) => info,
+            Err(err) if err.code() == ErrorCode::StorageError => {
+                tracing::warn!(
+                    error = %err,
+                    "cannot read the redis version (INFO server refused); Redis 5.0 or later is needed"
+                );
+                return self.ping().await;
             }
-        }))
+            Err(err) => return Err(err),
+        };
+        let mut texts = Vec::new();
+        collect_text(&info, &mut texts);
+        if texts.is_empty() {
+            tracing::warn!(reply = ?info, "cannot read the redis version from INFO server");
+        }
+        for text in texts {
+            check_supported(&text)
+                .map_err(|err| err.with_detail("url", self.redacted_url.clone()))?;
+        }
+        Ok(())
     }
 
     /// The SHA-1 of the token-bucket script, as `EVALSHA` names it.
@@ -444,6 +483,164 @@ fn parse_reply(reply: &Value) -> Result<BucketDecision> {
     })
 }
 
+/// The oldest Redis the scripts run on, as (major, minor).
+const MIN_VERSION: (u64, u64) = (5, 0);
+
+/// The text of an `INFO` reply: a bulk or verbatim string from one Redis, a map of them (node
+/// → reply) from a cluster.
+fn collect_text(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::BulkString(bytes) => out.push(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => out.push(text.clone()),
+        Value::Array(items) | Value::Set(items) => {
+            items.iter().for_each(|item| collect_text(item, out));
+        }
+        Value::Map(pairs) => pairs.iter().for_each(|(_, item)| collect_text(item, out)),
+        _ => {}
+    }
+}
+
+/// The `redis_version` of an `INFO server` text, as (major, minor, patch).
+fn parse_version(info: &str) -> Option<(u64, u64, u64)> {
+    let version = info
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("redis_version:"))?;
+    let mut parts = version
+        .trim()
+        .split('.')
+        .map(|part| part.parse::<u64>().ok());
+    let major = parts.next()??;
+    let minor = parts.next().unwrap_or(Some(0))?;
+    let patch = parts.next().unwrap_or(Some(0))?;
+    Some((major, minor, patch))
+}
+
+/// `Ok` for a supported version (or one that cannot be read, with a warning), a
+/// `Configuration` error naming the version and why it is not supported otherwise.
+fn check_supported(info: &str) -> Result<()> {
+    let Some((major, minor, patch)) = parse_version(info) else {
+        tracing::warn!("cannot read redis_version from INFO server; Redis 5.0 or later is needed");
+        return Ok(());
+    };
+    if (major, minor) >= MIN_VERSION {
+        return Ok(());
+    }
+    Err(RateLimitError::new(
+        ErrorCode::Configuration,
+        format!(
+            "Redis {major}.{minor}.{patch} is not supported: the token-bucket scripts read TIME \
+             and then write, which needs script effects replication, the default from Redis \
+             5.0 on; upgrade to Redis 5.0 or later"
+        ),
+    )
+    .with_detail("redis_version", format!("{major}.{minor}.{patch}")))
+}
+
+/// The task behind [`RedisStorage::spawn_reset_listener`].
+struct ResetListener {
+    client: redis::Client,
+    connect_timeout: Duration,
+    ping_every: Duration,
+    ping_timeout: Duration,
+}
+
+impl ResetListener {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+    async fn run<F>(self, on_reset: F)
+    where
+        F: Fn(Option<&str>) + Send + Sync,
+    {
+        let mut backoff = Self::FIRST_BACKOFF;
+        loop {
+            match self.subscribe().await {
+                Ok(pubsub) => {
+                    // Resets may have been missed while there was no subscription.
+                    on_reset(None);
+                    if self.listen(pubsub, &on_reset).await {
+                        backoff = Self::FIRST_BACKOFF;
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "cannot subscribe to reset notifications");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Self::MAX_BACKOFF);
+        }
+    }
+
+    /// A new connection, subscribed to [`RESET_CHANNEL`], within the connect deadline.
+    async fn subscribe(&self) -> std::result::Result<redis::aio::PubSub, String> {
+        let subscribed = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(RESET_CHANNEL).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(self.connect_timeout, subscribed).await {
+            Ok(result) => result.map_err(|err| err.to_string()),
+            Err(_) => Err(format!("no subscription within {:?}", self.connect_timeout)),
+        }
+    }
+
+    /// Passes the notifications on until the connection closes or a `PING` goes unanswered.
+    /// Returns whether the connection worked for a while (a `PING` answered or a message
+    /// received), so that the next attempt may start without waiting long.
+    async fn listen<F>(&self, pubsub: redis::aio::PubSub, on_reset: &F) -> bool
+    where
+        F: Fn(Option<&str>) + Send + Sync,
+    {
+        let (mut sink, mut stream) = pubsub.split();
+        let mut healthy = false;
+        let mut ticks = tokio::time::interval(self.ping_every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; the first PING goes one interval after subscribing.
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(message) => {
+                        healthy = true;
+                        if let Ok(key) = message.get_payload::<String>() {
+                            on_reset(Some(&key));
+                        }
+                    }
+                    None => {
+                        tracing::warn!("reset subscription closed; subscribing again");
+                        return healthy;
+                    }
+                },
+                _ = ticks.tick() => {
+                    match tokio::time::timeout(self.ping_timeout, sink.ping::<Value>()).await {
+                        Ok(Ok(_)) => healthy = true,
+                        Ok(Err(err)) => {
+                            tracing::warn!(error = %err, "reset subscription failed; subscribing again");
+                            return healthy;
+                        }
+                        Err(_) => {
+                            tracing::warn!(
+                                timeout = ?self.ping_timeout,
+                                "reset subscription did not answer a PING; subscribing again"
+                            );
+                            return healthy;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the bucket's key to an error about that bucket's data.
+fn name_corrupt_bucket(err: RateLimitError, key: &BucketKey) -> RateLimitError {
+    if err.code() == ErrorCode::CorruptBucket {
+        err.with_detail("key", key.as_str())
+    } else {
+        err
+    }
+}
+
 #[async_trait]
 impl BucketStore for RedisStorage {
     async fn check_and_consume(
@@ -458,8 +655,9 @@ impl BucketStore for RedisStorage {
             .run("check_and_consume", self.check_timeout, |conn| {
                 self.eval(conn, &call)
             })
-            .await?;
-        parse_reply(&reply)
+            .await
+            .map_err(|err| name_corrupt_bucket(err, key))?;
+        parse_reply(&reply).map_err(|err| name_corrupt_bucket(err, key))
     }
 
     async fn get_remaining(
@@ -473,8 +671,11 @@ impl BucketStore for RedisStorage {
             .run("get_remaining", self.check_timeout, |conn| {
                 self.eval(conn, &call)
             })
-            .await?;
-        Ok(parse_reply(&reply)?.remaining)
+            .await
+            .map_err(|err| name_corrupt_bucket(err, key))?;
+        parse_reply(&reply)
+            .map(|decision| decision.remaining)
+            .map_err(|err| name_corrupt_bucket(err, key))
     }
 
     async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<bool> {
@@ -647,10 +848,125 @@ mod tests {
         ] {
             assert_eq!(
                 parse_reply(&reply).unwrap_err().code(),
-                ErrorCode::StorageError,
+                ErrorCode::CorruptBucket,
                 "{reply:?}"
             );
         }
+    }
+
+    #[test]
+    fn extreme_replies_are_corrupt_buckets_or_never_not_panics() {
+        // What a script fed garbage used to answer: floor(-1e308) and floor(NaN) reach the
+        // client as i64::MIN.
+        for reply in [
+            Value::Int(i64::MIN),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(b"nan".to_vec()),
+                Value::Int(0),
+            ]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(b"-inf".to_vec()),
+                Value::Int(0),
+            ]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(b"1".to_vec()),
+                Value::Int(i64::MIN),
+            ]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(vec![0xFF, 0xFE]),
+                Value::Int(0),
+            ]),
+        ] {
+            assert_eq!(
+                parse_reply(&reply).unwrap_err().code(),
+                ErrorCode::CorruptBucket,
+                "{reply:?}"
+            );
+        }
+        for wait in ["1e308", "1e400", "inf", "18446744073709551616"] {
+            let reply = Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(wait.as_bytes().to_vec()),
+                Value::Int(i64::MAX),
+            ]);
+            let decision = parse_reply(&reply).unwrap();
+            assert!(decision.is_never(), "{wait}");
+            assert_eq!(decision.remaining, i64::MAX as u64);
+        }
+    }
+
+    #[test]
+    fn costs_above_capacity_are_sent_as_infinity_to_the_compact_script() {
+        let number = |args: &crate::CompactArgs, i: usize| {
+            let mut chunk = [0_u8; 8];
+            chunk.copy_from_slice(&args.as_bytes()[i * 8..i * 8 + 8]);
+            f64::from_le_bytes(chunk)
+        };
+        let max = 1_u64 << 53;
+        // 2^53 + 1 as a double is 2^53, which the script would take for an affordable cost.
+        for cost in [max + 1, u64::MAX] {
+            let args = crate::CompactArgs::new(max, 1e12, cost, 60);
+            assert_eq!(number(&args, 2), f64::INFINITY, "cost {cost}");
+        }
+        let args = crate::CompactArgs::new(max, 1e12, max, 60);
+        assert_eq!(number(&args, 2), max as f64);
+        let args = crate::CompactArgs::new(5, 5.0, 6, 120);
+        assert_eq!(number(&args, 2), f64::INFINITY);
+    }
+
+    #[test]
+    fn redis_versions_are_read_from_info_and_old_ones_refused() {
+        let info = |version: &str| {
+            format!("# Server\r\nredis_version:{version}\r\nredis_git_sha1:00000000\r\n")
+        };
+        assert_eq!(parse_version(&info("7.0.15")), Some((7, 0, 15)));
+        assert_eq!(parse_version(&info("5.0.0")), Some((5, 0, 0)));
+        assert_eq!(parse_version(&info("4.0.14")), Some((4, 0, 14)));
+        assert_eq!(parse_version(&info("7.2")), Some((7, 2, 0)));
+        assert_eq!(parse_version(&info("255.255.255")), Some((255, 255, 255)));
+        assert_eq!(parse_version(&info("seven")), None);
+        assert_eq!(parse_version(&info("")), None);
+        assert_eq!(parse_version("# Server\r\nprocess_id:1\r\n"), None);
+
+        for supported in [
+            "5.0.0", "5.0.14", "6.2.6", "7.0.15", "7.4.1", "8.0.0", "10.1",
+        ] {
+            assert!(check_supported(&info(supported)).is_ok(), "{supported}");
+        }
+        for old in ["4.0.14", "3.2.12", "2.8.24", "4.9.104"] {
+            let err = check_supported(&info(old)).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::Configuration, "{old}");
+            assert!(err.message().contains(old), "{}", err.message());
+            assert!(err.message().contains("5.0"), "{}", err.message());
+            assert!(err.message().contains("TIME"), "{}", err.message());
+        }
+        // Unreadable: not refused (a warning is logged).
+        assert!(check_supported("no version here").is_ok());
+
+        // One Redis answers a string; a cluster a map of them, one per primary.
+        let mut texts = Vec::new();
+        collect_text(
+            &Value::Map(vec![
+                (
+                    Value::SimpleString("a:7000".into()),
+                    Value::BulkString(info("7.0.15").into_bytes()),
+                ),
+                (
+                    Value::SimpleString("b:7001".into()),
+                    Value::VerbatimString {
+                        format: redis::VerbatimFormat::Text,
+                        text: info("4.0.1"),
+                    },
+                ),
+            ]),
+            &mut texts,
+        );
+        assert_eq!(texts.len(), 2);
+        assert!(texts.iter().any(|text| check_supported(text).is_err()));
     }
 
     #[tokio::test]
