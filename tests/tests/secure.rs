@@ -166,6 +166,7 @@ fn acl_args(prefix: &str) -> Vec<String> {
                 "+eval",
                 "+del",
                 "+ping",
+                "+info",
                 "+get",
                 "+set",
                 "+time",

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ratelimit_adapter::TokenBucketAdapter;
 use ratelimit_container::{RedisConfig, load_rules_file};
 use ratelimit_domain::{
-    BucketKey, BucketStore, CheckOptions, DecisionSource, IpGrouping, RateLimitError,
+    BucketKey, BucketStore, CheckOptions, DecisionSource, ErrorCode, IpGrouping, RateLimitError,
     RateLimitRule, RateLimitScope, RateLimiter, RuleSet,
 };
 use ratelimit_redis::{KeyLayout, RedisStorage};
@@ -155,11 +155,13 @@ impl Bucket<RedisStorage> {
             prefix => prefix,
         };
         let bucket = Self::with_store(store, rules, rule, args, key_prefix)?;
-        bucket.store.inner().ping().await.map_err(|err| {
-            CliError::from_library(
-                &format!("cannot reach Redis at {}", config.redacted_url()),
-                &err,
-            )
+        bucket.store.inner().check_version().await.map_err(|err| {
+            let context = if err.code() == ErrorCode::Configuration {
+                format!("unsupported Redis at {}", config.redacted_url())
+            } else {
+                format!("cannot reach Redis at {}", config.redacted_url())
+            };
+            CliError::from_library(&context, &err)
         })?;
         Ok(bucket)
     }

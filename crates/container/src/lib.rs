@@ -213,10 +213,11 @@ impl Container {
     /// Builds the store, the event bus and the adapter. Must be called within a Tokio runtime.
     ///
     /// With Redis, the container starts even when Redis is down (checks fail open until it is
-    /// back); it logs a warning when a first `PING` fails.
+    /// back); it logs a warning when the first request to Redis fails. A Redis that answers
+    /// but is older than 5.0 (the scripts cannot run there) is refused.
     ///
     /// # Errors
-    /// `Configuration` for an unparsable Redis URL, or for a deny cache on a Redis Cluster
+    /// `Configuration` for an unparsable Redis URL, a Redis older than 5.0, or for a deny cache on a Redis Cluster
     /// (where resets could not reach it); `InvalidInput` for an empty key prefix.
     pub async fn build(config: ContainerConfig) -> Result<Self> {
         let (store, backend): (DynBucketStore, _) = match &config.backend {
@@ -227,8 +228,13 @@ impl Container {
                     return Err(no_reset_listener());
                 }
                 let redis_store = Arc::new(RedisStorage::new(redis)?);
-                if let Err(err) = redis_store.ping().await {
-                    tracing::warn!(url = %redis.redacted_url(), error = %err, "redis is not answering yet; checks fail open until it does");
+                match redis_store.check_version().await {
+                    Ok(()) => {}
+                    // A Redis the scripts cannot run on would fail every check: refuse it.
+                    Err(err) if err.code() == ErrorCode::Configuration => return Err(err),
+                    Err(err) => {
+                        tracing::warn!(url = %redis.redacted_url(), error = %err, "redis is not answering yet; checks fail open until it does");
+                    }
                 }
                 // Store, then breaker, then deny cache, as configured.
                 let mut store: DynBucketStore = redis_store.clone();

@@ -775,15 +775,16 @@ mod tests {
         };
         // Sweeps at 2000, so the shard's next sweep is not before 2010.
         assert_eq!(at(2_000.0, 1).await.remaining, 4);
-        // Time goes back: nothing refills, and the bucket now expires at 1120.
-        assert_eq!(at(1_000.0, 1).await.remaining, 3);
+        // Time goes back 115 s (within what a stored time may be ahead): nothing refills, and
+        // the bucket now expires at 2005.
+        assert_eq!(at(1_885.0, 1).await.remaining, 3);
         // Expired and not swept: a peek reads it as full and leaves it be.
-        assert_eq!(at(1_200.0, 0).await.remaining, 5);
+        assert_eq!(at(2_007.0, 0).await.remaining, 5);
         assert_eq!(store.bucket_count(), 1);
         // A check starts it over from full, in place.
-        assert_eq!(at(1_200.0, 2).await.remaining, 3);
+        assert_eq!(at(2_007.0, 2).await.remaining, 3);
         assert_eq!(store.bucket_count(), 1);
-        assert_eq!(at(1_200.0, 0).await.remaining, 3);
+        assert_eq!(at(2_007.0, 0).await.remaining, 3);
     }
 
     #[tokio::test]
