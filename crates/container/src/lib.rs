@@ -101,6 +101,9 @@ impl fmt::Debug for ContainerConfig {
 }
 
 impl ContainerConfig {
+    /// The default [`memory_capacity`](Self::memory_capacity): `MemoryStorage`'s own default.
+    pub const DEFAULT_MEMORY_CAPACITY: usize = MemoryStorage::DEFAULT_CAPACITY;
+
     /// The in-memory backend with `rules`.
     pub fn memory(rules: RuleSet) -> Self {
         Self {
@@ -110,7 +113,7 @@ impl ContainerConfig {
             event_capacity: BroadcastEventBus::DEFAULT_CAPACITY,
             log_events: true,
             clock: Arc::new(SystemClock),
-            memory_capacity: MemoryStorage::DEFAULT_CAPACITY,
+            memory_capacity: Self::DEFAULT_MEMORY_CAPACITY,
             failure_policy: FailurePolicy::Open,
             circuit_breaker: Some(CircuitBreakerConfig::default()),
             deny_cache: None,

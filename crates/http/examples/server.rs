@@ -62,6 +62,9 @@ pub(crate) struct Args {
     /// IPv6 clients are grouped by this prefix length.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u8).range(0..=128))]
     pub(crate) ipv6_prefix: u8,
+    /// The most buckets the in-memory backend holds; past it, full buckets are evicted first.
+    #[arg(long, default_value_t = ContainerConfig::DEFAULT_MEMORY_CAPACITY)]
+    pub(crate) memory_capacity: usize,
 }
 
 /// The server's parts: the router, the container behind it, and the metrics.
@@ -83,7 +86,7 @@ pub(crate) async fn build(args: &Args) -> Result<App, Box<dyn Error>> {
         Some(url) if !url.trim().is_empty() => ContainerConfig::redis(url.trim(), rules.clone()),
         _ => ContainerConfig::memory(rules.clone()),
     };
-    let container = Container::build(config).await?;
+    let container = Container::build(config.with_memory_capacity(args.memory_capacity)).await?;
     let metrics = RateLimitMetrics::new();
     metrics.spawn(container.events());
 
