@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use ratelimit_domain::token_bucket::{self, BucketState};
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketStore, KeyBuilder, RateLimitRule, RateLimitScope,
+    BucketDecision, BucketKey, BucketRequest, BucketStore, KeyBuilder, RateLimitRule,
+    RateLimitScope,
 };
 
 /// A fixed "now" for the suite: 2023-11-14T22:13:20Z.
@@ -47,7 +48,7 @@ async fn take(
     now: f64,
 ) -> BucketDecision {
     store
-        .check_and_consume(key, rule, cost, Some(now))
+        .check_and_consume(&BucketRequest::new(key, rule).with_cost(cost).at(now))
         .await
         .unwrap_or_else(|err| panic!("check_and_consume failed: {err}"))
 }
@@ -281,7 +282,7 @@ pub async fn invalid_now_is_rejected(store: &dyn BucketStore, prefix: &str) {
     let k = key(prefix, "10.0.0.14", "GET /items");
     for bad in [f64::NAN, f64::INFINITY, -1.0] {
         let err = store
-            .check_and_consume(&k, &login_rule(), 1, Some(bad))
+            .check_and_consume(&BucketRequest::new(&k, &login_rule()).with_cost(1).at(bad))
             .await
             .err();
         assert_eq!(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratelimit_domain::token_bucket::{self, BucketState};
-use ratelimit_domain::{BucketKey, BucketStore, DynBucketStore};
+use ratelimit_domain::{BucketKey, BucketRequest, BucketStore, DynBucketStore};
 use ratelimit_memory::MemoryStorage;
 use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract::{
@@ -169,7 +169,7 @@ async fn hostile_stored_values_decide_as_the_reference_step_in_both_layouts() {
                 let before = raw(&mut conn, &bucket, is_compact);
                 let expected = token_bucket::step(garbage.reads_as, max, rate, cost, T0);
                 let got = store
-                    .check_and_consume(&bucket, rule, cost, Some(T0))
+                    .check_and_consume(&BucketRequest::new(&bucket, rule).with_cost(cost).at(T0))
                     .await
                     .unwrap_or_else(|err| panic!("{context}: {err}"));
                 assert_eq!(got, expected.decision, "{context}");
@@ -186,7 +186,7 @@ async fn hostile_stored_values_decide_as_the_reference_step_in_both_layouts() {
                 let state = expected.store.or(garbage.reads_as);
                 let next = token_bucket::step(state, max, rate, 1, T0 + 1.0);
                 let got = store
-                    .check_and_consume(&bucket, rule, 1, Some(T0 + 1.0))
+                    .check_and_consume(&BucketRequest::new(&bucket, rule).with_cost(1).at(T0 + 1.0))
                     .await
                     .unwrap_or_else(|err| panic!("{context}, next check: {err}"));
                 assert_eq!(got, next.decision, "{context}, next check");

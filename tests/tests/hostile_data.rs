@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use ratelimit_domain::{BucketKey, BucketStore, ErrorCode, RateLimitRule};
+use ratelimit_domain::{BucketKey, BucketRequest, BucketStore, ErrorCode, RateLimitRule};
 use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract::{compact_bytes, key, rule};
 use ratelimit_tests::redis_server::{TestRedis, unique_prefix};
@@ -75,7 +75,7 @@ fn write_bucket(
 
 async fn take(store: &RedisStorage, bucket: &BucketKey, rule: &RateLimitRule) -> (bool, f64) {
     let d = store
-        .check_and_consume(bucket, rule, 1, None)
+        .check_and_consume(&BucketRequest::new(bucket, rule).with_cost(1))
         .await
         .unwrap();
     (d.allowed, d.retry_after.as_secs_f64())
@@ -105,7 +105,7 @@ async fn a_key_of_another_type_is_a_corrupt_bucket_and_other_buckets_carry_on() 
                 .unwrap();
             for _ in 0..10 {
                 let err = store
-                    .check_and_consume(&bucket, &rule, 1, None)
+                    .check_and_consume(&BucketRequest::new(&bucket, &rule).with_cost(1))
                     .await
                     .unwrap_err();
                 assert_eq!(
@@ -158,7 +158,7 @@ async fn a_far_future_time_neither_locks_a_bucket_nor_keeps_it_alive() {
         // million seconds, and every denial wrote the time back and renewed the lifetime.)
         for expected_remaining in [4, 3, 2, 1, 0] {
             let d = store
-                .check_and_consume(&bucket, &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&bucket, &rule).with_cost(1))
                 .await
                 .unwrap();
             assert!(d.allowed, "{layout:?}: {d:?}");

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig};
 use ratelimit_domain::{
-    BucketStore, DecisionSource, ErrorCode, RateLimitEvent, RateLimitRule, RateLimitScope,
-    RateLimiterExt, RuleSet,
+    BucketRequest, BucketStore, DecisionSource, ErrorCode, RateLimitEvent, RateLimitRule,
+    RateLimitScope, RateLimiterExt, RuleSet,
 };
 use ratelimit_redis::RedisStorage;
 use ratelimit_tests::redis_server::{RedisServer, TestRedis, free_port, unique_prefix};
@@ -231,7 +231,11 @@ async fn buckets_written_by_the_original_service_are_read() {
     let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
     // 6 s later half a token has come back: 2.5 tokens, one taken, 1 whole left.
     let decision = store
-        .check_and_consume(&key, &rule, 1, Some(1_700_000_006.5))
+        .check_and_consume(
+            &BucketRequest::new(&key, &rule)
+                .with_cost(1)
+                .at(1_700_000_006.5),
+        )
         .await
         .unwrap();
     assert!(decision.allowed);
@@ -272,7 +276,7 @@ async fn connect_works_for_a_user_not_allowed_to_read_info() {
     let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
     assert!(
         store
-            .check_and_consume(&key, &rule, 1, None)
+            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
             .await
             .unwrap()
             .allowed
@@ -292,7 +296,7 @@ async fn a_flushed_script_is_reloaded_and_limiting_continues() {
 
     assert_eq!(
         store
-            .check_and_consume(&key, &rule, 1, None)
+            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
             .await
             .unwrap()
             .remaining,
@@ -304,12 +308,15 @@ async fn a_flushed_script_is_reloaded_and_limiting_continues() {
     let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
 
     // The original would now fail open for ever; this store reloads and keeps counting.
-    let d = store.check_and_consume(&key, &rule, 1, None).await.unwrap();
+    let d = store
+        .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+        .await
+        .unwrap();
     assert_eq!(d.remaining, 1);
     assert_eq!(store.script_reloads(), reloads_before + 1);
     assert_eq!(
         store
-            .check_and_consume(&key, &rule, 1, None)
+            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
             .await
             .unwrap()
             .remaining,
@@ -317,7 +324,7 @@ async fn a_flushed_script_is_reloaded_and_limiting_continues() {
     );
     assert!(
         !store
-            .check_and_consume(&key, &rule, 1, None)
+            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
             .await
             .unwrap()
             .allowed
@@ -714,7 +721,7 @@ async fn the_compact_layout_renews_a_key_lifetime_only_when_its_bucket_needs_it(
         let key = key.clone();
         async move {
             store
-                .check_and_consume(&key, rule, cost, now)
+                .check_and_consume(&BucketRequest::new(&key, rule).with_cost(cost).with_now(now))
                 .await
                 .unwrap()
         }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ratelimit_domain::{BucketStore, ErrorCode, KeyBuilder, RateLimitRule, RateLimitScope};
+use ratelimit_domain::{
+    BucketRequest, BucketStore, ErrorCode, KeyBuilder, RateLimitRule, RateLimitScope,
+};
 use ratelimit_redis::{RedisConfig, RedisStorage};
 use ratelimit_tests::contract;
 use ratelimit_tests::redis_server::{RedisServer, free_port, unique_prefix};
@@ -193,7 +195,7 @@ async fn an_acl_user_limited_to_the_limiter_s_commands_and_keys_is_enough() {
         .unwrap();
     let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
     let err = store
-        .check_and_consume(&foreign, &rule, 1, None)
+        .check_and_consume(&BucketRequest::new(&foreign, &rule).with_cost(1))
         .await
         .unwrap_err();
     assert_eq!(err.code(), ErrorCode::StorageError, "{err}");

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig};
 use ratelimit_domain::{
-    BucketStore, DecisionSource, KeyBuilder, RateLimitRule, RateLimitScope, RateLimiterExt, RuleSet,
+    BucketRequest, BucketStore, DecisionSource, KeyBuilder, RateLimitRule, RateLimitScope,
+    RateLimiterExt, RuleSet,
 };
 use ratelimit_redis::RedisStorage;
 use ratelimit_tests::redis_server::{RedisServer, unique_prefix};
@@ -306,7 +307,11 @@ fn hosts_sharing_a_refilling_bucket_never_admit_more_than_it_refills() {
                                         let now_ms = clock.fetch_add(STEP_MS, Ordering::SeqCst);
                                         let now = now_ms as f64 / 1000.0;
                                         let decision = store
-                                            .check_and_consume(&key, &rule, cost, Some(now))
+                                            .check_and_consume(
+                                                &BucketRequest::new(&key, &rule)
+                                                    .with_cost(cost)
+                                                    .at(now),
+                                            )
                                             .await
                                             .unwrap();
                                         let done_ms = clock.load(Ordering::SeqCst);

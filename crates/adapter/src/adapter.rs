@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use ratelimit_domain::{
-    BucketKey, CheckOptions, DecisionSource, DynBucketStore, DynEventBus, ErrorCode, FailurePolicy,
-    KeyBuilder, RateLimitError, RateLimitEvent, RateLimitResult, RateLimitRule, RateLimiter,
-    Result, RuleSet,
+    BucketKey, BucketRequest, CheckOptions, DecisionSource, DynBucketStore, DynEventBus, ErrorCode,
+    FailurePolicy, KeyBuilder, RateLimitError, RateLimitEvent, RateLimitResult, RateLimitRule,
+    RateLimiter, Result, RuleSet,
 };
 use tracing::{Instrument, field};
 
@@ -179,7 +179,11 @@ impl TokenBucketAdapter {
             None
         };
 
-        let result = match self.store.check_and_consume(&key, rule, cost, None).await {
+        let result = match self
+            .store
+            .check_and_consume(&BucketRequest::new(&key, rule).with_cost(cost))
+            .await
+        {
             Ok(decision) => RateLimitResult::from_decision(decision, rule),
             Err(err) => self.on_store_failure(&err, prepared, &key, cost).await,
         };
@@ -230,7 +234,10 @@ impl TokenBucketAdapter {
                 RateLimitResult::fail_closed(rule)
             }
             (FailurePolicy::Local, Some(fallback)) => {
-                match fallback.check_and_consume(key, rule, cost, None).await {
+                match fallback
+                    .check_and_consume(&BucketRequest::new(key, rule).with_cost(cost))
+                    .await
+                {
                     Ok(decision) => {
                         tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; deciding with the local fallback store");
                         RateLimitResult::from_decision(decision, rule)
@@ -347,7 +354,6 @@ mod tests {
     use std::time::Duration;
 
     use mockall::Sequence;
-    use mockall::predicate::{always, eq};
     use ratelimit_domain::{
         BucketDecision, MockBucketStore, MockEventBus, RateLimitScope, RateLimiterExt,
     };
@@ -418,10 +424,10 @@ mod tests {
         store
             .expect_check_and_consume()
             .times(2)
-            .returning(|_, _, _, _| Ok(allowed(4)));
+            .returning(|_| Ok(allowed(4)));
         store
             .expect_check_and_consume()
-            .returning(|_, _, _, _| Err(unavailable()));
+            .returning(|_| Err(unavailable()));
         let mut bus = MockEventBus::new();
         bus.expect_is_listening().times(3).return_const(false);
         bus.expect_publish().never();
@@ -445,14 +451,14 @@ mod tests {
         let mut store = MockBucketStore::new();
         store
             .expect_check_and_consume()
-            .withf(|key, rule, cost, now| {
-                key.as_str() == "rate_limit:ip:192.168.1.1:POST /api/v1/sessions"
-                    && rule.max_tokens() == 5
-                    && *cost == 1
-                    && now.is_none()
+            .withf(|request| {
+                request.key.as_str() == "rate_limit:ip:192.168.1.1:POST /api/v1/sessions"
+                    && request.rule.max_tokens() == 5
+                    && request.cost == 1
+                    && request.now.is_none()
             })
             .times(1)
-            .returning(|_, _, _, _| Ok(allowed(4)));
+            .returning(|_| Ok(allowed(4)));
         let (bus, seen) = recording_bus();
 
         let result = adapter(store, bus)
@@ -494,7 +500,7 @@ mod tests {
     #[tokio::test]
     async fn denied_check_publishes_denied_with_retry_after() {
         let mut store = MockBucketStore::new();
-        store.expect_check_and_consume().returning(|_, _, _, _| {
+        store.expect_check_and_consume().returning(|_| {
             Ok(BucketDecision {
                 allowed: false,
                 retry_after: Duration::from_millis(11_900),
@@ -531,10 +537,10 @@ mod tests {
         for cost in [7, 3, 3] {
             store
                 .expect_check_and_consume()
-                .with(always(), always(), eq(cost), eq(None))
+                .withf(move |request| request.cost == cost && request.now.is_none())
                 .times(1)
                 .in_sequence(&mut order)
-                .returning(|_, _, _, _| Ok(allowed(0)));
+                .returning(|_| Ok(allowed(0)));
         }
         let (bus, seen) = recording_bus();
         let limiter = adapter(store, bus);
@@ -598,7 +604,7 @@ mod tests {
         let mut store = MockBucketStore::new();
         store
             .expect_check_and_consume()
-            .returning(|_, _, _, _| Err(unavailable()));
+            .returning(|_| Err(unavailable()));
         store
             .expect_get_remaining()
             .returning(|_, _, _| Err(unavailable()));
@@ -622,16 +628,13 @@ mod tests {
     #[tokio::test]
     async fn failing_event_bus_does_not_change_the_decision() {
         let mut store = MockBucketStore::new();
-        store
-            .expect_check_and_consume()
-            .times(1)
-            .returning(|_, _, _, _| {
-                Ok(BucketDecision {
-                    allowed: false,
-                    retry_after: Duration::from_secs(3),
-                    remaining: 0,
-                })
-            });
+        store.expect_check_and_consume().times(1).returning(|_| {
+            Ok(BucketDecision {
+                allowed: false,
+                retry_after: Duration::from_secs(3),
+                remaining: 0,
+            })
+        });
         let mut bus = MockEventBus::new();
         bus.expect_is_listening().return_const(true);
         bus.expect_publish().times(2).returning(|_| {
@@ -707,8 +710,8 @@ mod tests {
         let mut store = MockBucketStore::new();
         store
             .expect_check_and_consume()
-            .withf(|key, _, _, _| key.as_str() == "svc_a:ip:1.2.3.4:POST /api/v1/sessions")
-            .returning(|_, _, _, _| Ok(allowed(4)));
+            .withf(|request| request.key.as_str() == "svc_a:ip:1.2.3.4:POST /api/v1/sessions")
+            .returning(|_| Ok(allowed(4)));
         let limiter = TokenBucketAdapter::builder(Arc::new(store), rules())
             .key_prefix("svc_a")
             .build()
@@ -726,7 +729,7 @@ mod tests {
         let mut store = MockBucketStore::new();
         store
             .expect_check_and_consume()
-            .returning(|_, _, _, _| Err(unavailable()));
+            .returning(|_| Err(unavailable()));
         store
             .expect_get_remaining()
             .returning(|_, _, _| Err(unavailable()));

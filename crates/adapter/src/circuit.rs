@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketStore, DynBucketStore, ErrorCode, RateLimitError,
-    RateLimitRule, Result,
+    BucketDecision, BucketKey, BucketRequest, BucketStore, DynBucketStore, ErrorCode,
+    RateLimitError, RateLimitRule, Result,
 };
 use tokio::time::Instant;
 
@@ -245,15 +245,8 @@ impl Drop for Pending<'_> {
 
 #[async_trait]
 impl BucketStore for CircuitBreakerStore {
-    async fn check_and_consume(
-        &self,
-        key: &BucketKey,
-        rule: &RateLimitRule,
-        cost: u64,
-        now: Option<f64>,
-    ) -> Result<BucketDecision> {
-        self.guarded(self.inner.check_and_consume(key, rule, cost, now))
-            .await
+    async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
+        self.guarded(self.inner.check_and_consume(request)).await
     }
 
     async fn get_remaining(
@@ -296,13 +289,7 @@ mod tests {
 
     #[async_trait]
     impl BucketStore for Flaky {
-        async fn check_and_consume(
-            &self,
-            _: &BucketKey,
-            _: &RateLimitRule,
-            _: u64,
-            _: Option<f64>,
-        ) -> Result<BucketDecision> {
+        async fn check_and_consume<'a>(&self, _: &BucketRequest<'a>) -> Result<BucketDecision> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.hang.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
@@ -356,7 +343,7 @@ mod tests {
         for _ in 0..1_000 {
             assert!(
                 breaker
-                    .check_and_consume(&key, &rule, 1, None)
+                    .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
                     .await
                     .is_err()
             );
@@ -375,7 +362,7 @@ mod tests {
         for _ in 0..3 {
             assert!(
                 breaker
-                    .check_and_consume(&key, &rule, 1, None)
+                    .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
                     .await
                     .is_err()
             );
@@ -384,7 +371,7 @@ mod tests {
         // Open: no call reaches the store.
         for _ in 0..100 {
             let err = breaker
-                .check_and_consume(&key, &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
                 .await
                 .unwrap_err();
             assert_eq!(err.code(), ErrorCode::StorageUnavailable);
@@ -397,7 +384,7 @@ mod tests {
         assert_eq!(breaker.state(), CircuitState::HalfOpen);
         assert!(
             breaker
-                .check_and_consume(&key, &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
                 .await
                 .is_err()
         );
@@ -409,14 +396,14 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(
             breaker
-                .check_and_consume(&key, &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
                 .await
                 .is_ok()
         );
         assert_eq!(breaker.state(), CircuitState::Closed);
         assert!(
             breaker
-                .check_and_consume(&key, &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
                 .await
                 .is_ok()
         );
@@ -428,13 +415,17 @@ mod tests {
         let (flaky, breaker, key, rule) = setup();
         for _ in 0..10 {
             flaky.down.store(true, Ordering::SeqCst);
-            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
-            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+            let _ = breaker
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+                .await;
+            let _ = breaker
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+                .await;
             let _ = breaker.get_remaining(&key, &rule, None).await; // InvalidInput
             flaky.down.store(false, Ordering::SeqCst);
             assert!(
                 breaker
-                    .check_and_consume(&key, &rule, 1, None)
+                    .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
                     .await
                     .is_ok()
             );
@@ -447,14 +438,16 @@ mod tests {
         let (flaky, breaker, key, rule) = setup();
         flaky.down.store(true, Ordering::SeqCst);
         for _ in 0..3 {
-            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+            let _ = breaker
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+                .await;
         }
         tokio::time::advance(Duration::from_secs(1)).await;
         // The probe's caller gives up before the store answers.
         flaky.hang.store(true, Ordering::SeqCst);
         let abandoned = tokio::time::timeout(
             Duration::from_millis(10),
-            breaker.check_and_consume(&key, &rule, 1, None),
+            breaker.check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1)),
         )
         .await;
         assert!(abandoned.is_err(), "the probe should have been cut off");
@@ -464,7 +457,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(
             breaker
-                .check_and_consume(&key, &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
                 .await
                 .is_ok()
         );
@@ -480,7 +473,7 @@ mod tests {
         for _ in 0..100 {
             let abandoned = tokio::time::timeout(
                 Duration::from_millis(1),
-                breaker.check_and_consume(&key, &rule, 1, None),
+                breaker.check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1)),
             )
             .await;
             assert!(abandoned.is_err(), "the call should have been cut off");
@@ -492,10 +485,14 @@ mod tests {
         flaky.hang.store(false, Ordering::SeqCst);
         flaky.down.store(true, Ordering::SeqCst);
         for _ in 0..2 {
-            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+            let _ = breaker
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+                .await;
         }
         assert_eq!(breaker.state(), CircuitState::Closed);
-        let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+        let _ = breaker
+            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+            .await;
         assert_eq!(breaker.state(), CircuitState::Open);
     }
 
@@ -507,7 +504,7 @@ mod tests {
         flaky.corrupt.store(true, Ordering::SeqCst);
         for _ in 0..10 {
             let err = breaker
-                .check_and_consume(&key, &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
                 .await
                 .unwrap_err();
             assert_eq!(err.code(), ErrorCode::CorruptBucket);
@@ -516,12 +513,16 @@ mod tests {
         // It even closes an open circuit when it is the probe's answer.
         flaky.down.store(true, Ordering::SeqCst);
         for _ in 0..3 {
-            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+            let _ = breaker
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+                .await;
         }
         assert_eq!(breaker.state(), CircuitState::Open);
         flaky.down.store(false, Ordering::SeqCst);
         tokio::time::advance(Duration::from_secs(1)).await;
-        let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+        let _ = breaker
+            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+            .await;
         assert_eq!(breaker.state(), CircuitState::Closed);
     }
 
@@ -530,7 +531,9 @@ mod tests {
         let (flaky, breaker, key, rule) = setup();
         flaky.down.store(true, Ordering::SeqCst);
         for _ in 0..3 {
-            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+            let _ = breaker
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+                .await;
         }
         assert_eq!(breaker.state(), CircuitState::Open);
         tokio::time::advance(Duration::from_secs(1)).await;
@@ -544,7 +547,9 @@ mod tests {
         let (flaky, breaker, key, rule) = setup();
         flaky.down.store(true, Ordering::SeqCst);
         for _ in 0..3 {
-            let _ = breaker.check_and_consume(&key, &rule, 1, None).await;
+            let _ = breaker
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+                .await;
         }
         assert_eq!(breaker.state(), CircuitState::Open);
         breaker.reset(&key, &rule).await.unwrap();

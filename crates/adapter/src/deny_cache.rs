@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketStore, DynBucketStore, RateLimitRule, Result,
+    BucketDecision, BucketKey, BucketRequest, BucketStore, DynBucketStore, RateLimitRule, Result,
 };
 
 /// Shards of the cache; each has its own lock, so checks of unrelated keys rarely contend.
@@ -258,15 +258,10 @@ impl DenyCacheStore {
 
 #[async_trait]
 impl BucketStore for DenyCacheStore {
-    async fn check_and_consume(
-        &self,
-        key: &BucketKey,
-        rule: &RateLimitRule,
-        cost: u64,
-        now: Option<f64>,
-    ) -> Result<BucketDecision> {
+    async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
+        let BucketRequest { key, cost, now, .. } = *request;
         if cost == 0 || now.is_some() {
-            return self.inner.check_and_consume(key, rule, cost, now).await;
+            return self.inner.check_and_consume(request).await;
         }
         let ticket = match self.cached(key, cost) {
             Ok(denied) => {
@@ -278,7 +273,7 @@ impl BucketStore for DenyCacheStore {
             }
             Err(ticket) => ticket,
         };
-        let decision = self.inner.check_and_consume(key, rule, cost, now).await?;
+        let decision = self.inner.check_and_consume(request).await?;
         self.remember(key, cost, ticket, &decision);
         Ok(decision)
     }
@@ -320,15 +315,12 @@ mod tests {
 
     #[async_trait]
     impl BucketStore for Counting {
-        async fn check_and_consume(
+        async fn check_and_consume<'a>(
             &self,
-            key: &BucketKey,
-            rule: &RateLimitRule,
-            cost: u64,
-            now: Option<f64>,
+            request: &BucketRequest<'a>,
         ) -> Result<BucketDecision> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            self.inner.check_and_consume(key, rule, cost, now).await
+            self.inner.check_and_consume(request).await
         }
         async fn get_remaining(
             &self,
@@ -363,7 +355,7 @@ mod tests {
     /// Whether a check of `id` at `cost` through `cache` is allowed.
     async fn allowed(cache: &DenyCacheStore, id: &str, rule: &RateLimitRule, cost: u64) -> bool {
         cache
-            .check_and_consume(&key(id), rule, cost, None)
+            .check_and_consume(&BucketRequest::new(&key(id), rule).with_cost(cost))
             .await
             .unwrap()
             .allowed
@@ -374,14 +366,14 @@ mod tests {
         let (counting, cache, _clock, rule) = setup(16);
         assert!(allowed(&cache, "a", &rule, 2).await);
         let first = cache
-            .check_and_consume(&key("a"), &rule, 1, None)
+            .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(1))
             .await
             .unwrap();
         assert!(!first.allowed);
         assert_eq!(counting.calls.load(Ordering::SeqCst), 2);
         for _ in 0..1_000 {
             let again = cache
-                .check_and_consume(&key("a"), &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(1))
                 .await
                 .unwrap();
             assert!(!again.allowed);
@@ -418,7 +410,7 @@ mod tests {
     async fn reset_and_invalidation_clear_the_denial() {
         let (_counting, cache, _clock, rule) = setup(16);
         cache
-            .check_and_consume(&key("a"), &rule, 2, None)
+            .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(2))
             .await
             .unwrap();
         assert!(!allowed(&cache, "a", &rule, 1).await);
@@ -426,7 +418,7 @@ mod tests {
         assert!(allowed(&cache, "a", &rule, 1).await);
 
         cache
-            .check_and_consume(&key("a"), &rule, 1, None)
+            .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(1))
             .await
             .unwrap();
         assert!(!allowed(&cache, "a", &rule, 1).await);
@@ -446,13 +438,7 @@ mod tests {
 
     #[async_trait]
     impl BucketStore for Gated {
-        async fn check_and_consume(
-            &self,
-            _: &BucketKey,
-            _: &RateLimitRule,
-            _: u64,
-            _: Option<f64>,
-        ) -> Result<BucketDecision> {
+        async fn check_and_consume<'a>(&self, _: &BucketRequest<'a>) -> Result<BucketDecision> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.gate.load(Ordering::SeqCst) {
                 self.entered.notify_one();
@@ -489,7 +475,11 @@ mod tests {
         let in_flight = {
             let cache = cache.clone();
             let rule = rule.clone();
-            tokio::spawn(async move { cache.check_and_consume(&key("a"), &rule, 1, None).await })
+            tokio::spawn(async move {
+                cache
+                    .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(1))
+                    .await
+            })
         };
         gated.entered.notified().await;
         // The reset notice from another host arrives while the denial is on its way.
@@ -549,10 +539,13 @@ mod tests {
         let (_counting, cache, _clock, rule) = setup(8);
         for i in 0..100 {
             let k = key(&i.to_string());
-            cache.check_and_consume(&k, &rule, 2, None).await.unwrap();
+            cache
+                .check_and_consume(&BucketRequest::new(&k, &rule).with_cost(2))
+                .await
+                .unwrap();
             assert!(
                 !cache
-                    .check_and_consume(&k, &rule, 1, None)
+                    .check_and_consume(&BucketRequest::new(&k, &rule).with_cost(1))
                     .await
                     .unwrap()
                     .allowed
@@ -569,7 +562,7 @@ mod tests {
         let rule = RateLimitRule::new(RateLimitScope::Ip, 1, 60.0).unwrap();
         assert!(allowed(&cache, "a", &rule, 1).await);
         let denied = cache
-            .check_and_consume(&key("a"), &rule, 1, None)
+            .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(1))
             .await
             .unwrap();
         assert!(!denied.allowed);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Governor};
-use ratelimit_adapter::domain::KeyBuilder;
+use ratelimit_adapter::domain::{BucketRequest, KeyBuilder};
 use ratelimit_adapter::{
     BroadcastEventBus, BucketKey, BucketStore, DecisionSource, RateLimitRule, RateLimitScope,
     RateLimiterExt, RuleSet, TokenBucketAdapter,
@@ -76,7 +76,7 @@ impl Contenders {
             let key = &self.keys[i % KEYS];
             let decision = self
                 .store
-                .check_and_consume(key, &self.rule, 1, None)
+                .check_and_consume(&BucketRequest::new(key, &self.rule).with_cost(1))
                 .await?;
             if !black_box(decision).allowed {
                 return Err("the memory store denied a check".into());

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use ratelimit_adapter::domain::{KeyBuilder, ManualClock};
+use ratelimit_adapter::domain::{BucketRequest, KeyBuilder, ManualClock};
 use ratelimit_adapter::{BucketStore, RateLimitRule, RateLimitScope};
 use ratelimit_memory::MemoryStorage;
 
@@ -120,7 +120,9 @@ fn flood(keys: u64, capacity_name: &str) -> BoxResult<()> {
                 i & 0xffff
             )?;
             let key = builder.key(&identifier)?;
-            let decision = store.check_and_consume(&key, &rule, 1, None).await?;
+            let decision = store
+                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+                .await?;
             if !decision.allowed {
                 return Err(format!("key {i} was denied").into());
             }

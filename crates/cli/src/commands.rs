@@ -389,7 +389,7 @@ mod tests {
         let mut store = MockBucketStore::new();
         store
             .expect_check_and_consume()
-            .returning(|_, _, _, _| Err(unavailable()));
+            .returning(|_| Err(unavailable()));
         let err = bucket(store, RateLimitScope::Ip, Some("1.2.3.4"))
             .check(None)
             .await
@@ -424,9 +424,11 @@ mod tests {
         let mut store = MockBucketStore::new();
         store
             .expect_check_and_consume()
-            .withf(|key, _, cost, _| key.as_str() == "rate_limit:global:GET /x" && *cost == 3)
+            .withf(|request| {
+                request.key.as_str() == "rate_limit:global:GET /x" && request.cost == 3
+            })
             .times(1)
-            .returning(|_, _, _, _| {
+            .returning(|_| {
                 Ok(BucketDecision {
                     allowed: true,
                     retry_after: Duration::ZERO,

@@ -4,7 +4,9 @@
 use std::sync::{Mutex, PoisonError};
 
 use async_trait::async_trait;
-use ratelimit_domain::{BucketDecision, BucketKey, BucketStore, RateLimitRule, Result};
+use ratelimit_domain::{
+    BucketDecision, BucketKey, BucketRequest, BucketStore, RateLimitRule, Result,
+};
 
 /// Forwards to `inner` and keeps the message of the last error it returned.
 #[derive(Debug)]
@@ -48,14 +50,8 @@ impl<S> ErrorCapture<S> {
 
 #[async_trait]
 impl<S: BucketStore> BucketStore for ErrorCapture<S> {
-    async fn check_and_consume(
-        &self,
-        key: &BucketKey,
-        rule: &RateLimitRule,
-        cost: u64,
-        now: Option<f64>,
-    ) -> Result<BucketDecision> {
-        let result = self.inner.check_and_consume(key, rule, cost, now).await;
+    async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
+        let result = self.inner.check_and_consume(request).await;
         self.record(result)
     }
 

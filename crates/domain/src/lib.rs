@@ -41,8 +41,8 @@ pub use event::{
 pub use key::{BucketKey, KeyBuilder, MAX_IDENTIFIER_BYTES};
 pub use policy::FailurePolicy;
 pub use ports::{
-    BucketStore, CheckOptions, DynBucketStore, DynEventBus, DynRateLimiter, EventBus, RateLimiter,
-    RateLimiterExt,
+    BucketRequest, BucketStore, CheckOptions, DynBucketStore, DynEventBus, DynRateLimiter,
+    EventBus, RateLimiter, RateLimiterExt,
 };
 #[cfg(any(test, feature = "mocks"))]
 pub use ports::{MockBucketStore, MockEventBus, MockRateLimiter};

@@ -78,6 +78,68 @@ pub trait RateLimiterExt: RateLimiter {
 
 impl<T: RateLimiter + ?Sized> RateLimiterExt for T {}
 
+/// One check of one bucket, as [`BucketStore::check_and_consume`] is asked it: which bucket,
+/// under which rule, at what cost, on whose clock.
+///
+/// Every store and every layer over a store takes this one value, so a new field of a check
+/// changes this type rather than every signature.
+///
+/// ```
+/// use ratelimit_domain::{BucketKey, BucketRequest, RateLimitRule, RateLimitScope};
+///
+/// let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0)?;
+/// let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "POST /login")?;
+/// let request = BucketRequest::new(&key, &rule).with_cost(2).at(1_700_000_000.0);
+/// assert_eq!((request.cost, request.now), (2, Some(1_700_000_000.0)));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct BucketRequest<'a> {
+    /// The bucket.
+    pub key: &'a BucketKey,
+    /// Its capacity and refill rate.
+    pub rule: &'a RateLimitRule,
+    /// Tokens to take; 0 only reads.
+    pub cost: u64,
+    /// Seconds since the Unix epoch; `None` for the store's own clock (Redis's `TIME` for
+    /// Redis, the injected [`crate::Clock`] for memory).
+    pub now: Option<f64>,
+}
+
+impl<'a> BucketRequest<'a> {
+    /// A check of `key` at the rule's cost, on the store's clock.
+    pub fn new(key: &'a BucketKey, rule: &'a RateLimitRule) -> Self {
+        Self {
+            key,
+            rule,
+            cost: rule.cost(),
+            now: None,
+        }
+    }
+
+    /// The same check at another cost (0 only reads).
+    #[must_use]
+    pub fn with_cost(mut self, cost: u64) -> Self {
+        self.cost = cost;
+        self
+    }
+
+    /// The same check at an explicit time, in seconds since the Unix epoch.
+    #[must_use]
+    pub fn at(mut self, now: f64) -> Self {
+        self.now = Some(now);
+        self
+    }
+
+    /// The same check on the given clock (`None`: the store's own).
+    #[must_use]
+    pub fn with_now(mut self, now: Option<f64>) -> Self {
+        self.now = now;
+        self
+    }
+}
+
 /// Storage of token buckets.
 ///
 /// # Contract
@@ -91,14 +153,9 @@ impl<T: RateLimiter + ?Sized> RateLimiterExt for T {}
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]
 #[async_trait]
 pub trait BucketStore: Send + Sync + Debug + 'static {
-    /// Takes `cost` tokens from the bucket if it holds that many. A `cost` of zero only reads.
-    async fn check_and_consume(
-        &self,
-        key: &BucketKey,
-        rule: &RateLimitRule,
-        cost: u64,
-        now: Option<f64>,
-    ) -> Result<BucketDecision>;
+    /// Takes the request's `cost` in tokens from its bucket if it holds that many. A `cost` of
+    /// zero only reads.
+    async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision>;
 
     /// Whole tokens in the bucket, consuming nothing and writing nothing.
     async fn get_remaining(

@@ -49,7 +49,9 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use ratelimit_domain::{BucketKey, BucketStore, ManualClock, RateLimitRule, RateLimitScope};
+//! use ratelimit_domain::{
+//!     BucketKey, BucketRequest, BucketStore, ManualClock, RateLimitRule, RateLimitScope,
+//! };
 //! use ratelimit_memory::MemoryStorage;
 //!
 //! # tokio_test_block_on(async {
@@ -58,10 +60,10 @@
 //! let rule = RateLimitRule::new(RateLimitScope::Ip, 1, 5.0)?; // one token every 12 s
 //! let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "POST /login")?;
 //!
-//! assert!(store.check_and_consume(&key, &rule, 1, None).await?.allowed);
-//! assert!(!store.check_and_consume(&key, &rule, 1, None).await?.allowed);
+//! assert!(store.check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1)).await?.allowed);
+//! assert!(!store.check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1)).await?.allowed);
 //! clock.advance(Duration::from_secs(12));
-//! assert!(store.check_and_consume(&key, &rule, 1, None).await?.allowed);
+//! assert!(store.check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1)).await?.allowed);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # }).unwrap();
 //! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -77,8 +79,8 @@ use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use ratelimit_domain::token_bucket::{self, BucketState};
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketStore, Clock, ErrorCode, RateLimitError, RateLimitRule,
-    Result, SystemClock,
+    BucketDecision, BucketKey, BucketRequest, BucketStore, Clock, ErrorCode, RateLimitError,
+    RateLimitRule, Result, SystemClock,
 };
 
 /// Shards of the key space (fewer for a capacity below it); each has its own lock, so
@@ -582,13 +584,14 @@ impl Shard {
 
 #[async_trait]
 impl BucketStore for MemoryStorage {
-    async fn check_and_consume(
-        &self,
-        key: &BucketKey,
-        rule: &RateLimitRule,
-        cost: u64,
-        now: Option<f64>,
-    ) -> Result<BucketDecision> {
+    async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
+        let BucketRequest {
+            key,
+            rule,
+            cost,
+            now,
+            ..
+        } = *request;
         let now = self.now(now)?;
         let key = key.as_str().as_bytes();
         let hash = hash(&self.hasher, key);
@@ -604,7 +607,8 @@ impl BucketStore for MemoryStorage {
         rule: &RateLimitRule,
         now: Option<f64>,
     ) -> Result<u64> {
-        Ok(self.check_and_consume(key, rule, 0, now).await?.remaining)
+        let request = BucketRequest::new(key, rule).with_cost(0).with_now(now);
+        Ok(self.check_and_consume(&request).await?.remaining)
     }
 
     async fn reset(&self, key: &BucketKey, _rule: &RateLimitRule) -> Result<bool> {
@@ -647,14 +651,14 @@ mod tests {
         let rule = rule(5, 5.0);
         for expected in (0..5).rev() {
             let d = store
-                .check_and_consume(&key("a"), &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(1))
                 .await
                 .unwrap();
             assert!(d.allowed);
             assert_eq!(d.remaining, expected);
         }
         let denied = store
-            .check_and_consume(&key("a"), &rule, 1, None)
+            .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(1))
             .await
             .unwrap();
         assert!(!denied.allowed);
@@ -662,7 +666,7 @@ mod tests {
         clock.advance(Duration::from_secs(12));
         assert!(
             store
-                .check_and_consume(&key("a"), &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(1))
                 .await
                 .unwrap()
                 .allowed
@@ -676,7 +680,7 @@ mod tests {
         let rule = rule(5, 5.0); // storage TTL 120 s
         for i in 0..100 {
             store
-                .check_and_consume(&key(&i.to_string()), &rule, 1, None)
+                .check_and_consume(&BucketRequest::new(&key(&i.to_string()), &rule).with_cost(1))
                 .await
                 .unwrap();
         }
@@ -687,7 +691,7 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         // Any operation past the sweep interval sweeps its shard; sweep_expired does all.
         store
-            .check_and_consume(&key("other"), &rule, 1, None)
+            .check_and_consume(&BucketRequest::new(&key("other"), &rule).with_cost(1))
             .await
             .unwrap();
         store.sweep_expired();
@@ -699,7 +703,7 @@ mod tests {
         let store = MemoryStorage::with_clock(ManualClock::new(10.0));
         let rule = rule(10, 1.0);
         store
-            .check_and_consume(&key("a"), &rule, 7, None)
+            .check_and_consume(&BucketRequest::new(&key("a"), &rule).with_cost(7))
             .await
             .unwrap();
         assert_eq!(
@@ -732,14 +736,17 @@ mod tests {
         for (i, key) in keys.iter().enumerate() {
             let cost = 1 + i as u64 % 3;
             let d = store
-                .check_and_consume(key, &rule, cost, None)
+                .check_and_consume(&BucketRequest::new(key, &rule).with_cost(cost))
                 .await
                 .unwrap();
             assert_eq!(d.remaining, 10 - cost);
         }
         assert_eq!(store.bucket_count(), keys.len());
         for (i, key) in keys.iter().enumerate() {
-            let d = store.check_and_consume(key, &rule, 1, None).await.unwrap();
+            let d = store
+                .check_and_consume(&BucketRequest::new(key, &rule).with_cost(1))
+                .await
+                .unwrap();
             assert_eq!(d.remaining, 9 - (1 + i as u64 % 3), "key {i}");
         }
         for key in &keys[..2_500] {
@@ -768,7 +775,7 @@ mod tests {
             let rule = &rule;
             async move {
                 store
-                    .check_and_consume(&key("a"), rule, cost, Some(now))
+                    .check_and_consume(&BucketRequest::new(&key("a"), rule).with_cost(cost).at(now))
                     .await
                     .unwrap()
             }
@@ -791,7 +798,11 @@ mod tests {
     async fn invalid_now_is_an_error_not_a_panic() {
         let store = MemoryStorage::new();
         let err = store
-            .check_and_consume(&key("a"), &rule(1, 1.0), 1, Some(f64::NAN))
+            .check_and_consume(
+                &BucketRequest::new(&key("a"), &rule(1, 1.0))
+                    .with_cost(1)
+                    .at(f64::NAN),
+            )
             .await
             .unwrap_err();
         assert_eq!(err.code(), ratelimit_domain::ErrorCode::InvalidInput);
@@ -806,7 +817,7 @@ mod tests {
                 let (store, rule) = (store.clone(), rule.clone());
                 tokio::spawn(async move {
                     store
-                        .check_and_consume(&key("hot"), &rule, 1, None)
+                        .check_and_consume(&BucketRequest::new(&key("hot"), &rule).with_cost(1))
                         .await
                         .unwrap()
                         .allowed
@@ -843,7 +854,7 @@ mod tests {
 
     async fn take(store: &MemoryStorage, id: &str, rule: &RateLimitRule, cost: u64) -> u64 {
         let d = store
-            .check_and_consume(&key(id), rule, cost, None)
+            .check_and_consume(&BucketRequest::new(&key(id), rule).with_cost(cost))
             .await
             .unwrap();
         assert!(d.allowed, "{id}");
@@ -1024,12 +1035,18 @@ mod tests {
             for i in 0..64 {
                 let key = key(&i.to_string());
                 let cost = (round + i) % 3;
-                let a = roomy.check_and_consume(&key, &rule, cost, None).await;
-                let b = exact_one.check_and_consume(&key, &rule, cost, None).await;
+                let a = roomy
+                    .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(cost))
+                    .await;
+                let b = exact_one
+                    .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(cost))
+                    .await;
                 assert_eq!(a.unwrap(), b.unwrap());
                 // 16 shards of 4: fewer keys than that per shard decide the same too.
                 if i % 4 == 0 {
-                    let c = exact.check_and_consume(&key, &rule, cost, None).await;
+                    let c = exact
+                        .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(cost))
+                        .await;
                     assert_eq!(
                         c.unwrap().remaining,
                         roomy.get_remaining(&key, &rule, None).await.unwrap()

@@ -12,7 +12,8 @@ use bb8_redis::bb8::{Pool, PooledConnection};
 use futures_util::StreamExt;
 use ratelimit_domain::token_bucket::{self, validate_now};
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketStore, ErrorCode, RateLimitError, RateLimitRule, Result,
+    BucketDecision, BucketKey, BucketRequest, BucketStore, ErrorCode, RateLimitError,
+    RateLimitRule, Result,
 };
 use redis::{Cmd, ErrorKind, RedisResult, RedisWrite, ServerErrorKind, ToRedisArgs, Value};
 
@@ -643,13 +644,14 @@ fn name_corrupt_bucket(err: RateLimitError, key: &BucketKey) -> RateLimitError {
 
 #[async_trait]
 impl BucketStore for RedisStorage {
-    async fn check_and_consume(
-        &self,
-        key: &BucketKey,
-        rule: &RateLimitRule,
-        cost: u64,
-        now: Option<f64>,
-    ) -> Result<BucketDecision> {
+    async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
+        let BucketRequest {
+            key,
+            rule,
+            cost,
+            now,
+            ..
+        } = *request;
         let call = self.script_call(key, rule, cost, now)?;
         let reply = self
             .run("check_and_consume", self.check_timeout, |conn| {
