@@ -66,20 +66,16 @@ const FLOOD: Duration = Duration::from_secs(3);
 /// Requests per header-spoofing variant.
 const SPOOF_REQUESTS: u64 = 30;
 /// Default number of distinct identities of the identifier flood (`--flood N`).
-const DEFAULT_IDENTITIES: u64 = 400_000;
+const DEFAULT_IDENTITIES: u64 = 300_000;
 /// Checks of the corrupt key between two checks of a sound one.
 const WRONGTYPE_RUN: u64 = 8;
-/// The identifier flood stops after this long, however many it sent.
+/// The identifier flood's three phases stop after a third of this each, however many they sent.
 const IDENTITY_FLOOD_MAX: Duration = Duration::from_secs(30);
 /// The address a trusted proxy saw the attacking client at (and appends to the header).
 const REAL_CLIENT: &str = "203.0.113.50";
 
 fn main() -> Res<()> {
-    let identities = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
-        [] => DEFAULT_IDENTITIES,
-        [flag, n] if flag == "--flood" => n.parse()?,
-        other => return Err(format!("usage: attack [--flood N]; got {other:?}").into()),
-    };
+    let flood = FloodArgs::parse()?;
     let machine = machine_facts();
     eprintln!("[attack] {machine}");
     let bins = build()?;
@@ -98,11 +94,11 @@ fn main() -> Res<()> {
     }
     rows.extend(rt.block_on(cli_reset(&ctx))?);
     rows.extend(rt.block_on(stored_garbage(&ctx))?);
-    rows.push(rt.block_on(identifier_flood(&ctx, identities))?);
+    rows.push(rt.block_on(identifier_flood(&ctx, &flood))?);
     let edges = cli_edges(&ctx)?;
     rt.shutdown_timeout(Duration::from_secs(1));
 
-    let section = render(&machine, identities, &rows, &edges);
+    let section = render(&machine, &flood, &rows, &edges);
     println!("{section}");
     write_doc(&section)?;
     eprintln!("[attack] wrote {DOC}");
@@ -1053,6 +1049,8 @@ fn status_counts(statuses: &[u16]) -> String {
 // ---------------------------------------------------------------------------------------------
 // e. Identifier flood (memory backend)
 
+/// The memory capacity (in buckets) the flood asks for when the server has a flag for it.
+const FLOOD_CAPACITY: u64 = 30_000;
 /// Connections of the flood, and requests written at once on each (HTTP/1.1 pipelining).
 const FLOOD_CONNECTIONS: u64 = 8;
 const PIPELINE: u64 = 32;
@@ -1099,64 +1097,110 @@ async fn flood_range(addr: SocketAddr, from: u64, to: u64, deadline: Instant) ->
     Ok((sent, allowed))
 }
 
-async fn identifier_flood(ctx: &Ctx, identities: u64) -> Res<Row> {
-    eprintln!("[attack] identifier flood: {identities} identities (memory)");
-    let server = Server::start(
-        ctx,
-        Backend::Memory,
-        "127.0.0.1:0",
-        &["--trust-proxy", "127.0.0.1"],
-    )?;
+/// The identifier flood's size and the example server's extra flags for it.
+#[derive(Debug)]
+struct FloodArgs {
+    identities: u64,
+    server_args: Vec<String>,
+}
+
+impl FloodArgs {
+    /// `[--flood N] [--flood-server-args "ARGS"]` (ARGS: flags of the example server, e.g. a
+    /// memory capacity small enough for the flood to reach).
+    fn parse() -> Res<Self> {
+        let mut flood = Self {
+            identities: DEFAULT_IDENTITIES,
+            server_args: Vec::new(),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let value = args.next();
+            match (arg.as_str(), value) {
+                ("--flood", Some(n)) => flood.identities = n.parse()?,
+                ("--flood-server-args", Some(text)) => {
+                    flood.server_args = text.split_whitespace().map(str::to_owned).collect();
+                }
+                _ => {
+                    return Err("usage: attack [--flood N] [--flood-server-args \"FLAGS\"]".into());
+                }
+            }
+        }
+        Ok(flood)
+    }
+}
+
+/// A flag of the example server that sets the memory store's capacity, if `--help` lists one
+/// (a long flag with "capacity" in its name), with a capacity the flood reaches in its first
+/// phase: then the last phase shows whether memory stays flat at the cap.
+fn capacity_flag(ctx: &Ctx) -> Vec<String> {
+    let Ok(output) = Command::new(&ctx.bins.server).arg("--help").output() else {
+        return Vec::new();
+    };
+    let help = String::from_utf8_lossy(&output.stdout);
+    help.split_whitespace()
+        .map(|word| word.trim_end_matches([',', '=']))
+        .find(|word| word.starts_with("--") && word.contains("capacity"))
+        .map(|flag| vec![flag.to_owned(), FLOOD_CAPACITY.to_string()])
+        .unwrap_or_default()
+}
+
+async fn identifier_flood(ctx: &Ctx, flood: &FloodArgs) -> Res<Row> {
+    let identities = flood.identities;
+    let server_args = if flood.server_args.is_empty() {
+        capacity_flag(ctx)
+    } else {
+        flood.server_args.clone()
+    };
+    eprintln!("[attack] identifier flood: {identities} identities (memory) {server_args:?}");
+    let mut extra = vec!["--trust-proxy", "127.0.0.1"];
+    extra.extend(server_args.iter().map(String::as_str));
+    let server = Server::start(ctx, Backend::Memory, "127.0.0.1:0", &extra)?;
     let rss_before = server.rss_kib();
-    let deadline = Instant::now() + IDENTITY_FLOOD_MAX;
     let started = Instant::now();
-    // Three equal thirds, the server's RSS read after each.
+    // Three phases of a third of the identities (or of the time) each; the server's RSS read
+    // after each, and its growth per identity compared between the first and the last.
     let third = identities.div_ceil(3);
     let (mut sent, mut allowed) = (0, 0);
-    let mut rss = vec![rss_before];
+    let mut per_phase = Vec::new();
+    let mut rss = rss_before;
     for part in 0..3 {
         let from = part * third;
         let to = ((part + 1) * third).min(identities);
+        let deadline = Instant::now() + IDENTITY_FLOOD_MAX / 3;
         let (s, a) = flood_range(server.addr, from, to, deadline).await?;
         sent += s;
         allowed += a;
-        rss.push(server.rss_kib());
+        let now_rss = server.rss_kib();
+        per_phase.push((s, rss.zip(now_rss).map(|(b, a)| a.saturating_sub(b))));
+        rss = now_rss;
     }
     let elapsed = started.elapsed();
     let rss_after = server.rss_kib();
-    let growth: Option<Vec<u64>> = rss
-        .windows(2)
-        .map(|w| Some(w[1]?.saturating_sub(w[0]?)))
-        .collect();
-    let (verdict, growth_text) = match growth.as_deref() {
-        Some([first, second, last]) if sent == identities => {
-            // Flat at a cap: the last third grows far less than the first (1 MiB of slack for
-            // the allocator's noise).
-            let flat = *last <= first / 4 + 1024;
-            let verdict = if flat { Verdict::Held } else { Verdict::Broken };
-            (
-                verdict,
-                format!(
-                    "RSS growth per third: +{} / +{} / +{}",
-                    kib(Some(*first)),
-                    kib(Some(*second)),
-                    kib(Some(*last))
-                ),
-            )
+    let growth_text = per_phase
+        .iter()
+        .map(|(n, grew)| format!("{n} → +{}", kib(*grew)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let verdict = match (per_phase.first(), per_phase.last()) {
+        (Some(&(n1, Some(g1))), Some(&(n3, Some(g3)))) if n1 > 0 && n3 > 0 => {
+            // Flat at a cap: the last phase grows far less per identity than the first (with
+            // 1 MiB of slack for the allocator's noise).
+            let first_rate = g1 as f64 / n1 as f64;
+            let last = g3 as f64;
+            let flat = last <= first_rate * n3 as f64 / 4.0 + 1024.0;
+            if flat { Verdict::Held } else { Verdict::Broken }
         }
-        Some(_) => (
-            Verdict::Info,
-            format!(
-                "stopped after {} s, before the flood was over",
-                IDENTITY_FLOOD_MAX.as_secs()
-            ),
-        ),
-        None => (Verdict::Info, "RSS unreadable".to_owned()),
+        _ => Verdict::Info,
     };
     Ok(Row {
         attack: format!(
             "e. identifier flood: one login from each of {sent} distinct IPv6 /64s \
-             (X-Forwarded-For from a trusted proxy)"
+             (X-Forwarded-For from a trusted proxy){}",
+            if server_args.is_empty() {
+                String::new()
+            } else {
+                format!(", server flags `{}`", server_args.join(" "))
+            }
         ),
         backend: "memory",
         sent,
@@ -1166,8 +1210,9 @@ async fn identifier_flood(ctx: &Ctx, identities: u64) -> Res<Row> {
         rss_before,
         rss_after,
         note: format!(
-            "{:.1} s ({:.0} req/s); {growth_text}; held = the last third's growth under a \
-             quarter of the first's (memory flat at the store's cap)",
+            "{:.1} s ({:.0} req/s); identities → RSS growth per phase: {growth_text}; held = the \
+             last phase grows under a quarter of the first's per identity (memory flat at the \
+             store's cap)",
             elapsed.as_secs_f64(),
             sent as f64 / elapsed.as_secs_f64().max(1e-9)
         ),
@@ -1259,7 +1304,7 @@ fn cell(text: &str) -> String {
     text.replace('|', "\\|").replace('\n', " ")
 }
 
-fn render(machine: &str, identities: u64, rows: &[Row], edges: &[Edge]) -> String {
+fn render(machine: &str, flood: &FloodArgs, rows: &[Row], edges: &[Edge]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "_Generated by `just attack`: {machine}._");
     let _ = writeln!(out);
@@ -1270,8 +1315,10 @@ fn render(machine: &str, identities: u64, rows: &[Row], edges: &[Edge]) -> Strin
          `crates/http/examples/rules.toml`: {MAX_TOKENS} tokens, {REFILL_RATE} per minute, per \
          client IP. \"Most allowed\" is what that rule lets the identities the attack really is \
          pass in the time it took: `max_tokens + elapsed × refill_rate / 60` per identity, in \
-         whole requests. Identifier flood: {identities} identities asked for, at most {} s.",
-        IDENTITY_FLOOD_MAX.as_secs()
+         whole requests. Identifier flood: {} identities asked for, in three phases of at most \
+         {} s each.",
+        flood.identities,
+        IDENTITY_FLOOD_MAX.as_secs() / 3
     );
     let _ = writeln!(out);
     let _ = writeln!(
