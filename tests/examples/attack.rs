@@ -914,7 +914,13 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
             .cmd(redis::cmd("SET").arg(&tokens_key).arg(&tokens));
         ctx.redis.cmd(redis::cmd("SET").arg(&time_key).arg(&time));
         let mut client = Client::new(server.addr, ip("127.0.0.1"));
-        let (allowed, elapsed) = logins(&mut client, SPOOF_REQUESTS, &[]).await?;
+        let started = Instant::now();
+        let mut statuses = Vec::new();
+        for _ in 0..SPOOF_REQUESTS {
+            statuses.push(client.login(&[]).await?.status);
+        }
+        let elapsed = started.elapsed();
+        let allowed = statuses.iter().filter(|s| (200..300).contains(*s)).count() as u64;
         let most = most_allowed(elapsed, 1);
         // Unusable data is a missing bucket, that is a full one: a client must get its logins.
         let verdict = if allowed == 0 {
@@ -931,7 +937,7 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
             verdict,
             rss_before,
             rss_after: server.rss_kib(),
-            note: String::new(),
+            note: status_counts(&statuses),
         });
     }
 
