@@ -53,6 +53,10 @@ redis port="6390":
 chaos:
     cargo run --release -q -p ratelimit-tests --example chaos
 
+# Hostile clients and hostile Redis data against the example server, memory and Redis (~1-2 min after the build); writes its table into docs/security.md.
+attack *args:
+    cargo run --release -q -p ratelimit-tests --example attack -- {{args}}
+
 # Benchmark (release build, own throwaway redis-server, ~3 min; `just bench --quick` for ~30 s); writes target/bench/.
 bench *args:
     cargo run --release -q -p ratelimit-bench -- {{args}}
