@@ -1274,7 +1274,13 @@ fn cli_edges(ctx: &Ctx) -> Res<Vec<Edge>> {
         let path = file.to_string_lossy().into_owned();
         let run = cli(ctx, &["rules", "check", &path], Stdio::piped())?;
         let accepted = run.code == Some(0);
-        let said = if accepted { &run.stdout } else { &run.stderr };
+        // `rules check` reports an invalid file on stdout (it is the command's answer); other
+        // failures go to stderr.
+        let said = if accepted || run.stderr.is_empty() {
+            &run.stdout
+        } else {
+            &run.stderr
+        };
         edges.push(Edge {
             check: format!("`ratelimit rules check` of a rule named {endpoint:?}"),
             result: format!(
