@@ -32,11 +32,22 @@ struct PreparedRule {
 pub struct TokenBucketAdapter {
     store: DynBucketStore,
     events: DynEventBus,
-    policy: FailurePolicy,
-    /// The in-process store of the `local` policy.
-    fallback: Option<DynBucketStore>,
+    /// What a check answers when the store fails.
+    on_failure: OnFailure,
     /// Endpoint → prepared rule; one hash lookup per check.
     rules: HashMap<Box<str>, PreparedRule>,
+}
+
+/// What a check answers when its store fails: the [`FailurePolicy`], with the store that the
+/// `local` policy decides with, so that `local` without a store cannot be represented.
+#[derive(Debug)]
+enum OnFailure {
+    /// Allow, marked [`DecisionSource::FailOpen`].
+    Open,
+    /// Deny, marked [`DecisionSource::FailClosed`].
+    Closed,
+    /// Decide with an in-process store, marked [`DecisionSource::LocalFallback`].
+    Local(DynBucketStore),
 }
 
 /// Builds a [`TokenBucketAdapter`].
@@ -84,12 +95,19 @@ impl TokenBucketAdapterBuilder {
     /// [`ErrorCode::InvalidInput`] for an empty key prefix; [`ErrorCode::Configuration`] for
     /// the `local` policy without a fallback store.
     pub fn build(self) -> Result<TokenBucketAdapter> {
-        if self.policy == FailurePolicy::Local && self.fallback.is_none() {
-            return Err(RateLimitError::new(
-                ErrorCode::Configuration,
-                "the local failure policy needs a fallback store (TokenBucketAdapterBuilder::local_fallback)",
-            ));
-        }
+        let on_failure = match (self.policy, self.fallback) {
+            (FailurePolicy::Closed, _) => OnFailure::Closed,
+            (FailurePolicy::Local, Some(fallback)) => OnFailure::Local(fallback),
+            (FailurePolicy::Local, None) => {
+                return Err(RateLimitError::new(
+                    ErrorCode::Configuration,
+                    "the local failure policy needs a fallback store (TokenBucketAdapterBuilder::local_fallback)",
+                ));
+            }
+            // `Open`, and any policy added to the domain later until the adapter knows it: the
+            // specification's default.
+            _ => OnFailure::Open,
+        };
         let rules = self
             .rules
             .iter()
@@ -109,8 +127,7 @@ impl TokenBucketAdapterBuilder {
         Ok(TokenBucketAdapter {
             store: self.store,
             events,
-            policy: self.policy,
-            fallback: self.fallback,
+            on_failure,
             rules,
         })
     }
@@ -228,12 +245,12 @@ impl TokenBucketAdapter {
         let rule = &prepared.rule;
         let endpoint = &*prepared.endpoint;
         let code = err.code().as_str();
-        match (self.policy, &self.fallback) {
-            (FailurePolicy::Closed, _) => {
+        match &self.on_failure {
+            OnFailure::Closed => {
                 tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; denying the request (fail-closed)");
                 RateLimitResult::fail_closed(rule)
             }
-            (FailurePolicy::Local, Some(fallback)) => {
+            OnFailure::Local(fallback) => {
                 match fallback
                     .check_and_consume(&BucketRequest::new(key, rule).with_cost(cost))
                     .await
@@ -249,7 +266,7 @@ impl TokenBucketAdapter {
                     }
                 }
             }
-            _ => {
+            OnFailure::Open => {
                 tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; allowing the request (fail-open)");
                 RateLimitResult::fail_open(rule)
             }
@@ -304,19 +321,19 @@ impl RateLimiter for TokenBucketAdapter {
         let key = prepared.keys.key(identifier)?;
         match self.store.get_remaining(&key, &prepared.rule, None).await {
             Ok(remaining) => Ok(remaining),
-            Err(err) => match (self.policy, &self.fallback) {
-                (FailurePolicy::Closed, _) => {
+            Err(err) => match &self.on_failure {
+                OnFailure::Closed => {
                     tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting an empty bucket (fail-closed)");
                     Ok(0)
                 }
-                (FailurePolicy::Local, Some(fallback)) => {
+                OnFailure::Local(fallback) => {
                     tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting the local fallback's bucket");
                     Ok(fallback
                         .get_remaining(&key, &prepared.rule, None)
                         .await
                         .unwrap_or(prepared.rule.max_tokens()))
                 }
-                _ => {
+                OnFailure::Open => {
                     tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting a full bucket (fail-open)");
                     Ok(prepared.rule.max_tokens())
                 }
@@ -329,7 +346,7 @@ impl RateLimiter for TokenBucketAdapter {
             return Ok(false);
         };
         let key = prepared.keys.key(identifier)?;
-        if let Some(fallback) = &self.fallback {
+        if let OnFailure::Local(fallback) = &self.on_failure {
             // The local buckets are a stand-in for the shared ones: reset them too.
             if let Err(err) = fallback.reset(&key, &prepared.rule).await {
                 tracing::warn!(error = %err, endpoint, "could not reset the local fallback bucket");

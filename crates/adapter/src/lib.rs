@@ -2,7 +2,7 @@
 //!
 //! [`TokenBucketAdapter`] implements the [`RateLimiter`] port over any [`BucketStore`]:
 //! it looks up the endpoint's rule, builds the bucket key for the rule's scope, asks the
-//! store, publishes events and applies the fail-open policy. [`BroadcastEventBus`] is an
+//! store, publishes events and applies the failure policy. [`BroadcastEventBus`] is an
 //! in-process [`EventBus`], and [`spawn_event_logger`] logs its events through `tracing`.
 //!
 //! Everything a service needs from the domain is re-exported here, so that depending on this
@@ -31,22 +31,28 @@
 //! # }).unwrap();
 //! ```
 //!
-//! # Fail-open
-//! A check never fails because of infrastructure: if the store errors or times out, the
-//! request is allowed, the result says [`DecisionSource::FailOpen`], a warning is logged and
-//! an `Allowed` event carries the same source. An event bus that fails is logged and
+//! # When the store fails
+//! A check never returns an error because of infrastructure. What it answers is the
+//! [`FailurePolicy`] given to the builder: allow (`Open`, the default and the specification's:
+//! [`DecisionSource::FailOpen`]), deny (`Closed`: [`DecisionSource::FailClosed`]), or decide
+//! with an in-process store (`Local`: [`DecisionSource::LocalFallback`]). Each such answer logs
+//! a warning and its events carry the same source. An event bus that fails is logged and
 //! otherwise ignored. Only bad input (an empty identifier, say) makes a check return an error.
-//! [`reset`](RateLimiter::reset) does not fail open: it reports real errors.
+//! [`reset`](RateLimiter::reset) does not apply the policy: it reports real errors.
+//!
+//! # Layers over a store
+//! [`layers`] holds the stores that wrap another store: the circuit breaker, the deny cache and
+//! the error-capturing layer of admin tools. The container composes them over Redis.
 
 mod adapter;
-mod circuit;
-mod deny_cache;
 mod events;
+pub mod layers;
 
 pub use adapter::{TokenBucketAdapter, TokenBucketAdapterBuilder};
-pub use circuit::{CircuitBreakerConfig, CircuitBreakerStore, CircuitState};
-pub use deny_cache::DenyCacheStore;
 pub use events::{BroadcastEventBus, spawn_event_logger};
+pub use layers::{
+    CircuitBreakerConfig, CircuitBreakerStore, CircuitState, DenyCacheStore, ErrorCaptureStore,
+};
 
 pub use ratelimit_domain as domain;
 pub use ratelimit_domain::{

@@ -215,7 +215,7 @@ pub struct Container {
 impl Container {
     /// Builds the store, the event bus and the adapter. Must be called within a Tokio runtime.
     ///
-    /// With Redis, the container starts even when Redis is down (checks fail open until it is
+    /// With Redis, the container starts even when Redis is down (checks follow the failure policy until it is
     /// back); it logs a warning when the first request to Redis fails. A Redis that answers
     /// but is older than 5.0 (the scripts cannot run there) is refused.
     ///
@@ -236,7 +236,7 @@ impl Container {
                     // A Redis the scripts cannot run on would fail every check: refuse it.
                     Err(err) if err.code() == ErrorCode::Configuration => return Err(err),
                     Err(err) => {
-                        tracing::warn!(url = %redis.redacted_url(), error = %err, "redis is not answering yet; checks fail open until it does");
+                        tracing::warn!(url = %redis.redacted_url(), error = %err, "redis is not answering yet; checks follow the failure policy until it does");
                     }
                 }
                 // Store, then breaker, then deny cache, as configured.

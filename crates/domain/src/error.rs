@@ -49,7 +49,7 @@ impl ErrorCode {
     }
 
     /// Whether the error came from infrastructure (store or event bus) rather than from the
-    /// caller's input. Checks fail open on these.
+    /// caller's input. A check answers these with its failure policy.
     pub const fn is_infrastructure(self) -> bool {
         matches!(
             self,

@@ -43,7 +43,7 @@ pub struct RateLimitCheckAllowed {
     pub remaining_tokens: u64,
     /// How long the check took, from rule lookup to decision.
     pub execution_time: Duration,
-    /// Who decided: the store, or the fail-open policy standing in for it.
+    /// Who decided: the store, or the failure policy standing in for it.
     pub source: DecisionSource,
 }
 

@@ -30,9 +30,10 @@ impl CheckOptions {
 /// # Contract
 /// - An endpoint without a rule is allowed, with `remaining` and `limit` 0.
 /// - A disabled rule allows, with the full bucket as `remaining`.
-/// - Checks fail open: when the store or the event bus fails, the request is allowed (marked
-///   [`crate::DecisionSource::FailOpen`]) and a warning is logged. Only bad input (an empty
-///   identifier, say) is an error.
+/// - A failing store or event bus is never a check's error: the implementation's
+///   [`crate::FailurePolicy`] decides the answer (allow, deny, or an in-process decision),
+///   marked in [`crate::RateLimitResult::source`], and a warning is logged. Only bad input (an
+///   empty identifier, say) is an error.
 /// - [`get_remaining`](Self::get_remaining) consumes nothing.
 /// - [`reset`](Self::reset) is an admin operation: it reports real errors.
 #[cfg_attr(any(test, feature = "mocks"), mockall::automock)]

@@ -1,13 +1,13 @@
 //! A circuit breaker in front of a store.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketRequest, BucketStore, DynBucketStore, ErrorCode,
-    RateLimitError, RateLimitRule, Result,
+    BucketDecision, BucketKey, BucketRequest, BucketStore, ErrorCode, RateLimitError,
+    RateLimitRule, Result,
 };
 use tokio::time::Instant;
 
@@ -74,9 +74,12 @@ pub enum CircuitState {
 ///   store that really hangs is still noticed by the callers that wait for it.
 ///
 /// `reset` always goes to the store: an admin operation wants the store's real answer.
+///
+/// Generic over the store it wraps: `CircuitBreakerStore<RedisStorage>` calls Redis directly,
+/// `CircuitBreakerStore` (`S = dyn BucketStore`) whatever store was chosen at run time.
 #[derive(Debug)]
-pub struct CircuitBreakerStore {
-    inner: DynBucketStore,
+pub struct CircuitBreakerStore<S: ?Sized = dyn BucketStore> {
+    inner: Arc<S>,
     config: CircuitBreakerConfig,
     consecutive_failures: AtomicU32,
     /// When the circuit opened; `None` while closed. Short critical sections, never held
@@ -97,9 +100,9 @@ enum Admission {
     Reject,
 }
 
-impl CircuitBreakerStore {
+impl<S: ?Sized> CircuitBreakerStore<S> {
     /// Wraps `inner`.
-    pub fn new(inner: DynBucketStore, config: CircuitBreakerConfig) -> Self {
+    pub fn new(inner: Arc<S>, config: CircuitBreakerConfig) -> Self {
         Self {
             inner,
             config,
@@ -109,6 +112,11 @@ impl CircuitBreakerStore {
             probing: std::sync::atomic::AtomicBool::new(false),
             short_circuited: AtomicU64::new(0),
         }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &Arc<S> {
+        &self.inner
     }
 
     /// Where the breaker stands now.
@@ -229,13 +237,13 @@ impl CircuitBreakerStore {
 }
 
 /// Releases the probe of a call dropped before the store answered; records nothing else.
-struct Pending<'a> {
-    breaker: &'a CircuitBreakerStore,
+struct Pending<'a, S: ?Sized> {
+    breaker: &'a CircuitBreakerStore<S>,
     probe: bool,
     done: bool,
 }
 
-impl Drop for Pending<'_> {
+impl<S: ?Sized> Drop for Pending<'_, S> {
     fn drop(&mut self) {
         if !self.done && self.probe {
             self.breaker.probing.store(false, Ordering::Release);
@@ -244,7 +252,7 @@ impl Drop for Pending<'_> {
 }
 
 #[async_trait]
-impl BucketStore for CircuitBreakerStore {
+impl<S: BucketStore + ?Sized> BucketStore for CircuitBreakerStore<S> {
     async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
         self.guarded(self.inner.check_and_consume(request)).await
     }
@@ -322,7 +330,12 @@ mod tests {
         }
     }
 
-    fn setup() -> (Arc<Flaky>, CircuitBreakerStore, BucketKey, RateLimitRule) {
+    fn setup() -> (
+        Arc<Flaky>,
+        CircuitBreakerStore<Flaky>,
+        BucketKey,
+        RateLimitRule,
+    ) {
         let flaky = Arc::new(Flaky::default());
         let breaker = CircuitBreakerStore::new(
             flaky.clone(),

@@ -3,14 +3,16 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketRequest, BucketStore, DynBucketStore, RateLimitRule, Result,
+    BucketDecision, BucketKey, BucketRequest, BucketStore, RateLimitRule, Result,
 };
+// Tokio's clock: the host's monotonic clock, which tests can pause and move.
+use tokio::time::Instant;
 
 /// Shards of the cache; each has its own lock, so checks of unrelated keys rarely contend.
 const SHARDS: usize = 16;
@@ -44,9 +46,11 @@ const PRUNE_INTERVAL: Duration = Duration::from_millis(50);
 ///   not cached. A check never scans more than one shard.
 /// - A cached denial reports the store's `remaining` at the time of the denial (a lower bound)
 ///   and the time left of its `retry_after`.
+///
+/// Generic over the store it wraps, like [`CircuitBreakerStore`](crate::CircuitBreakerStore).
 #[derive(Debug)]
-pub struct DenyCacheStore {
-    inner: DynBucketStore,
+pub struct DenyCacheStore<S: ?Sized = dyn BucketStore> {
+    inner: Arc<S>,
     capacity: usize,
     shards: Box<[Shard]>,
     /// Entries in all shards together; never above `capacity`.
@@ -89,9 +93,9 @@ struct Ticket {
     sent_at: Instant,
 }
 
-impl DenyCacheStore {
+impl<S: ?Sized> DenyCacheStore<S> {
     /// A cache of at most `capacity` denials (at least 1) in front of `inner`.
-    pub fn new(inner: DynBucketStore, capacity: usize) -> Self {
+    pub fn new(inner: Arc<S>, capacity: usize) -> Self {
         let now = Instant::now();
         let shards = (0..SHARDS)
             .map(|_| Shard {
@@ -114,7 +118,7 @@ impl DenyCacheStore {
     }
 
     /// The wrapped store.
-    pub fn inner(&self) -> &DynBucketStore {
+    pub fn inner(&self) -> &Arc<S> {
         &self.inner
     }
 
@@ -257,7 +261,7 @@ impl DenyCacheStore {
 }
 
 #[async_trait]
-impl BucketStore for DenyCacheStore {
+impl<S: BucketStore + ?Sized> BucketStore for DenyCacheStore<S> {
     async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
         let BucketRequest { key, cost, now, .. } = *request;
         if cost == 0 || now.is_some() {
@@ -335,7 +339,14 @@ mod tests {
         }
     }
 
-    fn setup(capacity: usize) -> (Arc<Counting>, DenyCacheStore, ManualClock, RateLimitRule) {
+    fn setup(
+        capacity: usize,
+    ) -> (
+        Arc<Counting>,
+        DenyCacheStore<Counting>,
+        ManualClock,
+        RateLimitRule,
+    ) {
         let clock = ManualClock::new(1_000.0);
         let counting = Arc::new(Counting {
             inner: MemoryStorage::with_clock(clock.clone()),
@@ -353,7 +364,12 @@ mod tests {
     }
 
     /// Whether a check of `id` at `cost` through `cache` is allowed.
-    async fn allowed(cache: &DenyCacheStore, id: &str, rule: &RateLimitRule, cost: u64) -> bool {
+    async fn allowed<S: BucketStore + ?Sized>(
+        cache: &DenyCacheStore<S>,
+        id: &str,
+        rule: &RateLimitRule,
+        cost: u64,
+    ) -> bool {
         cache
             .check_and_consume(&BucketRequest::new(&key(id), rule).with_cost(cost))
             .await
@@ -501,7 +517,7 @@ mod tests {
     }
 
     /// A full cache whose entries have all expired makes room again, one shard at a time.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_full_cache_of_expired_denials_makes_room() {
         let clock = ManualClock::starting_now();
         let cache = DenyCacheStore::new(Arc::new(MemoryStorage::with_clock(clock.clone())), 8);
@@ -554,7 +570,7 @@ mod tests {
         assert_eq!(cache.len(), 8);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_cached_denial_expires_when_the_store_would_allow_again() {
         // 60 tokens a minute: the denial lasts about a second of real time.
         let clock = ManualClock::starting_now();
