@@ -211,8 +211,11 @@ impl<S: ?Sized> CircuitBreakerStore<S> {
         )
         .with_detail("circuit", "open")
     }
+}
 
-    async fn guarded<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+impl<S: BucketStore + ?Sized> CircuitBreakerStore<S> {
+    /// Runs one call to the store through the breaker.
+    async fn guarded<T: Send>(&self, call: impl Future<Output = Result<T>> + Send) -> Result<T> {
         let Admission::Call { probe } = self.admit() else {
             // A rejected check does no I/O, so nothing else would make the task yield: a
             // caller looping on failed-open checks could then starve the very tasks (the
