@@ -249,7 +249,17 @@ mod tests {
             g.identifier(ip("2001:db8:1:2:3:4:5:6")),
             "2001:db8:1:2::/64"
         );
+        assert_eq!(
+            g.identifier(ip("2001:0DB8:0001:0002:ffff::1")),
+            "2001:db8:1:2::/64"
+        );
         assert_eq!(g.identifier(ip("::1")), "::/64");
+        assert_eq!(
+            IpGrouping::default()
+                .ipv6_prefix(48)
+                .identifier(ip("2001:db8:1:2::9")),
+            "2001:db8:1::/48"
+        );
         let fine = IpGrouping::new().ipv6_prefix(128).ipv4_prefix(24);
         assert_eq!(fine.identifier(ip("2001:DB8::0:1")), "2001:db8::1");
         assert_eq!(fine.identifier(ip("1.2.3.4")), "1.2.3.0/24");
