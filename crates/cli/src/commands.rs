@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ratelimit_adapter::TokenBucketAdapter;
-use ratelimit_container::{RedisConfig, load_rules_file};
+use ratelimit_config::load_rules_file;
+use ratelimit_container::RedisConfig;
 use ratelimit_domain::{
     BucketKey, BucketStore, CheckOptions, DecisionSource, ErrorCode, IpGrouping, RateLimitError,
     RateLimitRule, RateLimitScope, RateLimiter, RuleSet,
@@ -62,9 +63,9 @@ pub(crate) fn check_rules(file: &Path) -> RulesReport {
             Ok(rules)
         }
         Err(err) => Err(RulesProblem {
-            message: err.message().to_owned(),
-            rule: err.details().get("rule").cloned(),
-            field: err.details().get("field").cloned(),
+            message: err.to_string(),
+            rule: err.rule().map(str::to_owned),
+            field: err.field(),
         }),
     };
     RulesReport {
@@ -86,7 +87,7 @@ fn load_rule(
         .as_deref()
         .filter(|path| !path.as_os_str().is_empty())
         .ok_or_else(|| CliError::usage(NEED_RULES))?;
-    let rules = load_rules_file(path).map_err(|err| CliError::from_library("", &err))?;
+    let rules = load_rules_file(path).map_err(|err| CliError::from_config(&err))?;
     let Some(rule) = rules.get(endpoint).cloned() else {
         let mut known: Vec<&str> = rules.iter().map(|(endpoint, _)| endpoint).collect();
         known.sort_unstable();

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use ratelimit_config::ConfigError;
 use ratelimit_domain::{ErrorCode, RateLimitError};
 
 /// How `ratelimit` ends.
@@ -117,6 +118,17 @@ impl CliError {
         }
     }
 
+    /// A rules file that cannot be used (exit 2): its message names the file, and the rule,
+    /// field and reason when one rule is at fault. Reported under the library's
+    /// [`ErrorCode::Configuration`], as every configuration error is.
+    pub(crate) fn from_config(err: &ConfigError) -> Self {
+        Self {
+            kind: ErrorKind::Configuration,
+            message: err.to_string(),
+            code: Some(ErrorCode::Configuration),
+        }
+    }
+
     /// The exit code this error leads to.
     pub(crate) const fn exit(&self) -> Exit {
         match self.kind {
@@ -150,5 +162,16 @@ mod tests {
             [Exit::Success, Exit::Denied, Exit::Usage, Exit::Redis].map(Exit::code),
             [0, 1, 2, 3]
         );
+    }
+
+    #[test]
+    fn a_bad_rules_file_is_a_configuration_error() {
+        let bad =
+            ratelimit_config::parse_rules("[rules.\"GET /x\"]\nmax_tokens = 0\n").unwrap_err();
+        let err = CliError::from_config(&bad);
+        assert_eq!(err.kind, ErrorKind::Configuration);
+        assert_eq!(err.exit(), Exit::Usage);
+        assert_eq!(err.code, Some(ErrorCode::Configuration));
+        assert_eq!(err.message, bad.to_string());
     }
 }

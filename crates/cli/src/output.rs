@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ratelimit_config::RuleField;
 use ratelimit_domain::{DecisionSource, RateLimitResult, RateLimitRule};
 use serde_json::{Value, json};
 
@@ -84,7 +85,7 @@ pub(crate) struct RulesProblem {
     /// The rule at fault, when one is.
     pub(crate) rule: Option<String>,
     /// The field at fault, when one is.
-    pub(crate) field: Option<String>,
+    pub(crate) field: Option<RuleField>,
 }
 
 /// The outcome of any command that ran to the end.
@@ -318,7 +319,7 @@ fn rules_json(report: &RulesReport) -> Value {
             "file": file,
             "error": problem.message,
             "rule": problem.rule,
-            "field": problem.field,
+            "field": problem.field.map(RuleField::as_str),
         }),
     }
 }
@@ -559,7 +560,7 @@ mod tests {
             outcome: Err(RulesProblem {
                 message: "rule \"GET /x\", field cost: must be at least 1, got 0".to_owned(),
                 rule: Some("GET /x".to_owned()),
-                field: Some("cost".to_owned()),
+                field: Some(RuleField::Cost),
             }),
         });
         assert_eq!(bad.exit(), Exit::Usage);

@@ -324,7 +324,7 @@ fn reset_unlocks_a_user() {
 #[test]
 fn the_cli_addresses_the_same_buckets_as_the_service() {
     let fx = Fixture::new();
-    let rules = ratelimit_container::load_rules_file(fx.rules.path()).unwrap();
+    let rules = ratelimit_config::load_rules_file(fx.rules.path()).unwrap();
     let config = ratelimit_container::ContainerConfig::redis(fx.redis.url.clone(), rules)
         .with_key_prefix(fx.prefix.clone())
         .with_event_logging(false);
@@ -689,7 +689,7 @@ fn the_compact_layout_option_addresses_the_service_s_compact_buckets() {
 #[test]
 fn reset_and_remaining_find_the_bucket_the_service_used_for_an_ipv6_client() {
     let fx = Fixture::new();
-    let rules = ratelimit_container::load_rules_file(fx.rules.path()).unwrap();
+    let rules = ratelimit_config::load_rules_file(fx.rules.path()).unwrap();
     let config = ratelimit_container::ContainerConfig::redis(fx.redis.url.clone(), rules)
         .with_key_prefix(fx.prefix.clone())
         .with_event_logging(false);

@@ -22,8 +22,6 @@
 //! # }).unwrap();
 //! ```
 
-mod rules_file;
-
 use std::fmt;
 use std::sync::Arc;
 
@@ -40,7 +38,6 @@ use ratelimit_redis::RedisStorage;
 pub use ratelimit_adapter::CircuitBreakerConfig;
 pub use ratelimit_domain::FailurePolicy;
 pub use ratelimit_redis::RedisConfig;
-pub use rules_file::{load_rules_file, parse_rules};
 
 /// Where buckets live.
 #[derive(Debug, Clone)]

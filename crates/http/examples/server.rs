@@ -36,7 +36,8 @@ use axum::http::{Method, header};
 use axum::response::IntoResponse;
 use axum::routing::{MethodFilter, MethodRouter, get};
 use clap::Parser;
-use ratelimit_container::{Container, ContainerConfig, load_rules_file};
+use ratelimit_config::load_rules_file;
+use ratelimit_container::{Container, ContainerConfig};
 use ratelimit_http::{DefaultExtractor, ForwardedHeader, IpNet, RateLimitLayer, RateLimitMetrics};
 
 /// The example server's command line.

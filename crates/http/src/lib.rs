@@ -25,7 +25,8 @@
 //! ```no_run
 //! use std::net::SocketAddr;
 //! use axum::{Router, routing::{get, post}};
-//! use ratelimit_container::{Container, ContainerConfig, parse_rules};
+//! use ratelimit_config::parse_rules;
+//! use ratelimit_container::{Container, ContainerConfig};
 //! use ratelimit_http::{DefaultExtractor, RateLimitLayer};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {

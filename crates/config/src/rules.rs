@@ -1,27 +1,12 @@
-//! Rules from a TOML file.
-//!
-//! ```toml
-//! [rules."POST /api/v1/sessions"]  # METHOD /path: upper-case method, one space, a path
-//! max_tokens = 5
-//! refill_rate = 5.0        # tokens per minute
-//! scope = "ip"             # ip | user | user_provider | global
-//! cost = 1                 # optional, default 1
-//! enabled = true           # optional, default true
-//! ```
-//!
-//! Endpoints are checked here (not in the domain's `RuleSet`, which accepts any name): an
-//! endpoint the HTTP layer can never produce (`"get /x "`) would be a rule that limits nothing.
-//!
-//! Every problem is reported with the rule, the field and the reason, so that a bad file
-//! stops a service at start-up with a message that says what to fix.
+//! Rules from TOML: parsing, then validation of every endpoint and field.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ratelimit_domain::{
-    ErrorCode, RateLimitError, RateLimitRule, RateLimitScope, Result, RuleError, RuleSet,
-};
+use ratelimit_domain::{ParseScopeError, RateLimitRule, RateLimitScope, RuleError, RuleSet};
 use serde::Deserialize;
+
+use crate::error::{ConfigError, RuleField};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,30 +27,18 @@ struct RawRule {
     enabled: Option<bool>,
 }
 
-/// Reads and validates a rules file.
+/// Reads and validates a rules file (the format is in the [crate docs](crate)).
 ///
 /// # Errors
-/// [`ErrorCode::Configuration`] when the file cannot be read or parsed, or when a rule is
-/// invalid; the message names the file, the rule and the field, and `details()` holds them
-/// as `path`, `rule` and `field`.
-pub fn load_rules_file(path: impl AsRef<Path>) -> Result<RuleSet> {
+/// [`ConfigError::Read`] when the file cannot be read; otherwise as [`parse_rules`], with the
+/// file set.
+pub fn load_rules_file(path: impl AsRef<Path>) -> Result<RuleSet, ConfigError> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|err| {
-        RateLimitError::new(
-            ErrorCode::Configuration,
-            format!("cannot read rules file {}: {err}", path.display()),
-        )
-        .with_detail("path", path.display().to_string())
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        file: path.to_owned(),
+        error,
     })?;
-    parse_rules(&text).map_err(|err| {
-        let message = format!("rules file {}: {}", path.display(), err.message());
-        let mut located = RateLimitError::new(ErrorCode::Configuration, message)
-            .with_detail("path", path.display().to_string());
-        for (name, value) in err.details() {
-            located = located.with_detail(name, value.clone());
-        }
-        located
-    })
+    parse_rules(&text).map_err(|err| err.in_file(path))
 }
 
 /// Parses and validates rules written in TOML: one `[rules."METHOD /path"]` table per rule
@@ -75,13 +48,13 @@ pub fn load_rules_file(path: impl AsRef<Path>) -> Result<RuleSet> {
 /// errors.
 ///
 /// # Errors
-/// As [`load_rules_file`], without the path.
-pub fn parse_rules(text: &str) -> Result<RuleSet> {
-    let file: RulesFile = toml::from_str(text).map_err(|err| {
-        RateLimitError::new(
-            ErrorCode::Configuration,
-            format!("invalid TOML: {}", err.message().trim()),
-        )
+/// [`ConfigError::Syntax`] for text that is not a rules file (bad TOML, an unknown or missing
+/// field, a value of the wrong type); [`ConfigError::Rule`] naming the rule and the field for
+/// an invalid endpoint or value. The error has no file.
+pub fn parse_rules(text: &str) -> Result<RuleSet, ConfigError> {
+    let file: RulesFile = toml::from_str(text).map_err(|err| ConfigError::Syntax {
+        file: None,
+        reason: err.message().trim().to_owned(),
     })?;
     let mut rules = RuleSet::new();
     for (endpoint, raw) in file.rules {
@@ -89,7 +62,7 @@ pub fn parse_rules(text: &str) -> Result<RuleSet> {
         let rule = build(&endpoint, &raw)?;
         rules
             .insert(endpoint.clone(), rule)
-            .map_err(|err| problem(&endpoint, "endpoint", err.message()))?;
+            .map_err(|err| problem(&endpoint, RuleField::Endpoint, err.message()))?;
     }
     Ok(rules)
 }
@@ -97,8 +70,8 @@ pub fn parse_rules(text: &str) -> Result<RuleSet> {
 /// Checks that `endpoint` is one the HTTP layer can produce: `METHOD /path`, an upper-case
 /// method token (RFC 9110 `tchar`s, no lower-case letters), exactly one space, and a path
 /// that starts with `/` and holds no whitespace; no control characters, no surrounding space.
-fn check_endpoint(endpoint: &str) -> Result<()> {
-    let fail = |reason: String| Err(problem(endpoint, "endpoint", &reason));
+fn check_endpoint(endpoint: &str) -> Result<(), ConfigError> {
+    let fail = |reason: String| Err(problem(endpoint, RuleField::Endpoint, &reason));
     const SHAPE: &str = "an endpoint is `METHOD /path`, e.g. \"POST /api/v1/sessions\"";
     if endpoint.is_empty() {
         return fail(format!("is empty; {SHAPE}"));
@@ -143,18 +116,16 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-fn build(endpoint: &str, raw: &RawRule) -> Result<RateLimitRule> {
-    let scope: RateLimitScope =
-        raw.scope
-            .parse()
-            .map_err(|err: ratelimit_domain::ParseScopeError| {
-                problem(endpoint, "scope", &err.to_string())
-            })?;
-    let max_tokens = positive(endpoint, "max_tokens", raw.max_tokens)?;
+fn build(endpoint: &str, raw: &RawRule) -> Result<RateLimitRule, ConfigError> {
+    let scope: RateLimitScope = raw
+        .scope
+        .parse()
+        .map_err(|err: ParseScopeError| problem(endpoint, RuleField::Scope, &err.to_string()))?;
+    let max_tokens = positive(endpoint, RuleField::MaxTokens, raw.max_tokens)?;
     let mut rule = RateLimitRule::new(scope, max_tokens, raw.refill_rate)
         .map_err(|err| rule_problem(endpoint, &err))?;
     if let Some(cost) = raw.cost {
-        let cost = positive(endpoint, "cost", cost)?;
+        let cost = positive(endpoint, RuleField::Cost, cost)?;
         rule = rule
             .with_cost(cost)
             .map_err(|err| rule_problem(endpoint, &err))?;
@@ -162,29 +133,29 @@ fn build(endpoint: &str, raw: &RawRule) -> Result<RateLimitRule> {
     Ok(rule.with_enabled(raw.enabled.unwrap_or(true)))
 }
 
-fn positive(endpoint: &str, field: &'static str, value: i64) -> Result<u64> {
+fn positive(endpoint: &str, field: RuleField, value: i64) -> Result<u64, ConfigError> {
     u64::try_from(value)
         .ok()
         .filter(|&v| v > 0)
         .ok_or_else(|| problem(endpoint, field, &format!("must be at least 1, got {value}")))
 }
 
-fn rule_problem(endpoint: &str, err: &RuleError) -> RateLimitError {
+fn rule_problem(endpoint: &str, err: &RuleError) -> ConfigError {
     let field = match err {
-        RuleError::ZeroMaxTokens | RuleError::MaxTokensTooLarge { .. } => "max_tokens",
-        RuleError::ZeroCost | RuleError::CostExceedsCapacity { .. } => "cost",
-        _ => "refill_rate",
+        RuleError::ZeroMaxTokens | RuleError::MaxTokensTooLarge { .. } => RuleField::MaxTokens,
+        RuleError::ZeroCost | RuleError::CostExceedsCapacity { .. } => RuleField::Cost,
+        _ => RuleField::RefillRate,
     };
     problem(endpoint, field, &err.to_string())
 }
 
-fn problem(endpoint: &str, field: &'static str, reason: &str) -> RateLimitError {
-    RateLimitError::new(
-        ErrorCode::Configuration,
-        format!("rule {endpoint:?}, field {field}: {reason}"),
-    )
-    .with_detail("rule", endpoint)
-    .with_detail("field", field)
+fn problem(endpoint: &str, field: RuleField, reason: &str) -> ConfigError {
+    ConfigError::Rule {
+        file: None,
+        rule: endpoint.to_owned(),
+        field,
+        reason: reason.to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -222,96 +193,98 @@ mod tests {
         );
     }
 
-    fn error_of(text: &str) -> RateLimitError {
+    fn error_of(text: &str) -> ConfigError {
         parse_rules(text).unwrap_err()
     }
 
     #[test]
     fn every_bad_field_is_named() {
+        use RuleField::{Cost, MaxTokens, RefillRate, Scope};
         let cases = [
             (
                 "max_tokens = 0\nrefill_rate = 1.0\nscope = \"ip\"",
-                "max_tokens",
+                MaxTokens,
                 "at least 1",
             ),
             (
                 "max_tokens = -3\nrefill_rate = 1.0\nscope = \"ip\"",
-                "max_tokens",
+                MaxTokens,
                 "got -3",
             ),
             (
                 "max_tokens = 5\nrefill_rate = -1.0\nscope = \"ip\"",
-                "refill_rate",
+                RefillRate,
                 "positive",
             ),
             (
                 "max_tokens = 5\nrefill_rate = nan\nscope = \"ip\"",
-                "refill_rate",
+                RefillRate,
                 "NaN",
             ),
             (
                 "max_tokens = 5\nrefill_rate = inf\nscope = \"ip\"",
-                "refill_rate",
+                RefillRate,
                 "inf",
             ),
             (
                 "max_tokens = 5\nrefill_rate = 1e-300\nscope = \"ip\"",
-                "refill_rate",
+                RefillRate,
                 "too slow",
             ),
             (
                 "max_tokens = 5\nrefill_rate = 1.0\nscope = \"planet\"",
-                "scope",
+                Scope,
                 "planet",
             ),
             (
                 "max_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\ncost = 6",
-                "cost",
+                Cost,
                 "exceeds",
             ),
             (
                 "max_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\ncost = 0",
-                "cost",
+                Cost,
                 "at least 1",
             ),
         ];
         for (body, field, reason) in cases {
             let err = error_of(&format!("[rules.\"GET /x\"]\n{body}\n"));
-            assert_eq!(err.code(), ErrorCode::Configuration);
-            assert_eq!(
-                err.details().get("rule").map(String::as_str),
-                Some("GET /x"),
-                "{body}"
-            );
-            assert_eq!(
-                err.details().get("field").map(String::as_str),
-                Some(field),
+            assert!(matches!(err, ConfigError::Rule { .. }), "{body}: {err:?}");
+            assert_eq!(err.rule(), Some("GET /x"), "{body}");
+            assert_eq!(err.field(), Some(field), "{body}: {err}");
+            assert_eq!(err.file(), None, "{body}");
+            assert!(err.to_string().contains(reason), "{body}: {err}");
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("rule \"GET /x\", field {field}: ")),
                 "{body}: {err}"
             );
-            assert!(err.message().contains(reason), "{body}: {err}");
         }
     }
 
     #[test]
     fn syntax_errors_unknown_fields_and_missing_fields_are_reported() {
-        assert!(
-            error_of("[rules.\"GET /x\"\n")
-                .message()
-                .contains("invalid TOML")
-        );
+        let syntax = error_of("[rules.\"GET /x\"\n");
+        assert!(matches!(syntax, ConfigError::Syntax { .. }), "{syntax:?}");
+        assert!(syntax.to_string().contains("invalid TOML"), "{syntax}");
         let unknown = error_of(
             "[rules.\"GET /x\"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\nburst = 3\n",
         );
-        assert!(unknown.message().contains("burst"), "{unknown}");
+        assert!(unknown.to_string().contains("burst"), "{unknown}");
         let missing = error_of("[rules.\"GET /x\"]\nmax_tokens = 5\nscope = \"ip\"\n");
-        assert!(missing.message().contains("refill_rate"), "{missing}");
+        assert!(missing.to_string().contains("refill_rate"), "{missing}");
     }
 
     #[test]
     fn a_file_that_cannot_be_read_names_its_path() {
         let err = load_rules_file("/nonexistent/rules.toml").unwrap_err();
-        assert!(err.message().contains("/nonexistent/rules.toml"));
-        assert_eq!(err.code(), ErrorCode::Configuration);
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("cannot read rules file /nonexistent/rules.toml: "),
+            "{err}"
+        );
+        assert_eq!(err.file(), Some(Path::new("/nonexistent/rules.toml")));
     }
 
     #[test]
@@ -326,11 +299,12 @@ mod tests {
         let err = load_rules_file(&path).unwrap_err();
         let _ = std::fs::remove_file(&path);
         assert!(
-            err.message()
+            err.to_string()
                 .starts_with(&format!("rules file {}", path.display())),
             "{err}"
         );
-        assert_eq!(err.details()["field"], "max_tokens");
+        assert_eq!(err.field(), Some(RuleField::MaxTokens));
+        assert_eq!(err.file(), Some(path.as_path()));
     }
 
     /// `"get /x "` was accepted: a rule no request can ever match, so nothing is limited.
@@ -365,14 +339,13 @@ mod tests {
             let err = error_of(&format!(
                 "[rules.\"{toml_key}\"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\n"
             ));
-            assert_eq!(err.code(), ErrorCode::Configuration, "{endpoint:?}");
-            assert_eq!(
-                err.details().get("rule").map(String::as_str),
-                Some(endpoint),
-                "{endpoint:?}: {err}"
+            assert!(
+                matches!(err, ConfigError::Rule { .. }),
+                "{endpoint:?}: {err:?}"
             );
-            assert_eq!(err.details()["field"], "endpoint", "{endpoint:?}");
-            assert!(err.message().contains(reason), "{endpoint:?}: {err}");
+            assert_eq!(err.rule(), Some(endpoint), "{endpoint:?}: {err}");
+            assert_eq!(err.field(), Some(RuleField::Endpoint), "{endpoint:?}");
+            assert!(err.to_string().contains(reason), "{endpoint:?}: {err}");
         }
         for endpoint in [
             "GET /",
