@@ -18,7 +18,7 @@ use crate::error::CliError;
 use crate::output::{
     CheckReport, RemainingReport, Report, ResetReport, RulesProblem, RulesReport, Target,
 };
-use crate::store::ErrorCapture;
+use ratelimit_adapter::ErrorCaptureStore;
 
 /// What `--redis-url`/`REDIS_URL` missing means, said once.
 pub(crate) const NEED_REDIS: &str = "admin commands need Redis: pass --redis-url URL or set \
@@ -107,7 +107,7 @@ fn load_rule(
 /// One bucket of the service's, reachable in Redis.
 #[derive(Debug)]
 pub(crate) struct Bucket<S> {
-    store: Arc<ErrorCapture<S>>,
+    store: Arc<ErrorCaptureStore<S>>,
     limiter: TokenBucketAdapter,
     rule: RateLimitRule,
     key: BucketKey,
@@ -193,7 +193,7 @@ impl<S: BucketStore> Bucket<S> {
         } else {
             None
         };
-        let store = Arc::new(ErrorCapture::new(store));
+        let store = Arc::new(ErrorCaptureStore::new(store));
         let limiter = TokenBucketAdapter::builder(store.clone(), rules)
             .key_prefix(key_prefix)
             .build()

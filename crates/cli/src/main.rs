@@ -15,7 +15,6 @@ mod cli;
 mod commands;
 mod error;
 mod output;
-mod store;
 
 use std::io::{IsTerminal as _, Write};
 use std::process::ExitCode;
