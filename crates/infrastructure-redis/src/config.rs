@@ -4,14 +4,15 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How a bucket is stored in Redis.
+/// How a bucket is stored in Redis (the keys and values are in docs/lua.md).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyLayout {
-    /// The specification's layout: two string keys, `<key>:tokens` and `<key>:time`, holding
-    /// decimal numbers. Buckets can be shared with the original service. The default.
+    /// Two string keys per bucket, `<key>:tokens` and `<key>:time`, holding decimal numbers:
+    /// the layout the original Python service uses, so buckets can be shared with it. The
+    /// default.
     #[default]
-    Specification,
+    TwoKeys,
     /// One key per bucket, `<key>:tb`, holding both numbers and the key's expiry in 20 binary
     /// bytes: less Redis memory and CPU per check, same decisions. Not readable by the original
     /// service.
@@ -37,7 +38,7 @@ pub struct RedisConfig {
     /// for a single Redis at [`url`](Self::url). In cluster mode each bucket's two keys carry a
     /// hash tag so that they live in one slot (see docs/lua.md).
     pub cluster_nodes: Vec<String>,
-    /// How buckets are stored (default: the specification's two keys).
+    /// How buckets are stored (default: [`KeyLayout::TwoKeys`]).
     pub layout: KeyLayout,
     /// For `rediss://` URLs: a PEM file of the certificate authorities to trust instead of the
     /// system's (a private CA, as managed Redis services and self-hosted TLS often use).
@@ -75,7 +76,7 @@ impl RedisConfig {
             admin_timeout: Self::DEFAULT_ADMIN_TIMEOUT,
             ca_file: None,
             cluster_nodes: Vec::new(),
-            layout: KeyLayout::Specification,
+            layout: KeyLayout::TwoKeys,
             reset_ping_interval: Self::DEFAULT_RESET_PING_INTERVAL,
         }
     }
