@@ -30,7 +30,7 @@ pub struct RedisConfig {
     /// pipelined on its socket, so one connection carries all the checks a host makes.
     pub pool_size: u32,
     /// Deadline of one check, taking a connection included. Past it the check fails with
-    /// `StorageTimeout` (and the adapter fails open).
+    /// `StorageTimeout` (and the adapter's failure policy decides the request).
     pub check_timeout: Duration,
     /// Deadline of admin operations (reset) and of opening a connection for them.
     pub admin_timeout: Duration,
@@ -53,11 +53,11 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// Default pool size: one multiplexed connection. On a 2-core host it matched a raw
-    /// redis-rs connection at 16 and 64 concurrent tasks, where 2 connections gave 0.84x at
-    /// 16 tasks and 4 gave 0.76x at 64 (fewer checks per write, more system calls per check;
-    /// see docs/performance.md). Raise it when a single connection's task becomes the
-    /// bottleneck on a many-core host.
+    /// Default pool size: one multiplexed connection, on which all of a host's concurrent checks
+    /// are pipelined. More connections split the checks into smaller writes, so each check
+    /// pays more system calls (the measurements: docs/performance.md, "One multiplexed
+    /// connection"). Raise it when a single connection's task becomes the bottleneck on a
+    /// many-core host.
     pub const DEFAULT_POOL_SIZE: u32 = 1;
     /// Default deadline of a check.
     pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(50);
