@@ -1,4 +1,5 @@
--- Token bucket: one atomic check-and-consume step.
+-- Token bucket, two-key layout (KeyLayout::TwoKeys, the default; the original service's keys):
+-- one atomic check-and-consume step.
 --
 -- KEYS[1]  <bucket key>:tokens   tokens in the bucket (decimal string)
 -- KEYS[2]  <bucket key>:time     when the bucket was last updated (seconds, decimal string)

@@ -1,12 +1,14 @@
--- Token bucket, compact layout: one key per bucket holding both numbers and its own expiry.
+-- Token bucket, compact layout (KeyLayout::Compact): one key per bucket holding both numbers
+-- and its own expiry.
 --
 -- KEYS[1]  <bucket key>:tb   struct.pack('<ddI4', tokens, last, expires): 20 bytes, where
 --                            expires is when Redis drops the key, in whole seconds (floored) of
 --                            Redis's clock, or 0 when unknown
 -- ARGV[1]  struct.pack('<ddd', max_tokens, refill_rate, cost) followed by the key lifetime as
 --          decimal text: ceil(max_tokens / refill_rate * 60) + 60 seconds, computed by the
---          caller (ratelimit_redis::CompactArgs). A cost above max_tokens is decided by the
---          caller on the integers and sent as +inf, so that rounding never blurs it.
+--          caller (CompactArgs, crates/infrastructure-redis/src/script.rs). A cost above
+--          max_tokens is decided by the caller on the integers and sent as +inf, so that
+--          rounding never blurs it.
 -- ARGV[2]  now, optional, as lua/token_bucket.lua's ARGV[4]; absent or "" for Redis TIME
 --
 -- Reply:   allowed  → remaining (integer, floored), a bare integer
@@ -21,7 +23,8 @@
 -- expiry covers that with 30 s to spare, a write overwrites the two numbers in place (SETRANGE)
 -- and keeps the expiry; otherwise it rewrites the whole value with a fresh lifetime (SETEX). An
 -- explicit `now` is another clock than the one Redis expires keys by, so with one the lifetime
--- is always renewed and no expiry is recorded. docs/lua.md has the measurements and the limits.
+-- is always renewed and no expiry is recorded. docs/lua.md has the limits, docs/performance.md
+-- ("Compact script") what each choice here saves.
 
 local args = ARGV[1]
 local max_tokens, refill_rate, cost = struct.unpack('<ddd', args)
@@ -44,7 +47,8 @@ local size = stored and #stored
 if size == 20 then
   tokens, last, expires = struct.unpack('<ddI4', stored)
 elseif size == 16 then
-  -- Written by the previous version of this script (no recorded expiry).
+  -- The earlier 16-byte value, without a recorded expiry: still read, so upgrading needs no
+  -- migration; the next write adds the expiry.
   tokens, last = struct.unpack('<dd', stored)
 end
 -- A missing bucket is a full one, as of now. So is a value of another size, and one that no step

@@ -12,7 +12,7 @@ use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract::{compact_bytes, key, rule};
 use ratelimit_tests::redis_server::{TestRedis, unique_prefix};
 
-const LAYOUTS: [KeyLayout; 2] = [KeyLayout::Specification, KeyLayout::Compact];
+const LAYOUTS: [KeyLayout; 2] = [KeyLayout::TwoKeys, KeyLayout::Compact];
 
 fn store(url: &str, layout: KeyLayout) -> RedisStorage {
     let config = RedisConfig::new(url)

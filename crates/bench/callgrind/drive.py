@@ -3,9 +3,9 @@
 
 Usage: drive.py PORT LAYOUT CALLS BUCKETS [PREFIX]
 
-LAYOUT is `spec` (lua/token_bucket.lua, the specification's two keys and four decimal
+LAYOUT is `spec` (lua/token_bucket.lua, KeyLayout::TwoKeys: two keys and four decimal
 arguments) or `compact` (lua/token_bucket_compact.lua, one key and the packed argument that
-ratelimit_redis::CompactArgs builds). Call i goes to bucket i % BUCKETS, on a rule that never
+CompactArgs in crates/infrastructure-redis/src/script.rs builds). Call i goes to bucket i % BUCKETS, on a rule that never
 denies (max_tokens = refill_rate = 1e9 per minute, so buckets refill in 60 s and keys live 120 s).
 Both use Redis TIME. Loads the script first.
 """

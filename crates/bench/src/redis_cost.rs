@@ -21,7 +21,7 @@ use crate::{BoxResult, Settings};
 /// One way of keeping a bucket in Redis.
 ///
 /// Every layout's script gets the arguments `RedisStorage` sends it: max_tokens, refill_rate
-/// (per minute), cost and now (`""` for Redis `TIME`) for the specification's; for the compact
+/// (per minute), cost and now (`""` for Redis `TIME`) for the two-key layout's; for the compact
 /// one a single argument, the three numbers packed as little-endian doubles followed by the
 /// key lifetime (no `now`: Redis `TIME`).
 #[derive(Debug)]
@@ -35,15 +35,16 @@ pub(crate) struct Layout {
     /// The keys (`KEYS`) of the bucket whose base key is given.
     pub(crate) keys: fn(&str) -> Vec<String>,
     /// Whether the script takes the compact script's argument ([`CompactArgs`]) rather than
-    /// the specification's four.
+    /// the two-key script's four.
     pub(crate) compact_args: bool,
 }
 
-/// The layouts measured: today's, the specification's two string keys.
+/// The layouts measured: the two-key layout (`KeyLayout::TwoKeys`, the default) and the compact
+/// one (`KeyLayout::Compact`).
 pub(crate) const LAYOUTS: &[Layout] = &[
     Layout {
         key: "two_keys",
-        label: "two string keys (spec)",
+        label: "two string keys (two-key layout)",
         script: TOKEN_BUCKET_SCRIPT,
         keys: two_keys,
         compact_args: false,
@@ -231,7 +232,7 @@ async fn memory_per_bucket(
 ///
 /// Memory is measured layout by layout on an emptied Redis. CPU is measured on buckets of every
 /// layout at once, in rounds that each measure every layout and the empty script back to back
-/// (the order rotating from round to round), so that the compact-vs-specification ratio is a
+/// (the order rotating from round to round), so that the compact-vs-two-keys ratio is a
 /// median of ratios taken seconds apart rather than a ratio of medians taken minutes apart.
 pub(crate) async fn measure(
     server: &RedisServer,
@@ -294,7 +295,7 @@ pub(crate) async fn measure(
         fill(&conn, job, count).await?;
     }
     // Per layout: script µs, empty-script µs and their ratio, per round; and per round the
-    // ratio of each layout's script to the first layout's (the specification's).
+    // ratio of each layout's script to the first layout's (the two-key layout's).
     let mut script_us = vec![Vec::new(); LAYOUTS.len()];
     let mut noop_us = vec![Vec::new(); LAYOUTS.len()];
     let mut vs_noop = vec![Vec::new(); LAYOUTS.len()];
@@ -344,7 +345,7 @@ pub(crate) async fn measure(
                 "Redis memory per bucket: compact layout",
                 compact_bytes,
                 Unit::Bytes,
-                "the specification's two keys",
+                "the two-key layout",
                 Some(spec_bytes),
             )
             .target(Target::RatioAtMost(0.6)),
@@ -355,7 +356,7 @@ pub(crate) async fn measure(
                 "Redis CPU per check: compact layout",
                 median(&script_us[compact]),
                 Unit::Micros,
-                "the specification's script, same rounds",
+                "the two-key script, same rounds",
                 Some(median(&script_us[0])),
             )
             .ratio(median(&vs_spec[compact]))

@@ -137,7 +137,7 @@ pub(crate) struct ConnectionArgs {
     pub(crate) key_prefix: String,
 
     /// How the service stores its buckets; must match the service's `RedisConfig` layout.
-    #[arg(long, value_enum, env = "RATELIMIT_LAYOUT", default_value_t = Layout::Specification)]
+    #[arg(long, value_enum, env = "RATELIMIT_LAYOUT", default_value_t = Layout::TwoKeys)]
     pub(crate) layout: Layout,
 
     /// The service uses Redis Cluster: --redis-url is then a comma-separated list of nodes.
@@ -157,8 +157,10 @@ pub(crate) struct ConnectionArgs {
 /// How buckets are stored in Redis (see docs/lua.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Layout {
-    /// Two string keys per bucket, `<key>:tokens` and `<key>:time` (the default).
-    Specification,
+    /// Two string keys per bucket, `<key>:tokens` and `<key>:time` (the default; also accepted
+    /// by its former name, `specification`).
+    #[value(alias = "specification")]
+    TwoKeys,
     /// One binary key per bucket, `<key>:tb`.
     Compact,
 }

@@ -142,7 +142,7 @@ impl Bucket<RedisStorage> {
             RedisConfig::new(url)
         };
         let layout = match connection.layout {
-            crate::cli::Layout::Specification => KeyLayout::Specification,
+            crate::cli::Layout::TwoKeys => KeyLayout::TwoKeys,
             crate::cli::Layout::Compact => KeyLayout::Compact,
         };
         let config = config
@@ -365,7 +365,7 @@ mod tests {
                 rules: Some(PathBuf::from("rules.toml")),
                 redis_url: None,
                 key_prefix: "rate_limit".to_owned(),
-                layout: crate::cli::Layout::Specification,
+                layout: crate::cli::Layout::TwoKeys,
                 cluster: false,
                 timeout_ms: 100,
             },

@@ -14,9 +14,10 @@
 //! - Memory stays bounded, by time and by count. A bucket lives as long as its keys would in
 //!   Redis (time to refill plus 60 s after its last write); expired buckets read as missing
 //!   (full) and are swept out as time passes. And the store holds at most its capacity in
-//!   buckets, [`MemoryStorage::DEFAULT_CAPACITY`] (1,000,000, 132 MB with 47-byte keys)
-//!   unless [`MemoryStorage::builder`] sets another: refill times may be years, and every new
-//!   identifier (an IPv6 /64, a free account) adds a bucket.
+//!   buckets, [`MemoryStorage::DEFAULT_CAPACITY`] (1,000,000) unless
+//!   [`MemoryStorage::builder`] sets another: refill times may be years, and every new
+//!   identifier (an IPv6 /64, a free account) adds a bucket. What a full store costs in memory
+//!   is measured in docs/performance.md ("A flood of distinct identifiers").
 //!
 //! # When the store is full
 //! A new bucket then takes the place of one that gives the least away. Evicting a bucket
@@ -30,8 +31,7 @@
 //!
 //! Each shard holds its share of the capacity (1/16 of it), so a flood of distinct keys,
 //! crafted or not, cannot crowd the other shards; since the hasher's seed is random per store,
-//! the shards fill alike (at the default capacity, the first eviction came with 99.9% of it
-//! held). [`MemoryStorage::stats`] counts evictions, and the non-full ones apart: each of
+//! the shards fill alike. [`MemoryStorage::stats`] counts evictions, and the non-full ones apart: each of
 //! those handed a client a refill it had not earned yet. A steady client whose bucket is
 //! further from full than the buckets around it keeps it through a flood of one-shot
 //! identifiers; one whose bucket is the furthest from full is the one that loses it, so
@@ -44,8 +44,8 @@
 //! A slot is a 16-byte pointer to one allocation holding the bucket's state, its expiry and its
 //! key, so a check reads one small slot and one allocation, and the slots stay small enough
 //! to be found in the CPU's caches (2 MB of them for 100,000 keys). The price is paid by the
-//! sweep, which reads every bucket's allocation: about 30 ns per bucket, one shard at a time,
-//! once per 10 s of clock time.
+//! sweep, which reads every bucket's allocation, one shard at a time, once per 10 s of clock
+//! time. Why this layout, in figures: docs/performance.md ("Memory store").
 //!
 //! ```
 //! use std::time::Duration;
@@ -114,8 +114,9 @@ pub struct MemoryStorage {
     capacity: usize,
     clock: Arc<dyn Clock>,
     /// Hashes each key once per operation, for both its shard and its slot in the shard's
-    /// table. foldhash is several times faster than std's SipHash on short keys; its seed is
-    /// random per store, so that crafted identifiers cannot be aimed at one shard or slot.
+    /// table. foldhash rather than std's SipHash, for speed on short keys (docs/performance.md,
+    /// "Memory store"); its seed is random per store, so that crafted identifiers cannot be
+    /// aimed at one shard or slot.
     hasher: RandomState,
 }
 
@@ -225,9 +226,8 @@ impl Sample {
 /// native-endian doubles, then the key's bytes.
 ///
 /// A table slot is then only this 16-byte pointer, and a check touches one slot and one
-/// allocation. With many keys, waiting for the slot is most of a check, so its size matters:
-/// over 100,000 keys, checks took about a quarter longer with 40-byte slots (key pointer and
-/// state), and longer too with 24 (expiry moved into the slot to make sweeps cheaper).
+/// allocation. With many keys, waiting for the slot is most of a check, so the slot is kept
+/// small; the measurements behind that are in docs/performance.md ("Memory store").
 #[derive(Debug)]
 struct StoredBucket(Box<[u8]>);
 
@@ -321,10 +321,10 @@ impl Default for MemoryStorage {
 }
 
 impl MemoryStorage {
-    /// Buckets a store holds at most unless told otherwise: 1,000,000, which took 132 MB of
-    /// resident memory with 47-byte keys (a 96-byte heap chunk per bucket and its key, the
-    /// rest the table's slots; `just bench memory-flood`, docs/performance.md). Enough for
-    /// a million clients within one refill time of each other; small next to a service.
+    /// Buckets a store holds at most unless told otherwise: 1,000,000. Enough for a million
+    /// clients within one refill time of each other. Each bucket is one heap allocation of its
+    /// state (32 bytes) and its key, plus its table slot; what a full store takes in resident
+    /// memory is measured by `just bench memory-flood` (docs/performance.md).
     pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
     /// A store on the host's wall clock, holding at most [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY)

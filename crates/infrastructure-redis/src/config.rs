@@ -4,14 +4,15 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// How a bucket is stored in Redis.
+/// How a bucket is stored in Redis (the keys and values are in docs/lua.md).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KeyLayout {
-    /// The specification's layout: two string keys, `<key>:tokens` and `<key>:time`, holding
-    /// decimal numbers. Buckets can be shared with the original service. The default.
+    /// Two string keys per bucket, `<key>:tokens` and `<key>:time`, holding decimal numbers:
+    /// the layout the original Python service uses, so buckets can be shared with it. The
+    /// default.
     #[default]
-    Specification,
+    TwoKeys,
     /// One key per bucket, `<key>:tb`, holding both numbers and the key's expiry in 20 binary
     /// bytes: less Redis memory and CPU per check, same decisions. Not readable by the original
     /// service.
@@ -29,7 +30,7 @@ pub struct RedisConfig {
     /// pipelined on its socket, so one connection carries all the checks a host makes.
     pub pool_size: u32,
     /// Deadline of one check, taking a connection included. Past it the check fails with
-    /// `StorageTimeout` (and the adapter fails open).
+    /// `StorageTimeout` (and the adapter's failure policy decides the request).
     pub check_timeout: Duration,
     /// Deadline of admin operations (reset) and of opening a connection for them.
     pub admin_timeout: Duration,
@@ -37,7 +38,7 @@ pub struct RedisConfig {
     /// for a single Redis at [`url`](Self::url). In cluster mode each bucket's two keys carry a
     /// hash tag so that they live in one slot (see docs/lua.md).
     pub cluster_nodes: Vec<String>,
-    /// How buckets are stored (default: the specification's two keys).
+    /// How buckets are stored (default: [`KeyLayout::TwoKeys`]).
     pub layout: KeyLayout,
     /// For `rediss://` URLs: a PEM file of the certificate authorities to trust instead of the
     /// system's (a private CA, as managed Redis services and self-hosted TLS often use).
@@ -52,11 +53,11 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// Default pool size: one multiplexed connection. On a 2-core host it matched a raw
-    /// redis-rs connection at 16 and 64 concurrent tasks, where 2 connections gave 0.84x at
-    /// 16 tasks and 4 gave 0.76x at 64 (fewer checks per write, more system calls per check;
-    /// see docs/performance.md). Raise it when a single connection's task becomes the
-    /// bottleneck on a many-core host.
+    /// Default pool size: one multiplexed connection, on which all of a host's concurrent checks
+    /// are pipelined. More connections split the checks into smaller writes, so each check
+    /// pays more system calls (the measurements: docs/performance.md, "One multiplexed
+    /// connection"). Raise it when a single connection's task becomes the bottleneck on a
+    /// many-core host.
     pub const DEFAULT_POOL_SIZE: u32 = 1;
     /// Default deadline of a check.
     pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(50);
@@ -75,7 +76,7 @@ impl RedisConfig {
             admin_timeout: Self::DEFAULT_ADMIN_TIMEOUT,
             ca_file: None,
             cluster_nodes: Vec::new(),
-            layout: KeyLayout::Specification,
+            layout: KeyLayout::TwoKeys,
             reset_ping_interval: Self::DEFAULT_RESET_PING_INTERVAL,
         }
     }

@@ -1,20 +1,118 @@
 //! Pooled connections, to one Redis or to a Redis Cluster, that leave the pool once they have
-//! failed.
+//! failed, and the deadline every operation on them runs under.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bb8_redis::bb8::ManageConnection;
+use bb8_redis::bb8::{ManageConnection, Pool, PooledConnection, State};
 use ratelimit_domain::{ErrorCode, RateLimitError, Result};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, TlsCertificates, Value,
+    AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, RedisResult,
+    TlsCertificates, Value,
 };
 
 use crate::RedisConfig;
+use crate::error::{deadline, from_pool, from_redis};
+
+/// The bb8 pool of a store, and how one operation runs on it: within a deadline, taking the
+/// connection included, on a connection that is dropped once it has failed.
+pub(crate) struct Connections {
+    pool: Pool<Manager>,
+    /// A copy of the pool's manager, for connections outside the pool (the reset listener's).
+    manager: Manager,
+}
+
+impl Connections {
+    /// The pool for `config`. Connections are opened on first use.
+    ///
+    /// # Errors
+    /// [`ErrorCode::Configuration`] when the URL cannot be parsed or the CA file cannot be read.
+    pub(crate) fn new(config: &RedisConfig) -> Result<Self> {
+        let manager = Manager::new(config)?;
+        let pool = Pool::builder()
+            .max_size(config.pool_size.max(1))
+            // A PING per checkout would double the round trips; failed connections are
+            // dropped on return instead (see `TrackedConnection`).
+            .test_on_check_out(false)
+            // A failed connect is not retried in the background with bb8's backoff (0.4 s, then
+            // 0.8 s, …): the next check starts a fresh attempt, so limiting resumes as soon as
+            // Redis answers again.
+            .retry_connection(false)
+            .connection_timeout(config.admin_timeout.max(config.check_timeout))
+            .build_unchecked(manager.clone());
+        Ok(Self { pool, manager })
+    }
+
+    /// The manager, which knows how to open a connection outside the pool.
+    pub(crate) fn manager(&self) -> &Manager {
+        &self.manager
+    }
+
+    /// The pool's connections, for `Debug`.
+    pub(crate) fn state(&self) -> State {
+        self.pool.state()
+    }
+
+    /// Runs one operation on a pooled connection within `timeout`, taking the connection
+    /// included, and marks the connection for disposal unless the operation answered.
+    pub(crate) async fn run<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        timeout: Duration,
+        f: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(RedisConn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        // The pool hands out a connection only to clone its handle: the guard goes back at
+        // once, so any number of concurrent checks share the pool's multiplexed connections
+        // (pipelining on the socket) instead of queueing for one each.
+        let checkout = async {
+            loop {
+                let pooled: PooledConnection<'_, Manager> = self
+                    .pool
+                    .get()
+                    .await
+                    .map_err(|err| from_pool(err, operation))?;
+                // A connection another check saw fail is dropped as its guard goes back; take
+                // the next one (or a new one) instead of failing on it too.
+                if !pooled.broken.load(Ordering::Acquire) {
+                    return Ok::<_, RateLimitError>((pooled.conn.clone(), pooled.broken.clone()));
+                }
+            }
+        };
+        // One deadline (one timer) covers the checkout and the command.
+        let mut in_flight: Option<Arc<AtomicBool>> = None;
+        let operation_future = async {
+            let (conn, broken) = checkout.await?;
+            let flag = in_flight.insert(broken);
+            match f(conn).await {
+                Ok(reply) => Ok(reply),
+                Err(err) => {
+                    if breaks_connection(&err) {
+                        // The pool drops the connection the next time it comes back.
+                        flag.store(true, Ordering::Release);
+                    }
+                    Err(from_redis(err, operation))
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(timeout, operation_future).await;
+        outcome.unwrap_or_else(|_| {
+            if let Some(broken) = &in_flight {
+                // A reply may still arrive late on this socket; do not trust it any more.
+                broken.store(true, Ordering::Release);
+            }
+            Err(deadline(operation, timeout))
+        })
+    }
+}
 
 /// Opens connections for the bb8 pool, and discards a connection which failed (or whose
 /// command was abandoned at a deadline) when it returns to the pool.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bb8_redis::bb8::RunError;
-use ratelimit_domain::{ErrorCode, RateLimitError};
+use ratelimit_domain::{BucketKey, ErrorCode, RateLimitError};
 use redis::RedisError;
 
 use crate::connection::breaks_connection;
@@ -62,4 +62,13 @@ pub(crate) fn bad_reply(detail: impl Into<String>) -> RateLimitError {
         "unusable reply from the token-bucket script",
     )
     .with_detail("reply", detail)
+}
+
+/// Adds the bucket's key to an error about that bucket's data.
+pub(crate) fn name_corrupt_bucket(err: RateLimitError, key: &BucketKey) -> RateLimitError {
+    if err.code() == ErrorCode::CorruptBucket {
+        err.with_detail("key", key.as_str())
+    } else {
+        err
+    }
 }
