@@ -1,31 +1,25 @@
-//! Faults injected into a real `redis-server`: the circuit breaker, the failure policies, and
-//! Redis refusing writes (out of memory, read-only replica).
+//! Faults injected into a real `redis-server`: the circuit breaker, the failure policies,
+//! Redis refusing writes (out of memory, read-only replica), Redis unreachable, paused, killed
+//! and restarted, and its scripts flushed.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ratelimit_adapter::{
     CircuitBreakerConfig, CircuitBreakerStore, CircuitState, TokenBucketAdapter,
 };
 use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig};
 use ratelimit_domain::{
-    DecisionSource, FailurePolicy, RateLimitRule, RateLimitScope, RateLimiter, RateLimiterExt,
-    RuleSet,
+    BucketRequest, BucketStore, DecisionSource, ErrorCode, FailurePolicy, RateLimitEvent,
+    RateLimitRule, RateLimitScope, RateLimiter, RateLimiterExt, RuleSet,
 };
 use ratelimit_redis::RedisStorage;
-use ratelimit_tests::redis_server::RedisServer;
-
-const LOGIN: &str = "POST /api/v1/sessions";
-
-fn rules() -> RuleSet {
-    RuleSet::try_from_rules([(
-        LOGIN,
-        RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap(),
-    )])
-    .unwrap()
-}
+use ratelimit_tests::eventually_from_store;
+use ratelimit_tests::fixtures::{LOGIN, login_rules as rules};
+use ratelimit_tests::logs::CapturedLogs;
+use ratelimit_tests::redis_server::{RedisServer, TestRedis, free_port, unique_prefix};
 
 fn redis(server: &RedisServer) -> RedisConfig {
     RedisConfig::new(server.url())
@@ -76,7 +70,7 @@ async fn the_circuit_opens_while_redis_is_down_and_closes_when_it_is_back() {
     );
 
     server.restart();
-    let back = ratelimit_tests::eventually_from_store(&limiter, LOGIN, "1.1.1.1").await;
+    let back = eventually_from_store(&limiter, LOGIN, "1.1.1.1").await;
     assert_eq!(back.remaining, 4, "restarted empty: a full bucket");
     assert_eq!(breaker.state(), CircuitState::Closed);
 }
@@ -92,7 +86,7 @@ async fn the_closed_policy_denies_while_redis_is_down() {
     assert_eq!(result.source, DecisionSource::FailClosed);
     server.restart();
     assert!(
-        ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "2.2.2.2")
+        eventually_from_store(&*limiter, LOGIN, "2.2.2.2")
             .await
             .allowed
     );
@@ -125,7 +119,7 @@ async fn the_local_policy_keeps_limiting_per_host_while_redis_is_down() {
     assert_eq!(denied.source, DecisionSource::LocalFallback);
     server.restart();
     assert_eq!(
-        ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "3.3.3.3")
+        eventually_from_store(&*limiter, LOGIN, "3.3.3.3")
             .await
             .remaining,
         4
@@ -155,7 +149,7 @@ async fn out_of_memory_fails_open_and_limiting_resumes_when_memory_is_freed() {
 
     server.cmd(redis::cmd("DEL").arg("filler"));
     assert_eq!(
-        ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "4.4.4.4")
+        eventually_from_store(&*limiter, LOGIN, "4.4.4.4")
             .await
             .remaining,
         3
@@ -186,7 +180,7 @@ async fn a_read_only_replica_fails_open_and_promotion_resumes_limiting() {
 
     // Promote it back, as a failover would: limiting resumes by itself.
     server.cmd(redis::cmd("REPLICAOF").arg("NO").arg("ONE"));
-    let back = ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "5.5.5.5").await;
+    let back = eventually_from_store(&*limiter, LOGIN, "5.5.5.5").await;
     assert!(back.allowed);
 }
 
@@ -212,7 +206,7 @@ async fn killed_client_connections_are_replaced() {
             .arg("yes"),
     );
     assert_eq!(
-        ratelimit_tests::eventually_from_store(&*limiter, LOGIN, "6.6.6.6")
+        eventually_from_store(&*limiter, LOGIN, "6.6.6.6")
             .await
             .remaining,
         3
@@ -312,5 +306,193 @@ async fn an_admin_deadline_longer_than_half_a_second_is_honoured() {
         started.elapsed() >= Duration::from_millis(700),
         "the reset should have waited for the pause: {:?}",
         started.elapsed()
+    );
+}
+
+// Redis unreachable, paused, killed and restarted, and its scripts flushed.
+
+#[tokio::test]
+async fn unreachable_redis_fails_open_within_the_deadline_and_says_so() {
+    let (logs, _guard) = CapturedLogs::install();
+
+    // Nothing listens on this port.
+    let url = format!("redis://127.0.0.1:{}/", free_port());
+    let timeout = Duration::from_millis(200);
+    let config = ContainerConfig::redis(&url, rules())
+        .with_backend(Backend::Redis(
+            RedisConfig::new(&url)
+                .with_check_timeout(timeout)
+                .with_admin_timeout(timeout),
+        ))
+        .with_event_logging(false);
+    let container = Container::build(config).await.unwrap();
+    let mut events = container.events().subscribe();
+    let limiter = container.rate_limiter();
+
+    for _ in 0..3 {
+        let started = Instant::now();
+        let result = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
+        let took = started.elapsed();
+        assert!(result.allowed);
+        assert_eq!(result.source, DecisionSource::FailOpen);
+        assert_eq!((result.remaining, result.limit), (5, 5));
+        // A deadline, not a benchmark: the check must not hang past its timeout.
+        assert!(
+            took < timeout + Duration::from_secs(1),
+            "check took {took:?}"
+        );
+    }
+    let _attempted = events.try_recv().unwrap();
+    let RateLimitEvent::Allowed(allowed) = events.try_recv().unwrap() else {
+        panic!("expected an Allowed event")
+    };
+    assert_eq!(allowed.source, DecisionSource::FailOpen);
+    assert!(
+        logs.text().contains("fail-open"),
+        "no fail-open warning in: {}",
+        logs.text()
+    );
+
+    // Admin operations do not fail open.
+    let err = limiter.reset(LOGIN, "192.168.1.1").await.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::ResetFailed);
+    assert!(logs.text().contains("rate limit reset failed"));
+}
+
+#[tokio::test]
+async fn a_paused_redis_fails_open_within_the_deadline_and_limiting_resumes() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_millis(100);
+    let store =
+        RedisStorage::new(&RedisConfig::new(server.url()).with_check_timeout(timeout)).unwrap();
+    let limiter = TokenBucketAdapter::builder(Arc::new(store), rules())
+        .build()
+        .unwrap();
+    assert_eq!(
+        limiter
+            .is_allowed(LOGIN, "1.1.1.1")
+            .await
+            .unwrap()
+            .remaining,
+        4
+    );
+
+    server.pause();
+    let started = Instant::now();
+    let result = limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap();
+    let took = started.elapsed();
+    server.resume();
+    assert_eq!(result.source, DecisionSource::FailOpen);
+    assert!(
+        took < timeout + Duration::from_secs(1),
+        "check took {took:?}"
+    );
+
+    // Once Redis answers again, its decisions are back (the abandoned connection is dropped).
+    // The abandoned command sat in the socket buffer and ran when Redis woke up, so it may
+    // have taken its token: 3 left without it, 2 with it, never more.
+    let resumed = eventually_from_store(&limiter, LOGIN, "1.1.1.1").await;
+    assert!(matches!(resumed.remaining, 2 | 3), "{resumed:?}");
+}
+
+#[tokio::test]
+async fn limiting_resumes_after_redis_is_killed_and_restarted_empty() {
+    let mut server = RedisServer::start();
+    let store = RedisStorage::new(
+        &RedisConfig::new(server.url()).with_check_timeout(Duration::from_millis(500)),
+    )
+    .unwrap();
+    let store = Arc::new(store);
+    let limiter = TokenBucketAdapter::builder(store.clone(), rules())
+        .build()
+        .unwrap();
+    assert_eq!(
+        limiter
+            .is_allowed(LOGIN, "1.1.1.1")
+            .await
+            .unwrap()
+            .remaining,
+        4
+    );
+
+    server.kill();
+    let down = limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap();
+    assert_eq!(down.source, DecisionSource::FailOpen);
+
+    server.restart(); // same port, no data, no scripts
+    let back = eventually_from_store(&limiter, LOGIN, "1.1.1.1").await;
+    assert_eq!(
+        back.remaining, 4,
+        "the restarted Redis starts with a full bucket"
+    );
+    assert!(
+        store.script_reloads() >= 1,
+        "the lost script must have been reloaded"
+    );
+    for expected in [3, 2, 1, 0] {
+        assert_eq!(
+            limiter
+                .is_allowed(LOGIN, "1.1.1.1")
+                .await
+                .unwrap()
+                .remaining,
+            expected
+        );
+    }
+    assert!(!limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap().allowed);
+}
+
+#[tokio::test]
+async fn a_flushed_script_is_reloaded_and_limiting_continues() {
+    let redis = TestRedis::get();
+    let store =
+        RedisStorage::new(&RedisConfig::new(&redis.url).with_check_timeout(Duration::from_secs(5)))
+            .unwrap();
+    let prefix = unique_prefix();
+    let key = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
+        .unwrap()
+        .key("1.1.1.1")
+        .unwrap();
+    let rule = RateLimitRule::new(RateLimitScope::Ip, 3, 1.0).unwrap();
+
+    assert_eq!(
+        store
+            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+            .await
+            .unwrap()
+            .remaining,
+        2
+    );
+    let reloads_before = store.script_reloads();
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+
+    // The original would now fail open for ever; this store reloads and keeps counting.
+    let d = store
+        .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+        .await
+        .unwrap();
+    assert_eq!(d.remaining, 1);
+    assert_eq!(store.script_reloads(), reloads_before + 1);
+    assert_eq!(
+        store
+            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+            .await
+            .unwrap()
+            .remaining,
+        0
+    );
+    assert!(
+        !store
+            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
+            .await
+            .unwrap()
+            .allowed
+    );
+    assert_eq!(
+        store.script_reloads(),
+        reloads_before + 1,
+        "one reload is enough"
     );
 }
