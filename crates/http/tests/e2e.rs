@@ -19,9 +19,9 @@ use ratelimit_http::{
     DefaultExtractor, FailOpenPolicy, ForwardedHeader, HeaderStyle, IdentifierExtractor,
     IdentifyRequest, MissingUserPolicy, RateLimitLayer, RateLimitMetrics, Rejection,
 };
+use ratelimit_tests::fixtures::LOGIN;
+use ratelimit_tests::logs::CapturedLogs;
 use reqwest::StatusCode;
-
-const LOGIN: &str = "POST /api/v1/sessions";
 
 /// The layer the scenarios use: the container's adapter, `login` as the login policy's name.
 fn layer(container: &Container) -> RateLimitLayer {
@@ -809,29 +809,6 @@ async fn a_plain_tower_service_is_limited_by_uri_path() {
     assert!(response.headers().get("ratelimit").is_none());
 }
 
-/// A `MakeWriter` that keeps what the fmt subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn every_decision_runs_in_a_span_with_endpoint_scope_and_outcome() {
     use std::convert::Infallible;
@@ -840,13 +817,7 @@ async fn every_decision_runs_in_a_span_with_endpoint_scope_and_outcome() {
     use axum::extract::ConnectInfo;
     use tower::{Layer as _, ServiceExt as _};
 
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = CapturedLogs::install();
 
     let config = Store::memory().config(RULES).with_event_logging(false);
     let container = Container::build(config).await.unwrap();
@@ -864,7 +835,7 @@ async fn every_decision_runs_in_a_span_with_endpoint_scope_and_outcome() {
         }
         limited.clone().oneshot(request).await.unwrap();
     }
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let denied = logs
         .lines()
         .find(|line| line.contains("rate limit exceeded"))
