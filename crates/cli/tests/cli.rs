@@ -2,14 +2,11 @@
 //! End-to-end tests of the `ratelimit` binary against a real, throwaway `redis-server`.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::Command;
 
 use ratelimit_domain::RateLimiterExt as _;
+use ratelimit_tests::fixtures::{LOGIN, RulesFile, cli_command};
 use ratelimit_tests::redis_server::{TestRedis, free_port, unique_prefix};
 use serde_json::Value;
-
-const LOGIN: &str = "POST /api/v1/sessions";
 
 const RULES: &str = r#"
 [rules."POST /api/v1/sessions"]
@@ -57,13 +54,8 @@ impl Run {
 /// Runs `ratelimit` with `args`, in an environment without any of the variables it reads
 /// except those in `env`.
 fn ratelimit(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_ratelimit"))
+    let output = cli_command(env!("CARGO_BIN_EXE_ratelimit"))
         .args(args)
-        .env_remove("REDIS_URL")
-        .env_remove("RATELIMIT_RULES")
-        .env_remove("RATELIMIT_KEY_PREFIX")
-        .env_remove("RATELIMIT_LAYOUT")
-        .env_remove("RATELIMIT_CLUSTER")
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())
         .output()
@@ -72,30 +64,6 @@ fn ratelimit(args: &[&str], env: &[(&str, &str)]) -> Run {
         code: output.status.code().unwrap(),
         stdout: String::from_utf8(output.stdout).unwrap(),
         stderr: String::from_utf8(output.stderr).unwrap(),
-    }
-}
-
-/// A rules file in the temporary directory, removed on drop.
-struct RulesFile(PathBuf);
-
-impl RulesFile {
-    fn new(text: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "ratelimit-cli-rules-{}.toml",
-            uuid::Uuid::now_v7().simple()
-        ));
-        std::fs::write(&path, text).unwrap();
-        Self(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for RulesFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -113,6 +81,24 @@ impl Fixture {
             prefix: unique_prefix(),
             rules: RulesFile::new(RULES),
         }
+    }
+
+    /// A runtime, and the configuration of the service this fixture's commands address.
+    fn service(
+        &self,
+    ) -> (
+        tokio::runtime::Runtime,
+        ratelimit_container::ContainerConfig,
+    ) {
+        let rules = ratelimit_container::load_rules_file(self.rules.path()).unwrap();
+        let config = ratelimit_container::ContainerConfig::redis(self.redis.url.clone(), rules)
+            .with_key_prefix(self.prefix.clone())
+            .with_event_logging(false);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        (runtime, config)
     }
 
     /// `ratelimit COMMAND --endpoint ENDPOINT [--identifier ID] EXTRA…` with this fixture's
@@ -324,14 +310,7 @@ fn reset_unlocks_a_user() {
 #[test]
 fn the_cli_addresses_the_same_buckets_as_the_service() {
     let fx = Fixture::new();
-    let rules = ratelimit_container::load_rules_file(fx.rules.path()).unwrap();
-    let config = ratelimit_container::ContainerConfig::redis(fx.redis.url.clone(), rules)
-        .with_key_prefix(fx.prefix.clone())
-        .with_event_logging(false);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (runtime, config) = fx.service();
     runtime.block_on(async {
         let container = ratelimit_container::Container::build(config).await.unwrap();
         let limiter = container.rate_limiter();
@@ -689,14 +668,7 @@ fn the_compact_layout_option_addresses_the_service_s_compact_buckets() {
 #[test]
 fn reset_and_remaining_find_the_bucket_the_service_used_for_an_ipv6_client() {
     let fx = Fixture::new();
-    let rules = ratelimit_container::load_rules_file(fx.rules.path()).unwrap();
-    let config = ratelimit_container::ContainerConfig::redis(fx.redis.url.clone(), rules)
-        .with_key_prefix(fx.prefix.clone())
-        .with_event_logging(false);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (runtime, config) = fx.service();
     // What the HTTP layer writes for a client at [::1].
     let service_identifier =
         ratelimit_domain::IpGrouping::default().identifier("::1".parse().unwrap());
@@ -817,10 +789,8 @@ fn a_closed_stdout_pipe_ends_the_command_quietly() {
     ] {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
-        let output = Command::new(env!("CARGO_BIN_EXE_ratelimit"))
+        let output = cli_command(env!("CARGO_BIN_EXE_ratelimit"))
             .args(&args)
-            .env_remove("REDIS_URL")
-            .env_remove("RATELIMIT_RULES")
             .env_remove("RUST_LOG")
             .stdout(writer)
             .stderr(std::process::Stdio::piped())
