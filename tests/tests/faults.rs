@@ -27,6 +27,15 @@ fn redis(server: &RedisServer) -> RedisConfig {
         .with_admin_timeout(Duration::from_millis(500))
 }
 
+/// What a login check of `identifier` leaves.
+async fn remaining(limiter: &dyn RateLimiter, identifier: &str) -> u64 {
+    limiter
+        .is_allowed(LOGIN, identifier)
+        .await
+        .unwrap()
+        .remaining
+}
+
 async fn limiter_with(server: &RedisServer, policy: FailurePolicy) -> Arc<dyn RateLimiter> {
     let config = ContainerConfig::redis(server.url(), rules())
         .with_backend(Backend::Redis(redis(server)))
@@ -46,14 +55,7 @@ async fn the_circuit_opens_while_redis_is_down_and_closes_when_it_is_back() {
     let limiter = TokenBucketAdapter::builder(breaker.clone(), rules())
         .build()
         .unwrap();
-    assert_eq!(
-        limiter
-            .is_allowed(LOGIN, "1.1.1.1")
-            .await
-            .unwrap()
-            .remaining,
-        4
-    );
+    assert_eq!(remaining(&limiter, "1.1.1.1").await, 4);
 
     server.kill();
     for _ in 0..20 {
@@ -96,14 +98,7 @@ async fn the_closed_policy_denies_while_redis_is_down() {
 async fn the_local_policy_keeps_limiting_per_host_while_redis_is_down() {
     let mut server = RedisServer::start();
     let limiter = limiter_with(&server, FailurePolicy::Local).await;
-    assert_eq!(
-        limiter
-            .is_allowed(LOGIN, "3.3.3.3")
-            .await
-            .unwrap()
-            .remaining,
-        4
-    );
+    assert_eq!(remaining(&*limiter, "3.3.3.3").await, 4);
     server.kill();
     // The local bucket is new, so it starts full: five allowed, then denied.
     for expected in [4, 3, 2, 1, 0] {
@@ -130,14 +125,7 @@ async fn the_local_policy_keeps_limiting_per_host_while_redis_is_down() {
 async fn out_of_memory_fails_open_and_limiting_resumes_when_memory_is_freed() {
     let server = RedisServer::start_with_args(&["--maxmemory-policy", "noeviction"]);
     let limiter = limiter_with(&server, FailurePolicy::Open).await;
-    assert_eq!(
-        limiter
-            .is_allowed(LOGIN, "4.4.4.4")
-            .await
-            .unwrap()
-            .remaining,
-        4
-    );
+    assert_eq!(remaining(&*limiter, "4.4.4.4").await, 4);
 
     // Fill Redis with a value of its own, then lower maxmemory below what it uses.
     let filler = "x".repeat(4 * 1024 * 1024);
@@ -160,14 +148,7 @@ async fn out_of_memory_fails_open_and_limiting_resumes_when_memory_is_freed() {
 async fn a_read_only_replica_fails_open_and_promotion_resumes_limiting() {
     let server = RedisServer::start();
     let limiter = limiter_with(&server, FailurePolicy::Open).await;
-    assert_eq!(
-        limiter
-            .is_allowed(LOGIN, "5.5.5.5")
-            .await
-            .unwrap()
-            .remaining,
-        4
-    );
+    assert_eq!(remaining(&*limiter, "5.5.5.5").await, 4);
 
     // Demote to a replica of a master that does not exist: writes answer READONLY.
     let dead = ratelimit_tests::redis_server::free_port();
@@ -188,14 +169,7 @@ async fn a_read_only_replica_fails_open_and_promotion_resumes_limiting() {
 async fn killed_client_connections_are_replaced() {
     let server = RedisServer::start();
     let limiter = limiter_with(&server, FailurePolicy::Open).await;
-    assert_eq!(
-        limiter
-            .is_allowed(LOGIN, "6.6.6.6")
-            .await
-            .unwrap()
-            .remaining,
-        4
-    );
+    assert_eq!(remaining(&*limiter, "6.6.6.6").await, 4);
     // Kill every normal client connection (the pool's), as an operator or a proxy might.
     server.cmd(
         redis::cmd("CLIENT")
@@ -368,14 +342,7 @@ async fn a_paused_redis_fails_open_within_the_deadline_and_limiting_resumes() {
     let limiter = TokenBucketAdapter::builder(Arc::new(store), rules())
         .build()
         .unwrap();
-    assert_eq!(
-        limiter
-            .is_allowed(LOGIN, "1.1.1.1")
-            .await
-            .unwrap()
-            .remaining,
-        4
-    );
+    assert_eq!(remaining(&limiter, "1.1.1.1").await, 4);
 
     server.pause();
     let started = Instant::now();
@@ -406,14 +373,7 @@ async fn limiting_resumes_after_redis_is_killed_and_restarted_empty() {
     let limiter = TokenBucketAdapter::builder(store.clone(), rules())
         .build()
         .unwrap();
-    assert_eq!(
-        limiter
-            .is_allowed(LOGIN, "1.1.1.1")
-            .await
-            .unwrap()
-            .remaining,
-        4
-    );
+    assert_eq!(remaining(&limiter, "1.1.1.1").await, 4);
 
     server.kill();
     let down = limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap();
@@ -430,14 +390,7 @@ async fn limiting_resumes_after_redis_is_killed_and_restarted_empty() {
         "the lost script must have been reloaded"
     );
     for expected in [3, 2, 1, 0] {
-        assert_eq!(
-            limiter
-                .is_allowed(LOGIN, "1.1.1.1")
-                .await
-                .unwrap()
-                .remaining,
-            expected
-        );
+        assert_eq!(remaining(&limiter, "1.1.1.1").await, expected);
     }
     assert!(!limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap().allowed);
 }

@@ -120,11 +120,7 @@ async fn ipv6_clients_are_limited_per_64(store: Store) {
     let mut events = container.events().subscribe();
     let per_address = layer(&container).extractor(DefaultExtractor::new().ipv6_prefix(128));
     let server = serve(app(per_address), "[::1]:0").await;
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(limit_headers(&response), login_allowed_headers(1));
     assert_eq!(attempted_identifiers(&mut events), ["::1"]);
 }
@@ -261,22 +257,16 @@ async fn trusted_proxies_name_the_client_with_x_forwarded_for(store: Store) {
     // The right-most untrusted hop is the client; what it claims to its left is ignored.
     exhaust_login(&server.base, Some("6.6.6.6, 203.0.113.7, 10.1.2.3")).await;
     // The same client in another spelling (IPv4-mapped IPv6) is the same bucket.
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .header("x-forwarded-for", "::ffff:203.0.113.7")
-        .send()
-        .await
-        .unwrap();
+    let response = server
+        .login(&[("x-forwarded-for", "::ffff:203.0.113.7")])
+        .await;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     // Another client behind the same proxy has a bucket of its own.
     exhaust_login(&server.base, Some("198.51.100.20")).await;
     // An IPv6 client behind the proxy is grouped by /64.
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .header("x-forwarded-for", "[2001:db8:0:1::5]:4711")
-        .send()
-        .await
-        .unwrap();
+    let response = server
+        .login(&[("x-forwarded-for", "[2001:db8:0:1::5]:4711")])
+        .await;
     assert_eq!(limit_headers(&response), login_allowed_headers(1));
 
     let mut expected = vec!["203.0.113.7"; 7];
@@ -502,13 +492,8 @@ async fn redis_down_fails_open_and_never_answers_429() {
     let metrics = RateLimitMetrics::new();
     metrics.spawn(container.events());
     let server = serve(app(layer(&container)), "127.0.0.1:0").await;
-    let http = client();
     for _ in 0..20 {
-        let response = http
-            .post(format!("{}/api/v1/sessions", server.base))
-            .send()
-            .await
-            .unwrap();
+        let response = server.login(&[]).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert!(limit_headers(&response).is_empty());
         assert_eq!(response.text().await.unwrap(), "ok POST /api/v1/sessions");
@@ -537,11 +522,7 @@ async fn redis_down_with_fail_open_policy_503_answers_503() {
         .unwrap();
     let layer = layer(&container).on_fail_open(FailOpenPolicy::ServiceUnavailable);
     let server = serve(app(layer), "127.0.0.1:0").await;
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(limit_headers(&response).is_empty());
     assert_eq!(json(response).await["error"], "rate_limit_unavailable");
@@ -554,11 +535,7 @@ async fn redis_down_with_fail_closed_adapter_answers_503_with_retry_after() {
         .with_failure_policy(FailurePolicy::Closed);
     let container = Container::build(config).await.unwrap();
     let server = serve(app(layer(&container)), "127.0.0.1:0").await;
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     // One token's time, 12 s; no informational headers (the numbers are not real).
     assert_eq!(limit_headers(&response), headers(&[("retry-after", "12")]));
@@ -590,11 +567,7 @@ async fn header_styles_select_the_headers() {
     for (style, expected) in cases {
         let container = Store::memory().container().await;
         let server = serve(app(layer(&container).header_style(style)), "127.0.0.1:0").await;
-        let response = client()
-            .post(format!("{}/api/v1/sessions", server.base))
-            .send()
-            .await
-            .unwrap();
+        let response = server.login(&[]).await;
         assert_eq!(limit_headers(&response), expected, "{style:?}");
     }
 }
@@ -624,11 +597,7 @@ async fn a_server_without_connect_info_answers_500_for_ip_rules() {
     let container = Store::memory().container().await;
     let server = serve_without_connect_info(app(layer(&container))).await;
     let http = client();
-    let response = http
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(
         json(response).await,
@@ -684,11 +653,7 @@ async fn an_identifier_the_limiter_rejects_is_a_400() {
         "127.0.0.1:0",
     )
     .await;
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert!(limit_headers(&response).is_empty());
     assert_eq!(

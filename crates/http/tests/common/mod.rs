@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use ratelimit_adapter::RateLimitEvent;
 use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig, parse_rules};
 use ratelimit_http::{AuthenticatedUser, RateLimitLayer};
+use ratelimit_tests::fixtures::LOGIN_PATH;
 use ratelimit_tests::redis_server::{TestRedis, unique_prefix};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -145,6 +146,17 @@ pub struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl Server {
+    /// `POST /api/v1/sessions` with `headers`.
+    pub async fn login(&self, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = client().post(format!("{}{LOGIN_PATH}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
     }
 }
 
