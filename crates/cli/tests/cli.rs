@@ -67,6 +67,18 @@ fn ratelimit(args: &[&str], env: &[(&str, &str)]) -> Run {
     }
 }
 
+/// `COMMAND -e LOGIN -i IDENTIFIER --rules RULES EXTRA…`.
+fn login_args<'a>(
+    command: &'a str,
+    identifier: &'a str,
+    rules: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![command, "-e", LOGIN, "-i", identifier, "--rules", rules];
+    args.extend(extra);
+    args
+}
+
 /// A Redis, a key prefix of its own and the rules above.
 struct Fixture {
     redis: TestRedis,
@@ -178,12 +190,15 @@ fn check_json_has_exactly_the_result_fields() {
     assert_eq!(json["identifier"], "192.0.2.1");
     assert_eq!(json["cost"], 1);
 
-    let denied = fx.run(
-        "check",
-        LOGIN,
-        Some("192.0.2.1"),
-        &["--json", "--cost", "3"],
-    );
+    let check_json = |cost| {
+        fx.run(
+            "check",
+            LOGIN,
+            Some("192.0.2.1"),
+            &["--json", "--cost", cost],
+        )
+    };
+    let denied = check_json("3");
     assert_eq!(denied.code, 1, "{denied:?}");
     let json = denied.json();
     assert_eq!(json["allowed"], false);
@@ -196,12 +211,7 @@ fn check_json_has_exactly_the_result_fields() {
     );
 
     // A cost the bucket can never hold: retry_after is null.
-    let never = fx.run(
-        "check",
-        LOGIN,
-        Some("192.0.2.1"),
-        &["--json", "--cost", "4"],
-    );
+    let never = check_json("4");
     assert_eq!(never.code, 1, "{never:?}");
     assert_eq!(never.json()["retry_after"], Value::Null);
     assert!(
@@ -333,19 +343,17 @@ fn the_cli_addresses_the_same_buckets_as_the_service() {
 
     // Another prefix is another service's buckets.
     let other = ratelimit(
-        &[
+        &login_args(
             "remaining",
-            "-e",
-            LOGIN,
-            "-i",
             "192.0.2.9",
-            "--rules",
             fx.rules.path(),
-            "--redis-url",
-            &fx.redis.url,
-            "--key-prefix",
-            &unique_prefix(),
-        ],
+            &[
+                "--redis-url",
+                &fx.redis.url,
+                "--key-prefix",
+                &unique_prefix(),
+            ],
+        ),
         &[],
     );
     assert!(other.stdout.contains("3 of 3"), "{other:?}");
@@ -378,15 +386,7 @@ fn redis_url_rules_and_prefix_come_from_the_environment() {
 fn without_a_redis_url_admin_commands_say_they_need_redis() {
     let rules = RulesFile::new(RULES);
     for command in ["check", "remaining", "reset"] {
-        let args = [
-            command,
-            "-e",
-            LOGIN,
-            "-i",
-            "192.0.2.1",
-            "--rules",
-            rules.path(),
-        ];
+        let args = login_args(command, "192.0.2.1", rules.path(), &[]);
         for env in [&[][..], &[("REDIS_URL", "")][..]] {
             let run = ratelimit(&args, env);
             assert_eq!(run.code, 2, "{command}: {run:?}");
@@ -397,19 +397,7 @@ fn without_a_redis_url_admin_commands_say_they_need_redis() {
             assert!(run.stdout.is_empty(), "{run:?}");
         }
     }
-    let json = ratelimit(
-        &[
-            "check",
-            "-e",
-            LOGIN,
-            "-i",
-            "a",
-            "--rules",
-            rules.path(),
-            "--json",
-        ],
-        &[],
-    );
+    let json = ratelimit(&login_args("check", "a", rules.path(), &["--json"]), &[]);
     assert_eq!(json.json()["error"]["kind"], "usage");
     assert_eq!(json.json()["error"]["exit_code"], 2);
 }
@@ -420,19 +408,12 @@ fn redis_down_is_exit_3_and_never_shows_the_password() {
     let url = format!("redis://u:secret@127.0.0.1:{}/0", free_port());
     for command in ["check", "remaining", "reset"] {
         for json in [false, true] {
-            let mut args = vec![
+            let mut args = login_args(
                 command,
-                "-e",
-                LOGIN,
-                "-i",
                 "192.0.2.1",
-                "--rules",
                 rules.path(),
-                "--redis-url",
-                &url,
-                "--timeout-ms",
-                "300",
-            ];
+                &["--redis-url", &url, "--timeout-ms", "300"],
+            );
             if json {
                 args.push("--json");
             }
@@ -449,17 +430,7 @@ fn redis_down_is_exit_3_and_never_shows_the_password() {
     }
     // From the environment, too; and --help does not show the variable's value.
     let run = ratelimit(
-        &[
-            "check",
-            "-e",
-            LOGIN,
-            "-i",
-            "192.0.2.1",
-            "--rules",
-            rules.path(),
-            "--timeout-ms",
-            "300",
-        ],
+        &login_args("check", "192.0.2.1", rules.path(), &["--timeout-ms", "300"]),
         &[("REDIS_URL", &url)],
     );
     assert_eq!(run.code, 3, "{run:?}");
@@ -476,17 +447,7 @@ fn a_bad_rules_file_is_exit_2_naming_the_field() {
         "[rules.\"POST /api/v1/sessions\"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\ncost = 9\n",
     );
     let run = ratelimit(
-        &[
-            "check",
-            "-e",
-            LOGIN,
-            "-i",
-            "a",
-            "--rules",
-            bad.path(),
-            "--redis-url",
-            &fx.redis.url,
-        ],
+        &login_args("check", "a", bad.path(), &["--redis-url", &fx.redis.url]),
         &[],
     );
     assert_eq!(run.code, 2, "{run:?}");
@@ -494,15 +455,7 @@ fn a_bad_rules_file_is_exit_2_naming_the_field() {
     assert!(run.stderr.contains(bad.path()), "{run:?}");
 
     let missing = ratelimit(
-        &[
-            "check",
-            "-e",
-            LOGIN,
-            "-i",
-            "a",
-            "--rules",
-            "/nonexistent/rules.toml",
-        ],
+        &login_args("check", "a", "/nonexistent/rules.toml", &[]),
         &[],
     );
     assert_eq!(missing.code, 2, "{missing:?}");
