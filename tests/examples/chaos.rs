@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use ratelimit_container::{Backend, CircuitBreakerConfig, Container, ContainerConfig, RedisConfig};
 use ratelimit_domain::{DynRateLimiter, RateLimitRule, RateLimitScope, RateLimiterExt, RuleSet};
-use ratelimit_tests::redis_server::{RedisServer, free_port, unique_prefix};
+use ratelimit_tests::redis_server::{RedisServer, free_port, kill_normal_clients, unique_prefix};
 use ratelimit_tests::report;
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -108,15 +108,7 @@ impl Fault {
             Self::Kill => server.kill(),
             Self::Pause => server.pause(),
             Self::ClientKill => {
-                command(
-                    server,
-                    redis::cmd("CLIENT")
-                        .arg("KILL")
-                        .arg("TYPE")
-                        .arg("normal")
-                        .arg("SKIPME")
-                        .arg("yes"),
-                )?;
+                command(server, &kill_normal_clients())?;
             }
             Self::ScriptFlush => {
                 command(server, redis::cmd("SCRIPT").arg("FLUSH"))?;

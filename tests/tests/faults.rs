@@ -19,7 +19,9 @@ use ratelimit_redis::RedisStorage;
 use ratelimit_tests::eventually_from_store;
 use ratelimit_tests::fixtures::{LOGIN, login_rules as rules};
 use ratelimit_tests::logs::CapturedLogs;
-use ratelimit_tests::redis_server::{RedisServer, TestRedis, free_port, unique_prefix};
+use ratelimit_tests::redis_server::{
+    RedisServer, TestRedis, free_port, kill_normal_clients, unique_prefix,
+};
 
 fn redis(server: &RedisServer) -> RedisConfig {
     RedisConfig::new(server.url())
@@ -168,14 +170,7 @@ async fn killed_client_connections_are_replaced() {
     let limiter = limiter_with(&server, FailurePolicy::Open).await;
     assert_eq!(remaining(&*limiter, "6.6.6.6").await, 4);
     // Kill every normal client connection (the pool's), as an operator or a proxy might.
-    server.cmd(
-        redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("normal")
-            .arg("SKIPME")
-            .arg("yes"),
-    );
+    server.cmd(&kill_normal_clients());
     assert_eq!(remaining_once_back(&*limiter, "6.6.6.6").await, 3);
 }
 
@@ -399,42 +394,25 @@ async fn a_flushed_script_is_reloaded_and_limiting_continues() {
         .key("1.1.1.1")
         .unwrap();
     let rule = RateLimitRule::new(RateLimitScope::Ip, 3, 1.0).unwrap();
-
-    assert_eq!(
+    let take = || async {
         store
             .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
             .await
             .unwrap()
-            .remaining,
-        2
-    );
+    };
+
+    assert_eq!(take().await.remaining, 2);
     let reloads_before = store.script_reloads();
     let client = redis::Client::open(redis.url.as_str()).unwrap();
     let mut conn = client.get_connection().unwrap();
     let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
 
     // The original would now fail open for ever; this store reloads and keeps counting.
-    let d = store
-        .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-        .await
-        .unwrap();
+    let d = take().await;
     assert_eq!(d.remaining, 1);
     assert_eq!(store.script_reloads(), reloads_before + 1);
-    assert_eq!(
-        store
-            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-            .await
-            .unwrap()
-            .remaining,
-        0
-    );
-    assert!(
-        !store
-            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-            .await
-            .unwrap()
-            .allowed
-    );
+    assert_eq!(take().await.remaining, 0);
+    assert!(!take().await.allowed);
     assert_eq!(
         store.script_reloads(),
         reloads_before + 1,
