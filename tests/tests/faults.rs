@@ -20,7 +20,7 @@ use ratelimit_tests::eventually_from_store;
 use ratelimit_tests::fixtures::{LOGIN, login_rules as rules};
 use ratelimit_tests::logs::CapturedLogs;
 use ratelimit_tests::redis_server::{
-    RedisServer, TestRedis, free_port, kill_normal_clients, unique_prefix,
+    RedisServer, TestRedis, kill_normal_clients, unique_prefix, unreachable_url,
 };
 
 fn redis(server: &RedisServer) -> RedisConfig {
@@ -277,7 +277,7 @@ async fn unreachable_redis_fails_open_within_the_deadline_and_says_so() {
     let (logs, _guard) = CapturedLogs::install();
 
     // Nothing listens on this port.
-    let url = format!("redis://127.0.0.1:{}/", free_port());
+    let url = unreachable_url();
     let timeout = Duration::from_millis(200);
     let config = ContainerConfig::redis(&url, rules())
         .with_backend(Backend::Redis(

@@ -12,7 +12,7 @@ use ratelimit_domain::{
 };
 use ratelimit_redis::RedisStorage;
 use ratelimit_tests::fixtures::{EXPORT, LOGIN};
-use ratelimit_tests::redis_server::{RedisServer, TestRedis, free_port, unique_prefix};
+use ratelimit_tests::redis_server::{RedisServer, TestRedis, unique_prefix, unreachable_url};
 
 fn rules() -> RuleSet {
     RuleSet::try_from_rules([
@@ -247,7 +247,7 @@ async fn connect_reads_the_redis_version_and_accepts_this_one() {
         .unwrap();
     store.check_version().await.unwrap();
     // Nothing listens on a free port: the error says Redis is unreachable, not too old.
-    let nowhere = format!("redis://127.0.0.1:{}/", free_port());
+    let nowhere = unreachable_url();
     let err =
         RedisStorage::connect(&redis_config(&nowhere).with_admin_timeout(Duration::from_secs(1)))
             .await

@@ -74,8 +74,7 @@ impl Store {
     }
 
     pub fn dead_redis() -> Self {
-        let port = ratelimit_tests::redis_server::free_port();
-        Self::DeadRedis(format!("redis://127.0.0.1:{port}/"))
+        Self::DeadRedis(ratelimit_tests::redis_server::unreachable_url())
     }
 
     /// The container configuration of this store with `rules`.
