@@ -34,7 +34,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ratelimit_tests::redis_server::{RedisServer, SERVER_BIN_VAR};
+use ratelimit_tests::fixtures::{
+    EXAMPLE_RULES_FILE as RULES_FILE, LOGIN, LOGIN_PATH, cli_command, one_rule_text,
+};
+use ratelimit_tests::redis_server::RedisServer;
+use ratelimit_tests::report;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -46,16 +50,10 @@ type Garbage = fn(f64) -> (String, String);
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/security.md");
-const RULES_FILE: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../crates/http/examples/rules.toml"
-);
 const BEGIN: &str = "<!-- attack:begin -->";
 const END: &str = "<!-- attack:end -->";
 
 /// The login rule of `crates/http/examples/rules.toml`, the target of every attack.
-const LOGIN: &str = "POST /api/v1/sessions";
-const LOGIN_PATH: &str = "/api/v1/sessions";
 const MAX_TOKENS: f64 = 5.0;
 const MAX_TOKENS_WHOLE: u64 = 5;
 /// Tokens per minute.
@@ -76,7 +74,7 @@ const REAL_CLIENT: &str = "203.0.113.50";
 
 fn main() -> Res<()> {
     let flood = FloodArgs::parse()?;
-    let machine = machine_facts();
+    let machine = report::machine_facts();
     eprintln!("[attack] {machine}");
     let bins = build()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -100,7 +98,7 @@ fn main() -> Res<()> {
 
     let section = render(&machine, &flood, &rows, &edges);
     println!("{section}");
-    write_doc(&section)?;
+    report::write_between_markers(DOC, BEGIN, END, &section)?;
     eprintln!("[attack] wrote {DOC}");
     let broken: Vec<String> = rows
         .iter()
@@ -327,13 +325,8 @@ struct CliRun {
 }
 
 fn cli(ctx: &Ctx, args: &[&str], stdout: Stdio) -> Res<CliRun> {
-    let output = Command::new(&ctx.bins.cli)
+    let output = cli_command(&ctx.bins.cli)
         .args(args)
-        .env_remove("REDIS_URL")
-        .env_remove("RATELIMIT_RULES")
-        .env_remove("RATELIMIT_KEY_PREFIX")
-        .env_remove("RATELIMIT_LAYOUT")
-        .env_remove("RATELIMIT_CLUSTER")
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(Stdio::piped())
@@ -1267,10 +1260,7 @@ fn cli_edges(ctx: &Ctx) -> Res<Vec<Edge>> {
         ("GET /x", true),
     ] {
         let file = dir.join("rules.toml");
-        std::fs::write(
-            &file,
-            format!("[rules.{endpoint:?}]\nmax_tokens = 1\nrefill_rate = 1.0\nscope = \"ip\"\n"),
-        )?;
+        std::fs::write(&file, one_rule_text(endpoint))?;
         let path = file.to_string_lossy().into_owned();
         let run = cli(ctx, &["rules", "check", &path], Stdio::piped())?;
         let accepted = run.code == Some(0);
@@ -1366,43 +1356,4 @@ fn render(machine: &str, flood: &FloodArgs, rows: &[Row], edges: &[Edge]) -> Str
         );
     }
     out
-}
-
-/// Replaces what lies between the markers of `docs/security.md`, keeping the rest.
-fn write_doc(section: &str) -> Res<()> {
-    let doc = std::fs::read_to_string(DOC).map_err(|err| format!("cannot read {DOC}: {err}"))?;
-    let (Some(begin), Some(end)) = (doc.find(BEGIN), doc.find(END)) else {
-        return Err(format!("{DOC} lacks the {BEGIN} … {END} markers").into());
-    };
-    if end < begin {
-        return Err(format!("{DOC}: {END} comes before {BEGIN}").into());
-    }
-    let head = &doc[..begin + BEGIN.len()];
-    let tail = &doc[end..];
-    std::fs::write(DOC, format!("{head}\n{section}{tail}"))?;
-    Ok(())
-}
-
-/// Date, CPUs, kernel and Redis version, on one line.
-fn machine_facts() -> String {
-    let date = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(|| "?".to_owned());
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let kernel = output("uname", &["-sr"]).unwrap_or_else(|| "unknown OS".to_owned());
-    let bin = std::env::var(SERVER_BIN_VAR).unwrap_or_else(|_| "redis-server".to_owned());
-    let redis = output(&bin, &["--version"])
-        .map(|v| v.split(" sha=").next().unwrap_or_default().to_owned())
-        .unwrap_or_else(|| "redis-server version unknown".to_owned());
-    let build = if cfg!(debug_assertions) {
-        "debug build"
-    } else {
-        "release build"
-    };
-    format!("{date}, {cpus} CPUs, {kernel}, {redis}, {build}")
-}
-
-fn output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

@@ -23,14 +23,14 @@
 use std::collections::BTreeMap;
 use std::error::Error;
 use std::fmt::Write as _;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ratelimit_container::{Backend, CircuitBreakerConfig, Container, ContainerConfig, RedisConfig};
 use ratelimit_domain::{DynRateLimiter, RateLimitRule, RateLimitScope, RateLimiterExt, RuleSet};
-use ratelimit_tests::redis_server::{RedisServer, SERVER_BIN_VAR, free_port, unique_prefix};
+use ratelimit_tests::redis_server::{RedisServer, free_port, kill_normal_clients, unique_prefix};
+use ratelimit_tests::report;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -108,15 +108,7 @@ impl Fault {
             Self::Kill => server.kill(),
             Self::Pause => server.pause(),
             Self::ClientKill => {
-                command(
-                    server,
-                    redis::cmd("CLIENT")
-                        .arg("KILL")
-                        .arg("TYPE")
-                        .arg("normal")
-                        .arg("SKIPME")
-                        .arg("yes"),
-                )?;
+                command(server, &kill_normal_clients())?;
             }
             Self::ScriptFlush => {
                 command(server, redis::cmd("SCRIPT").arg("FLUSH"))?;
@@ -189,7 +181,7 @@ struct Outcome {
 }
 
 fn main() -> Res<()> {
-    let machine = machine_facts();
+    let machine = report::machine_facts();
     eprintln!("[chaos] {machine}");
     let mut outcomes = Vec::new();
     for fault in Fault::ALL {
@@ -197,7 +189,7 @@ fn main() -> Res<()> {
     }
     let section = render(&machine, &outcomes);
     println!("{section}");
-    write_doc(&section)?;
+    report::write_between_markers(DOC, BEGIN, END, &section)?;
     eprintln!("[chaos] wrote {DOC}");
     let stuck: Vec<&str> = outcomes
         .iter()
@@ -426,59 +418,4 @@ fn render(machine: &str, outcomes: &[Outcome]) -> String {
         );
     }
     out
-}
-
-/// Replaces what lies between the markers of `docs/reliability.md`, keeping the rest.
-fn write_doc(section: &str) -> Res<()> {
-    let doc = std::fs::read_to_string(DOC).map_err(|err| format!("cannot read {DOC}: {err}"))?;
-    let (Some(begin), Some(end)) = (doc.find(BEGIN), doc.find(END)) else {
-        return Err(format!("{DOC} lacks the {BEGIN} … {END} markers").into());
-    };
-    if end < begin {
-        return Err(format!("{DOC}: {END} comes before {BEGIN}").into());
-    }
-    let head = &doc[..begin + BEGIN.len()];
-    let tail = &doc[end..];
-    std::fs::write(DOC, format!("{head}\n{section}{tail}"))?;
-    Ok(())
-}
-
-/// Date, CPUs, CPU model, kernel and Redis version, on one line.
-fn machine_facts() -> String {
-    let date = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(|| {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        format!("{secs} s since the Unix epoch")
-    });
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .map_or_else(String::new, |model| format!(" ({model})"));
-    let kernel = output("uname", &["-sr"]).unwrap_or_else(|| "unknown OS".to_owned());
-    let bin = std::env::var(SERVER_BIN_VAR).unwrap_or_else(|_| "redis-server".to_owned());
-    let redis = output(&bin, &["--version"])
-        .map(|v| v.split(" sha=").next().unwrap_or_default().to_owned())
-        .unwrap_or_else(|| "redis-server version unknown".to_owned());
-    let build = if cfg!(debug_assertions) {
-        "debug build"
-    } else {
-        "release build"
-    };
-    format!("{date}, {cpus} CPUs{model}, {kernel}, {redis}, {build}")
-}
-
-/// The trimmed stdout of a command that succeeded.
-fn output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

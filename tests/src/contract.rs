@@ -13,22 +13,10 @@ use ratelimit_domain::{
     RateLimitScope,
 };
 
+pub use crate::fixtures::{login_rule, rule};
+
 /// A fixed "now" for the suite: 2023-11-14T22:13:20Z.
 pub const T0: f64 = 1_700_000_000.0;
-
-/// The specification's login rule: 5 tokens, 5 per minute (one every 12 s), per IP.
-pub fn login_rule() -> RateLimitRule {
-    rule(5, 5.0)
-}
-
-/// A per-IP rule with the given capacity and refill rate.
-///
-/// # Panics
-/// For an invalid rule (a bug in the test).
-pub fn rule(max_tokens: u64, refill_rate: f64) -> RateLimitRule {
-    RateLimitRule::new(RateLimitScope::Ip, max_tokens, refill_rate)
-        .unwrap_or_else(|err| panic!("bad test rule: {err}"))
-}
 
 /// The key of `identifier`'s bucket for `endpoint`, under `prefix`.
 ///

@@ -2,15 +2,27 @@
 //!
 //! - [`redis_server`]: starts a throwaway `redis-server` on a free loopback port (or uses
 //!   `REDIS_URL`), and can kill, pause and restart it.
+//! - [`redis_cluster`]: a throwaway Redis Cluster of three primaries.
 //! - [`contract`]: the conformance suite every [`BucketStore`](ratelimit_domain::BucketStore)
-//!   must pass; `tests/contract.rs` runs it against the memory and the Redis store.
+//!   must pass; `tests/contract.rs` runs it against the memory and the Redis store, and against
+//!   each store layer (circuit breaker, deny cache) over both.
+//! - [`fixtures`]: the endpoints, rules, rules text and temporary rules files tests share.
+//! - [`logs`]: a writer that captures what `tracing` logs during a test.
+//! - [`report`]: what `just chaos` and `just attack` share to write their tables into `docs/`.
+//!
+//! The HTTP crate's and the CLI's tests use it as a dev-dependency; the unit tests of the
+//! crates this one depends on (domain, stores, adapter, container) cannot, as that would be a
+//! dependency cycle within one crate's test build.
 //!
 //! Tests that need Redis never skip: without `redis-server` they fail with a message saying
 //! how to install it.
 
 pub mod contract;
+pub mod fixtures;
+pub mod logs;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod report;
 
 use std::time::{Duration, Instant};
 

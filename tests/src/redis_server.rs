@@ -232,6 +232,23 @@ impl TestRedis {
     }
 }
 
+/// A Redis URL on a free loopback port, where nothing listens: every command to it fails.
+pub fn unreachable_url() -> String {
+    format!("redis://127.0.0.1:{}/", free_port())
+}
+
+/// `CLIENT KILL TYPE normal SKIPME yes`: closes every client connection but the caller's and
+/// those of replicas and subscribers, as an operator or a proxy might.
+pub fn kill_normal_clients() -> redis::Cmd {
+    let mut cmd = redis::cmd("CLIENT");
+    cmd.arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes");
+    cmd
+}
+
 /// A key prefix no other test uses, for tests that share a Redis.
 pub fn unique_prefix() -> String {
     format!("rl_test_{}", uuid::Uuid::now_v7().simple())

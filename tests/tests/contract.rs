@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ratelimit_adapter::{CircuitBreakerConfig, CircuitBreakerStore, DenyCacheStore};
 use ratelimit_domain::token_bucket::{self, BucketState};
 use ratelimit_domain::{BucketKey, BucketRequest, BucketStore, DynBucketStore};
 use ratelimit_memory::MemoryStorage;
@@ -50,6 +51,49 @@ async fn redis_store_passes_the_contract() {
 async fn redis_store_with_the_compact_layout_passes_the_contract() {
     let redis = TestRedis::get();
     contract::run_all(&compact_store(&redis.url), &unique_prefix()).await;
+}
+
+// Each store layer over each store. The suite passes an explicit `now` with every check, and
+// the deny cache answers from its cache only checks without one (its wall-clock deadlines do not
+// apply to a caller's clock), so it is held to the very same decisions as the store it wraps:
+// nothing of the suite differs for it. Its own tests (crates/adapter) cover the cache hits.
+
+fn breaker<S: BucketStore + 'static>(store: S) -> CircuitBreakerStore {
+    CircuitBreakerStore::new(Arc::new(store), CircuitBreakerConfig::default())
+}
+
+fn deny_cache<S: BucketStore + 'static>(store: S) -> DenyCacheStore {
+    DenyCacheStore::new(Arc::new(store), 1_000)
+}
+
+#[tokio::test]
+async fn circuit_breaker_over_memory_passes_the_contract() {
+    contract::run_all(&breaker(MemoryStorage::new()), &unique_prefix()).await;
+}
+
+#[tokio::test]
+async fn deny_cache_over_memory_passes_the_contract() {
+    contract::run_all(&deny_cache(MemoryStorage::new()), &unique_prefix()).await;
+}
+
+#[tokio::test]
+async fn circuit_breaker_over_redis_passes_the_contract() {
+    let redis = TestRedis::get();
+    contract::run_all(&breaker(redis_store(&redis.url)), &unique_prefix()).await;
+}
+
+#[tokio::test]
+async fn deny_cache_over_redis_passes_the_contract() {
+    let redis = TestRedis::get();
+    contract::run_all(&deny_cache(redis_store(&redis.url)), &unique_prefix()).await;
+}
+
+#[tokio::test]
+async fn deny_cache_over_a_circuit_breaker_over_redis_passes_the_contract() {
+    // As the container stacks them: store, then breaker, then deny cache.
+    let redis = TestRedis::get();
+    let store = deny_cache(breaker(redis_store(&redis.url)));
+    contract::run_all(&store, &unique_prefix()).await;
 }
 
 #[tokio::test]

@@ -21,6 +21,20 @@ fn store(url: &str, layout: KeyLayout) -> RedisStorage {
     RedisStorage::new(&config).unwrap()
 }
 
+/// A Redis, a connection to it and a key prefix of the test's own.
+fn setup() -> (TestRedis, redis::Connection, String) {
+    let redis = TestRedis::get();
+    let conn = connection(&redis.url);
+    (redis, conn, unique_prefix())
+}
+
+/// A store on `url` in each layout.
+fn stores(url: &str) -> impl Iterator<Item = (KeyLayout, RedisStorage)> + '_ {
+    LAYOUTS
+        .into_iter()
+        .map(move |layout| (layout, store(url, layout)))
+}
+
 fn connection(url: &str) -> redis::Connection {
     redis::Client::open(url).unwrap().get_connection().unwrap()
 }
@@ -83,12 +97,9 @@ async fn take(store: &RedisStorage, bucket: &BucketKey, rule: &RateLimitRule) ->
 
 #[tokio::test]
 async fn a_key_of_another_type_is_a_corrupt_bucket_and_other_buckets_carry_on() {
-    let redis = TestRedis::get();
-    let mut conn = connection(&redis.url);
-    let prefix = unique_prefix();
+    let (redis, mut conn, prefix) = setup();
     let rule = rule(5, 5.0);
-    for layout in LAYOUTS {
-        let store = store(&redis.url, layout);
+    for (layout, store) in stores(&redis.url) {
         let suffixes: &[&str] = if layout == KeyLayout::Compact {
             &[":tb"]
         } else {
@@ -137,12 +148,9 @@ async fn a_key_of_another_type_is_a_corrupt_bucket_and_other_buckets_carry_on() 
 
 #[tokio::test]
 async fn a_far_future_time_neither_locks_a_bucket_nor_keeps_it_alive() {
-    let redis = TestRedis::get();
-    let mut conn = connection(&redis.url);
-    let prefix = unique_prefix();
+    let (redis, mut conn, prefix) = setup();
     let rule = rule(5, 5.0); // refill time 60 s; keys live 120 s
-    for layout in LAYOUTS {
-        let store = store(&redis.url, layout);
+    for (layout, store) in stores(&redis.url) {
         let bucket = key(&prefix, &format!("{layout:?}"), "GET /future");
         let now = redis_time(&mut conn);
         // Empty, a million seconds ahead, with a short lifetime left.
@@ -176,12 +184,9 @@ async fn a_far_future_time_neither_locks_a_bucket_nor_keeps_it_alive() {
 
 #[tokio::test]
 async fn a_nan_time_does_not_make_a_bucket_unlimited() {
-    let redis = TestRedis::get();
-    let mut conn = connection(&redis.url);
-    let prefix = unique_prefix();
+    let (redis, mut conn, prefix) = setup();
     let rule = rule(5, 5.0);
-    for layout in LAYOUTS {
-        let store = store(&redis.url, layout);
+    for (layout, store) in stores(&redis.url) {
         let bucket = key(&prefix, &format!("{layout:?}"), "GET /nan");
         write_bucket(&mut conn, layout, &bucket, "0", "NaN", 3_600);
         // Before: Lua's math.min(5, NaN) is 5 and the NaN time was kept, so every check passed.
@@ -197,12 +202,9 @@ async fn a_nan_time_does_not_make_a_bucket_unlimited() {
 
 #[tokio::test]
 async fn a_redis_clock_behind_the_bucket_counts_in_retry_after() {
-    let redis = TestRedis::get();
-    let mut conn = connection(&redis.url);
-    let prefix = unique_prefix();
+    let (redis, mut conn, prefix) = setup();
     let rule = rule(5, 60.0); // one token per second
-    for layout in LAYOUTS {
-        let store = store(&redis.url, layout);
+    for (layout, store) in stores(&redis.url) {
         let bucket = key(&prefix, &format!("{layout:?}"), "GET /skew");
         // Written by a primary whose clock was 10 s ahead of this one (a failover).
         let now = redis_time(&mut conn);

@@ -1,9 +1,8 @@
-//! The limiter against a real `redis-server`: the specification end to end, the key layout,
-//! and what happens when Redis misbehaves.
+//! The limiter against a real `redis-server`: the specification end to end, the key layouts,
+//! concurrency and the deny cache. What happens when Redis misbehaves is in `faults.rs`.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig};
@@ -12,10 +11,8 @@ use ratelimit_domain::{
     RateLimitScope, RateLimiterExt, RuleSet,
 };
 use ratelimit_redis::RedisStorage;
-use ratelimit_tests::redis_server::{RedisServer, TestRedis, free_port, unique_prefix};
-
-const LOGIN: &str = "POST /api/v1/sessions";
-const EXPORT: &str = "POST /api/v1/exports";
+use ratelimit_tests::fixtures::{EXPORT, LOGIN};
+use ratelimit_tests::redis_server::{RedisServer, TestRedis, unique_prefix, unreachable_url};
 
 fn rules() -> RuleSet {
     RuleSet::try_from_rules([
@@ -250,7 +247,7 @@ async fn connect_reads_the_redis_version_and_accepts_this_one() {
         .unwrap();
     store.check_version().await.unwrap();
     // Nothing listens on a free port: the error says Redis is unreachable, not too old.
-    let nowhere = format!("redis://127.0.0.1:{}/", free_port());
+    let nowhere = unreachable_url();
     let err =
         RedisStorage::connect(&redis_config(&nowhere).with_admin_timeout(Duration::from_secs(1)))
             .await
@@ -280,59 +277,6 @@ async fn connect_works_for_a_user_not_allowed_to_read_info() {
             .await
             .unwrap()
             .allowed
-    );
-}
-
-#[tokio::test]
-async fn a_flushed_script_is_reloaded_and_limiting_continues() {
-    let redis = TestRedis::get();
-    let store = RedisStorage::new(&redis_config(&redis.url)).unwrap();
-    let prefix = unique_prefix();
-    let key = ratelimit_domain::KeyBuilder::new(&prefix, RateLimitScope::Ip, LOGIN)
-        .unwrap()
-        .key("1.1.1.1")
-        .unwrap();
-    let rule = RateLimitRule::new(RateLimitScope::Ip, 3, 1.0).unwrap();
-
-    assert_eq!(
-        store
-            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-            .await
-            .unwrap()
-            .remaining,
-        2
-    );
-    let reloads_before = store.script_reloads();
-    let client = redis::Client::open(redis.url.as_str()).unwrap();
-    let mut conn = client.get_connection().unwrap();
-    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
-
-    // The original would now fail open for ever; this store reloads and keeps counting.
-    let d = store
-        .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-        .await
-        .unwrap();
-    assert_eq!(d.remaining, 1);
-    assert_eq!(store.script_reloads(), reloads_before + 1);
-    assert_eq!(
-        store
-            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-            .await
-            .unwrap()
-            .remaining,
-        0
-    );
-    assert!(
-        !store
-            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-            .await
-            .unwrap()
-            .allowed
-    );
-    assert_eq!(
-        store.script_reloads(),
-        reloads_before + 1,
-        "one reload is enough"
     );
 }
 
@@ -372,163 +316,6 @@ async fn a_hundred_concurrent_checks_on_a_bucket_of_ten_admit_exactly_ten() {
         admitted += usize::from(result.allowed);
     }
     assert_eq!(admitted, 10);
-}
-
-/// Collects what `tracing` prints while a test runs.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-#[tokio::test]
-async fn unreachable_redis_fails_open_within_the_deadline_and_says_so() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    // Nothing listens on this port.
-    let url = format!("redis://127.0.0.1:{}/", free_port());
-    let timeout = Duration::from_millis(200);
-    let config = ContainerConfig::redis(&url, rules())
-        .with_backend(Backend::Redis(
-            RedisConfig::new(&url)
-                .with_check_timeout(timeout)
-                .with_admin_timeout(timeout),
-        ))
-        .with_event_logging(false);
-    let container = Container::build(config).await.unwrap();
-    let mut events = container.events().subscribe();
-    let limiter = container.rate_limiter();
-
-    for _ in 0..3 {
-        let started = Instant::now();
-        let result = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
-        let took = started.elapsed();
-        assert!(result.allowed);
-        assert_eq!(result.source, DecisionSource::FailOpen);
-        assert_eq!((result.remaining, result.limit), (5, 5));
-        // A deadline, not a benchmark: the check must not hang past its timeout.
-        assert!(
-            took < timeout + Duration::from_secs(1),
-            "check took {took:?}"
-        );
-    }
-    let _attempted = events.try_recv().unwrap();
-    let RateLimitEvent::Allowed(allowed) = events.try_recv().unwrap() else {
-        panic!("expected an Allowed event")
-    };
-    assert_eq!(allowed.source, DecisionSource::FailOpen);
-    assert!(
-        logs.text().contains("fail-open"),
-        "no fail-open warning in: {}",
-        logs.text()
-    );
-
-    // Admin operations do not fail open.
-    let err = limiter.reset(LOGIN, "192.168.1.1").await.unwrap_err();
-    assert_eq!(err.code(), ErrorCode::ResetFailed);
-    assert!(logs.text().contains("rate limit reset failed"));
-}
-
-#[tokio::test]
-async fn a_paused_redis_fails_open_within_the_deadline_and_limiting_resumes() {
-    let server = RedisServer::start();
-    let timeout = Duration::from_millis(100);
-    let store =
-        RedisStorage::new(&RedisConfig::new(server.url()).with_check_timeout(timeout)).unwrap();
-    let limiter = ratelimit_adapter::TokenBucketAdapter::builder(Arc::new(store), rules())
-        .build()
-        .unwrap();
-    assert_eq!(
-        limiter
-            .is_allowed(LOGIN, "1.1.1.1")
-            .await
-            .unwrap()
-            .remaining,
-        4
-    );
-
-    server.pause();
-    let started = Instant::now();
-    let result = limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap();
-    let took = started.elapsed();
-    server.resume();
-    assert_eq!(result.source, DecisionSource::FailOpen);
-    assert!(
-        took < timeout + Duration::from_secs(1),
-        "check took {took:?}"
-    );
-
-    // Once Redis answers again, its decisions are back (the abandoned connection is dropped).
-    // The abandoned command sat in the socket buffer and ran when Redis woke up, so it may
-    // have taken its token: 3 left without it, 2 with it, never more.
-    let resumed = ratelimit_tests::eventually_from_store(&limiter, LOGIN, "1.1.1.1").await;
-    assert!(matches!(resumed.remaining, 2 | 3), "{resumed:?}");
-}
-
-#[tokio::test]
-async fn limiting_resumes_after_redis_is_killed_and_restarted_empty() {
-    let mut server = RedisServer::start();
-    let store = RedisStorage::new(
-        &RedisConfig::new(server.url()).with_check_timeout(Duration::from_millis(500)),
-    )
-    .unwrap();
-    let store = Arc::new(store);
-    let limiter = ratelimit_adapter::TokenBucketAdapter::builder(store.clone(), rules())
-        .build()
-        .unwrap();
-    assert_eq!(
-        limiter
-            .is_allowed(LOGIN, "1.1.1.1")
-            .await
-            .unwrap()
-            .remaining,
-        4
-    );
-
-    server.kill();
-    let down = limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap();
-    assert_eq!(down.source, DecisionSource::FailOpen);
-
-    server.restart(); // same port, no data, no scripts
-    let back = ratelimit_tests::eventually_from_store(&limiter, LOGIN, "1.1.1.1").await;
-    assert_eq!(
-        back.remaining, 4,
-        "the restarted Redis starts with a full bucket"
-    );
-    assert!(
-        store.script_reloads() >= 1,
-        "the lost script must have been reloaded"
-    );
-    for expected in [3, 2, 1, 0] {
-        assert_eq!(
-            limiter
-                .is_allowed(LOGIN, "1.1.1.1")
-                .await
-                .unwrap()
-                .remaining,
-            expected
-        );
-    }
-    assert!(!limiter.is_allowed(LOGIN, "1.1.1.1").await.unwrap().allowed);
 }
 
 #[tokio::test]

@@ -75,6 +75,20 @@ async fn delivered(server: &RedisServer, heard: &Heard, key: &str, within: Durat
     false
 }
 
+/// A store on `url` whose reset listener runs and has subscribed once; the store, what the
+/// listener hears, and its task.
+async fn subscribed(url: &str) -> (RedisStorage, Heard, tokio::task::JoinHandle<()>) {
+    let store = RedisStorage::new(&listener_config(url)).unwrap();
+    let heard = Heard::default();
+    let task = store.spawn_reset_listener(heard.callback()).unwrap();
+    assert!(
+        heard
+            .wait_for(Duration::from_secs(5), |h| h.subscriptions() == 1)
+            .await
+    );
+    (store, heard, task)
+}
+
 fn listener_config(url: &str) -> RedisConfig {
     RedisConfig::new(url)
         .with_reset_ping_interval(Duration::from_millis(200))
@@ -170,15 +184,7 @@ async fn forward(
 async fn a_silently_dropped_subscription_is_noticed_and_resets_arrive_again() {
     let server = RedisServer::start();
     let proxy = SilentCutProxy::start(server.port()).await;
-    let store = RedisStorage::new(&listener_config(&proxy.url())).unwrap();
-    let heard = Heard::default();
-    let task = store.spawn_reset_listener(heard.callback()).unwrap();
-
-    assert!(
-        heard
-            .wait_for(Duration::from_secs(5), |h| h.subscriptions() == 1)
-            .await
-    );
+    let (_store, heard, task) = subscribed(&proxy.url()).await;
     assert!(delivered(&server, &heard, "before-the-cut", Duration::from_secs(3)).await);
 
     // The NAT forgets the connection. Before the keepalive, the listener waited on it for ever
@@ -199,14 +205,7 @@ async fn a_silently_dropped_subscription_is_noticed_and_resets_arrive_again() {
 #[tokio::test]
 async fn a_subscription_killed_by_the_server_is_replaced() {
     let server = RedisServer::start();
-    let store = RedisStorage::new(&listener_config(&server.url())).unwrap();
-    let heard = Heard::default();
-    let task = store.spawn_reset_listener(heard.callback()).unwrap();
-    assert!(
-        heard
-            .wait_for(Duration::from_secs(5), |h| h.subscriptions() == 1)
-            .await
-    );
+    let (_store, heard, task) = subscribed(&server.url()).await;
 
     for round in 0..3 {
         let killed = server.cmd(redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub"));
@@ -227,14 +226,7 @@ async fn a_subscription_killed_by_the_server_is_replaced() {
 #[tokio::test]
 async fn a_frozen_server_is_waited_out_and_resets_arrive_after_it_thaws() {
     let server = RedisServer::start();
-    let store = RedisStorage::new(&listener_config(&server.url())).unwrap();
-    let heard = Heard::default();
-    let task = store.spawn_reset_listener(heard.callback()).unwrap();
-    assert!(
-        heard
-            .wait_for(Duration::from_secs(5), |h| h.subscriptions() == 1)
-            .await
-    );
+    let (_store, heard, task) = subscribed(&server.url()).await;
 
     // Frozen for longer than a PING may take: the listener gives the connection up and keeps
     // trying new ones (which cannot subscribe while the server is frozen).

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig};
 use ratelimit_domain::{
     BucketRequest, BucketStore, DecisionSource, KeyBuilder, RateLimitRule, RateLimitScope,
-    RateLimiterExt, RuleSet,
+    RateLimiter, RateLimiterExt, RuleSet,
 };
 use ratelimit_redis::RedisStorage;
 use ratelimit_tests::redis_server::{RedisServer, unique_prefix};
@@ -108,6 +108,51 @@ fn join_all<T>(hosts: Vec<JoinHandle<T>>) -> Vec<T> {
         .collect()
 }
 
+/// Starts [`HOSTS`] hosts, each an OS thread with a runtime of its own: `set_up(host)` runs on
+/// it, then the host waits at `ready` with everyone else, then runs [`TASKS_PER_HOST`] tasks of
+/// `task(host, task, set_up's value)` and returns what they all returned. Its runtime goes
+/// when it is done, and with it every connection of the host.
+fn on_hosts<S, T, SetUp, SetUpFut, Task, TaskFut>(
+    ready: &Arc<Barrier>,
+    set_up: SetUp,
+    task: Task,
+) -> Vec<JoinHandle<Vec<T>>>
+where
+    SetUp: Fn(u64) -> SetUpFut + Send + Sync + 'static,
+    SetUpFut: Future<Output = S>,
+    S: Clone + Send + 'static,
+    Task: Fn(u64, u64, S) -> TaskFut + Send + Sync + 'static,
+    TaskFut: Future<Output = Vec<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let (set_up, task) = (Arc::new(set_up), Arc::new(task));
+    (0..HOSTS)
+        .map(|host| {
+            let (set_up, task, ready) = (set_up.clone(), task.clone(), ready.clone());
+            std::thread::Builder::new()
+                .name(format!("host-{host}"))
+                .spawn(move || {
+                    let rt = runtime();
+                    let shared = rt.block_on(set_up(host));
+                    ready.wait();
+                    let records = rt.block_on(async move {
+                        let tasks: Vec<_> = (0..TASKS_PER_HOST)
+                            .map(|n| tokio::spawn(task(host, n, shared.clone())))
+                            .collect();
+                        let mut all = Vec::new();
+                        for task in tasks {
+                            all.extend(task.await.unwrap());
+                        }
+                        all
+                    });
+                    drop(rt);
+                    records
+                })
+                .unwrap()
+        })
+        .collect()
+}
+
 /// What one host saw of one check.
 #[derive(Debug, Clone, Copy)]
 struct Outcome {
@@ -129,62 +174,36 @@ fn hosts_sharing_a_bucket_without_refill_admit_exactly_its_capacity() {
 
     // The hosts and this thread: everyone starts once every host has its limiter.
     let ready = Arc::new(Barrier::new(usize::try_from(HOSTS).unwrap() + 1));
-    let hosts: Vec<JoinHandle<Vec<Outcome>>> = (0..HOSTS)
-        .map(|host| {
-            let (url, redis, prefix, rules, ready) = (
-                server.url(),
-                redis_config(&server),
-                prefix.clone(),
-                rules.clone(),
-                ready.clone(),
-            );
-            std::thread::Builder::new()
-                .name(format!("host-{host}"))
-                .spawn(move || {
-                    let rt = runtime();
-                    let limiter = rt.block_on(async {
-                        let config = ContainerConfig::redis(url, rules)
-                            .with_backend(Backend::Redis(redis))
-                            .with_key_prefix(prefix)
-                            .with_event_logging(false);
-                        Container::build(config).await.unwrap().rate_limiter()
-                    });
-                    ready.wait();
-                    let outcomes = rt.block_on(async move {
-                        let tasks: Vec<_> = (0..TASKS_PER_HOST)
-                            .map(|task| {
-                                let limiter = limiter.clone();
-                                tokio::spawn(async move {
-                                    let mut seen = Vec::new();
-                                    for check in 0..CHECKS_PER_TASK {
-                                        let cost = cost_of(host, task, check);
-                                        let result = limiter
-                                            .is_allowed_with_cost(ENDPOINT, USER, cost)
-                                            .await
-                                            .unwrap();
-                                        seen.push(Outcome {
-                                            cost,
-                                            allowed: result.allowed,
-                                            source: result.source,
-                                        });
-                                    }
-                                    seen
-                                })
-                            })
-                            .collect();
-                        let mut all = Vec::new();
-                        for task in tasks {
-                            all.extend(task.await.unwrap());
-                        }
-                        all
-                    });
-                    // The runtime goes, and with it every connection of this host.
-                    drop(rt);
-                    outcomes
-                })
-                .unwrap()
-        })
-        .collect();
+    let set_up = {
+        let (url, redis, prefix) = (server.url(), redis_config(&server), prefix.clone());
+        move |_host| {
+            let config = ContainerConfig::redis(url.clone(), rules.clone())
+                .with_backend(Backend::Redis(redis.clone()))
+                .with_key_prefix(prefix.clone())
+                .with_event_logging(false);
+            async move { Container::build(config).await.unwrap().rate_limiter() }
+        }
+    };
+    let hosts = on_hosts(
+        &ready,
+        set_up,
+        |host, task, limiter: Arc<dyn RateLimiter>| async move {
+            let mut seen = Vec::new();
+            for check in 0..CHECKS_PER_TASK {
+                let cost = cost_of(host, task, check);
+                let result = limiter
+                    .is_allowed_with_cost(ENDPOINT, USER, cost)
+                    .await
+                    .unwrap();
+                seen.push(Outcome {
+                    cost,
+                    allowed: result.allowed,
+                    source: result.source,
+                });
+            }
+            seen
+        },
+    );
 
     ready.wait();
     let while_running = other_clients(&mut inspect, own_id).len();
@@ -278,66 +297,45 @@ fn hosts_sharing_a_refilling_bucket_never_admit_more_than_it_refills() {
     let clock = Arc::new(AtomicU64::new(START_MS));
 
     let ready = Arc::new(Barrier::new(usize::try_from(HOSTS).unwrap() + 1));
-    let hosts: Vec<JoinHandle<Vec<Timed>>> = (0..HOSTS)
-        .map(|host| {
-            let (redis, rule, key, clock, ready) = (
-                redis_config(&server),
-                rule.clone(),
-                key.clone(),
-                clock.clone(),
-                ready.clone(),
-            );
-            std::thread::Builder::new()
-                .name(format!("host-{host}"))
-                .spawn(move || {
-                    let rt = runtime();
-                    let store = rt.block_on(async { Arc::new(RedisStorage::new(&redis).unwrap()) });
-                    // Open a connection before the start, so that every host is on the line.
-                    rt.block_on(store.ping()).unwrap();
-                    ready.wait();
-                    let records = rt.block_on(async move {
-                        let tasks: Vec<_> = (0..TASKS_PER_HOST)
-                            .map(|task| {
-                                let (store, rule, key, clock) =
-                                    (store.clone(), rule.clone(), key.clone(), clock.clone());
-                                tokio::spawn(async move {
-                                    let mut seen = Vec::new();
-                                    for check in 0..CHECKS_PER_TASK {
-                                        let cost = cost_of(host, task, check);
-                                        let now_ms = clock.fetch_add(STEP_MS, Ordering::SeqCst);
-                                        let now = now_ms as f64 / 1000.0;
-                                        let decision = store
-                                            .check_and_consume(
-                                                &BucketRequest::new(&key, &rule)
-                                                    .with_cost(cost)
-                                                    .at(now),
-                                            )
-                                            .await
-                                            .unwrap();
-                                        let done_ms = clock.load(Ordering::SeqCst);
-                                        seen.push(Timed {
-                                            now_ms,
-                                            done_ms,
-                                            cost,
-                                            allowed: decision.allowed,
-                                        });
-                                    }
-                                    seen
-                                })
-                            })
-                            .collect();
-                        let mut all = Vec::new();
-                        for task in tasks {
-                            all.extend(task.await.unwrap());
-                        }
-                        all
+    let set_up = {
+        let redis = redis_config(&server);
+        move |_host| {
+            let redis = redis.clone();
+            async move {
+                let store = Arc::new(RedisStorage::new(&redis).unwrap());
+                // Open a connection before the start, so that every host is on the line.
+                store.ping().await.unwrap();
+                store
+            }
+        }
+    };
+    let hosts = on_hosts(
+        &ready,
+        set_up,
+        move |host, task, store: Arc<RedisStorage>| {
+            let (rule, key, clock) = (rule.clone(), key.clone(), clock.clone());
+            async move {
+                let mut seen = Vec::new();
+                for check in 0..CHECKS_PER_TASK {
+                    let cost = cost_of(host, task, check);
+                    let now_ms = clock.fetch_add(STEP_MS, Ordering::SeqCst);
+                    let now = now_ms as f64 / 1000.0;
+                    let decision = store
+                        .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(cost).at(now))
+                        .await
+                        .unwrap();
+                    let done_ms = clock.load(Ordering::SeqCst);
+                    seen.push(Timed {
+                        now_ms,
+                        done_ms,
+                        cost,
+                        allowed: decision.allowed,
                     });
-                    drop(rt);
-                    records
-                })
-                .unwrap()
-        })
-        .collect();
+                }
+                seen
+            }
+        },
+    );
 
     ready.wait();
     let while_running = other_clients(&mut inspect, own_id).len();

@@ -2,14 +2,11 @@
 //! End-to-end tests of the `ratelimit` binary against a real, throwaway `redis-server`.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::Command;
 
 use ratelimit_domain::RateLimiterExt as _;
+use ratelimit_tests::fixtures::{LOGIN, RulesFile, cli_command};
 use ratelimit_tests::redis_server::{TestRedis, free_port, unique_prefix};
 use serde_json::Value;
-
-const LOGIN: &str = "POST /api/v1/sessions";
 
 const RULES: &str = r#"
 [rules."POST /api/v1/sessions"]
@@ -57,13 +54,8 @@ impl Run {
 /// Runs `ratelimit` with `args`, in an environment without any of the variables it reads
 /// except those in `env`.
 fn ratelimit(args: &[&str], env: &[(&str, &str)]) -> Run {
-    let output = Command::new(env!("CARGO_BIN_EXE_ratelimit"))
+    let output = cli_command(env!("CARGO_BIN_EXE_ratelimit"))
         .args(args)
-        .env_remove("REDIS_URL")
-        .env_remove("RATELIMIT_RULES")
-        .env_remove("RATELIMIT_KEY_PREFIX")
-        .env_remove("RATELIMIT_LAYOUT")
-        .env_remove("RATELIMIT_CLUSTER")
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())
         .output()
@@ -75,28 +67,16 @@ fn ratelimit(args: &[&str], env: &[(&str, &str)]) -> Run {
     }
 }
 
-/// A rules file in the temporary directory, removed on drop.
-struct RulesFile(PathBuf);
-
-impl RulesFile {
-    fn new(text: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "ratelimit-cli-rules-{}.toml",
-            uuid::Uuid::now_v7().simple()
-        ));
-        std::fs::write(&path, text).unwrap();
-        Self(path)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for RulesFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// `COMMAND -e LOGIN -i IDENTIFIER --rules RULES EXTRA…`.
+fn login_args<'a>(
+    command: &'a str,
+    identifier: &'a str,
+    rules: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![command, "-e", LOGIN, "-i", identifier, "--rules", rules];
+    args.extend(extra);
+    args
 }
 
 /// A Redis, a key prefix of its own and the rules above.
@@ -113,6 +93,24 @@ impl Fixture {
             prefix: unique_prefix(),
             rules: RulesFile::new(RULES),
         }
+    }
+
+    /// A runtime, and the configuration of the service this fixture's commands address.
+    fn service(
+        &self,
+    ) -> (
+        tokio::runtime::Runtime,
+        ratelimit_container::ContainerConfig,
+    ) {
+        let rules = ratelimit_config::load_rules_file(self.rules.path()).unwrap();
+        let config = ratelimit_container::ContainerConfig::redis(self.redis.url.clone(), rules)
+            .with_key_prefix(self.prefix.clone())
+            .with_event_logging(false);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        (runtime, config)
     }
 
     /// `ratelimit COMMAND --endpoint ENDPOINT [--identifier ID] EXTRA…` with this fixture's
@@ -192,12 +190,15 @@ fn check_json_has_exactly_the_result_fields() {
     assert_eq!(json["identifier"], "192.0.2.1");
     assert_eq!(json["cost"], 1);
 
-    let denied = fx.run(
-        "check",
-        LOGIN,
-        Some("192.0.2.1"),
-        &["--json", "--cost", "3"],
-    );
+    let check_json = |cost| {
+        fx.run(
+            "check",
+            LOGIN,
+            Some("192.0.2.1"),
+            &["--json", "--cost", cost],
+        )
+    };
+    let denied = check_json("3");
     assert_eq!(denied.code, 1, "{denied:?}");
     let json = denied.json();
     assert_eq!(json["allowed"], false);
@@ -210,12 +211,7 @@ fn check_json_has_exactly_the_result_fields() {
     );
 
     // A cost the bucket can never hold: retry_after is null.
-    let never = fx.run(
-        "check",
-        LOGIN,
-        Some("192.0.2.1"),
-        &["--json", "--cost", "4"],
-    );
+    let never = check_json("4");
     assert_eq!(never.code, 1, "{never:?}");
     assert_eq!(never.json()["retry_after"], Value::Null);
     assert!(
@@ -324,14 +320,7 @@ fn reset_unlocks_a_user() {
 #[test]
 fn the_cli_addresses_the_same_buckets_as_the_service() {
     let fx = Fixture::new();
-    let rules = ratelimit_config::load_rules_file(fx.rules.path()).unwrap();
-    let config = ratelimit_container::ContainerConfig::redis(fx.redis.url.clone(), rules)
-        .with_key_prefix(fx.prefix.clone())
-        .with_event_logging(false);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (runtime, config) = fx.service();
     runtime.block_on(async {
         let container = ratelimit_container::Container::build(config).await.unwrap();
         let limiter = container.rate_limiter();
@@ -354,19 +343,17 @@ fn the_cli_addresses_the_same_buckets_as_the_service() {
 
     // Another prefix is another service's buckets.
     let other = ratelimit(
-        &[
+        &login_args(
             "remaining",
-            "-e",
-            LOGIN,
-            "-i",
             "192.0.2.9",
-            "--rules",
             fx.rules.path(),
-            "--redis-url",
-            &fx.redis.url,
-            "--key-prefix",
-            &unique_prefix(),
-        ],
+            &[
+                "--redis-url",
+                &fx.redis.url,
+                "--key-prefix",
+                &unique_prefix(),
+            ],
+        ),
         &[],
     );
     assert!(other.stdout.contains("3 of 3"), "{other:?}");
@@ -399,15 +386,7 @@ fn redis_url_rules_and_prefix_come_from_the_environment() {
 fn without_a_redis_url_admin_commands_say_they_need_redis() {
     let rules = RulesFile::new(RULES);
     for command in ["check", "remaining", "reset"] {
-        let args = [
-            command,
-            "-e",
-            LOGIN,
-            "-i",
-            "192.0.2.1",
-            "--rules",
-            rules.path(),
-        ];
+        let args = login_args(command, "192.0.2.1", rules.path(), &[]);
         for env in [&[][..], &[("REDIS_URL", "")][..]] {
             let run = ratelimit(&args, env);
             assert_eq!(run.code, 2, "{command}: {run:?}");
@@ -418,19 +397,7 @@ fn without_a_redis_url_admin_commands_say_they_need_redis() {
             assert!(run.stdout.is_empty(), "{run:?}");
         }
     }
-    let json = ratelimit(
-        &[
-            "check",
-            "-e",
-            LOGIN,
-            "-i",
-            "a",
-            "--rules",
-            rules.path(),
-            "--json",
-        ],
-        &[],
-    );
+    let json = ratelimit(&login_args("check", "a", rules.path(), &["--json"]), &[]);
     assert_eq!(json.json()["error"]["kind"], "usage");
     assert_eq!(json.json()["error"]["exit_code"], 2);
 }
@@ -441,19 +408,12 @@ fn redis_down_is_exit_3_and_never_shows_the_password() {
     let url = format!("redis://u:secret@127.0.0.1:{}/0", free_port());
     for command in ["check", "remaining", "reset"] {
         for json in [false, true] {
-            let mut args = vec![
+            let mut args = login_args(
                 command,
-                "-e",
-                LOGIN,
-                "-i",
                 "192.0.2.1",
-                "--rules",
                 rules.path(),
-                "--redis-url",
-                &url,
-                "--timeout-ms",
-                "300",
-            ];
+                &["--redis-url", &url, "--timeout-ms", "300"],
+            );
             if json {
                 args.push("--json");
             }
@@ -470,17 +430,7 @@ fn redis_down_is_exit_3_and_never_shows_the_password() {
     }
     // From the environment, too; and --help does not show the variable's value.
     let run = ratelimit(
-        &[
-            "check",
-            "-e",
-            LOGIN,
-            "-i",
-            "192.0.2.1",
-            "--rules",
-            rules.path(),
-            "--timeout-ms",
-            "300",
-        ],
+        &login_args("check", "192.0.2.1", rules.path(), &["--timeout-ms", "300"]),
         &[("REDIS_URL", &url)],
     );
     assert_eq!(run.code, 3, "{run:?}");
@@ -497,17 +447,7 @@ fn a_bad_rules_file_is_exit_2_naming_the_field() {
         "[rules.\"POST /api/v1/sessions\"]\nmax_tokens = 5\nrefill_rate = 1.0\nscope = \"ip\"\ncost = 9\n",
     );
     let run = ratelimit(
-        &[
-            "check",
-            "-e",
-            LOGIN,
-            "-i",
-            "a",
-            "--rules",
-            bad.path(),
-            "--redis-url",
-            &fx.redis.url,
-        ],
+        &login_args("check", "a", bad.path(), &["--redis-url", &fx.redis.url]),
         &[],
     );
     assert_eq!(run.code, 2, "{run:?}");
@@ -515,15 +455,7 @@ fn a_bad_rules_file_is_exit_2_naming_the_field() {
     assert!(run.stderr.contains(bad.path()), "{run:?}");
 
     let missing = ratelimit(
-        &[
-            "check",
-            "-e",
-            LOGIN,
-            "-i",
-            "a",
-            "--rules",
-            "/nonexistent/rules.toml",
-        ],
+        &login_args("check", "a", "/nonexistent/rules.toml", &[]),
         &[],
     );
     assert_eq!(missing.code, 2, "{missing:?}");
@@ -689,14 +621,7 @@ fn the_compact_layout_option_addresses_the_service_s_compact_buckets() {
 #[test]
 fn reset_and_remaining_find_the_bucket_the_service_used_for_an_ipv6_client() {
     let fx = Fixture::new();
-    let rules = ratelimit_config::load_rules_file(fx.rules.path()).unwrap();
-    let config = ratelimit_container::ContainerConfig::redis(fx.redis.url.clone(), rules)
-        .with_key_prefix(fx.prefix.clone())
-        .with_event_logging(false);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (runtime, config) = fx.service();
     // What the HTTP layer writes for a client at [::1].
     let service_identifier =
         ratelimit_domain::IpGrouping::default().identifier("::1".parse().unwrap());
@@ -817,10 +742,8 @@ fn a_closed_stdout_pipe_ends_the_command_quietly() {
     ] {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
-        let output = Command::new(env!("CARGO_BIN_EXE_ratelimit"))
+        let output = cli_command(env!("CARGO_BIN_EXE_ratelimit"))
             .args(&args)
-            .env_remove("REDIS_URL")
-            .env_remove("RATELIMIT_RULES")
             .env_remove("RUST_LOG")
             .stdout(writer)
             .stderr(std::process::Stdio::piped())

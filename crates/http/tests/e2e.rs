@@ -19,9 +19,9 @@ use ratelimit_http::{
     DefaultExtractor, FailOpenPolicy, ForwardedHeader, HeaderStyle, IdentifierExtractor,
     IdentifyRequest, MissingUserPolicy, RateLimitLayer, RateLimitMetrics, Rejection,
 };
+use ratelimit_tests::fixtures::LOGIN;
+use ratelimit_tests::logs::CapturedLogs;
 use reqwest::StatusCode;
-
-const LOGIN: &str = "POST /api/v1/sessions";
 
 /// The layer the scenarios use: the container's adapter, `login` as the login policy's name.
 fn layer(container: &Container) -> RateLimitLayer {
@@ -120,11 +120,7 @@ async fn ipv6_clients_are_limited_per_64(store: Store) {
     let mut events = container.events().subscribe();
     let per_address = layer(&container).extractor(DefaultExtractor::new().ipv6_prefix(128));
     let server = serve(app(per_address), "[::1]:0").await;
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(limit_headers(&response), login_allowed_headers(1));
     assert_eq!(attempted_identifiers(&mut events), ["::1"]);
 }
@@ -261,22 +257,16 @@ async fn trusted_proxies_name_the_client_with_x_forwarded_for(store: Store) {
     // The right-most untrusted hop is the client; what it claims to its left is ignored.
     exhaust_login(&server.base, Some("6.6.6.6, 203.0.113.7, 10.1.2.3")).await;
     // The same client in another spelling (IPv4-mapped IPv6) is the same bucket.
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .header("x-forwarded-for", "::ffff:203.0.113.7")
-        .send()
-        .await
-        .unwrap();
+    let response = server
+        .login(&[("x-forwarded-for", "::ffff:203.0.113.7")])
+        .await;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     // Another client behind the same proxy has a bucket of its own.
     exhaust_login(&server.base, Some("198.51.100.20")).await;
     // An IPv6 client behind the proxy is grouped by /64.
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .header("x-forwarded-for", "[2001:db8:0:1::5]:4711")
-        .send()
-        .await
-        .unwrap();
+    let response = server
+        .login(&[("x-forwarded-for", "[2001:db8:0:1::5]:4711")])
+        .await;
     assert_eq!(limit_headers(&response), login_allowed_headers(1));
 
     let mut expected = vec!["203.0.113.7"; 7];
@@ -502,13 +492,8 @@ async fn redis_down_fails_open_and_never_answers_429() {
     let metrics = RateLimitMetrics::new();
     metrics.spawn(container.events());
     let server = serve(app(layer(&container)), "127.0.0.1:0").await;
-    let http = client();
     for _ in 0..20 {
-        let response = http
-            .post(format!("{}/api/v1/sessions", server.base))
-            .send()
-            .await
-            .unwrap();
+        let response = server.login(&[]).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert!(limit_headers(&response).is_empty());
         assert_eq!(response.text().await.unwrap(), "ok POST /api/v1/sessions");
@@ -537,11 +522,7 @@ async fn redis_down_with_fail_open_policy_503_answers_503() {
         .unwrap();
     let layer = layer(&container).on_fail_open(FailOpenPolicy::ServiceUnavailable);
     let server = serve(app(layer), "127.0.0.1:0").await;
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(limit_headers(&response).is_empty());
     assert_eq!(json(response).await["error"], "rate_limit_unavailable");
@@ -554,11 +535,7 @@ async fn redis_down_with_fail_closed_adapter_answers_503_with_retry_after() {
         .with_failure_policy(FailurePolicy::Closed);
     let container = Container::build(config).await.unwrap();
     let server = serve(app(layer(&container)), "127.0.0.1:0").await;
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     // One token's time, 12 s; no informational headers (the numbers are not real).
     assert_eq!(limit_headers(&response), headers(&[("retry-after", "12")]));
@@ -590,11 +567,7 @@ async fn header_styles_select_the_headers() {
     for (style, expected) in cases {
         let container = Store::memory().container().await;
         let server = serve(app(layer(&container).header_style(style)), "127.0.0.1:0").await;
-        let response = client()
-            .post(format!("{}/api/v1/sessions", server.base))
-            .send()
-            .await
-            .unwrap();
+        let response = server.login(&[]).await;
         assert_eq!(limit_headers(&response), expected, "{style:?}");
     }
 }
@@ -624,11 +597,7 @@ async fn a_server_without_connect_info_answers_500_for_ip_rules() {
     let container = Store::memory().container().await;
     let server = serve_without_connect_info(app(layer(&container))).await;
     let http = client();
-    let response = http
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(
         json(response).await,
@@ -684,11 +653,7 @@ async fn an_identifier_the_limiter_rejects_is_a_400() {
         "127.0.0.1:0",
     )
     .await;
-    let response = client()
-        .post(format!("{}/api/v1/sessions", server.base))
-        .send()
-        .await
-        .unwrap();
+    let response = server.login(&[]).await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert!(limit_headers(&response).is_empty());
     assert_eq!(
@@ -809,29 +774,6 @@ async fn a_plain_tower_service_is_limited_by_uri_path() {
     assert!(response.headers().get("ratelimit").is_none());
 }
 
-/// A `MakeWriter` that keeps what the fmt subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn every_decision_runs_in_a_span_with_endpoint_scope_and_outcome() {
     use std::convert::Infallible;
@@ -840,13 +782,7 @@ async fn every_decision_runs_in_a_span_with_endpoint_scope_and_outcome() {
     use axum::extract::ConnectInfo;
     use tower::{Layer as _, ServiceExt as _};
 
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = CapturedLogs::install();
 
     let config = Store::memory().config(RULES).with_event_logging(false);
     let container = Container::build(config).await.unwrap();
@@ -864,7 +800,7 @@ async fn every_decision_runs_in_a_span_with_endpoint_scope_and_outcome() {
         }
         limited.clone().oneshot(request).await.unwrap();
     }
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let denied = logs
         .lines()
         .find(|line| line.contains("rate limit exceeded"))

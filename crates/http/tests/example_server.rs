@@ -10,10 +10,9 @@ mod server;
 
 use clap::Parser as _;
 use common::{client, json, limit_headers};
+use ratelimit_tests::fixtures::{EXAMPLE_RULES_FILE as RULES_FILE, RulesFile, one_rule_text};
 use ratelimit_tests::redis_server::TestRedis;
 use reqwest::StatusCode;
-
-const RULES_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/rules.toml");
 
 async fn start(extra: &[&str]) -> (common::Server, server::App) {
     let mut argv = vec!["server", "--listen", "127.0.0.1:0", "--rules", RULES_FILE];
@@ -176,34 +175,25 @@ async fn example_server_reports_bad_arguments_and_rules() {
         .to_string();
     assert!(err.contains("129"), "{err}");
 
-    let dir = std::env::temp_dir().join(format!("ratelimit-http-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     for (name, text, expected) in [
         ("missing.toml", None, "cannot read rules file"),
         (
             "method.toml",
-            Some("[rules.\"FETCH /x\"]\nmax_tokens = 1\nrefill_rate = 1.0\nscope = \"ip\"\n"),
+            Some("FETCH /x"),
             "axum cannot route the method",
         ),
-        (
-            "path.toml",
-            Some("[rules.\"GET x\"]\nmax_tokens = 1\nrefill_rate = 1.0\nscope = \"ip\"\n"),
-            "the path must start with /",
-        ),
+        ("path.toml", Some("GET x"), "the path must start with /"),
         (
             "colon.toml",
-            Some("[rules.\"GET /users/:id\"]\nmax_tokens = 1\nrefill_rate = 1.0\nscope = \"ip\"\n"),
+            Some("GET /users/:id"),
             "axum cannot mount the route",
         ),
     ] {
-        let path = dir.join(name);
-        if let Some(text) = text {
-            std::fs::write(&path, text).unwrap();
-        }
-        let args =
-            server::Args::try_parse_from(["server", "--rules", path.to_str().unwrap()]).unwrap();
+        let file = text.map_or_else(RulesFile::missing, |endpoint| {
+            RulesFile::new(&one_rule_text(endpoint))
+        });
+        let args = server::Args::try_parse_from(["server", "--rules", file.path()]).unwrap();
         let err = server::build(&args).await.unwrap_err().to_string();
         assert!(err.contains(expected), "{name}: {err}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,10 +15,10 @@ use std::time::Duration;
 use common::{Store, app, attempted_identifiers, serve};
 use ratelimit_container::Container;
 use ratelimit_http::{DefaultExtractor, ForwardedHeader, RateLimitLayer};
+use ratelimit_tests::fixtures::LOGIN_PATH as LOGIN;
 use ratelimit_tests::redis_server::{RedisServer, TestRedis};
 use reqwest::StatusCode;
 
-const LOGIN: &str = "/api/v1/sessions";
 /// The client's address as the trusted proxy saw it (the proxy appends it to the header).
 const REAL_CLIENT: &str = "203.0.113.50";
 

@@ -16,6 +16,7 @@ use ratelimit_adapter::RateLimitEvent;
 use ratelimit_config::parse_rules;
 use ratelimit_container::{Backend, Container, ContainerConfig, RedisConfig};
 use ratelimit_http::{AuthenticatedUser, RateLimitLayer};
+use ratelimit_tests::fixtures::LOGIN_PATH;
 use ratelimit_tests::redis_server::{TestRedis, unique_prefix};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -74,8 +75,7 @@ impl Store {
     }
 
     pub fn dead_redis() -> Self {
-        let port = ratelimit_tests::redis_server::free_port();
-        Self::DeadRedis(format!("redis://127.0.0.1:{port}/"))
+        Self::DeadRedis(ratelimit_tests::redis_server::unreachable_url())
     }
 
     /// The container configuration of this store with `rules`.
@@ -146,6 +146,17 @@ pub struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl Server {
+    /// `POST /api/v1/sessions` with `headers`.
+    pub async fn login(&self, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = client().post(format!("{}{LOGIN_PATH}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
     }
 }
 
