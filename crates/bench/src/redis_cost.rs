@@ -240,7 +240,13 @@ pub(crate) async fn measure(
     progress: &Progress,
 ) -> BoxResult<Vec<Figure>> {
     let client = redis::Client::open(server.url())?;
-    let conn = client.get_multiplexed_async_connection().await?;
+    // No response timeout (redis-rs's default is 500 ms): filling a million buckets sends long
+    // pipelines, which a loaded machine can take longer than that to answer.
+    let conn = client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await?;
     let noop = load_script(server, NOOP_SCRIPT)?;
     let rule = RateLimitRule::new(RateLimitScope::Ip, MAX_TOKENS, REFILL_RATE)?;
     let mut figures = Vec::new();
