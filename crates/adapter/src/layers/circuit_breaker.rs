@@ -333,6 +333,30 @@ mod tests {
         }
     }
 
+    /// One check of cost 1 through `breaker`.
+    async fn check(
+        breaker: &CircuitBreakerStore<Flaky>,
+        key: &BucketKey,
+        rule: &RateLimitRule,
+    ) -> Result<BucketDecision> {
+        breaker
+            .check_and_consume(&BucketRequest::new(key, rule).with_cost(1))
+            .await
+    }
+
+    /// Three failed checks: with the threshold of [`setup`], the circuit opens.
+    async fn fail_three_times(
+        flaky: &Flaky,
+        breaker: &CircuitBreakerStore<Flaky>,
+        key: &BucketKey,
+        rule: &RateLimitRule,
+    ) {
+        flaky.down.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            let _ = check(breaker, key, rule).await;
+        }
+    }
+
     fn setup() -> (
         Arc<Flaky>,
         CircuitBreakerStore<Flaky>,
@@ -357,12 +381,7 @@ mod tests {
         let flag = other_ran.clone();
         tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
         for _ in 0..1_000 {
-            assert!(
-                breaker
-                    .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                    .await
-                    .is_err()
-            );
+            assert!(check(&breaker, &key, &rule).await.is_err());
         }
         assert!(breaker.short_circuited() > 900);
         assert!(
@@ -376,20 +395,12 @@ mod tests {
         let (flaky, breaker, key, rule) = setup();
         flaky.down.store(true, Ordering::SeqCst);
         for _ in 0..3 {
-            assert!(
-                breaker
-                    .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                    .await
-                    .is_err()
-            );
+            assert!(check(&breaker, &key, &rule).await.is_err());
         }
         assert_eq!(breaker.state(), CircuitState::Open);
         // Open: no call reaches the store.
         for _ in 0..100 {
-            let err = breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await
-                .unwrap_err();
+            let err = check(&breaker, &key, &rule).await.unwrap_err();
             assert_eq!(err.code(), ErrorCode::StorageUnavailable);
         }
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
@@ -398,31 +409,16 @@ mod tests {
         // After the cool-down one probe goes through; it fails, so the circuit stays open.
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(breaker.state(), CircuitState::HalfOpen);
-        assert!(
-            breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await
-                .is_err()
-        );
+        assert!(check(&breaker, &key, &rule).await.is_err());
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 4);
         assert_eq!(breaker.state(), CircuitState::Open);
 
         // The store recovers: the next probe closes the circuit.
         flaky.down.store(false, Ordering::SeqCst);
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(
-            breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await
-                .is_ok()
-        );
+        assert!(check(&breaker, &key, &rule).await.is_ok());
         assert_eq!(breaker.state(), CircuitState::Closed);
-        assert!(
-            breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await
-                .is_ok()
-        );
+        assert!(check(&breaker, &key, &rule).await.is_ok());
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 6);
     }
 
@@ -431,20 +427,11 @@ mod tests {
         let (flaky, breaker, key, rule) = setup();
         for _ in 0..10 {
             flaky.down.store(true, Ordering::SeqCst);
-            let _ = breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await;
-            let _ = breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await;
+            let _ = check(&breaker, &key, &rule).await;
+            let _ = check(&breaker, &key, &rule).await;
             let _ = breaker.get_remaining(&key, &rule, None).await; // InvalidInput
             flaky.down.store(false, Ordering::SeqCst);
-            assert!(
-                breaker
-                    .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                    .await
-                    .is_ok()
-            );
+            assert!(check(&breaker, &key, &rule).await.is_ok());
         }
         assert_eq!(breaker.state(), CircuitState::Closed);
     }
@@ -452,31 +439,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_abandoned_probe_does_not_leave_the_circuit_stuck() {
         let (flaky, breaker, key, rule) = setup();
-        flaky.down.store(true, Ordering::SeqCst);
-        for _ in 0..3 {
-            let _ = breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await;
-        }
+        fail_three_times(&flaky, &breaker, &key, &rule).await;
         tokio::time::advance(Duration::from_secs(1)).await;
         // The probe's caller gives up before the store answers.
         flaky.hang.store(true, Ordering::SeqCst);
-        let abandoned = tokio::time::timeout(
-            Duration::from_millis(10),
-            breaker.check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1)),
-        )
-        .await;
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(10), check(&breaker, &key, &rule)).await;
         assert!(abandoned.is_err(), "the probe should have been cut off");
         flaky.hang.store(false, Ordering::SeqCst);
         flaky.down.store(false, Ordering::SeqCst);
         // One cool-down later a new probe goes through and closes the circuit.
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(
-            breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await
-                .is_ok()
-        );
+        assert!(check(&breaker, &key, &rule).await.is_ok());
         assert_eq!(breaker.state(), CircuitState::Closed);
     }
 
@@ -487,11 +461,8 @@ mod tests {
         let (flaky, breaker, key, rule) = setup();
         flaky.hang.store(true, Ordering::SeqCst);
         for _ in 0..100 {
-            let abandoned = tokio::time::timeout(
-                Duration::from_millis(1),
-                breaker.check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1)),
-            )
-            .await;
+            let abandoned =
+                tokio::time::timeout(Duration::from_millis(1), check(&breaker, &key, &rule)).await;
             assert!(abandoned.is_err(), "the call should have been cut off");
         }
         assert_eq!(breaker.state(), CircuitState::Closed);
@@ -501,14 +472,10 @@ mod tests {
         flaky.hang.store(false, Ordering::SeqCst);
         flaky.down.store(true, Ordering::SeqCst);
         for _ in 0..2 {
-            let _ = breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await;
+            let _ = check(&breaker, &key, &rule).await;
         }
         assert_eq!(breaker.state(), CircuitState::Closed);
-        let _ = breaker
-            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-            .await;
+        let _ = check(&breaker, &key, &rule).await;
         assert_eq!(breaker.state(), CircuitState::Open);
     }
 
@@ -519,38 +486,23 @@ mod tests {
         let (flaky, breaker, key, rule) = setup();
         flaky.corrupt.store(true, Ordering::SeqCst);
         for _ in 0..10 {
-            let err = breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await
-                .unwrap_err();
+            let err = check(&breaker, &key, &rule).await.unwrap_err();
             assert_eq!(err.code(), ErrorCode::CorruptBucket);
         }
         assert_eq!(breaker.state(), CircuitState::Closed);
         // It even closes an open circuit when it is the probe's answer.
-        flaky.down.store(true, Ordering::SeqCst);
-        for _ in 0..3 {
-            let _ = breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await;
-        }
+        fail_three_times(&flaky, &breaker, &key, &rule).await;
         assert_eq!(breaker.state(), CircuitState::Open);
         flaky.down.store(false, Ordering::SeqCst);
         tokio::time::advance(Duration::from_secs(1)).await;
-        let _ = breaker
-            .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-            .await;
+        let _ = check(&breaker, &key, &rule).await;
         assert_eq!(breaker.state(), CircuitState::Closed);
     }
 
     #[tokio::test(start_paused = true)]
     async fn bad_input_neither_opens_nor_closes_the_circuit() {
         let (flaky, breaker, key, rule) = setup();
-        flaky.down.store(true, Ordering::SeqCst);
-        for _ in 0..3 {
-            let _ = breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await;
-        }
+        fail_three_times(&flaky, &breaker, &key, &rule).await;
         assert_eq!(breaker.state(), CircuitState::Open);
         tokio::time::advance(Duration::from_secs(1)).await;
         // The probe is a call with bad input: the circuit must not close on it.
@@ -561,12 +513,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_successful_reset_closes_the_circuit() {
         let (flaky, breaker, key, rule) = setup();
-        flaky.down.store(true, Ordering::SeqCst);
-        for _ in 0..3 {
-            let _ = breaker
-                .check_and_consume(&BucketRequest::new(&key, &rule).with_cost(1))
-                .await;
-        }
+        fail_three_times(&flaky, &breaker, &key, &rule).await;
         assert_eq!(breaker.state(), CircuitState::Open);
         breaker.reset(&key, &rule).await.unwrap();
         assert_eq!(breaker.state(), CircuitState::Closed);
