@@ -37,7 +37,7 @@ use ratelimit_redis::RedisStorage;
 
 pub use ratelimit_adapter::CircuitBreakerConfig;
 pub use ratelimit_domain::FailurePolicy;
-pub use ratelimit_redis::RedisConfig;
+pub use ratelimit_redis::{KeyLayout, RedisConfig};
 
 /// Where buckets live.
 #[derive(Debug, Clone)]

@@ -37,7 +37,9 @@ use axum::response::IntoResponse;
 use axum::routing::{MethodFilter, MethodRouter, get};
 use clap::Parser;
 use ratelimit_config::load_rules_file;
-use ratelimit_container::{Container, ContainerConfig};
+use ratelimit_container::{
+    Backend, Container, ContainerConfig, FailurePolicy, KeyLayout, RedisConfig,
+};
 use ratelimit_http::{DefaultExtractor, ForwardedHeader, IpNet, RateLimitLayer, RateLimitMetrics};
 
 /// The example server's command line.
@@ -66,6 +68,31 @@ pub(crate) struct Args {
     /// The most buckets the in-memory backend holds; past it, full buckets are evicted first.
     #[arg(long, default_value_t = ContainerConfig::DEFAULT_MEMORY_CAPACITY)]
     pub(crate) memory_capacity: usize,
+    /// What a check answers when Redis fails: open (allow), closed (deny) or local (decide
+    /// with in-process buckets).
+    #[arg(long, default_value_t = FailurePolicy::Open)]
+    pub(crate) failure_policy: FailurePolicy,
+    /// How buckets are stored in Redis (docs/lua.md).
+    #[arg(long, value_enum, default_value_t = Layout::TwoKeys)]
+    pub(crate) layout: Layout,
+}
+
+/// How buckets are stored in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Layout {
+    /// Two string keys per bucket, `<key>:tokens` and `<key>:time` (the original's layout).
+    TwoKeys,
+    /// One binary key per bucket, `<key>:tb`.
+    Compact,
+}
+
+impl From<Layout> for KeyLayout {
+    fn from(layout: Layout) -> Self {
+        match layout {
+            Layout::TwoKeys => Self::TwoKeys,
+            Layout::Compact => Self::Compact,
+        }
+    }
 }
 
 /// The server's parts: the router, the container behind it, and the metrics.
@@ -83,11 +110,19 @@ pub(crate) struct App {
 /// mount, or an unusable Redis URL.
 pub(crate) async fn build(args: &Args) -> Result<App, Box<dyn Error>> {
     let rules = load_rules_file(&args.rules)?;
-    let config = match &args.redis_url {
-        Some(url) if !url.trim().is_empty() => ContainerConfig::redis(url.trim(), rules.clone()),
-        _ => ContainerConfig::memory(rules.clone()),
-    };
-    let container = Container::build(config.with_memory_capacity(args.memory_capacity)).await?;
+    let mut config = ContainerConfig::memory(rules.clone())
+        .with_memory_capacity(args.memory_capacity)
+        .with_failure_policy(args.failure_policy);
+    if let Some(url) = args
+        .redis_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+    {
+        let redis = RedisConfig::new(url).with_layout(args.layout.into());
+        config = config.with_backend(Backend::Redis(redis));
+    }
+    let container = Container::build(config).await?;
     let metrics = RateLimitMetrics::new();
     metrics.spawn(container.events());
 
