@@ -87,11 +87,15 @@ fn main() -> Res<()> {
 
     let mut rows = Vec::new();
     for backend in [Backend::Memory, Backend::Redis] {
-        rows.extend(rt.block_on(cancellation_flood(&ctx, backend))?);
+        rows.extend(rt.block_on(cancellation_flood(&ctx, backend, None))?);
+        if backend == Backend::Redis {
+            rows.extend(rt.block_on(cancellation_flood(&ctx, backend, Some("closed")))?);
+        }
         rows.extend(rt.block_on(header_spoofing(&ctx, backend))?);
     }
     rows.extend(rt.block_on(cli_reset(&ctx))?);
     rows.extend(rt.block_on(stored_garbage(&ctx))?);
+    rows.extend(rt.block_on(compact_garbage(&ctx))?);
     rows.push(rt.block_on(identifier_flood(&ctx, &flood))?);
     let edges = cli_edges(&ctx)?;
     rt.shutdown_timeout(Duration::from_secs(1));
@@ -153,6 +157,18 @@ impl Verdict {
             Self::Held
         } else {
             Self::Broken
+        }
+    }
+
+    /// Held when at least `least` (what a correct limiter grants) and at most `most` got
+    /// through.
+    fn between(allowed: u64, least: u64, most: u64) -> Self {
+        if allowed > most {
+            Self::Broken
+        } else if allowed < least {
+            Self::LockedOut
+        } else {
+            Self::Held
         }
     }
 }
@@ -503,12 +519,20 @@ async fn cancelled_login(addr: SocketAddr, how: Cancel) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn cancellation_flood(ctx: &Ctx, backend: Backend) -> Res<Vec<Row>> {
-    let server = Server::start(ctx, backend, "127.0.0.1:0", &[])?;
+/// The cancellation flood, with the server's default failure policy (`open`) or `policy`.
+async fn cancellation_flood(
+    ctx: &Ctx,
+    backend: Backend,
+    policy: Option<&'static str>,
+) -> Res<Vec<Row>> {
+    let extra: Vec<&str> = policy.map_or_else(Vec::new, |p| vec!["--failure-policy", p]);
+    let server = Server::start(ctx, backend, "127.0.0.1:0", &extra)?;
     let rss_before = server.rss_kib();
     let addr = server.addr;
+    // The attack's name in the table: which policy, when it is not the default.
+    let under = policy.map_or_else(String::new, |p| format!(" under `--failure-policy {p}`"));
     eprintln!(
-        "[attack] cancellation flood, {}: {} s",
+        "[attack] cancellation flood{under}, {}: {} s",
         backend.name(),
         FLOOD.as_secs()
     );
@@ -541,19 +565,34 @@ async fn cancellation_flood(ctx: &Ctx, backend: Backend) -> Res<Vec<Row>> {
             })
         })
         .collect();
-    // Another client, 127.0.0.2, during the same flood.
+    // Another client, 127.0.0.2, during the same flood. Its statuses (0: no answer), and the
+    // span from its first answer to its last request sent: its bucket was created before the
+    // first answer and checked again after the last send, so a correct limiter grants it at
+    // least a full bucket plus what refills in that span.
     let other = tokio::spawn(async move {
         let mut client = Client::new(addr, ip("127.0.0.2"));
         let started = Instant::now();
         let (mut sent, mut allowed) = (0u64, 0u64);
+        let mut statuses = Vec::new();
+        let (mut first_answer, mut last_sent) = (None, started);
         while Instant::now() < deadline {
-            if client.login(&[]).await.is_ok_and(Reply::allowed) {
+            let sending = Instant::now();
+            let reply = client.login(&[]).await.ok();
+            if reply.is_some() {
+                first_answer.get_or_insert_with(Instant::now);
+            }
+            last_sent = sending;
+            statuses.push(reply.map_or(0, |r| r.status));
+            if reply.is_some_and(Reply::allowed) {
                 allowed += 1;
             }
             sent += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        (sent, allowed, started.elapsed())
+        let granted_span = first_answer.map_or(Duration::ZERO, |first| {
+            last_sent.saturating_duration_since(first)
+        });
+        (sent, allowed, started.elapsed(), granted_span, statuses)
     });
     while Instant::now() < deadline {
         // Fresh connections, like the cancelled ones (a kept-alive one would be answered first).
@@ -568,16 +607,22 @@ async fn cancellation_flood(ctx: &Ctx, backend: Backend) -> Res<Vec<Row>> {
     for canceller in cancellers {
         canceller.await?;
     }
-    let (other_sent, other_allowed, other_elapsed) = other.await?;
+    let (other_sent, other_allowed, other_elapsed, granted_span, other_statuses) = other.await?;
     let cancelled = cancelled.load(Ordering::Relaxed);
     let rss_after = server.rss_kib();
     let most = most_allowed(elapsed, 1);
     let other_most = most_allowed(other_elapsed, 1);
+    // Nothing granted (no answer at all) is no allowance either.
+    let other_least = if other_statuses.iter().any(|s| *s != 0) {
+        most_allowed(granted_span, 1)
+    } else {
+        MAX_TOKENS_WHOLE
+    };
     Ok(vec![
         Row {
             attack: format!(
-                "a. cancellation flood: the flooding client (bucket emptied first, then {cancelled} \
-                 requests abandoned mid-check: FIN, RST, 1 ms read timeout)"
+                "a. cancellation flood{under}: the flooding client (bucket emptied first, then \
+                 {cancelled} requests abandoned mid-check: FIN, RST, 1 ms read timeout)"
             ),
             backend: backend.name(),
             sent,
@@ -589,15 +634,20 @@ async fn cancellation_flood(ctx: &Ctx, backend: Backend) -> Res<Vec<Row>> {
             note: format!("{:.1} s", elapsed.as_secs_f64()),
         },
         Row {
-            attack: "a. cancellation flood: another client (127.0.0.2) during it".to_owned(),
+            attack: format!("a. cancellation flood{under}: another client (127.0.0.2) during it"),
             backend: backend.name(),
             sent: other_sent,
             allowed: other_allowed,
             most: Some(other_most),
-            verdict: Verdict::at_most(other_allowed, other_most),
+            verdict: Verdict::between(other_allowed, other_least, other_most),
             rss_before,
             rss_after,
-            note: format!("{:.1} s", other_elapsed.as_secs_f64()),
+            note: format!(
+                "{:.1} s; {} (0: no answer); a correct limiter grants it at least {other_least} \
+                 (LOCKED OUT below)",
+                other_elapsed.as_secs_f64(),
+                status_counts(&other_statuses)
+            ),
         },
     ])
 }
@@ -916,11 +966,7 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
         let allowed = statuses.iter().filter(|s| (200..300).contains(*s)).count() as u64;
         let most = most_allowed(elapsed, 1);
         // Unusable data is a missing bucket, that is a full one: a client must get its logins.
-        let verdict = if allowed == 0 {
-            Verdict::LockedOut
-        } else {
-            Verdict::at_most(allowed, most)
-        };
+        let verdict = Verdict::between(allowed, MAX_TOKENS_WHOLE, most);
         rows.push(Row {
             attack: format!("d. stored garbage: {name}"),
             backend: "redis",
@@ -1028,6 +1074,139 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
             rss_before,
             rss_after,
             note: status_counts(&sound_statuses),
+        });
+    }
+    Ok(rows)
+}
+
+/// The compact layout's key of `identifier`'s login bucket (`--layout compact`, the default
+/// prefix): `<key>:tb`, no hash tag on a single Redis.
+fn login_compact_key(identifier: &str) -> String {
+    format!("rate_limit:ip:{identifier}:{LOGIN}:tb")
+}
+
+/// A compact value as the script packs it: `struct.pack('<ddI4', tokens, last, expires)`.
+fn pack_compact(tokens: f64, last: f64, expires: u32) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(20);
+    bytes.extend(tokens.to_le_bytes());
+    bytes.extend(last.to_le_bytes());
+    bytes.extend(expires.to_le_bytes());
+    bytes
+}
+
+/// `n` pseudo-random bytes (xorshift64*, seeded from the clock; the note prints them).
+fn junk_bytes(n: usize) -> Vec<u8> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    #[allow(clippy::cast_possible_truncation)] // any 64 bits of the clock will do
+    let mut state = (nanos as u64) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            #[allow(clippy::cast_possible_truncation)] // the top byte
+            let byte = (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8;
+            byte
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+/// Stored garbage at the compact layout's one key (`--layout compact`): what a client whose
+/// `:tb` holds it gets.
+async fn compact_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
+    let mut rows = Vec::new();
+    let key = login_compact_key("127.0.0.1");
+    let random = junk_bytes(20);
+    // (what is stored, the value of `:tb`), from Redis's clock now (the attacks take seconds).
+    let now = redis_now(ctx);
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // seconds fit in u32
+    let (in_an_hour, far) = ((now + 3600.0) as u32, (now + 1e7) as u32);
+    let cases: Vec<(String, Vec<u8>)> = vec![
+        (
+            "20 bytes that unpack to NaN tokens and a NaN time".to_owned(),
+            pack_compact(f64::NAN, f64::NAN, in_an_hour),
+        ),
+        (
+            "20 bytes that unpack to 1e300 tokens and a time of 1e300".to_owned(),
+            pack_compact(1e300, 1e300, in_an_hour),
+        ),
+        (
+            "20 bytes that unpack to -1e300 tokens and a time of -inf".to_owned(),
+            pack_compact(-1e300, f64::NEG_INFINITY, in_an_hour),
+        ),
+        (format!("20 random bytes `{}`", hex(&random)), random),
+        (
+            "a valid-looking value (0 tokens) with its time and expiry 10⁷ s in the future"
+                .to_owned(),
+            pack_compact(0.0, now + 1e7, far),
+        ),
+        ("7 bytes (a value of the wrong size)".to_owned(), vec![0; 7]),
+    ];
+    for (name, garbage) in cases {
+        eprintln!("[attack] compact garbage: {name}");
+        let server = Server::start(ctx, Backend::Redis, "127.0.0.1:0", &["--layout", "compact"])?;
+        let rss_before = server.rss_kib();
+        ctx.redis.cmd(redis::cmd("SET").arg(&key).arg(&garbage[..]));
+        let mut client = Client::new(server.addr, ip("127.0.0.1"));
+        let started = Instant::now();
+        let mut statuses = Vec::new();
+        for _ in 0..SPOOF_REQUESTS {
+            statuses.push(client.login(&[]).await?.status);
+        }
+        let elapsed = started.elapsed();
+        // The attack must have hit the server's key: after the logins Redis holds that key and
+        // no other (a server on another key would have made its own). If not, the harness
+        // wrote the wrong key, and the row would prove nothing.
+        let keys = match ctx.redis.cmd(redis::cmd("KEYS").arg("*")) {
+            redis::Value::Array(keys) => keys
+                .into_iter()
+                .map(|k| match k {
+                    redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+                    other => format!("{other:?}"),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if keys != [key.clone()] {
+            return Err(format!(
+                "compact garbage ({name}): Redis holds {keys:?} after the logins, not only \
+                 {key:?}: the server uses another key"
+            )
+            .into());
+        }
+        let stored = match ctx.redis.cmd(redis::cmd("GET").arg(&key)) {
+            redis::Value::BulkString(bytes) => Some(bytes),
+            _ => None,
+        };
+        let allowed = statuses.iter().filter(|s| (200..300).contains(*s)).count() as u64;
+        let most = most_allowed(elapsed, 1);
+        rows.push(Row {
+            attack: format!(
+                "d. stored garbage, compact layout (`--layout compact`): `:tb` = {name}"
+            ),
+            backend: "redis",
+            sent: SPOOF_REQUESTS,
+            allowed,
+            most: Some(most),
+            // Unusable data is a missing bucket, that is a full one: the client must get its
+            // full allowance (LOCKED OUT below it).
+            verdict: Verdict::between(allowed, MAX_TOKENS_WHOLE, most),
+            rss_before,
+            rss_after: server.rss_kib(),
+            note: format!(
+                "{}; afterwards `:tb` holds {} bytes",
+                status_counts(&statuses),
+                stored.map_or(0, |b| b.len())
+            ),
         });
     }
     Ok(rows)
