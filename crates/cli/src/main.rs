@@ -9,7 +9,7 @@
 //! `docs/cli.md` for examples.
 //!
 //! The modules: [`cli`] (arguments), [`commands`] (what each command does), [`output`]
-//! (rendering), [`error`] (exit codes), [`store`] (a store wrapper that keeps the last error).
+//! (rendering), [`error`] (exit codes).
 
 mod cli;
 mod commands;
