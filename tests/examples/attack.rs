@@ -388,8 +388,21 @@ struct Reply {
 
 impl Reply {
     fn allowed(self) -> bool {
-        (200..300).contains(&self.status)
+        is_allowed(self.status)
     }
+}
+
+/// Whether a status lets the request through.
+fn is_allowed(status: u16) -> bool {
+    (200..300).contains(&status)
+}
+
+/// How many of `statuses` let their request through.
+fn allowed_in(statuses: &[u16]) -> u64 {
+    statuses
+        .iter()
+        .filter(|&&status| is_allowed(status))
+        .count() as u64
 }
 
 /// Reads one response (status line, headers, `Content-Length` body).
@@ -471,14 +484,22 @@ impl Client {
 
 /// `n` logins in a row; (allowed, elapsed from the first sent to the last answered).
 async fn logins(client: &mut Client, n: u64, headers: &[(&str, String)]) -> Res<(u64, Duration)> {
+    let (statuses, elapsed) = login_statuses(client, n, headers).await?;
+    Ok((allowed_in(&statuses), elapsed))
+}
+
+/// `n` logins in a row; (every status, elapsed from the first sent to the last answered).
+async fn login_statuses(
+    client: &mut Client,
+    n: u64,
+    headers: &[(&str, String)],
+) -> Res<(Vec<u16>, Duration)> {
     let started = Instant::now();
-    let mut allowed = 0;
+    let mut statuses = Vec::new();
     for _ in 0..n {
-        if client.login(headers).await?.allowed() {
-            allowed += 1;
-        }
+        statuses.push(client.login(headers).await?.status);
     }
-    Ok((allowed, started.elapsed()))
+    Ok((statuses, started.elapsed()))
 }
 
 fn ip(text: &str) -> Option<IpAddr> {
@@ -957,13 +978,8 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
             .cmd(redis::cmd("SET").arg(&tokens_key).arg(&tokens));
         ctx.redis.cmd(redis::cmd("SET").arg(&time_key).arg(&time));
         let mut client = Client::new(server.addr, ip("127.0.0.1"));
-        let started = Instant::now();
-        let mut statuses = Vec::new();
-        for _ in 0..SPOOF_REQUESTS {
-            statuses.push(client.login(&[]).await?.status);
-        }
-        let elapsed = started.elapsed();
-        let allowed = statuses.iter().filter(|s| (200..300).contains(*s)).count() as u64;
+        let (statuses, elapsed) = login_statuses(&mut client, SPOOF_REQUESTS, &[]).await?;
+        let allowed = allowed_in(&statuses);
         let most = most_allowed(elapsed, 1);
         // Unusable data is a missing bucket, that is a full one: a client must get its logins.
         let verdict = Verdict::between(allowed, MAX_TOKENS_WHOLE, most);
@@ -1157,12 +1173,7 @@ async fn compact_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
         let rss_before = server.rss_kib();
         ctx.redis.cmd(redis::cmd("SET").arg(&key).arg(&garbage[..]));
         let mut client = Client::new(server.addr, ip("127.0.0.1"));
-        let started = Instant::now();
-        let mut statuses = Vec::new();
-        for _ in 0..SPOOF_REQUESTS {
-            statuses.push(client.login(&[]).await?.status);
-        }
-        let elapsed = started.elapsed();
+        let (statuses, elapsed) = login_statuses(&mut client, SPOOF_REQUESTS, &[]).await?;
         // The attack must have hit the server's key: after the logins Redis holds that key and
         // no other (a server on another key would have made its own). If not, the harness
         // wrote the wrong key, and the row would prove nothing.
@@ -1187,7 +1198,7 @@ async fn compact_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
             redis::Value::BulkString(bytes) => Some(bytes),
             _ => None,
         };
-        let allowed = statuses.iter().filter(|s| (200..300).contains(*s)).count() as u64;
+        let allowed = allowed_in(&statuses);
         let most = most_allowed(elapsed, 1);
         rows.push(Row {
             attack: format!(
