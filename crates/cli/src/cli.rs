@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use ratelimit_domain::IpGrouping;
+use ratelimit_redis::KeyLayout;
 
 /// The default `--key-prefix`: the one the service uses unless configured otherwise.
 pub(crate) const DEFAULT_KEY_PREFIX: &str = "rate_limit";
@@ -137,8 +138,15 @@ pub(crate) struct ConnectionArgs {
     pub(crate) key_prefix: String,
 
     /// How the service stores its buckets; must match the service's `RedisConfig` layout.
-    #[arg(long, value_enum, env = "RATELIMIT_LAYOUT", default_value_t = Layout::TwoKeys)]
-    pub(crate) layout: Layout,
+    /// `two-keys` (the original service's layout; also accepted as `specification`, its former
+    /// name) or `compact`.
+    #[arg(
+        long,
+        value_name = "two-keys|compact",
+        env = "RATELIMIT_LAYOUT",
+        default_value_t = KeyLayout::TwoKeys
+    )]
+    pub(crate) layout: KeyLayout,
 
     /// The service uses Redis Cluster: --redis-url is then a comma-separated list of nodes.
     #[arg(long, env = "RATELIMIT_CLUSTER")]
@@ -152,17 +160,6 @@ pub(crate) struct ConnectionArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub(crate) timeout_ms: u64,
-}
-
-/// How buckets are stored in Redis (see docs/lua.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Layout {
-    /// Two string keys per bucket, `<key>:tokens` and `<key>:time` (the default; also accepted
-    /// by its former name, `specification`).
-    #[value(alias = "specification")]
-    TwoKeys,
-    /// One binary key per bucket, `<key>:tb`.
-    Compact,
 }
 
 /// Subcommands of `rules`.

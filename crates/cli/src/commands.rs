@@ -11,7 +11,7 @@ use ratelimit_domain::{
     BucketKey, BucketStore, CheckOptions, DecisionSource, ErrorCode, IpGrouping, RateLimitError,
     RateLimitRule, RateLimitScope, RateLimiter, RuleSet,
 };
-use ratelimit_redis::{KeyLayout, RedisStorage};
+use ratelimit_redis::RedisStorage;
 
 use crate::cli::{BucketArgs, Cli, Command, ConnectionArgs, DEFAULT_KEY_PREFIX, RulesCommand};
 use crate::error::CliError;
@@ -141,12 +141,8 @@ impl Bucket<RedisStorage> {
         } else {
             RedisConfig::new(url)
         };
-        let layout = match connection.layout {
-            crate::cli::Layout::TwoKeys => KeyLayout::TwoKeys,
-            crate::cli::Layout::Compact => KeyLayout::Compact,
-        };
         let config = config
-            .with_layout(layout)
+            .with_layout(connection.layout)
             .with_pool_size(1)
             .with_check_timeout(timeout)
             .with_admin_timeout(timeout);
@@ -365,7 +361,7 @@ mod tests {
                 rules: Some(PathBuf::from("rules.toml")),
                 redis_url: None,
                 key_prefix: "rate_limit".to_owned(),
-                layout: crate::cli::Layout::TwoKeys,
+                layout: ratelimit_redis::KeyLayout::TwoKeys,
                 cluster: false,
                 timeout_ms: 100,
             },

@@ -72,27 +72,10 @@ pub(crate) struct Args {
     /// with in-process buckets).
     #[arg(long, default_value_t = FailurePolicy::Open)]
     pub(crate) failure_policy: FailurePolicy,
-    /// How buckets are stored in Redis (docs/lua.md).
-    #[arg(long, value_enum, default_value_t = Layout::TwoKeys)]
-    pub(crate) layout: Layout,
-}
-
-/// How buckets are stored in Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub(crate) enum Layout {
-    /// Two string keys per bucket, `<key>:tokens` and `<key>:time` (the original's layout).
-    TwoKeys,
-    /// One binary key per bucket, `<key>:tb`.
-    Compact,
-}
-
-impl From<Layout> for KeyLayout {
-    fn from(layout: Layout) -> Self {
-        match layout {
-            Layout::TwoKeys => Self::TwoKeys,
-            Layout::Compact => Self::Compact,
-        }
-    }
+    /// How buckets are stored in Redis (docs/lua.md): `two-keys` (the original's layout) or
+    /// `compact`.
+    #[arg(long, value_name = "two-keys|compact", default_value_t = KeyLayout::TwoKeys)]
+    pub(crate) layout: KeyLayout,
 }
 
 /// The server's parts: the router, the container behind it, and the metrics.
@@ -119,7 +102,7 @@ pub(crate) async fn build(args: &Args) -> Result<App, Box<dyn Error>> {
         .map(str::trim)
         .filter(|url| !url.is_empty())
     {
-        let redis = RedisConfig::new(url).with_layout(args.layout.into());
+        let redis = RedisConfig::new(url).with_layout(args.layout);
         config = config.with_backend(Backend::Redis(redis));
     }
     let container = Container::build(config).await?;

@@ -19,6 +19,39 @@ pub enum KeyLayout {
     Compact,
 }
 
+impl KeyLayout {
+    /// The layout's name in configuration and on command lines: `two-keys` or `compact`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::TwoKeys => "two-keys",
+            Self::Compact => "compact",
+        }
+    }
+}
+
+impl fmt::Display for KeyLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KeyLayout {
+    type Err = String;
+
+    /// `two-keys` or `compact`, in any case; `specification`, the two-key layout's former name,
+    /// is accepted too.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("specification") {
+            return Ok(Self::TwoKeys);
+        }
+        [Self::TwoKeys, Self::Compact]
+            .into_iter()
+            .find(|layout| layout.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown key layout {s:?}: expected two-keys or compact"))
+    }
+}
+
 /// How to reach Redis and how long to wait for it.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -191,6 +224,19 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layouts_parse_by_name_and_former_name_and_print_back() {
+        for layout in [KeyLayout::TwoKeys, KeyLayout::Compact] {
+            assert_eq!(layout.to_string().parse::<KeyLayout>(), Ok(layout));
+        }
+        assert_eq!("Specification".parse(), Ok(KeyLayout::TwoKeys));
+        assert_eq!(" COMPACT ".parse(), Ok(KeyLayout::Compact));
+        for bad in ["", "two_keys", "compact\0", "tb"] {
+            let err = bad.parse::<KeyLayout>().unwrap_err();
+            assert!(err.contains("two-keys or compact"), "{err}");
+        }
+    }
 
     #[test]
     fn passwords_never_show() {
