@@ -56,7 +56,8 @@ async fn redis_store_with_the_compact_layout_passes_the_contract() {
 // Each store layer over each store. The suite passes an explicit `now` with every check, and
 // the deny cache answers from its cache only checks without one (its wall-clock deadlines do not
 // apply to a caller's clock), so it is held to the very same decisions as the store it wraps:
-// nothing of the suite differs for it. Its own tests (crates/adapter) cover the cache hits.
+// nothing of the suite differs for it. `deny_cache_answers_repeats_as_the_store_would` below takes
+// the cache's own path over each store.
 
 fn breaker<S: BucketStore + 'static>(store: S) -> CircuitBreakerStore {
     CircuitBreakerStore::new(Arc::new(store), CircuitBreakerConfig::default())
@@ -94,6 +95,51 @@ async fn deny_cache_over_a_circuit_breaker_over_redis_passes_the_contract() {
     let redis = TestRedis::get();
     let store = deny_cache(breaker(redis_store(&redis.url)));
     contract::run_all(&store, &unique_prefix()).await;
+}
+
+/// The deny cache's own path, which the suite above never takes (it passes an explicit `now`):
+/// on the store's clock, repeats of a denial are answered from the cache with the store's
+/// decision, and a reset through the cache lets the next check reach the store again.
+async fn deny_cache_answers_repeats_as_the_store_would(inner: DynBucketStore, prefix: &str) {
+    let cache = DenyCacheStore::new(inner.clone(), 1_000);
+    // Two tokens, one a minute: a denial lasts about a minute, far longer than this test.
+    let rule = rule(2, 1.0);
+    let k = key(prefix, "203.0.113.9", "POST /login");
+    let request = BucketRequest::new(&k, &rule).with_cost(1);
+    let check = || cache.check_and_consume(&request);
+    assert!(check().await.unwrap().allowed);
+    assert!(check().await.unwrap().allowed);
+    let first = check().await.unwrap();
+    assert!(!first.allowed);
+    for _ in 0..100 {
+        let again = check().await.unwrap();
+        assert!(!again.allowed);
+        assert_eq!(again.remaining, first.remaining);
+        assert!(again.retry_after <= first.retry_after);
+    }
+    assert_eq!(cache.hits(), 100, "the repeats did not come from the cache");
+    // The store agrees with every cached answer: still no whole token.
+    assert_eq!(inner.get_remaining(&k, &rule, None).await.unwrap(), 0);
+    assert!(cache.reset(&k, &rule).await.unwrap());
+    assert!(
+        check().await.unwrap().allowed,
+        "a reset did not clear the cached denial"
+    );
+    assert_eq!(cache.hits(), 100);
+}
+
+#[tokio::test]
+async fn deny_cache_over_memory_answers_repeats_as_the_store_would() {
+    deny_cache_answers_repeats_as_the_store_would(Arc::new(MemoryStorage::new()), &unique_prefix())
+        .await;
+}
+
+#[tokio::test]
+async fn deny_cache_over_redis_answers_repeats_as_the_store_would() {
+    let redis = TestRedis::get();
+    for store in [redis_store(&redis.url), compact_store(&redis.url)] {
+        deny_cache_answers_repeats_as_the_store_would(Arc::new(store), &unique_prefix()).await;
+    }
 }
 
 #[tokio::test]
