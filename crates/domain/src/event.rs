@@ -64,6 +64,9 @@ pub struct RateLimitCheckDenied {
     /// How long until the request's cost is available (full precision;
     /// [`crate::RateLimitResult::RETRY_NEVER`] if never).
     pub retry_after: Duration,
+    /// The name of the limit that refused (the one with the longest wait when several did;
+    /// the endpoint, for the single-limit form). `None` when no limit was consulted.
+    pub refused_by: Option<Arc<str>>,
     /// How long the check took, from rule lookup to decision.
     pub execution_time: Duration,
     /// Who decided: the store, or a failure policy standing in for it.
@@ -138,9 +141,19 @@ impl RateLimitEvent {
             identifier,
             scope,
             retry_after,
+            refused_by: None,
             execution_time,
             source,
         })
+    }
+
+    /// The same event naming the limit that refused (only a denial carries it).
+    #[must_use]
+    pub fn with_refused_by(mut self, limit: Option<Arc<str>>) -> Self {
+        if let Self::Denied(denied) = &mut self {
+            denied.refused_by = limit;
+        }
+        self
     }
 
     /// The event's short name: `attempted`, `allowed` or `denied`.

@@ -4,7 +4,7 @@ use std::fmt::{self, Write as _};
 
 use sha2::{Digest, Sha256};
 
-use crate::{ErrorCode, RateLimitError, RateLimitScope, Result};
+use crate::{ErrorCode, Limit, RateLimitError, RateLimitScope, Result};
 
 /// The longest identifier written into a key as it is, in bytes. A longer identifier is
 /// replaced by `%H` and the hex SHA-256 of its bytes (66 bytes), so that one caller cannot make
@@ -77,6 +77,31 @@ impl KeyBuilder {
     /// # Errors
     /// [`ErrorCode::InvalidInput`] when `prefix` or `endpoint` is empty.
     pub fn new(prefix: &str, scope: RateLimitScope, endpoint: &str) -> Result<Self> {
+        Self::build(prefix, scope, None, endpoint)
+    }
+
+    /// A builder for the buckets of one limit of `endpoint`, below `prefix`.
+    ///
+    /// The implicit limit of the single-limit form keeps the keys of [`new`](Self::new). A
+    /// named limit puts `#<name>` after the scope, as in
+    /// `rate_limit:ip#per-client:203.0.113.9:GET /search` or
+    /// `rate_limit:global#everyone:GET /search`: names hold no `:` nor `#` (see [`Limit`]),
+    /// scopes no `#`, and the prefix no `:`, so a named limit's key never equals another
+    /// limit's, nor a key of the single-limit form.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn for_limit(prefix: &str, endpoint: &str, limit: &Limit) -> Result<Self> {
+        let name = limit.is_named().then(|| limit.name());
+        Self::build(prefix, limit.rule().scope(), name, endpoint)
+    }
+
+    fn build(
+        prefix: &str,
+        scope: RateLimitScope,
+        name: Option<&str>,
+        endpoint: &str,
+    ) -> Result<Self> {
         if prefix.is_empty() {
             return Err(invalid("key prefix must not be empty"));
         }
@@ -87,6 +112,11 @@ impl KeyBuilder {
         encode_into(&mut head, prefix, true);
         head.push(':');
         head.push_str(scope.as_str());
+        if let Some(name) = name {
+            head.push('#');
+            // Validated names need no escaping; this keeps keys distinct for any other.
+            encode_into(&mut head, name, true);
+        }
         head.push(':');
         let mut tail = String::with_capacity(endpoint.len() + 1);
         if scope.uses_identifier() {
@@ -189,6 +219,31 @@ mod tests {
             key(User, "Zoë", "GET /café"),
             "rate_limit:user:Zoë:GET /café"
         );
+    }
+
+    #[test]
+    fn named_limits_have_their_own_keys_and_the_implicit_one_keeps_the_old_key() {
+        let rule = crate::RateLimitRule::new(Ip, 5, 5.0).unwrap();
+        let named = Limit::named("per-client", rule.clone()).unwrap();
+        let key_of = |limit: &Limit| {
+            KeyBuilder::for_limit("rate_limit", "GET /x", limit)
+                .unwrap()
+                .key("1.2.3.4")
+                .unwrap()
+                .as_str()
+                .to_owned()
+        };
+        assert_eq!(key_of(&named), "rate_limit:ip#per-client:1.2.3.4:GET /x");
+        assert_eq!(
+            key_of(&Limit::implicit("GET /x", rule)),
+            key(Ip, "1.2.3.4", "GET /x")
+        );
+        let global = Limit::named(
+            "everyone",
+            crate::RateLimitRule::new(Global, 5, 5.0).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(key_of(&global), "rate_limit:global#everyone:GET /x");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! # Contents
 //! - [`RateLimitRule`] and [`RateLimitScope`]: the configuration of one endpoint's bucket,
 //!   validated when it is built ([`RuleError`]).
-//! - [`RuleSet`]: endpoint → rule, looked up in O(1) on every check.
+//! - [`Limit`] and [`EndpointLimits`]: an endpoint's named limits, checked all or nothing.
+//! - [`RuleSet`]: endpoint → limits, looked up in O(1) on every check.
 //! - [`BucketKey`]: the storage key of one bucket, built from untrusted identifiers.
 //! - [`IpGrouping`]: the identifier of a client IP address (canonical form, IPv6 by `/64`),
 //!   shared by the HTTP layer and the admin CLI.
@@ -24,6 +25,7 @@ mod clock;
 mod error;
 mod event;
 mod key;
+mod limit;
 mod policy;
 mod ports;
 mod result;
@@ -39,6 +41,10 @@ pub use event::{
     RateLimitCheckAllowed, RateLimitCheckAttempted, RateLimitCheckDenied, RateLimitEvent,
 };
 pub use key::{BucketKey, KeyBuilder, MAX_IDENTIFIER_BYTES};
+pub use limit::{
+    EndpointLimits, Limit, MAX_LIMIT_NAME_BYTES, MAX_LIMITS_PER_ENDPOINT,
+    validate_name as validate_limit_name,
+};
 pub use policy::FailurePolicy;
 pub use ports::{
     BucketRequest, BucketStore, CheckOptions, DynBucketStore, DynEventBus, DynRateLimiter,
@@ -46,7 +52,7 @@ pub use ports::{
 };
 #[cfg(any(test, feature = "mocks"))]
 pub use ports::{MockBucketStore, MockEventBus, MockRateLimiter};
-pub use result::{BucketDecision, DecisionSource, RateLimitResult};
+pub use result::{BucketDecision, DecisionSource, LimitOutcome, RateLimitResult};
 pub use rule::{MAX_TOKENS_LIMIT, MAX_TTL_SECONDS, RateLimitRule, RuleError};
 pub use rules::RuleSet;
 pub use scope::{ParseScopeError, RateLimitScope};

@@ -51,9 +51,23 @@ pub trait RateLimiter: Send + Sync + Debug + 'static {
     /// enabled rule).
     async fn get_remaining(&self, endpoint: &str, identifier: &str) -> Result<u64>;
 
-    /// Refills the bucket. Answers whether there was a bucket to refill (`false`: it was
+    /// Refills the identifier's buckets of the endpoint: every limit that is not
+    /// [`Global`](crate::RateLimitScope::Global), and in the single-limit form the one limit
+    /// whatever its scope. Answers whether there was a bucket to refill (`false`: all were
     /// already full, or the endpoint has no rule, which resets nothing, successfully).
     async fn reset(&self, endpoint: &str, identifier: &str) -> Result<bool>;
+
+    /// Every limit of the endpoint as it stands for `identifier`, consuming nothing, in one
+    /// store call: [`RateLimitResult::limits`] holds each limit's remaining tokens, and
+    /// `allowed` says whether a request at the endpoint's costs would pass now.
+    async fn status(&self, endpoint: &str, identifier: &str) -> Result<RateLimitResult>;
+
+    /// Refills one named limit's bucket for `identifier` (the shared bucket, for a global
+    /// limit). Answers whether there was a bucket to refill.
+    ///
+    /// # Errors
+    /// [`crate::ErrorCode::InvalidInput`] when the endpoint has no limit of that name.
+    async fn reset_limit(&self, endpoint: &str, identifier: &str, limit: &str) -> Result<bool>;
 }
 
 /// Conveniences over [`RateLimiter`], for every implementation.
@@ -157,6 +171,21 @@ pub trait BucketStore: Send + Sync + Debug + 'static {
     /// Takes the request's `cost` in tokens from its bucket if it holds that many. A `cost` of
     /// zero only reads.
     async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision>;
+
+    /// One all-or-nothing check over several buckets (the limits of one request): takes each
+    /// request's cost from its bucket if **every** bucket holds its cost, otherwise takes
+    /// nothing. Answers one decision per request, in order, exactly as
+    /// [`crate::token_bucket::step_all`]: `allowed` says whether that bucket had its tokens,
+    /// and the whole request is allowed when all are.
+    ///
+    /// Every request is decided at the `now` of the first. The keys must be distinct. On a
+    /// single store the step is atomic; a store whose keys cannot all be written atomically
+    /// (Redis Cluster, keys in several slots) documents its weaker guarantee, which must still
+    /// never admit more than every bucket allows.
+    async fn check_and_consume_all<'a>(
+        &self,
+        requests: &[BucketRequest<'a>],
+    ) -> Result<Vec<BucketDecision>>;
 
     /// Whole tokens in the bucket, consuming nothing and writing nothing.
     async fn get_remaining(

@@ -1,8 +1,11 @@
 //! What a check answers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(doc)]
 use crate::RateLimitRule;
+use crate::{Limit, RateLimitScope};
 
 /// A store's answer to one check-and-consume step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,45 +65,163 @@ impl DecisionSource {
     }
 }
 
-/// The answer to "may this request go ahead?".
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What one limit of a request said.
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-pub struct RateLimitResult {
-    /// Whether the request may go ahead.
-    pub allowed: bool,
-    /// How long the caller should wait before retrying, at full precision; zero when allowed.
-    /// [`RateLimitResult::RETRY_NEVER`] when the request costs more than the bucket can ever
-    /// hold.
-    pub retry_after: Duration,
-    /// Whole tokens left in the bucket.
-    pub remaining: u64,
-    /// The bucket's capacity (the rule's `max_tokens`; 0 when no rule applies).
+pub struct LimitOutcome {
+    /// The limit's name (the endpoint, for the single-limit form).
+    pub name: Arc<str>,
+    /// Whose requests share its bucket.
+    pub scope: RateLimitScope,
+    /// Its capacity (`max_tokens`).
     pub limit: u64,
-    /// The rule's `ttl_seconds`: an upper bound on how long until an idle bucket is full and
-    /// forgotten (0 when no rule applies or the rule is disabled).
-    pub reset_seconds: u64,
-    /// Who decided.
-    pub source: DecisionSource,
+    /// Its refill rate, tokens per minute.
+    pub refill_rate: f64,
+    /// Whole tokens left in its bucket: after this request's cost when the request was
+    /// allowed, untouched otherwise.
+    pub remaining: u64,
+    /// Whether this limit had the request's tokens. A request is allowed only when every
+    /// limit had them; a limit can have them while another refuses the request.
+    pub allowed: bool,
+    /// How long until this limit has the tokens: zero when it had them,
+    /// [`RateLimitResult::RETRY_NEVER`] when the cost exceeds its capacity.
+    pub retry_after: Duration,
 }
 
-impl RateLimitResult {
-    /// The `retry_after` of a request that can never be allowed.
-    pub const RETRY_NEVER: Duration = BucketDecision::NEVER;
-
-    /// The result of a store's decision under `rule`.
-    pub fn from_decision(decision: BucketDecision, rule: &RateLimitRule) -> Self {
+impl LimitOutcome {
+    /// What `limit`'s bucket decided.
+    pub fn from_decision(limit: &Limit, decision: BucketDecision) -> Self {
+        let rule = limit.rule();
         Self {
+            name: limit.shared_name().clone(),
+            scope: rule.scope(),
+            limit: rule.max_tokens(),
+            refill_rate: rule.refill_rate(),
+            remaining: decision.remaining,
             allowed: decision.allowed,
             retry_after: if decision.allowed {
                 Duration::ZERO
             } else {
                 decision.retry_after
             },
-            remaining: decision.remaining,
-            limit: rule.max_tokens(),
-            reset_seconds: rule.ttl_seconds(),
-            source: DecisionSource::Store,
         }
+    }
+
+    /// `limit` reported as a full bucket that allows (fail-open, disabled).
+    pub fn full(limit: &Limit) -> Self {
+        let max = limit.rule().max_tokens();
+        Self::from_decision(
+            limit,
+            BucketDecision {
+                allowed: true,
+                retry_after: Duration::ZERO,
+                remaining: max,
+            },
+        )
+    }
+
+    /// `limit` reported as an empty bucket that refuses for one token's time (fail-closed).
+    pub fn refusing(limit: &Limit) -> Self {
+        Self::from_decision(
+            limit,
+            BucketDecision {
+                allowed: false,
+                retry_after: crate::token_bucket::seconds(limit.rule().seconds_per_token()),
+                remaining: 0,
+            },
+        )
+    }
+
+    /// The IETF `RateLimit-Policy` window of this limit in whole seconds: the time its empty
+    /// bucket takes to refill, rounded up (see [`RateLimitRule::window_seconds`]).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // bounded by MAX_TTL_SECONDS in rules
+    pub fn window_seconds(&self) -> u64 {
+        ((self.limit as f64 / self.refill_rate * 60.0).ceil() as u64).max(1)
+    }
+
+    /// An upper bound on how long until its idle bucket is full and forgotten (the rule's
+    /// `ttl_seconds`).
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // bounded by MAX_TTL_SECONDS in rules
+    pub fn reset_seconds(&self) -> u64 {
+        (self.limit as f64 / self.refill_rate * 60.0) as u64 + 60
+    }
+
+    /// `retry_after` in whole seconds, rounded up; `None` for never.
+    pub fn retry_after_whole_seconds(&self) -> Option<u64> {
+        whole_seconds(self.retry_after)
+    }
+}
+
+/// The answer to "may this request go ahead?".
+///
+/// The top-level numbers describe the *deciding* limit ([`deciding`](Self::deciding)): the one
+/// that refused with the longest wait, or, when the request was allowed, the tightest one (the
+/// fewest tokens left). [`limits`](Self::limits) holds every limit's own answer.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RateLimitResult {
+    /// Whether the request may go ahead: every limit had its tokens.
+    pub allowed: bool,
+    /// How long the caller should wait before retrying, at full precision: the longest wait
+    /// among the limits that refused; zero when allowed. [`RateLimitResult::RETRY_NEVER`]
+    /// when the request costs more than some bucket can ever hold.
+    pub retry_after: Duration,
+    /// Whole tokens left in the deciding limit's bucket.
+    pub remaining: u64,
+    /// The deciding limit's capacity (0 when no rule applies).
+    pub limit: u64,
+    /// The deciding limit's `ttl_seconds`: an upper bound on how long until an idle bucket is
+    /// full and forgotten (0 when no rule applies or the rule is disabled).
+    pub reset_seconds: u64,
+    /// Who decided.
+    pub source: DecisionSource,
+    /// Every limit consulted, in the endpoint's order (empty when no rule applies).
+    pub limits: Vec<LimitOutcome>,
+}
+
+impl RateLimitResult {
+    /// The `retry_after` of a request that can never be allowed.
+    pub const RETRY_NEVER: Duration = BucketDecision::NEVER;
+
+    /// The result of every limit's answer, decided by `source`.
+    pub fn from_outcomes(limits: Vec<LimitOutcome>, source: DecisionSource) -> Self {
+        let allowed = limits.iter().all(|l| l.allowed);
+        let deciding = deciding_index(&limits, allowed);
+        let retry_after = if allowed {
+            Duration::ZERO
+        } else {
+            limits
+                .iter()
+                .filter(|l| !l.allowed)
+                .map(|l| l.retry_after)
+                .max()
+                .unwrap_or(Duration::ZERO)
+        };
+        let (remaining, limit, reset_seconds) = deciding
+            .map(|i| &limits[i])
+            .map_or((0, 0, 0), |l| (l.remaining, l.limit, l.reset_seconds()));
+        Self {
+            allowed,
+            retry_after,
+            remaining,
+            limit,
+            reset_seconds,
+            source,
+            limits,
+        }
+    }
+
+    /// The result of a store's decisions, one per limit in the same order.
+    pub fn from_decisions<'a>(
+        limits: impl IntoIterator<Item = &'a Limit>,
+        decisions: &[BucketDecision],
+    ) -> Self {
+        let outcomes = limits
+            .into_iter()
+            .zip(decisions)
+            .map(|(limit, decision)| LimitOutcome::from_decision(limit, *decision))
+            .collect();
+        Self::from_outcomes(outcomes, DecisionSource::Store)
     }
 
     /// No rule for the endpoint: allowed, nothing remaining, no limit.
@@ -112,43 +233,35 @@ impl RateLimitResult {
             limit: 0,
             reset_seconds: 0,
             source: DecisionSource::NoRule,
+            limits: Vec::new(),
         }
     }
 
-    /// A disabled rule: allowed with the full bucket.
-    pub fn disabled(rule: &RateLimitRule) -> Self {
-        Self {
-            allowed: true,
-            retry_after: Duration::ZERO,
-            remaining: rule.max_tokens(),
-            limit: rule.max_tokens(),
-            reset_seconds: 0,
-            source: DecisionSource::RuleDisabled,
-        }
+    /// A disabled endpoint: allowed with every bucket full, `reset_seconds` 0.
+    pub fn disabled<'a>(limits: impl IntoIterator<Item = &'a Limit>) -> Self {
+        let mut result = Self::from_outcomes(
+            limits.into_iter().map(LimitOutcome::full).collect(),
+            DecisionSource::RuleDisabled,
+        );
+        result.reset_seconds = 0;
+        result
     }
 
-    /// The store failed: allowed as if the bucket were full, marked as a fail-open decision.
-    pub fn fail_open(rule: &RateLimitRule) -> Self {
-        Self {
-            allowed: true,
-            retry_after: Duration::ZERO,
-            remaining: rule.max_tokens(),
-            limit: rule.max_tokens(),
-            reset_seconds: rule.ttl_seconds(),
-            source: DecisionSource::FailOpen,
-        }
+    /// The store failed: allowed as if every bucket were full, marked as a fail-open decision.
+    pub fn fail_open<'a>(limits: impl IntoIterator<Item = &'a Limit>) -> Self {
+        Self::from_outcomes(
+            limits.into_iter().map(LimitOutcome::full).collect(),
+            DecisionSource::FailOpen,
+        )
     }
 
-    /// The store failed and the policy is to deny: denied, retry after one token's time.
-    pub fn fail_closed(rule: &RateLimitRule) -> Self {
-        Self {
-            allowed: false,
-            retry_after: crate::token_bucket::seconds(rule.seconds_per_token()),
-            remaining: 0,
-            limit: rule.max_tokens(),
-            reset_seconds: rule.ttl_seconds(),
-            source: DecisionSource::FailClosed,
-        }
+    /// The store failed and the policy is to deny: denied, every limit refusing for one
+    /// token's time.
+    pub fn fail_closed<'a>(limits: impl IntoIterator<Item = &'a Limit>) -> Self {
+        Self::from_outcomes(
+            limits.into_iter().map(LimitOutcome::refusing).collect(),
+            DecisionSource::FailClosed,
+        )
     }
 
     /// The same result, attributed to another decider.
@@ -156,6 +269,17 @@ impl RateLimitResult {
     pub fn with_source(mut self, source: DecisionSource) -> Self {
         self.source = source;
         self
+    }
+
+    /// The limit the top-level numbers describe: the refusing limit with the longest wait, or
+    /// the one with the fewest tokens left when allowed (the first, on ties).
+    pub fn deciding(&self) -> Option<&LimitOutcome> {
+        deciding_index(&self.limits, self.allowed).map(|i| &self.limits[i])
+    }
+
+    /// The limits that refused the request.
+    pub fn refused(&self) -> impl Iterator<Item = &LimitOutcome> {
+        self.limits.iter().filter(|l| !l.allowed)
     }
 
     /// Whether the decision came from a failure policy rather than from the shared store.
@@ -174,22 +298,41 @@ impl RateLimitResult {
     /// `retry_after` in whole seconds, rounded up (for `Retry-After` headers); `None` when the
     /// request can never be allowed.
     pub fn retry_after_whole_seconds(&self) -> Option<u64> {
-        if self.retry_never() {
-            return None;
-        }
-        let secs = self.retry_after.as_secs();
-        Some(if self.retry_after.subsec_nanos() > 0 {
-            secs + 1
-        } else {
-            secs
-        })
+        whole_seconds(self.retry_after)
     }
+}
+
+fn whole_seconds(wait: Duration) -> Option<u64> {
+    if wait == BucketDecision::NEVER {
+        return None;
+    }
+    let secs = wait.as_secs();
+    Some(if wait.subsec_nanos() > 0 {
+        secs + 1
+    } else {
+        secs
+    })
+}
+
+fn deciding_index(limits: &[LimitOutcome], allowed: bool) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    for (i, l) in limits.iter().enumerate() {
+        let better = match best.map(|b| &limits[b]) {
+            None => allowed || !l.allowed,
+            Some(b) if allowed => l.remaining < b.remaining,
+            Some(b) => !l.allowed && l.retry_after > b.retry_after,
+        };
+        if better {
+            best = Some(i);
+        }
+    }
+    best
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::RateLimitScope;
+    use crate::RateLimitRule;
 
     fn rule() -> RateLimitRule {
         RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap()
@@ -202,7 +345,8 @@ mod tests {
             retry_after: Duration::from_millis(11_500),
             remaining: 0,
         };
-        let result = RateLimitResult::from_decision(denied, &rule());
+        let result =
+            RateLimitResult::from_decisions([&Limit::implicit("GET /x", rule())], &[denied]);
         assert!(!result.allowed);
         assert_eq!(result.retry_after, Duration::from_millis(11_500));
         assert_eq!(result.retry_after_whole_seconds(), Some(12));
@@ -216,20 +360,71 @@ mod tests {
         assert!(none.allowed);
         assert_eq!((none.remaining, none.limit, none.reset_seconds), (0, 0, 0));
 
-        let disabled = RateLimitResult::disabled(&rule());
+        let disabled = RateLimitResult::disabled([&Limit::implicit("GET /x", rule())]);
         assert!(disabled.allowed);
         assert_eq!(
             (disabled.remaining, disabled.limit, disabled.reset_seconds),
             (5, 5, 0)
         );
 
-        let open = RateLimitResult::fail_open(&rule());
+        let open = RateLimitResult::fail_open([&Limit::implicit("GET /x", rule())]);
         assert!(open.allowed);
         assert_eq!(
             (open.remaining, open.limit, open.reset_seconds),
             (5, 5, 120)
         );
         assert_eq!(open.source, DecisionSource::FailOpen);
+    }
+
+    #[test]
+    fn the_deciding_limit_is_the_longest_refusal_or_the_tightest_pass() {
+        let per_client = Limit::named("per-client", rule()).unwrap();
+        let everyone = Limit::named(
+            "everyone",
+            RateLimitRule::new(RateLimitScope::Global, 15, 15.0).unwrap(),
+        )
+        .unwrap();
+        let d = |allowed, secs, remaining| BucketDecision {
+            allowed,
+            retry_after: Duration::from_secs(secs),
+            remaining,
+        };
+        let passed = RateLimitResult::from_decisions(
+            [&per_client, &everyone],
+            &[d(true, 0, 4), d(true, 0, 2)],
+        );
+        assert!(passed.allowed);
+        assert_eq!(&*passed.deciding().unwrap().name, "everyone");
+        assert_eq!((passed.remaining, passed.limit), (2, 15));
+        assert_eq!(passed.refused().count(), 0);
+
+        let refused = RateLimitResult::from_decisions(
+            [&per_client, &everyone],
+            &[d(true, 0, 4), d(false, 4, 0)],
+        );
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after, Duration::from_secs(4));
+        assert_eq!(&*refused.deciding().unwrap().name, "everyone");
+        assert_eq!(
+            refused.refused().map(|l| &*l.name).collect::<Vec<_>>(),
+            ["everyone"]
+        );
+        assert_eq!(
+            (refused.remaining, refused.limit, refused.reset_seconds),
+            (0, 15, 120)
+        );
+
+        let both = RateLimitResult::from_decisions(
+            [&per_client, &everyone],
+            &[d(false, 9, 0), d(false, 4, 0)],
+        );
+        assert_eq!(both.retry_after, Duration::from_secs(9));
+        assert_eq!(&*both.deciding().unwrap().name, "per-client");
+
+        let closed = RateLimitResult::fail_closed([&per_client, &everyone]);
+        assert!(!closed.allowed);
+        assert_eq!(closed.retry_after, Duration::from_secs(12));
+        assert_eq!(closed.source, DecisionSource::FailClosed);
     }
 
     #[test]
@@ -240,7 +435,8 @@ mod tests {
             remaining: 3,
         };
         assert!(never.is_never());
-        let result = RateLimitResult::from_decision(never, &rule());
+        let result =
+            RateLimitResult::from_decisions([&Limit::implicit("GET /x", rule())], &[never]);
         assert!(result.retry_never());
         assert_eq!(result.retry_after_whole_seconds(), None);
     }

@@ -55,6 +55,32 @@ pub enum RuleError {
         /// The longest accepted refill time in seconds.
         limit: u64,
     },
+    /// A limit name that is not safe in keys, headers and metric labels (see
+    /// [`crate::Limit`]).
+    #[error("limit name {name:?} {reason}")]
+    InvalidLimitName {
+        /// The rejected name (at most 80 characters of it).
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Two limits of one endpoint share a name.
+    #[error("limit name {name:?} is used twice on one endpoint")]
+    DuplicateLimitName {
+        /// The name used twice.
+        name: String,
+    },
+    /// An endpoint was given an empty list of limits.
+    #[error("an endpoint needs at least one limit")]
+    NoLimits,
+    /// An endpoint was given more than [`crate::MAX_LIMITS_PER_ENDPOINT`] limits.
+    #[error("an endpoint may have at most {max} limits, got {count}")]
+    TooManyLimits {
+        /// How many were given.
+        count: usize,
+        /// The most accepted.
+        max: usize,
+    },
 }
 
 /// How one endpoint is limited: a token bucket of `max_tokens` that refills at `refill_rate`
@@ -177,6 +203,14 @@ impl RateLimitRule {
     /// Seconds for one token to come back: `60 / refill_rate`.
     pub fn seconds_per_token(&self) -> f64 {
         60.0 / self.refill_rate
+    }
+
+    /// The IETF `RateLimit-Policy` window of this bucket, in whole seconds (at least 1): the
+    /// time an empty bucket takes to refill, `max_tokens / refill_rate * 60`, rounded up. A
+    /// bucket admits at most `max_tokens` requests plus what refills over any such window.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // bounded by MAX_TTL_SECONDS at construction
+    pub fn window_seconds(&self) -> u64 {
+        ((self.max_tokens as f64 / self.refill_rate * 60.0).ceil() as u64).max(1)
     }
 
     /// How long an idle bucket is worth keeping, in whole seconds: the time an empty bucket

@@ -118,6 +118,73 @@ pub fn step(
     }
 }
 
+/// One bucket of a [`step_all`]: what is stored, the bucket's rule, and the cost to take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInput {
+    /// The stored state, `None` when the bucket is missing.
+    pub stored: Option<BucketState>,
+    /// The bucket's capacity.
+    pub max_tokens: u64,
+    /// Tokens per minute.
+    pub refill_rate: f64,
+    /// Tokens to take; 0 only reads.
+    pub cost: u64,
+}
+
+/// One all-or-nothing step over several buckets at time `now`: the reference of every store's
+/// multi-limit check.
+///
+/// Each bucket is first stepped alone ([`step`]). If every one of them has its tokens, the
+/// result is exactly those steps: each takes its cost. If any lacks them, **none** takes
+/// anything:
+/// - a bucket that lacked its tokens reports and stores what [`step`] does (refilled, nothing
+///   taken, its wait; nothing stored for a cost above capacity);
+/// - a bucket that had them reports `allowed: true` (it had the tokens), a zero wait, the
+///   tokens it holds now (nothing taken), and stores nothing.
+///
+/// So the request is allowed exactly when every returned decision is, and then its wait is the
+/// longest of the refusing buckets' ([`combined_retry_after`]). With one bucket this is
+/// [`step`].
+pub fn step_all(inputs: &[StepInput], now: f64) -> Vec<Step> {
+    let mut steps: Vec<Step> = inputs
+        .iter()
+        .map(|input| {
+            step(
+                input.stored,
+                input.max_tokens,
+                input.refill_rate,
+                input.cost,
+                now,
+            )
+        })
+        .collect();
+    if steps.iter().all(|s| s.decision.allowed) {
+        return steps;
+    }
+    for (out, input) in steps.iter_mut().zip(inputs) {
+        if out.decision.allowed {
+            // Had the tokens, takes nothing: report what it holds, write nothing.
+            let read = step(input.stored, input.max_tokens, input.refill_rate, 0, now);
+            *out = Step {
+                decision: read.decision,
+                store: None,
+            };
+        }
+    }
+    steps
+}
+
+/// The wait of a whole multi-bucket request: the longest wait among its decisions (zero when
+/// all were allowed; [`BucketDecision::NEVER`] when any is never).
+pub fn combined_retry_after(decisions: &[BucketDecision]) -> Duration {
+    decisions
+        .iter()
+        .filter(|d| !d.allowed)
+        .map(|d| d.retry_after)
+        .max()
+        .unwrap_or(Duration::ZERO)
+}
+
 /// How far ahead of `now` a stored time may lie and still be trusted: the bucket's refill time
 /// plus 60 s (`max_tokens / refill_rate * 60 + 60`, the lifetime Redis gives its keys, before
 /// rounding up).
@@ -395,6 +462,86 @@ mod tests {
         let all = step(None, max, 1e12, max, T0);
         assert!(all.decision.allowed);
         assert_eq!(all.decision.remaining, 0);
+    }
+
+    fn input(stored: Option<BucketState>, max: u64, rate: f64, cost: u64) -> StepInput {
+        StepInput {
+            stored,
+            max_tokens: max,
+            refill_rate: rate,
+            cost,
+        }
+    }
+
+    #[test]
+    fn step_all_of_one_bucket_is_step() {
+        let mut state = None;
+        for (cost, dt) in [(3, 0.0), (3, 0.5), (3, 1.0), (0, 2.0), (11, 3.0), (1, 90.0)] {
+            let one = step(state, 10, 6.0, cost, T0 + dt);
+            let all = step_all(&[input(state, 10, 6.0, cost)], T0 + dt);
+            assert_eq!(all, vec![one]);
+            if one.store.is_some() {
+                state = one.store;
+            }
+        }
+    }
+
+    #[test]
+    fn step_all_takes_from_every_bucket_or_from_none() {
+        // A per-client bucket with 10 tokens and a shared one with 2.
+        let client = Some(BucketState {
+            tokens: 10.0,
+            last: T0,
+        });
+        let shared = Some(BucketState {
+            tokens: 2.0,
+            last: T0,
+        });
+        let both = step_all(
+            &[input(client, 10, 60.0, 1), input(shared, 15, 60.0, 1)],
+            T0,
+        );
+        assert!(both.iter().all(|s| s.decision.allowed));
+        assert_eq!(
+            both.iter()
+                .map(|s| s.store.map(|s| s.tokens))
+                .collect::<Vec<_>>(),
+            [Some(9.0), Some(1.0)]
+        );
+
+        // Cost 3: the shared bucket refuses, so the client's bucket loses nothing.
+        let refused = step_all(
+            &[input(client, 10, 60.0, 3), input(shared, 15, 60.0, 3)],
+            T0,
+        );
+        assert!(
+            refused[0].decision.allowed,
+            "the client limit had the tokens"
+        );
+        assert_eq!(refused[0].decision.remaining, 10);
+        assert_eq!(refused[0].decision.retry_after, Duration::ZERO);
+        assert_eq!(refused[0].store, None, "nothing taken, nothing written");
+        assert!(!refused[1].decision.allowed);
+        assert_eq!(refused[1].decision.retry_after, Duration::from_secs(1));
+        assert_eq!(
+            combined_retry_after(&[refused[0].decision, refused[1].decision]),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn the_longest_wait_wins_and_never_beats_everything() {
+        let empty = Some(BucketState {
+            tokens: 0.0,
+            last: T0,
+        });
+        let out = step_all(&[input(empty, 5, 60.0, 1), input(empty, 5, 6.0, 1)], T0);
+        let decisions: Vec<_> = out.iter().map(|s| s.decision).collect();
+        assert_eq!(combined_retry_after(&decisions), Duration::from_secs(10));
+        let out = step_all(&[input(empty, 5, 60.0, 1), input(None, 5, 6.0, 6)], T0);
+        let decisions: Vec<_> = out.iter().map(|s| s.decision).collect();
+        assert_eq!(combined_retry_after(&decisions), BucketDecision::NEVER);
+        assert!(step_all(&[], T0).is_empty());
     }
 
     #[test]
