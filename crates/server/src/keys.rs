@@ -144,6 +144,9 @@ mod tests {
     /// Adversarial pieces: separators, escapes, lookalikes of a hashed part.
     const PIECES: [&str; 9] = ["|", "=", "~", "\\", "\\H", "a", "", "k=v", "|k=v"];
 
+    /// A descriptor as written: domain and (key, shared pattern?, value) entries.
+    type Written = (String, Vec<(String, bool, String)>);
+
     #[test]
     fn distinct_descriptors_never_share_a_path() {
         let mut strings = vec![String::new()];
@@ -158,7 +161,7 @@ mod tests {
         }
         strings.sort();
         strings.dedup();
-        let mut seen: HashMap<String, (String, Vec<(String, bool, String)>)> = HashMap::new();
+        let mut seen: HashMap<String, Written> = HashMap::new();
         let mut check = |domain: &str, entries: Vec<(String, bool, String)>| {
             let matched: Vec<(&str, EntryMatch<'_>)> = entries
                 .iter()
