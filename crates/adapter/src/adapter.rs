@@ -225,11 +225,7 @@ impl TokenBucketAdapter {
     ///
     /// # Errors
     /// [`ErrorCode::InvalidInput`] for an unusable identifier.
-    pub fn bucket_keys(
-        &self,
-        endpoint: &str,
-        identifier: &str,
-    ) -> Option<Result<LimitKeys>> {
+    pub fn bucket_keys(&self, endpoint: &str, identifier: &str) -> Option<Result<LimitKeys>> {
         self.rules.get(endpoint).map(|prepared| {
             prepared
                 .all
@@ -1109,5 +1105,245 @@ mod tests {
         assert_eq!(denied.retry_after, Duration::from_secs(12));
         clock.advance(Duration::from_secs(12));
         assert!(limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap().allowed);
+    }
+
+    const SEARCH: &str = "GET /api/v1/search";
+
+    /// A login per client IP and for everybody together, as the example.
+    fn search_rules() -> RuleSet {
+        let limits = EndpointLimits::new(vec![
+            Limit::named(
+                "per-client",
+                RateLimitRule::new(RateLimitScope::Ip, 10, 10.0).unwrap(),
+            )
+            .unwrap(),
+            Limit::named(
+                "everyone",
+                RateLimitRule::new(RateLimitScope::Global, 15, 15.0).unwrap(),
+            )
+            .unwrap(),
+        ])
+        .unwrap();
+        RuleSet::try_from_limits([(SEARCH, limits)]).unwrap()
+    }
+
+    fn memory_adapter(clock: &ratelimit_domain::ManualClock) -> TokenBucketAdapter {
+        let store = ratelimit_memory::MemoryStorage::with_clock(clock.clone());
+        TokenBucketAdapter::builder(Arc::new(store), search_rules())
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn two_limits_are_checked_all_or_nothing_and_the_refusing_one_is_named() {
+        let clock = ratelimit_domain::ManualClock::new(1_000.0);
+        let limiter = memory_adapter(&clock);
+        // Client a takes 10 (its own limit), client b takes 5: the shared 15 are gone.
+        for _ in 0..10 {
+            assert!(
+                limiter
+                    .is_allowed(SEARCH, "10.0.0.1")
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        let tenth = limiter.is_allowed(SEARCH, "10.0.0.1").await.unwrap();
+        assert!(!tenth.allowed);
+        assert_eq!(
+            tenth.refused().map(|l| &*l.name).collect::<Vec<_>>(),
+            ["per-client"]
+        );
+        for _ in 0..5 {
+            assert!(
+                limiter
+                    .is_allowed(SEARCH, "10.0.0.2")
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        let refused = limiter.is_allowed(SEARCH, "10.0.0.2").await.unwrap();
+        assert!(!refused.allowed);
+        assert_eq!(
+            refused.refused().map(|l| &*l.name).collect::<Vec<_>>(),
+            ["everyone"]
+        );
+        assert_eq!(&*refused.deciding().unwrap().name, "everyone");
+        assert_eq!((refused.limit, refused.remaining), (15, 0));
+        assert_eq!(refused.retry_after, Duration::from_secs(4));
+        let own = &refused.limits[0];
+        assert!(own.allowed, "client b still had its own tokens");
+        assert_eq!(own.remaining, 5);
+        // Refused requests took nothing from client b's own bucket.
+        for _ in 0..20 {
+            assert!(
+                !limiter
+                    .is_allowed(SEARCH, "10.0.0.2")
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        let status = limiter.status(SEARCH, "10.0.0.2").await.unwrap();
+        assert_eq!(
+            status
+                .limits
+                .iter()
+                .map(|l| (&*l.name, l.remaining, l.allowed))
+                .collect::<Vec<_>>(),
+            [("per-client", 5, true), ("everyone", 0, false)]
+        );
+        assert!(!status.allowed);
+        assert_eq!(limiter.get_remaining(SEARCH, "10.0.0.2").await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn reset_refills_the_identifier_s_buckets_and_a_global_one_only_by_name() {
+        let clock = ratelimit_domain::ManualClock::new(1_000.0);
+        let limiter = memory_adapter(&clock);
+        for _ in 0..10 {
+            assert!(
+                limiter
+                    .is_allowed(SEARCH, "10.0.0.1")
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        assert!(limiter.reset(SEARCH, "10.0.0.1").await.unwrap());
+        let status = limiter.status(SEARCH, "10.0.0.1").await.unwrap();
+        assert_eq!(
+            status
+                .limits
+                .iter()
+                .map(|l| l.remaining)
+                .collect::<Vec<_>>(),
+            [10, 5],
+            "the global limit must not be reset by an identifier's reset"
+        );
+        assert!(
+            limiter
+                .reset_limit(SEARCH, "anyone", "everyone")
+                .await
+                .unwrap()
+        );
+        let status = limiter.status(SEARCH, "10.0.0.1").await.unwrap();
+        assert_eq!(status.limits[1].remaining, 15);
+        let err = limiter
+            .reset_limit(SEARCH, "x", "nobody")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidInput);
+        let keys = limiter.bucket_keys(SEARCH, "10.0.0.1").unwrap().unwrap();
+        assert_eq!(
+            keys.iter()
+                .map(|(name, key)| format!("{name}={key}"))
+                .collect::<Vec<_>>(),
+            [
+                "per-client=rate_limit:ip#per-client:10.0.0.1:GET /api/v1/search",
+                "everyone=rate_limit:global#everyone:GET /api/v1/search",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn one_store_call_per_check_whatever_the_number_of_limits() {
+        let mut store = MockBucketStore::new();
+        store.expect_check_and_consume().never();
+        store
+            .expect_check_and_consume_all()
+            .times(1)
+            .returning(|requests| {
+                assert_eq!(requests.len(), 2);
+                assert!(
+                    requests.iter().all(|r| r.cost == 3),
+                    "the cost applies to every limit"
+                );
+                Ok(vec![
+                    BucketDecision {
+                        allowed: true,
+                        retry_after: Duration::ZERO,
+                        remaining: 7,
+                    },
+                    BucketDecision {
+                        allowed: false,
+                        retry_after: Duration::from_millis(1_500),
+                        remaining: 1,
+                    },
+                ])
+            });
+        let (mut events, seen) = recording_bus();
+        events.expect_is_listening().return_const(true);
+        let limiter = TokenBucketAdapter::builder(Arc::new(store), search_rules())
+            .events(Arc::new(events))
+            .build()
+            .unwrap();
+        let result = limiter
+            .is_allowed_with_cost(SEARCH, "10.0.0.1", 3)
+            .await
+            .unwrap();
+        assert!(!result.allowed);
+        assert_eq!(result.retry_after, Duration::from_millis(1_500));
+        assert_eq!(result.retry_after_whole_seconds(), Some(2));
+        let seen = seen.lock().unwrap();
+        let RateLimitEvent::Denied(denied) = &seen[1] else {
+            panic!("expected a denial, got {:?}", seen[1]);
+        };
+        assert_eq!(denied.refused_by.as_deref(), Some("everyone"));
+        assert_eq!(denied.scope, RateLimitScope::Global);
+    }
+
+    #[tokio::test]
+    async fn the_failure_policies_answer_for_every_limit() {
+        let failing = || {
+            let mut store = MockBucketStore::new();
+            store
+                .expect_check_and_consume_all()
+                .returning(|_| Err(unavailable()));
+            store
+        };
+        let open = TokenBucketAdapter::builder(Arc::new(failing()), search_rules())
+            .build()
+            .unwrap();
+        let result = open.is_allowed(SEARCH, "10.0.0.1").await.unwrap();
+        assert!(result.allowed);
+        assert_eq!(result.source, DecisionSource::FailOpen);
+        assert_eq!(
+            result
+                .limits
+                .iter()
+                .map(|l| l.remaining)
+                .collect::<Vec<_>>(),
+            [10, 15]
+        );
+        let closed = TokenBucketAdapter::builder(Arc::new(failing()), search_rules())
+            .failure_policy(FailurePolicy::Closed)
+            .build()
+            .unwrap();
+        let result = closed.is_allowed(SEARCH, "10.0.0.1").await.unwrap();
+        assert!(!result.allowed);
+        assert_eq!(result.source, DecisionSource::FailClosed);
+        assert_eq!(result.refused().count(), 2);
+        let clock = ratelimit_domain::ManualClock::new(1_000.0);
+        let local = TokenBucketAdapter::builder(Arc::new(failing()), search_rules())
+            .failure_policy(FailurePolicy::Local)
+            .local_fallback(Arc::new(ratelimit_memory::MemoryStorage::with_clock(
+                clock.clone(),
+            )))
+            .build()
+            .unwrap();
+        for client in ["10.0.0.9", "10.0.0.7"] {
+            for _ in 0..10 {
+                let result = local.is_allowed(SEARCH, client).await.unwrap();
+                assert_eq!(result.source, DecisionSource::LocalFallback);
+            }
+        }
+        let result = local.is_allowed(SEARCH, "10.0.0.8").await.unwrap();
+        assert!(
+            !result.allowed,
+            "the local fallback keeps the shared limit too"
+        );
+        assert_eq!(&*result.deciding().unwrap().name, "everyone");
     }
 }

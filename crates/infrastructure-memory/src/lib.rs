@@ -930,6 +930,50 @@ mod tests {
         assert_eq!(admitted, 10);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_multi_limit_checks_are_all_or_nothing() {
+        // Four clients with 10 tokens each share a limit of 15; no refill during the test.
+        let store = Arc::new(MemoryStorage::with_clock(ManualClock::new(1.0)));
+        let own = rule(10, 1.0);
+        let shared = rule(15, 1.0);
+        let shared_key = key("everyone");
+        let tasks: Vec<_> = (0..400)
+            .map(|i| {
+                let (store, own, shared, shared_key) = (
+                    store.clone(),
+                    own.clone(),
+                    shared.clone(),
+                    shared_key.clone(),
+                );
+                tokio::spawn(async move {
+                    let client = i % 4;
+                    let own_key = key(&format!("client-{client}"));
+                    let requests = [
+                        BucketRequest::new(&own_key, &own),
+                        BucketRequest::new(&shared_key, &shared),
+                    ];
+                    let decisions = store.check_and_consume_all(&requests).await.unwrap();
+                    (client, decisions.iter().all(|d| d.allowed))
+                })
+            })
+            .collect();
+        let mut admitted = [0_u64; 4];
+        for task in tasks {
+            let (client, allowed) = task.await.unwrap();
+            admitted[client] += u64::from(allowed);
+        }
+        assert_eq!(admitted.iter().sum::<u64>(), 15, "{admitted:?}");
+        for (client, taken) in admitted.iter().enumerate() {
+            let left = remaining(&store, &format!("client-{client}"), &own).await;
+            assert_eq!(
+                left,
+                10 - taken,
+                "refused requests took from client {client}"
+            );
+        }
+        assert_eq!(remaining(&store, "everyone", &shared).await, 0);
+    }
+
     /// A store of one shard, so that a test knows which buckets compete for room.
     fn one_shard(capacity: usize, clock: &ManualClock) -> MemoryStorage {
         MemoryStorage::from_parts(capacity, 1, Arc::new(clock.clone()))
