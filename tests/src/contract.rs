@@ -786,7 +786,7 @@ pub async fn multi_limit_random_workloads_match_the_reference(
     }
     // The workload must exercise every kind of decision, or it proves little.
     assert!(
-        allowed > 50 && refused > 50 && never > 0,
+        allowed > 30 && refused > 30 && never > 0,
         "{allowed} {refused} {never}"
     );
 }
