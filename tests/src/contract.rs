@@ -535,3 +535,258 @@ pub fn stored_garbage(
     }
     out
 }
+
+/// The key of one named limit's bucket: `<prefix>:<scope>#<name>:<identifier>:<endpoint>`.
+///
+/// # Panics
+/// For an unusable name or identifier (a bug in the test).
+pub fn limit_key(
+    prefix: &str,
+    limit: &ratelimit_domain::Limit,
+    identifier: &str,
+    endpoint: &str,
+) -> BucketKey {
+    KeyBuilder::for_limit(prefix, endpoint, limit)
+        .and_then(|keys| keys.key(identifier))
+        .unwrap_or_else(|err| panic!("bad test key: {err}"))
+}
+
+/// A named limit, for the multi-limit suite.
+///
+/// # Panics
+/// For an invalid name or rule (a bug in the test).
+pub fn named(
+    name: &str,
+    scope: RateLimitScope,
+    max_tokens: u64,
+    refill_rate: f64,
+) -> ratelimit_domain::Limit {
+    let rule = RateLimitRule::new(scope, max_tokens, refill_rate)
+        .unwrap_or_else(|err| panic!("bad test rule: {err}"));
+    ratelimit_domain::Limit::named(name, rule).unwrap_or_else(|err| panic!("bad test limit: {err}"))
+}
+
+async fn take_all(
+    store: &dyn BucketStore,
+    buckets: &[(&BucketKey, &RateLimitRule, u64)],
+    now: f64,
+) -> Vec<BucketDecision> {
+    let requests: Vec<BucketRequest<'_>> = buckets
+        .iter()
+        .map(|&(key, rule, cost)| BucketRequest::new(key, rule).with_cost(cost).at(now))
+        .collect();
+    store
+        .check_and_consume_all(&requests)
+        .await
+        .unwrap_or_else(|err| panic!("check_and_consume_all failed: {err}"))
+}
+
+/// Runs the whole multi-limit suite: `check_and_consume_all` is the reference
+/// [`token_bucket::step_all`], on every store and every layer.
+pub async fn run_multi(store: &dyn BucketStore, prefix: &str) {
+    every_limit_takes_or_none_does(store, prefix).await;
+    the_longest_wait_and_never_are_reported_per_limit(store, prefix).await;
+    one_bucket_is_a_single_check(store, prefix).await;
+    repeated_buckets_are_rejected(store, prefix).await;
+    multi_limit_random_workloads_match_the_reference(store, prefix).await;
+}
+
+/// A per-client limit of 10 and a shared one of 3: three requests pass and take from both; the
+/// fourth is refused by the shared limit and takes nothing from the client's.
+pub async fn every_limit_takes_or_none_does(store: &dyn BucketStore, prefix: &str) {
+    let client = named("per-client", RateLimitScope::Ip, 10, 60.0);
+    let shared = named("everyone", RateLimitScope::Global, 3, 60.0);
+    let client_key = limit_key(prefix, &client, "203.0.113.9", "GET /search");
+    let shared_key = limit_key(prefix, &shared, "203.0.113.9", "GET /search");
+    let both = [
+        (&client_key, client.rule(), 1),
+        (&shared_key, shared.rule(), 1),
+    ];
+    for expected in [(9, 2), (8, 1), (7, 0)] {
+        let d = take_all(store, &both, T0).await;
+        assert!(d[0].allowed && d[1].allowed, "{d:?}");
+        assert_eq!((d[0].remaining, d[1].remaining), expected);
+    }
+    let refused = take_all(store, &both, T0).await;
+    assert!(refused[0].allowed, "the client limit had its tokens");
+    assert_eq!(refused[0].remaining, 7);
+    assert_eq!(refused[0].retry_after, Duration::ZERO);
+    assert!(!refused[1].allowed);
+    assert_eq!(refused[1].retry_after, Duration::from_secs(1));
+    // Nothing was taken from the client's bucket by the refused requests.
+    for _ in 0..5 {
+        assert!(!take_all(store, &both, T0).await[1].allowed);
+    }
+    assert_eq!(remaining(store, &client_key, client.rule(), T0).await, 7);
+    // A second later the shared bucket has one token again: the next request takes from both.
+    let later = take_all(store, &both, T0 + 1.0).await;
+    assert!(later.iter().all(|d| d.allowed), "{later:?}");
+    assert_eq!((later[0].remaining, later[1].remaining), (7, 0));
+}
+
+/// Each limit reports its own wait; a cost above one limit's capacity is "never" for it.
+pub async fn the_longest_wait_and_never_are_reported_per_limit(
+    store: &dyn BucketStore,
+    prefix: &str,
+) {
+    let fast = named("fast", RateLimitScope::Ip, 2, 60.0);
+    let slow = named("slow", RateLimitScope::User, 2, 6.0);
+    let fast_key = limit_key(prefix, &fast, "u1", "POST /export");
+    let slow_key = limit_key(prefix, &slow, "u1", "POST /export");
+    let both = |cost| {
+        [
+            (&fast_key, fast.rule(), cost),
+            (&slow_key, slow.rule(), cost),
+        ]
+    };
+    assert!(
+        take_all(store, &both(2), T0)
+            .await
+            .iter()
+            .all(|d| d.allowed)
+    );
+    let d = take_all(store, &both(1), T0).await;
+    assert_eq!(d[0].retry_after, Duration::from_secs(1));
+    assert_eq!(d[1].retry_after, Duration::from_secs(10));
+    assert_eq!(
+        token_bucket::combined_retry_after(&d),
+        Duration::from_secs(10)
+    );
+    let small = named("small", RateLimitScope::Ip, 1, 60.0);
+    let small_key = limit_key(prefix, &small, "u1", "POST /export");
+    let never = take_all(
+        store,
+        &[(&fast_key, fast.rule(), 2), (&small_key, small.rule(), 2)],
+        T0 + 100.0,
+    )
+    .await;
+    assert!(never[0].allowed, "the fast limit had refilled");
+    assert!(never[1].is_never());
+    assert_eq!(
+        token_bucket::combined_retry_after(&never),
+        BucketDecision::NEVER
+    );
+    // Nothing was taken from the fast limit.
+    assert_eq!(
+        remaining(store, &fast_key, fast.rule(), T0 + 100.0).await,
+        2
+    );
+}
+
+/// `check_and_consume_all` of one bucket decides as `check_and_consume`, and of none answers
+/// nothing.
+pub async fn one_bucket_is_a_single_check(store: &dyn BucketStore, prefix: &str) {
+    let rule = login_rule();
+    let k = key(prefix, "198.51.100.1", "POST /api/v1/sessions");
+    for n in (0..5).rev() {
+        let d = take_all(store, &[(&k, &rule, 1)], T0).await;
+        assert_eq!(d.len(), 1);
+        assert!(d[0].allowed);
+        assert_eq!(d[0].remaining, n);
+    }
+    let d = take_all(store, &[(&k, &rule, 1)], T0).await;
+    assert!(!d[0].allowed);
+    assert_eq!(d[0].retry_after, Duration::from_secs(12));
+    assert!(take_all(store, &[], T0).await.is_empty());
+}
+
+/// The same bucket twice in one check is a caller's bug: an error, nothing taken.
+pub async fn repeated_buckets_are_rejected(store: &dyn BucketStore, prefix: &str) {
+    let rule = login_rule();
+    let k = key(prefix, "198.51.100.2", "POST /api/v1/sessions");
+    let requests = [
+        BucketRequest::new(&k, &rule).at(T0),
+        BucketRequest::new(&k, &rule).at(T0),
+    ];
+    let err = store
+        .check_and_consume_all(&requests)
+        .await
+        .expect_err("a repeated bucket was accepted");
+    assert_eq!(err.code(), ratelimit_domain::ErrorCode::InvalidInput);
+    assert_eq!(remaining(store, &k, &rule, T0).await, 5);
+}
+
+/// Random requests over three limits (two clients' own buckets, a shared one, a per-user one)
+/// with random costs and times, decided bit for bit as [`token_bucket::step_all`] decides them.
+pub async fn multi_limit_random_workloads_match_the_reference(
+    store: &dyn BucketStore,
+    prefix: &str,
+) {
+    let limits = [
+        named("client", RateLimitScope::Ip, 6, 37.0),
+        named("shared", RateLimitScope::Global, 9, 23.5),
+        named("user", RateLimitScope::User, 4, 11.0),
+    ];
+    let clients = ["a", "b"];
+    // (client, limit) → key; the shared limit's key is the same for both clients.
+    let keys: Vec<Vec<BucketKey>> = clients
+        .iter()
+        .map(|client| {
+            limits
+                .iter()
+                .map(|limit| limit_key(prefix, limit, client, "GET /random"))
+                .collect()
+        })
+        .collect();
+    let mut states: std::collections::HashMap<BucketKey, BucketState> =
+        std::collections::HashMap::new();
+    let mut rng = Sequence::new(0x0A11_0F0E);
+    let mut now = T0;
+    let (mut allowed, mut refused, mut never) = (0, 0, 0);
+    for n in 0..600 {
+        now += match rng.below(6) {
+            0..=2 => 0.0,
+            3 | 4 => rng.below(800) as f64 / 1_000.0,
+            _ => -(rng.below(500) as f64 / 1_000.0),
+        };
+        let client = usize::from(rng.below(2) == 1);
+        // Two or three of the limits, in a random order.
+        let mut chosen: Vec<usize> = vec![0, 1, 2];
+        if rng.below(3) == 0 {
+            chosen.remove(usize::from(rng.below(3) > 0) + usize::from(rng.below(2) > 0));
+        }
+        if rng.below(2) == 0 {
+            chosen.reverse();
+        }
+        let cost = match rng.below(25) {
+            0 => 0,
+            1 => 5,
+            _ => 1 + rng.below(2),
+        };
+        let buckets: Vec<(&BucketKey, &RateLimitRule, u64)> = chosen
+            .iter()
+            .map(|&i| (&keys[client][i], limits[i].rule(), cost))
+            .collect();
+        let inputs: Vec<token_bucket::StepInput> = buckets
+            .iter()
+            .map(|&(key, rule, cost)| token_bucket::StepInput {
+                stored: states.get(key).copied(),
+                max_tokens: rule.max_tokens(),
+                refill_rate: rule.refill_rate(),
+                cost,
+            })
+            .collect();
+        let expected = token_bucket::step_all(&inputs, now);
+        let got = take_all(store, &buckets, now).await;
+        let want: Vec<BucketDecision> = expected.iter().map(|s| s.decision).collect();
+        assert_eq!(
+            got, want,
+            "step {n}: limits {chosen:?}, cost {cost}, now {now}"
+        );
+        for (&(key, _, _), step) in buckets.iter().zip(&expected) {
+            if let Some(state) = step.store {
+                states.insert(key.clone(), state);
+            }
+        }
+        match () {
+            () if want.iter().all(|d| d.allowed) => allowed += 1,
+            () if want.iter().any(BucketDecision::is_never) => never += 1,
+            () => refused += 1,
+        }
+    }
+    // The workload must exercise every kind of decision, or it proves little.
+    assert!(
+        allowed > 30 && refused > 30 && never > 0,
+        "{allowed} {refused} {never}"
+    );
+}

@@ -68,6 +68,28 @@ fn deny_cache<S: BucketStore + 'static>(store: S) -> DenyCacheStore {
 }
 
 #[tokio::test]
+async fn memory_store_passes_the_multi_limit_contract() {
+    contract::run_multi(&MemoryStorage::new(), &unique_prefix()).await;
+}
+
+#[tokio::test]
+async fn layers_over_memory_pass_the_multi_limit_contract() {
+    contract::run_multi(&breaker(MemoryStorage::new()), &unique_prefix()).await;
+    contract::run_multi(&deny_cache(MemoryStorage::new()), &unique_prefix()).await;
+    let stacked = deny_cache(breaker(MemoryStorage::new()));
+    contract::run_multi(&stacked, &unique_prefix()).await;
+}
+
+#[tokio::test]
+async fn redis_stores_pass_the_multi_limit_contract() {
+    let redis = TestRedis::get();
+    contract::run_multi(&redis_store(&redis.url), &unique_prefix()).await;
+    contract::run_multi(&compact_store(&redis.url), &unique_prefix()).await;
+    let stacked = deny_cache(breaker(compact_store(&redis.url)));
+    contract::run_multi(&stacked, &unique_prefix()).await;
+}
+
+#[tokio::test]
 async fn circuit_breaker_over_memory_passes_the_contract() {
     contract::run_all(&breaker(MemoryStorage::new()), &unique_prefix()).await;
 }
@@ -126,6 +148,56 @@ async fn deny_cache_answers_repeats_as_the_store_would(inner: DynBucketStore, pr
         "a reset did not clear the cached denial"
     );
     assert_eq!(cache.hits(), 100);
+}
+
+/// The deny cache's own path with several limits: a request refused by the shared limit is
+/// refused from the cache afterwards, the client's own bucket is never charged, and a reset of
+/// the refusing bucket through the cache lets requests reach the store again.
+async fn deny_cache_answers_multi_limit_repeats(inner: DynBucketStore, prefix: &str) {
+    let cache = DenyCacheStore::new(inner.clone(), 1_000);
+    let own = contract::named("per-client", ratelimit_domain::RateLimitScope::Ip, 10, 1.0);
+    let shared = contract::named("everyone", ratelimit_domain::RateLimitScope::Global, 2, 1.0);
+    let own_key = contract::limit_key(prefix, &own, "203.0.113.9", "GET /search");
+    let shared_key = contract::limit_key(prefix, &shared, "203.0.113.9", "GET /search");
+    let requests = [
+        BucketRequest::new(&own_key, own.rule()),
+        BucketRequest::new(&shared_key, shared.rule()),
+    ];
+    let check = || cache.check_and_consume_all(&requests);
+    assert!(check().await.unwrap().iter().all(|d| d.allowed));
+    assert!(check().await.unwrap().iter().all(|d| d.allowed));
+    let refused = check().await.unwrap();
+    assert!(refused[0].allowed && !refused[1].allowed, "{refused:?}");
+    for _ in 0..50 {
+        let again = check().await.unwrap();
+        assert!(!again[1].allowed);
+        assert!(again[1].retry_after <= refused[1].retry_after);
+    }
+    assert_eq!(cache.hits(), 50, "the repeats did not come from the cache");
+    assert_eq!(
+        inner
+            .get_remaining(&own_key, own.rule(), None)
+            .await
+            .unwrap(),
+        8,
+        "refused requests charged the client's own bucket"
+    );
+    assert!(cache.reset(&shared_key, shared.rule()).await.unwrap());
+    assert!(check().await.unwrap().iter().all(|d| d.allowed));
+    assert_eq!(cache.hits(), 50);
+}
+
+#[tokio::test]
+async fn deny_cache_over_memory_answers_multi_limit_repeats() {
+    deny_cache_answers_multi_limit_repeats(Arc::new(MemoryStorage::new()), &unique_prefix()).await;
+}
+
+#[tokio::test]
+async fn deny_cache_over_redis_answers_multi_limit_repeats() {
+    let redis = TestRedis::get();
+    for store in [redis_store(&redis.url), compact_store(&redis.url)] {
+        deny_cache_answers_multi_limit_repeats(Arc::new(store), &unique_prefix()).await;
+    }
 }
 
 #[tokio::test]

@@ -214,6 +214,21 @@ impl BucketStore for RedisStorage {
         parse_reply(&reply).map_err(|err| name_corrupt_bucket(err, key))
     }
 
+    // PLACEHOLDER until the multi-bucket scripts land (branch redis-multi).
+    async fn check_and_consume_all<'a>(
+        &self,
+        requests: &[BucketRequest<'a>],
+    ) -> Result<Vec<BucketDecision>> {
+        match requests {
+            [] => Ok(Vec::new()),
+            [one] => Ok(vec![self.check_and_consume(one).await?]),
+            _ => Err(ratelimit_domain::RateLimitError::new(
+                ErrorCode::StorageError,
+                "several limits per check are not implemented on Redis yet",
+            )),
+        }
+    }
+
     async fn get_remaining(
         &self,
         key: &BucketKey,
