@@ -128,7 +128,12 @@ struct JsonRequest {
     domain: String,
     #[serde(default)]
     descriptors: Vec<JsonDescriptor>,
-    #[serde(default, alias = "hits_addend", rename = "hitsAddend", deserialize_with = "u32_of")]
+    #[serde(
+        default,
+        alias = "hits_addend",
+        rename = "hitsAddend",
+        deserialize_with = "u32_of"
+    )]
     hits_addend: u32,
 }
 
@@ -139,7 +144,12 @@ struct JsonDescriptor {
     entries: Vec<JsonEntry>,
     #[serde(default)]
     limit: Option<JsonOverride>,
-    #[serde(default, alias = "hits_addend", rename = "hitsAddend", deserialize_with = "opt_u64_of")]
+    #[serde(
+        default,
+        alias = "hits_addend",
+        rename = "hitsAddend",
+        deserialize_with = "opt_u64_of"
+    )]
     hits_addend: Option<u64>,
     #[serde(default, alias = "is_negative_hits", rename = "isNegativeHits")]
     is_negative_hits: bool,
@@ -157,7 +167,12 @@ struct JsonEntry {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JsonOverride {
-    #[serde(default, alias = "requests_per_unit", rename = "requestsPerUnit", deserialize_with = "u32_of")]
+    #[serde(
+        default,
+        alias = "requests_per_unit",
+        rename = "requestsPerUnit",
+        deserialize_with = "u32_of"
+    )]
     requests_per_unit: u32,
     #[serde(default, deserialize_with = "unit_of")]
     unit: i32,
@@ -251,7 +266,10 @@ fn code_name(code: i32) -> &'static str {
 pub fn response_to_json(response: &RateLimitResponse) -> Value {
     let mut out = Map::new();
     if response.overall_code != 0 {
-        out.insert("overallCode".into(), code_name(response.overall_code).into());
+        out.insert(
+            "overallCode".into(),
+            code_name(response.overall_code).into(),
+        );
     }
     let statuses: Vec<Value> = response
         .statuses
@@ -270,10 +288,7 @@ pub fn response_to_json(response: &RateLimitResponse) -> Value {
                     l.insert("requestsPerUnit".into(), limit.requests_per_unit.into());
                 }
                 if let Some(unit) = Unit::from_proto_number(limit.unit) {
-                    l.insert(
-                        "unit".into(),
-                        unit.as_str().to_ascii_uppercase().into(),
-                    );
+                    l.insert("unit".into(), unit.as_str().to_ascii_uppercase().into());
                 }
                 s.insert("currentLimit".into(), Value::Object(l));
             }
@@ -281,7 +296,10 @@ pub fn response_to_json(response: &RateLimitResponse) -> Value {
                 s.insert("limitRemaining".into(), status.limit_remaining.into());
             }
             if let Some(d) = &status.duration_until_reset {
-                s.insert("durationUntilReset".into(), duration_text(d.seconds, d.nanos).into());
+                s.insert(
+                    "durationUntilReset".into(),
+                    duration_text(d.seconds, d.nanos).into(),
+                );
             }
             Value::Object(s)
         })
@@ -332,8 +350,14 @@ mod tests {
         .unwrap();
         assert_eq!(request.domain, "d");
         assert_eq!(request.hits_addend, 2);
-        assert_eq!(request.descriptors[0].hits_addend, Some(UInt64Value { value: 5 }));
-        assert_eq!(request.descriptors[1].hits_addend, Some(UInt64Value { value: 0 }));
+        assert_eq!(
+            request.descriptors[0].hits_addend,
+            Some(UInt64Value { value: 5 })
+        );
+        assert_eq!(
+            request.descriptors[1].hits_addend,
+            Some(UInt64Value { value: 0 })
+        );
         assert_eq!(request.descriptors[1].entries[0].value, "");
         let limit = request.descriptors[1].limit.unwrap();
         assert_eq!((limit.requests_per_unit, limit.unit), (3, 2));

@@ -176,7 +176,9 @@ impl ServerMetrics {
     /// Counts a configuration load and sets the error gauge accordingly.
     pub fn config_load(&self, ok: bool) {
         let result = if ok { "success" } else { "error" };
-        self.config_loads.get_or_create(&ReloadLabels { result }).inc();
+        self.config_loads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
         self.config_error.set(i64::from(!ok));
     }
 
@@ -224,7 +226,12 @@ mod tests {
         assert!(text.contains("ratelimit_server_config_loads_total{result=\"error\"} 1"));
         assert!(text.contains("ratelimit_server_config_error 1"));
         metrics.config_load(true);
-        assert!(metrics.encode().unwrap().contains("ratelimit_server_config_error 0"));
+        assert!(
+            metrics
+                .encode()
+                .unwrap()
+                .contains("ratelimit_server_config_error 0")
+        );
         assert_eq!(
             metrics.decision_count("messaging", "messaging.to_number", "over_limit"),
             1

@@ -96,23 +96,48 @@ pub struct ServerArgs {
     pub no_circuit_breaker: bool,
 
     /// The first part of every bucket key.
-    #[arg(long, value_name = "PREFIX", env = "RATELIMIT_KEY_PREFIX", default_value = "rls")]
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        env = "RATELIMIT_KEY_PREFIX",
+        default_value = "rls"
+    )]
     pub key_prefix: String,
 
     /// Rate-limit headers for Envoy to add to responses: `off`, `x-ratelimit`, `ietf` or `both`.
-    #[arg(long, value_name = "SET", env = "RATELIMIT_RESPONSE_HEADERS", default_value = "off")]
+    #[arg(
+        long,
+        value_name = "SET",
+        env = "RATELIMIT_RESPONSE_HEADERS",
+        default_value = "off"
+    )]
     pub response_headers: ResponseHeaders,
 
     /// Most descriptors per request (beyond: INVALID_ARGUMENT).
-    #[arg(long, value_name = "N", env = "RATELIMIT_MAX_DESCRIPTORS", default_value_t = 64)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RATELIMIT_MAX_DESCRIPTORS",
+        default_value_t = 64
+    )]
     pub max_descriptors: usize,
 
     /// Most entries per descriptor (beyond: INVALID_ARGUMENT).
-    #[arg(long, value_name = "N", env = "RATELIMIT_MAX_ENTRIES", default_value_t = 16)]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RATELIMIT_MAX_ENTRIES",
+        default_value_t = 16
+    )]
     pub max_entries: usize,
 
     /// Longest domain, key or value in bytes (beyond: INVALID_ARGUMENT).
-    #[arg(long, value_name = "BYTES", env = "RATELIMIT_MAX_VALUE_BYTES", default_value_t = 4096)]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "RATELIMIT_MAX_VALUE_BYTES",
+        default_value_t = 4096
+    )]
     pub max_value_bytes: usize,
 
     /// The most buckets the memory store (or the `local` policy's fallback) holds.
@@ -121,7 +146,12 @@ pub struct ServerArgs {
     pub memory_capacity: usize,
 
     /// How long a graceful shutdown (SIGTERM, Ctrl-C) may take before calls in flight are cut.
-    #[arg(long, value_name = "SECONDS", env = "RATELIMIT_SHUTDOWN_TIMEOUT", default_value_t = 10)]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "RATELIMIT_SHUTDOWN_TIMEOUT",
+        default_value_t = 10
+    )]
     pub shutdown_timeout: u64,
 
     /// Do not watch the configuration for changes.
@@ -246,18 +276,21 @@ impl RunningServer {
         };
         let grpc_listener = bind(args.grpc_listen).await?;
         let http_listener = bind(args.http_listen).await?;
-        let local = |l: &tokio::net::TcpListener, fallback: SocketAddr| {
-            l.local_addr().unwrap_or(fallback)
-        };
+        let local =
+            |l: &tokio::net::TcpListener, fallback: SocketAddr| l.local_addr().unwrap_or(fallback);
         let grpc_addr = local(&grpc_listener, args.grpc_listen);
         let http_addr = local(&http_listener, args.http_listen);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let draining = Arc::new(AtomicBool::new(false));
 
         let mut rx = shutdown_rx.clone();
-        let grpc = tokio::spawn(crate::grpc::serve(service.clone(), grpc_listener, async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }));
+        let grpc = tokio::spawn(crate::grpc::serve(
+            service.clone(),
+            grpc_listener,
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            },
+        ));
         let mut rx = shutdown_rx;
         let app = router(HttpState {
             service: service.clone(),

@@ -228,12 +228,10 @@ impl RateLimitService {
         }
         let config = self.config();
         let (slots, buckets) = self.resolve(&config, request)?;
-        let blocked = slots.iter().any(
-            |slot| matches!(slot, Slot::Blocked(spec) if !spec.shadow_mode),
-        );
-        let outcomes = self
-            .check(&request.domain, &buckets, blocked)
-            .await?;
+        let blocked = slots
+            .iter()
+            .any(|slot| matches!(slot, Slot::Blocked(spec) if !spec.shadow_mode));
+        let outcomes = self.check(&request.domain, &buckets, blocked).await?;
         Ok(self.answer(&request.domain, &slots, &outcomes))
     }
 
@@ -307,12 +305,8 @@ impl RateLimitService {
                             over.unit
                         ))
                     })?;
-                    let path = keys::override_path(
-                        domain,
-                        over.requests_per_unit,
-                        unit.as_str(),
-                        entries,
-                    );
+                    let path =
+                        keys::override_path(domain, over.requests_per_unit, unit.as_str(), entries);
                     let spec = LimitSpec::counted(
                         over.requests_per_unit,
                         unit,
@@ -350,7 +344,9 @@ impl RateLimitService {
         for (found, hits) in &resolved {
             let slot = match found {
                 None => Slot::NoLimit,
-                Some((spec, _)) if !spec.name.is_empty() && replaced.contains(spec.name.as_str()) => {
+                Some((spec, _))
+                    if !spec.name.is_empty() && replaced.contains(spec.name.as_str()) =>
+                {
                     Slot::NoLimit
                 }
                 Some((spec, _)) if spec.unlimited => Slot::Unlimited,
@@ -363,8 +359,9 @@ impl RateLimitService {
                                 index
                             }
                             None => {
-                                let (limit, key) = keys::bucket(&self.options.key_prefix, path, rule)
-                                    .map_err(|err| Status::internal(err.to_string()))?;
+                                let (limit, key) =
+                                    keys::bucket(&self.options.key_prefix, path, rule)
+                                        .map_err(|err| Status::internal(err.to_string()))?;
                                 buckets.push(Bucket {
                                     spec: spec.clone(),
                                     limit,
@@ -506,7 +503,9 @@ impl RateLimitService {
             };
             statuses.push(status);
         }
-        let over = statuses.iter().any(|s| s.code == i32::from(Code::OverLimit));
+        let over = statuses
+            .iter()
+            .any(|s| s.code == i32::from(Code::OverLimit));
         let response_headers_to_add = self.headers(&statuses);
         RateLimitResponse {
             overall_code: if over { Code::OverLimit } else { Code::Ok }.into(),
@@ -522,10 +521,15 @@ impl RateLimitService {
             self.metrics
                 .decision(domain, spec.metric_name(), "shadow_over_limit");
             self.metrics.shadow_refusal(domain, spec.metric_name());
-            tracing::info!(domain, limit = spec.metric_name(), "shadow mode: would have refused");
+            tracing::info!(
+                domain,
+                limit = spec.metric_name(),
+                "shadow mode: would have refused"
+            );
             Code::Ok
         } else {
-            self.metrics.decision(domain, spec.metric_name(), "over_limit");
+            self.metrics
+                .decision(domain, spec.metric_name(), "over_limit");
             Code::OverLimit
         }
     }
@@ -539,12 +543,7 @@ impl RateLimitService {
         let closest = statuses
             .iter()
             .filter(|s| s.current_limit.is_some())
-            .min_by_key(|s| {
-                (
-                    s.code != i32::from(Code::OverLimit),
-                    s.limit_remaining,
-                )
-            });
+            .min_by_key(|s| (s.code != i32::from(Code::OverLimit), s.limit_remaining));
         let Some(status) = closest else {
             return Vec::new();
         };
