@@ -450,6 +450,7 @@ impl RateLimitService {
         outcomes: &[Option<(LimitOutcome, DecisionSource)>],
     ) -> RateLimitResponse {
         let mut statuses = Vec::with_capacity(slots.len());
+        let mut candidates: Vec<HeaderCandidate> = Vec::new();
         for slot in slots {
             let status = match slot {
                 Slot::NoLimit => DescriptorStatus {
@@ -463,6 +464,7 @@ impl RateLimitService {
                 },
                 Slot::Blocked(spec) => {
                     let code = self.refusal(domain, spec);
+                    candidates.push(HeaderCandidate::new(spec, 0, None, code));
                     DescriptorStatus {
                         code: code.into(),
                         current_limit: Some(current_limit(spec)),
@@ -472,8 +474,8 @@ impl RateLimitService {
                     }
                 }
                 Slot::Counted(spec, index) => match outcomes.get(*index).and_then(Option::as_ref) {
-                    // Not checked: its bucket was dropped after a shadow refusal elsewhere,
-                    // which cannot happen for a bucket that was still active; report a pass.
+                    // No outcome for the bucket: only if the adapter answered fewer limits
+                    // than it was asked, which it does not; report a pass.
                     None => DescriptorStatus {
                         code: Code::Ok.into(),
                         current_limit: Some(current_limit(spec)),
@@ -491,6 +493,18 @@ impl RateLimitService {
                         } else {
                             self.refusal(domain, spec)
                         };
+                        let t = if outcome.allowed {
+                            // 0 while a request can still pass, else an upper bound: one
+                            // token's time (the store does not report the refilled fraction).
+                            Some(if outcome.remaining > 0 {
+                                0
+                            } else {
+                                ceil_seconds(60.0 / outcome.refill_rate)
+                            })
+                        } else {
+                            outcome.retry_after_whole_seconds()
+                        };
+                        candidates.push(HeaderCandidate::new(spec, outcome.remaining, t, code));
                         DescriptorStatus {
                             code: code.into(),
                             current_limit: Some(current_limit(spec)),
@@ -506,7 +520,7 @@ impl RateLimitService {
         let over = statuses
             .iter()
             .any(|s| s.code == i32::from(Code::OverLimit));
-        let response_headers_to_add = self.headers(&statuses);
+        let response_headers_to_add = self.headers(&candidates);
         RateLimitResponse {
             overall_code: if over { Code::OverLimit } else { Code::Ok }.into(),
             statuses,
@@ -534,27 +548,28 @@ impl RateLimitService {
         }
     }
 
-    /// The `response_headers_to_add` describing the descriptor closest to its limit: a
-    /// refusing one if any, else the one with the fewest requests left.
-    fn headers(&self, statuses: &[DescriptorStatus]) -> Vec<HeaderValue> {
-        if self.options.response_headers == ResponseHeaders::Off {
+    /// The `response_headers_to_add` describing the limit closest to refusing: one that
+    /// refused if any (the longest wait), else the one with the fewest requests left. The
+    /// numbers follow docs/http.md's mapping of a token bucket onto the headers: `q` and
+    /// `X-RateLimit-Limit` the `requests_per_unit`, `w` the unit in seconds (the time an empty
+    /// bucket takes to refill), `r` and `X-RateLimit-Remaining` the whole requests left, `t`
+    /// and `X-RateLimit-Reset` the whole seconds until a request can pass (0 while one can;
+    /// absent when none ever will).
+    fn headers(&self, candidates: &[HeaderCandidate]) -> Vec<HeaderValue> {
+        let style = self.options.response_headers;
+        if style == ResponseHeaders::Off {
             return Vec::new();
         }
-        let closest = statuses
-            .iter()
-            .filter(|s| s.current_limit.is_some())
-            .min_by_key(|s| (s.code != i32::from(Code::OverLimit), s.limit_remaining));
-        let Some(status) = closest else {
+        let closest = candidates.iter().min_by_key(|c| {
+            (
+                !c.refused,
+                std::cmp::Reverse(c.t.unwrap_or(u64::MAX)),
+                c.remaining,
+            )
+        });
+        let Some(c) = closest else {
             return Vec::new();
         };
-        let Some(limit) = &status.current_limit else {
-            return Vec::new();
-        };
-        let reset = status
-            .duration_until_reset
-            .as_ref()
-            .map_or(0, |d| d.seconds.max(0) + i64::from(d.nanos > 0));
-        let window = Unit::from_proto_number(limit.unit).map_or(0, Unit::seconds);
         let mut headers = Vec::new();
         let mut add = |key: &str, value: String| {
             headers.push(HeaderValue {
@@ -563,45 +578,86 @@ impl RateLimitService {
                 ..HeaderValue::default()
             });
         };
-        if matches!(
-            self.options.response_headers,
-            ResponseHeaders::XRateLimit | ResponseHeaders::Both
-        ) {
-            add("x-ratelimit-limit", limit.requests_per_unit.to_string());
-            add("x-ratelimit-remaining", status.limit_remaining.to_string());
-            add("x-ratelimit-reset", reset.to_string());
+        if matches!(style, ResponseHeaders::XRateLimit | ResponseHeaders::Both) {
+            add("x-ratelimit-limit", c.quota.to_string());
+            add("x-ratelimit-remaining", c.remaining.to_string());
+            if let Some(t) = c.t {
+                add("x-ratelimit-reset", t.to_string());
+            }
         }
-        if matches!(
-            self.options.response_headers,
-            ResponseHeaders::Ietf | ResponseHeaders::Both
-        ) {
-            let name = sf_string(if limit.name.is_empty() {
-                "default"
-            } else {
-                &limit.name
-            });
+        if matches!(style, ResponseHeaders::Ietf | ResponseHeaders::Both) {
+            let name = sf_string(&c.name);
             add(
                 "ratelimit-policy",
-                format!("{name};q={};w={window}", limit.requests_per_unit),
+                format!("{name};q={};w={}", c.quota, c.window),
             );
-            add(
-                "ratelimit",
-                format!("{name};r={};t={reset}", status.limit_remaining),
-            );
+            let mut value = format!("{name};r={}", c.remaining);
+            if let Some(t) = c.t {
+                value.push_str(&format!(";t={t}"));
+            }
+            add("ratelimit", value);
         }
         headers
     }
 }
 
-/// An RFC 8941 sf-string: printable ASCII, with `"` and `\` escaped; anything else dropped.
+/// What the rate-limit headers of one counted descriptor would say.
+struct HeaderCandidate {
+    name: String,
+    quota: u32,
+    window: u64,
+    remaining: u64,
+    t: Option<u64>,
+    refused: bool,
+}
+
+impl HeaderCandidate {
+    fn new(spec: &LimitSpec, remaining: u64, t: Option<u64>, code: Code) -> Self {
+        Self {
+            name: spec.metric_name().to_owned(),
+            quota: spec.requests_per_unit,
+            window: spec.unit.map_or(0, Unit::seconds),
+            remaining,
+            t,
+            refused: code == Code::OverLimit,
+        }
+    }
+}
+
+/// `seconds` rounded up to whole seconds (0 for nothing, saturating).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped first
+fn ceil_seconds(seconds: f64) -> u64 {
+    if seconds.is_nan() || seconds <= 0.0 {
+        0
+    } else if seconds >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        seconds.ceil() as u64
+    }
+}
+
+/// An RFC 8941 sf-string, as `ratelimit_http::sf_string` writes one: `"` and `\\` escaped,
+/// `%`, control and non-ASCII characters percent-encoded as their UTF-8 bytes.
 fn sf_string(text: &str) -> String {
+    use std::fmt::Write as _;
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
-    for c in text.chars().filter(|c| (' '..='~').contains(c)) {
-        if c == '"' || c == '\\' {
-            out.push('\\');
+    let mut buf = [0u8; 4];
+    for c in text.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '%' => out.push_str("%25"),
+            ' '..='~' => out.push(c),
+            _ => {
+                for byte in c.encode_utf8(&mut buf).bytes() {
+                    // Writing to a String cannot fail.
+                    let _ = write!(out, "%{byte:02X}");
+                }
+            }
         }
-        out.push(c);
     }
     out.push('"');
     out

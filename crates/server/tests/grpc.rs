@@ -309,3 +309,64 @@ async fn shutdown_finishes_within_its_deadline() {
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(grpc).await.is_err());
 }
+
+#[tokio::test]
+async fn response_headers_describe_the_closest_limit() {
+    let config = config_copy();
+    let server = start(config.path(), &["--response-headers", "both"]).await;
+    let mut rls = client(&server).await;
+    let ip = || vec![descriptor(&[("remote_address", "192.0.2.7")], None)];
+    let headers = |r: &envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse| {
+        r.response_headers_to_add
+            .iter()
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect::<Vec<_>>()
+    };
+    let first = rls
+        .should_rate_limit(request("edge_proxy_per_ip", ip()))
+        .await
+        .unwrap()
+        .into_inner();
+    let policy = "\"edge_proxy_per_ip.remote_address\"";
+    assert_eq!(
+        headers(&first),
+        [
+            ("x-ratelimit-limit".to_owned(), "10".to_owned()),
+            ("x-ratelimit-remaining".to_owned(), "9".to_owned()),
+            ("x-ratelimit-reset".to_owned(), "0".to_owned()),
+            (
+                "ratelimit-policy".to_owned(),
+                format!("{policy};q=10;w=3600")
+            ),
+            ("ratelimit".to_owned(), format!("{policy};r=9;t=0")),
+        ]
+    );
+    for _ in 0..9 {
+        rls.should_rate_limit(request("edge_proxy_per_ip", ip()))
+            .await
+            .unwrap();
+    }
+    let refused = rls
+        .should_rate_limit(request("edge_proxy_per_ip", ip()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refused.overall_code, OVER_LIMIT);
+    let h = headers(&refused);
+    // One token every 360 s; the wait is rounded up to whole seconds.
+    let reset: u64 = h[2].1.parse().unwrap();
+    assert!((350..=360).contains(&reset), "{h:?}");
+    assert_eq!(h[1], ("x-ratelimit-remaining".to_owned(), "0".to_owned()));
+    assert_eq!(h[4].1, format!("{policy};r=0;t={reset}"));
+    // Without the option, no headers.
+    let plain = start(config.path(), &[]).await;
+    let r = client(&plain)
+        .await
+        .should_rate_limit(request("edge_proxy_per_ip", ip()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.response_headers_to_add.is_empty());
+    assert!(server.shutdown().await);
+    assert!(plain.shutdown().await);
+}
