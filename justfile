@@ -15,6 +15,10 @@ demo:
 serve rules="crates/http/examples/rules.toml" listen="127.0.0.1:8080":
     cargo run --quiet -p ratelimit-http --example server -- --listen {{listen}} --rules {{rules}} ${REDIS_URL:+--redis-url "$REDIS_URL"}
 
+# Run the rate-limit service for Envoy (gRPC :8081, HTTP :8080) on envoyproxy/ratelimit YAML configs (memory store; REDIS_URL=... for Redis); see docs/server.md.
+server config="crates/server/tests/configs" *args:
+    cargo run --quiet -p ratelimit-server -- --config {{config}} {{args}}
+
 # The admin CLI, e.g. `just cli reset --endpoint "POST /api/v1/sessions" --identifier 203.0.113.7 --rules FILE`.
 cli *args:
     cargo run --quiet -p ratelimit-cli -- {{args}}

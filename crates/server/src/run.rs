@@ -55,8 +55,9 @@ pub struct ServerArgs {
     )]
     pub http_listen: SocketAddr,
 
-    /// Redis, e.g. `redis://127.0.0.1:6379/0` or `rediss://user:secret@host:6380`. Without it
-    /// (and without `REDIS_URL`) buckets live in this process's memory.
+    /// Redis, e.g. `redis://127.0.0.1:6379/0` or `rediss://user:secret@host:6380` (a bare
+    /// `host:port`, as envoyproxy/ratelimit's `REDIS_URL`, means `redis://host:port`). Without
+    /// it (and without `REDIS_URL`) buckets live in this process's memory.
     #[arg(long, value_name = "URL", env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
@@ -200,9 +201,14 @@ pub fn container_config(args: &ServerArgs) -> ContainerConfig {
         .filter(|url| !url.is_empty());
     if let Some(url) = url {
         let mut redis = if args.redis_cluster {
-            RedisConfig::cluster(url.split(',').map(str::trim).filter(|n| !n.is_empty()))
+            RedisConfig::cluster(
+                url.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(with_scheme),
+            )
         } else {
-            RedisConfig::new(url)
+            RedisConfig::new(with_scheme(url))
         };
         redis = redis
             .with_layout(args.redis_layout)
@@ -214,6 +220,16 @@ pub fn container_config(args: &ServerArgs) -> ContainerConfig {
         config = config.with_backend(Backend::Redis(redis));
     }
     config
+}
+
+/// `url` with `redis://` in front when it has no scheme: envoyproxy/ratelimit's `REDIS_URL` is
+/// a bare `host:port`, so a deployment moving over keeps working.
+fn with_scheme(url: &str) -> String {
+    if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("redis://{url}")
+    }
 }
 
 /// A running server.
@@ -369,5 +385,25 @@ pub async fn termination() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_redis_addresses_get_a_scheme() {
+        assert_eq!(with_scheme("127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(with_scheme("rediss://h:1"), "rediss://h:1");
+    }
+
+    #[test]
+    fn defaults_are_envoyproxy_ratelimits_ports() {
+        let args = ServerArgs::try_parse_from(["ratelimit-server", "--config", "x.yaml"]).unwrap();
+        assert_eq!(args.grpc_listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(args.http_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(args.failure_policy, FailurePolicy::Open);
+        assert!(ServerArgs::try_parse_from(["ratelimit-server"]).is_err());
     }
 }
