@@ -257,9 +257,6 @@ impl RateLimitService {
             ));
         }
         for (i, descriptor) in request.descriptors.iter().enumerate() {
-            if descriptor.entries.is_empty() {
-                return Err(format!("descriptor {i} has no entries"));
-            }
             if descriptor.entries.len() > bounds.max_entries {
                 return Err(format!(
                     "descriptor {i} has {} entries, more than the {} accepted",

@@ -370,3 +370,55 @@ async fn response_headers_describe_the_closest_limit() {
     assert!(server.shutdown().await);
     assert!(plain.shutdown().await);
 }
+
+#[tokio::test]
+async fn empty_descriptors_match_nothing_and_overrides_get_their_own_bucket() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+
+    let config = config_copy();
+    let server = start(config.path(), &[]).await;
+    let mut rls = client(&server).await;
+    let r = rls
+        .should_rate_limit(request("messaging", vec![descriptor(&[], None)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, OK);
+    assert!(r.statuses[0].current_limit.is_none());
+
+    let mut overridden = descriptor(&[("to_number", "override")], None);
+    overridden.limit = Some(RateLimitOverride {
+        requests_per_unit: 2,
+        unit: Unit::Hour.proto_number(),
+    });
+    for remaining in [1, 0] {
+        let r = rls
+            .should_rate_limit(request("messaging", vec![overridden.clone()]))
+            .await
+            .unwrap()
+            .into_inner();
+        let limit = r.statuses[0].current_limit.clone().unwrap();
+        assert_eq!(
+            (limit.requests_per_unit, limit.unit),
+            (2, Unit::Hour.proto_number())
+        );
+        assert_eq!(r.statuses[0].limit_remaining, remaining);
+    }
+    let r = rls
+        .should_rate_limit(request("messaging", vec![overridden.clone()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.overall_code, OVER_LIMIT);
+    // The configured limit of the same entries is another bucket, untouched.
+    let r = rls
+        .should_rate_limit(request(
+            "messaging",
+            vec![descriptor(&[("to_number", "override")], None)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.statuses[0].limit_remaining, 99);
+    assert!(server.shutdown().await);
+}
