@@ -104,8 +104,7 @@ struct Contender {
 
 /// Microseconds Redis spent in `EVALSHA` since the last `CONFIG RESETSTAT`.
 fn evalsha_usec(server: &RedisServer) -> BoxResult<f64> {
-    let text: String =
-        redis::from_redis_value(server.cmd(redis::cmd("INFO").arg("commandstats")))?;
+    let text: String = redis::from_redis_value(server.cmd(redis::cmd("INFO").arg("commandstats")))?;
     let Some(stats) = info_field(&text, "cmdstat_evalsha") else {
         return Ok(0.0);
     };
@@ -190,10 +189,9 @@ pub(crate) async fn measure(
     progress: &Progress,
 ) -> BoxResult<Vec<Figure>> {
     let rules = rules()?;
-    let container = Container::build(
-        ContainerConfig::redis(server.url(), rules).with_event_logging(false),
-    )
-    .await?;
+    let container =
+        Container::build(ContainerConfig::redis(server.url(), rules).with_event_logging(false))
+            .await?;
     let limiter = container.rate_limiter();
     let contenders = [
         Sequential {
