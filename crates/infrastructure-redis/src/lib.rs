@@ -45,7 +45,8 @@
 //! | `config` | [`RedisConfig`] and [`KeyLayout`] |
 //! | `keys` | a bucket's Redis keys in each layout, hash-tagged on a cluster |
 //! | `script` | the scripts, and building and sending one call (`EVALSHA`, `EVAL` after `NOSCRIPT`) |
-//! | `reply` | reading the script's reply into a decision |
+//! | `multi` | several buckets in one check: the multi-bucket and give-back calls, grouping by cluster slot |
+//! | `reply` | reading the scripts' replies into decisions |
 //! | `connection` | the bb8 pool, dropping failed connections, the deadline of each operation |
 //! | `listener` | the reset listener's self-healing pub/sub subscription ([`RESET_CHANNEL`]) |
 //! | `version` | refusing Redis before 5.0 |
@@ -61,6 +62,7 @@ mod connection;
 mod error;
 mod keys;
 mod listener;
+mod multi;
 mod reply;
 mod script;
 mod storage;
@@ -71,5 +73,8 @@ pub use listener::RESET_CHANNEL;
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub use script::CompactArgs;
-pub use script::{TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SCRIPT};
+pub use script::{
+    TOKEN_BUCKET_COMPACT_MULTI_SCRIPT, TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_MULTI_SCRIPT,
+    TOKEN_BUCKET_SCRIPT,
+};
 pub use storage::RedisStorage;
