@@ -11,6 +11,16 @@
 //! passes an explicit `now`, takes the time from Redis's own `TIME`, so every host limits on one
 //! clock.
 //!
+//! A check of several limits at once
+//! ([`check_and_consume_all`](ratelimit_domain::BucketStore::check_and_consume_all), all or
+//! nothing) is one `EVALSHA` of the layout's multi-bucket script ([`TOKEN_BUCKET_MULTI_SCRIPT`],
+//! [`TOKEN_BUCKET_COMPACT_MULTI_SCRIPT`]) over every bucket: atomic, exactly as
+//! [`token_bucket::step_all`](ratelimit_domain::token_bucket::step_all). On a Redis Cluster, where
+//! one script reaches one slot only, it is one call per slot, all at once, and the slots that took
+//! give their tokens back when another refused: never more admitted than every limit allows, but
+//! for a round trip a concurrent request may be refused that would have passed (`docs/lua.md`,
+//! "Several limits in one check").
+//!
 //! # Failure handling
 //! - **Lost scripts.** When Redis answers `NOSCRIPT` (after a restart, a failover or
 //!   `SCRIPT FLUSH`), the store sends the call once more as `EVAL` with the script's text
