@@ -6,26 +6,65 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use ratelimit_domain::{
-    BucketKey, BucketRequest, CheckOptions, DecisionSource, DynBucketStore, DynEventBus, ErrorCode,
-    FailurePolicy, KeyBuilder, RateLimitError, RateLimitEvent, RateLimitResult, RateLimitRule,
-    RateLimiter, Result, RuleSet,
+    BucketDecision, BucketKey, BucketRequest, CheckOptions, DecisionSource, DynBucketStore,
+    DynEventBus, EndpointLimits, ErrorCode, FailurePolicy, KeyBuilder, Limit, LimitOutcome,
+    RateLimitError, RateLimitEvent, RateLimitResult, RateLimitScope, RateLimiter, Result, RuleSet,
 };
 use tracing::{Instrument, field};
 
 use crate::BroadcastEventBus;
 
-/// A rule with everything a check needs prepared once, at start-up.
+/// One limit of an endpoint with its key builder, prepared once at start-up.
 #[derive(Debug)]
-struct PreparedRule {
-    rule: RateLimitRule,
-    /// Shared by every event about this endpoint, so events allocate no endpoint string.
-    endpoint: Arc<str>,
+struct PreparedLimit {
+    limit: Limit,
     keys: KeyBuilder,
 }
 
+/// An endpoint's limits with everything a check needs prepared once, at start-up.
+#[derive(Debug)]
+struct PreparedEndpoint {
+    limits: EndpointLimits,
+    /// Shared by every event about this endpoint, so events allocate no endpoint string.
+    endpoint: Arc<str>,
+    /// Every limit, in the endpoint's order.
+    all: Vec<PreparedLimit>,
+    /// Indexes into `all` of the limits a check consults.
+    active: Vec<usize>,
+}
+
+impl PreparedEndpoint {
+    fn active(&self) -> impl Iterator<Item = &PreparedLimit> {
+        self.active.iter().map(|&i| &self.all[i])
+    }
+}
+
+/// Every limit's name with its bucket key, as [`TokenBucketAdapter::bucket_keys`] gives them.
+pub type LimitKeys = Vec<(Arc<str>, BucketKey)>;
+
+/// One bucket of an all-or-nothing check over arbitrary buckets
+/// ([`TokenBucketAdapter::check_buckets`]): its key, its limit and the tokens to take.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct BucketCheck<'a> {
+    /// The bucket's key.
+    pub key: &'a BucketKey,
+    /// Its limit (name and rule).
+    pub limit: &'a Limit,
+    /// Tokens to take; 0 only reads.
+    pub cost: u64,
+}
+
+impl<'a> BucketCheck<'a> {
+    /// A check of `key` under `limit` at `cost`.
+    pub fn new(key: &'a BucketKey, limit: &'a Limit, cost: u64) -> Self {
+        Self { key, limit, cost }
+    }
+}
+
 /// The [`RateLimiter`] of the specification: token buckets in a [`BucketStore`](ratelimit_domain::BucketStore),
-/// one rule per endpoint, events on every check, and a [`FailurePolicy`] (fail-open by
-/// default) when the store cannot answer.
+/// one or more named limits per endpoint checked all or nothing in one store call, events on
+/// every check, and a [`FailurePolicy`] (fail-open by default) when the store cannot answer.
 ///
 /// Build it with [`TokenBucketAdapter::builder`].
 #[derive(Debug)]
@@ -34,8 +73,8 @@ pub struct TokenBucketAdapter {
     events: DynEventBus,
     /// What a check answers when the store fails.
     on_failure: OnFailure,
-    /// Endpoint → prepared rule; one hash lookup per check.
-    rules: HashMap<Box<str>, PreparedRule>,
+    /// Endpoint → prepared limits; one hash lookup per check.
+    rules: HashMap<Box<str>, PreparedEndpoint>,
 }
 
 /// What a check answers when its store fails: the [`FailurePolicy`], with the store that the
@@ -108,15 +147,34 @@ impl TokenBucketAdapterBuilder {
             // specification's default.
             _ => OnFailure::Open,
         };
+        // The prefix is checked even without rules: `check_buckets` builds keys with it too.
+        KeyBuilder::new(&self.key_prefix, RateLimitScope::Global, "-")?;
         let rules = self
             .rules
             .iter()
-            .map(|(endpoint, rule)| {
-                let keys = KeyBuilder::new(&self.key_prefix, rule.scope(), endpoint)?;
-                let prepared = PreparedRule {
-                    rule: rule.clone(),
+            .map(|(endpoint, limits)| {
+                let all = limits
+                    .limits()
+                    .iter()
+                    .map(|limit| {
+                        Ok(PreparedLimit {
+                            limit: limit.clone(),
+                            keys: KeyBuilder::for_limit(&self.key_prefix, endpoint, limit)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let active = limits
+                    .limits()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, limit)| limits.active().any(|a| a.name() == limit.name()))
+                    .map(|(i, _)| i)
+                    .collect();
+                let prepared = PreparedEndpoint {
+                    limits: limits.clone(),
                     endpoint: endpoint.into(),
-                    keys,
+                    all,
+                    active,
                 };
                 Ok((endpoint.into(), prepared))
             })
@@ -146,12 +204,13 @@ impl TokenBucketAdapter {
         }
     }
 
-    /// The rule of `endpoint`, if any.
-    pub fn rule(&self, endpoint: &str) -> Option<&RateLimitRule> {
-        self.rules.get(endpoint).map(|prepared| &prepared.rule)
+    /// The limits of `endpoint`, if any.
+    pub fn limits(&self, endpoint: &str) -> Option<&EndpointLimits> {
+        self.rules.get(endpoint).map(|prepared| &prepared.limits)
     }
 
-    /// The store key of a bucket, as this adapter builds it (for admin tools and tests).
+    /// The store key of the endpoint's first limit's bucket, as this adapter builds it (for
+    /// admin tools and tests); [`bucket_keys`](Self::bucket_keys) gives every limit's.
     ///
     /// # Errors
     /// [`ErrorCode::InvalidInput`](ratelimit_domain::ErrorCode::InvalidInput) for an unusable
@@ -159,7 +218,68 @@ impl TokenBucketAdapter {
     pub fn bucket_key(&self, endpoint: &str, identifier: &str) -> Option<Result<BucketKey>> {
         self.rules
             .get(endpoint)
-            .map(|prepared| prepared.keys.key(identifier))
+            .map(|prepared| prepared.all[0].keys.key(identifier))
+    }
+
+    /// The store key of every limit of `endpoint` for `identifier`, with the limit's name.
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`] for an unusable identifier.
+    pub fn bucket_keys(
+        &self,
+        endpoint: &str,
+        identifier: &str,
+    ) -> Option<Result<LimitKeys>> {
+        self.rules.get(endpoint).map(|prepared| {
+            prepared
+                .all
+                .iter()
+                .map(|p| Ok((p.limit.shared_name().clone(), p.keys.key(identifier)?)))
+                .collect()
+        })
+    }
+
+    /// One all-or-nothing check over arbitrary buckets, in one store call: each bucket takes
+    /// its cost if every one has it, otherwise none takes anything. The adapter's failure
+    /// policy, events (with `label` as their endpoint and `identifier` as given) and tracing
+    /// apply as to an endpoint's check. For services whose limits are not a fixed set per
+    /// endpoint (the Envoy rate-limit service, say). An empty `checks` is allowed, as an
+    /// endpoint without a rule is.
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`] when two checks name the same bucket.
+    pub async fn check_buckets(
+        &self,
+        label: &Arc<str>,
+        identifier: &str,
+        checks: &[BucketCheck<'_>],
+    ) -> Result<RateLimitResult> {
+        let Some(first) = checks.first() else {
+            return Ok(RateLimitResult::no_rule());
+        };
+        for (i, check) in checks.iter().enumerate() {
+            if checks[..i].iter().any(|other| other.key == check.key) {
+                return Err(RateLimitError::new(
+                    ErrorCode::InvalidInput,
+                    "the buckets of one check must be distinct",
+                )
+                .with_detail("key", check.key.as_str()));
+            }
+        }
+        let limits: Vec<&Limit> = checks.iter().map(|check| check.limit).collect();
+        let requests: Vec<BucketRequest<'_>> = checks
+            .iter()
+            .map(|check| BucketRequest::new(check.key, check.limit.rule()).with_cost(check.cost))
+            .collect();
+        let span = tracing::debug_span!(
+            "rate_limit_check",
+            endpoint = &**label,
+            scope = first.limit.rule().scope().as_str(),
+            outcome = field::Empty,
+        );
+        self.observed(label, identifier, first.cost, &limits, &requests)
+            .instrument(span)
+            .await
     }
 
     /// Publishes an event; a failing bus is logged and otherwise ignored.
@@ -172,20 +292,65 @@ impl TokenBucketAdapter {
 
     async fn check(
         &self,
-        prepared: &PreparedRule,
+        prepared: &PreparedEndpoint,
         identifier: &str,
         options: CheckOptions,
     ) -> Result<RateLimitResult> {
-        let rule = &prepared.rule;
-        let key = prepared.keys.key(identifier)?;
-        let cost = options.cost.filter(|&cost| cost > 0).unwrap_or(rule.cost());
-        let scope = rule.scope();
+        let cost_of = |limit: &Limit| {
+            options
+                .cost
+                .filter(|&cost| cost > 0)
+                .unwrap_or(limit.rule().cost())
+        };
+        if let [index] = prepared.active[..] {
+            // One limit: no vectors of keys.
+            let one = &prepared.all[index];
+            let key = one.keys.key(identifier)?;
+            let request = BucketRequest::new(&key, one.limit.rule()).with_cost(cost_of(&one.limit));
+            return self
+                .observed(
+                    &prepared.endpoint,
+                    identifier,
+                    request.cost,
+                    &[&one.limit],
+                    &[request],
+                )
+                .await;
+        }
+        let keys = prepared
+            .active()
+            .map(|p| p.keys.key(identifier))
+            .collect::<Result<Vec<_>>>()?;
+        let limits: Vec<&Limit> = prepared.active().map(|p| &p.limit).collect();
+        let requests: Vec<BucketRequest<'_>> = limits
+            .iter()
+            .zip(&keys)
+            .map(|(limit, key)| BucketRequest::new(key, limit.rule()).with_cost(cost_of(limit)))
+            .collect();
+        let cost = requests.first().map_or(0, |r| r.cost);
+        self.observed(&prepared.endpoint, identifier, cost, &limits, &requests)
+            .await
+    }
+
+    /// Decides, with the `attempted` and `allowed`/`denied` events around the decision when
+    /// anyone listens, and the outcome recorded on the current span.
+    async fn observed(
+        &self,
+        label: &Arc<str>,
+        identifier: &str,
+        cost: u64,
+        limits: &[&Limit],
+        requests: &[BucketRequest<'_>],
+    ) -> Result<RateLimitResult> {
+        let scope = limits
+            .first()
+            .map_or(RateLimitScope::Global, |limit| limit.rule().scope());
         // Events nobody receives are not built: no ids, no timestamps, no allocations.
         let listening = self.events.is_listening();
         let observed = if listening {
             let identifier: Arc<str> = identifier.into();
             self.publish(RateLimitEvent::attempted(
-                prepared.endpoint.clone(),
+                label.clone(),
                 identifier.clone(),
                 scope,
                 cost,
@@ -196,21 +361,16 @@ impl TokenBucketAdapter {
             None
         };
 
-        let result = match self
-            .store
-            .check_and_consume(&BucketRequest::new(&key, rule).with_cost(cost))
-            .await
-        {
-            Ok(decision) => RateLimitResult::from_decision(decision, rule),
-            Err(err) => self.on_store_failure(&err, prepared, &key, cost).await,
-        };
+        let result = self.decide(label, limits, requests).await;
         tracing::Span::current().record("outcome", outcome(&result));
 
         if let Some((identifier, started)) = observed {
             let elapsed = started.elapsed();
+            let deciding = result.deciding();
+            let scope = deciding.map_or(scope, |limit| limit.scope);
             let event = if result.allowed {
                 RateLimitEvent::allowed(
-                    prepared.endpoint.clone(),
+                    label.clone(),
                     identifier,
                     scope,
                     result.remaining,
@@ -219,58 +379,179 @@ impl TokenBucketAdapter {
                 )
             } else {
                 RateLimitEvent::denied(
-                    prepared.endpoint.clone(),
+                    label.clone(),
                     identifier,
                     scope,
                     result.retry_after,
                     elapsed,
                     result.source,
                 )
+                .with_refused_by(deciding.map(|limit| limit.name.clone()))
             };
             self.publish(event).await;
         }
         Ok(result)
     }
-}
 
-impl TokenBucketAdapter {
+    /// Asks the store (one call, whatever the number of limits), or the failure policy when it
+    /// fails.
+    async fn decide(
+        &self,
+        label: &str,
+        limits: &[&Limit],
+        requests: &[BucketRequest<'_>],
+    ) -> RateLimitResult {
+        match ask(&self.store, requests).await {
+            Ok(decisions) => RateLimitResult::from_decisions(limits.iter().copied(), &decisions),
+            Err(err) => self.on_store_failure(&err, label, limits, requests).await,
+        }
+    }
+
     /// Applies the failure policy to a check whose store failed.
     async fn on_store_failure(
         &self,
         err: &RateLimitError,
-        prepared: &PreparedRule,
-        key: &BucketKey,
-        cost: u64,
+        endpoint: &str,
+        limits: &[&Limit],
+        requests: &[BucketRequest<'_>],
     ) -> RateLimitResult {
-        let rule = &prepared.rule;
-        let endpoint = &*prepared.endpoint;
         let code = err.code().as_str();
+        let limits = limits.iter().copied();
         match &self.on_failure {
             OnFailure::Closed => {
                 tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; denying the request (fail-closed)");
-                RateLimitResult::fail_closed(rule)
+                RateLimitResult::fail_closed(limits)
             }
-            OnFailure::Local(fallback) => {
-                match fallback
-                    .check_and_consume(&BucketRequest::new(key, rule).with_cost(cost))
-                    .await
-                {
-                    Ok(decision) => {
-                        tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; deciding with the local fallback store");
-                        RateLimitResult::from_decision(decision, rule)
-                            .with_source(DecisionSource::LocalFallback)
-                    }
-                    Err(local) => {
-                        tracing::warn!(error = %err, local_error = %local, code, endpoint, "rate-limit store and local fallback failed; allowing the request (fail-open)");
-                        RateLimitResult::fail_open(rule)
-                    }
+            OnFailure::Local(fallback) => match ask(fallback, requests).await {
+                Ok(decisions) => {
+                    tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; deciding with the local fallback store");
+                    RateLimitResult::from_decisions(limits, &decisions)
+                        .with_source(DecisionSource::LocalFallback)
                 }
-            }
+                Err(local) => {
+                    tracing::warn!(error = %err, local_error = %local, code, endpoint, "rate-limit store and local fallback failed; allowing the request (fail-open)");
+                    RateLimitResult::fail_open(limits)
+                }
+            },
             OnFailure::Open => {
                 tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; allowing the request (fail-open)");
-                RateLimitResult::fail_open(rule)
+                RateLimitResult::fail_open(limits)
             }
         }
+    }
+
+    /// Reads every active limit of `prepared` for `identifier`, consuming nothing.
+    async fn read(&self, prepared: &PreparedEndpoint, identifier: &str) -> Result<RateLimitResult> {
+        let keys = prepared
+            .active()
+            .map(|p| p.keys.key(identifier))
+            .collect::<Result<Vec<_>>>()?;
+        let limits: Vec<&Limit> = prepared.active().map(|p| &p.limit).collect();
+        let requests: Vec<BucketRequest<'_>> = limits
+            .iter()
+            .zip(&keys)
+            .map(|(limit, key)| BucketRequest::new(key, limit.rule()).with_cost(0))
+            .collect();
+        let endpoint = &*prepared.endpoint;
+        let (decisions, source) = match peek(&self.store, &requests).await {
+            Ok(decisions) => (Some(decisions), DecisionSource::Store),
+            Err(err) => match &self.on_failure {
+                OnFailure::Closed => {
+                    tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting empty buckets (fail-closed)");
+                    let empty = limits.iter().map(|_| BucketDecision {
+                        allowed: true,
+                        retry_after: std::time::Duration::ZERO,
+                        remaining: 0,
+                    });
+                    (Some(empty.collect()), DecisionSource::FailClosed)
+                }
+                OnFailure::Local(fallback) => {
+                    tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting the local fallback's buckets");
+                    (
+                        peek(fallback, &requests).await.ok(),
+                        DecisionSource::LocalFallback,
+                    )
+                }
+                OnFailure::Open => {
+                    tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting full buckets (fail-open)");
+                    (None, DecisionSource::FailOpen)
+                }
+            },
+        };
+        let outcomes = match decisions {
+            Some(decisions) => limits
+                .iter()
+                .zip(&decisions)
+                .map(|(limit, decision)| {
+                    let mut outcome = LimitOutcome::from_decision(limit, *decision);
+                    // A read takes nothing: whether the endpoint's cost is there now.
+                    outcome.allowed = decision.remaining >= limit.rule().cost();
+                    outcome
+                })
+                .collect(),
+            None => limits
+                .iter()
+                .map(|limit| LimitOutcome::full(limit))
+                .collect(),
+        };
+        Ok(RateLimitResult::from_outcomes(outcomes, source))
+    }
+
+    async fn reset_one(
+        &self,
+        endpoint: &str,
+        identifier: &str,
+        prepared: &PreparedLimit,
+    ) -> Result<bool> {
+        let key = prepared.keys.key(identifier)?;
+        let rule = prepared.limit.rule();
+        let limit = prepared.limit.name();
+        if let OnFailure::Local(fallback) = &self.on_failure {
+            // The local buckets are a stand-in for the shared ones: reset them too.
+            if let Err(err) = fallback.reset(&key, rule).await {
+                tracing::warn!(error = %err, endpoint, limit, "could not reset the local fallback bucket");
+            }
+        }
+        match self.store.reset(&key, rule).await {
+            Ok(existed) => {
+                tracing::info!(endpoint, identifier, limit, existed, "rate limit reset");
+                Ok(existed)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, endpoint, identifier, limit, "rate limit reset failed");
+                Err(err)
+            }
+        }
+    }
+}
+
+/// One store call: the single-bucket call for one request, the all-or-nothing one otherwise.
+async fn ask(
+    store: &DynBucketStore,
+    requests: &[BucketRequest<'_>],
+) -> Result<Vec<BucketDecision>> {
+    if let [one] = requests {
+        Ok(vec![store.check_and_consume(one).await?])
+    } else {
+        store.check_and_consume_all(requests).await
+    }
+}
+
+/// One read-only store call: the store's own read for one bucket, an all-or-nothing check at
+/// cost 0 (which writes nothing) for several.
+async fn peek(
+    store: &DynBucketStore,
+    requests: &[BucketRequest<'_>],
+) -> Result<Vec<BucketDecision>> {
+    if let [one] = requests {
+        let remaining = store.get_remaining(one.key, one.rule, one.now).await?;
+        Ok(vec![BucketDecision {
+            allowed: true,
+            retry_after: std::time::Duration::ZERO,
+            remaining,
+        }])
+    } else {
+        store.check_and_consume_all(requests).await
     }
 }
 
@@ -296,13 +577,13 @@ impl RateLimiter for TokenBucketAdapter {
             tracing::debug!(endpoint, "no rate-limit rule for endpoint; allowing");
             return Ok(RateLimitResult::no_rule());
         };
-        if !prepared.rule.enabled() {
-            return Ok(RateLimitResult::disabled(&prepared.rule));
-        }
+        let Some(&first) = prepared.active.first() else {
+            return Ok(RateLimitResult::disabled(prepared.limits.limits()));
+        };
         let span = tracing::debug_span!(
             "rate_limit_check",
             endpoint = &*prepared.endpoint,
-            scope = prepared.rule.scope().as_str(),
+            scope = prepared.all[first].limit.rule().scope().as_str(),
             outcome = field::Empty,
         );
         self.check(prepared, identifier, options)
@@ -314,54 +595,57 @@ impl RateLimiter for TokenBucketAdapter {
         let Some(prepared) = self
             .rules
             .get(endpoint)
-            .filter(|prepared| prepared.rule.enabled())
+            .filter(|prepared| !prepared.active.is_empty())
         else {
             return Ok(0);
         };
-        let key = prepared.keys.key(identifier)?;
-        match self.store.get_remaining(&key, &prepared.rule, None).await {
-            Ok(remaining) => Ok(remaining),
-            Err(err) => match &self.on_failure {
-                OnFailure::Closed => {
-                    tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting an empty bucket (fail-closed)");
-                    Ok(0)
-                }
-                OnFailure::Local(fallback) => {
-                    tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting the local fallback's bucket");
-                    Ok(fallback
-                        .get_remaining(&key, &prepared.rule, None)
-                        .await
-                        .unwrap_or(prepared.rule.max_tokens()))
-                }
-                OnFailure::Open => {
-                    tracing::warn!(error = %err, endpoint, "rate-limit store failed; reporting a full bucket (fail-open)");
-                    Ok(prepared.rule.max_tokens())
-                }
-            },
-        }
+        let status = self.read(prepared, identifier).await?;
+        Ok(status
+            .limits
+            .iter()
+            .map(|limit| limit.remaining)
+            .min()
+            .unwrap_or(0))
     }
 
     async fn reset(&self, endpoint: &str, identifier: &str) -> Result<bool> {
         let Some(prepared) = self.rules.get(endpoint) else {
             return Ok(false);
         };
-        let key = prepared.keys.key(identifier)?;
-        if let OnFailure::Local(fallback) = &self.on_failure {
-            // The local buckets are a stand-in for the shared ones: reset them too.
-            if let Err(err) = fallback.reset(&key, &prepared.rule).await {
-                tracing::warn!(error = %err, endpoint, "could not reset the local fallback bucket");
+        let single = prepared.limits.is_single();
+        let mut existed = false;
+        for limit in &prepared.all {
+            if single || limit.limit.rule().scope() != RateLimitScope::Global {
+                existed |= self.reset_one(endpoint, identifier, limit).await?;
             }
         }
-        match self.store.reset(&key, &prepared.rule).await {
-            Ok(existed) => {
-                tracing::info!(endpoint, identifier, existed, "rate limit reset");
-                Ok(existed)
-            }
-            Err(err) => {
-                tracing::error!(error = %err, endpoint, identifier, "rate limit reset failed");
-                Err(err)
-            }
+        Ok(existed)
+    }
+
+    async fn status(&self, endpoint: &str, identifier: &str) -> Result<RateLimitResult> {
+        let Some(prepared) = self.rules.get(endpoint) else {
+            return Ok(RateLimitResult::no_rule());
+        };
+        if prepared.active.is_empty() {
+            return Ok(RateLimitResult::disabled(prepared.limits.limits()));
         }
+        self.read(prepared, identifier).await
+    }
+
+    async fn reset_limit(&self, endpoint: &str, identifier: &str, limit: &str) -> Result<bool> {
+        let Some(prepared) = self
+            .rules
+            .get(endpoint)
+            .and_then(|prepared| prepared.all.iter().find(|p| p.limit.name() == limit))
+        else {
+            return Err(RateLimitError::new(
+                ErrorCode::InvalidInput,
+                "the endpoint has no limit of that name",
+            )
+            .with_detail("endpoint", endpoint)
+            .with_detail("limit", limit));
+        };
+        self.reset_one(endpoint, identifier, prepared).await
     }
 }
 
@@ -371,9 +655,7 @@ mod tests {
     use std::time::Duration;
 
     use mockall::Sequence;
-    use ratelimit_domain::{
-        BucketDecision, MockBucketStore, MockEventBus, RateLimitScope, RateLimiterExt,
-    };
+    use ratelimit_domain::{MockBucketStore, MockEventBus, RateLimitRule, RateLimiterExt};
 
     use super::*;
 

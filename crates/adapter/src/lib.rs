@@ -48,7 +48,7 @@ mod adapter;
 mod events;
 pub mod layers;
 
-pub use adapter::{TokenBucketAdapter, TokenBucketAdapterBuilder};
+pub use adapter::{BucketCheck, LimitKeys, TokenBucketAdapter, TokenBucketAdapterBuilder};
 pub use events::{BroadcastEventBus, spawn_event_logger};
 pub use layers::{
     CircuitBreakerConfig, CircuitBreakerStore, CircuitState, DenyCacheStore, ErrorCaptureStore,
@@ -57,8 +57,8 @@ pub use layers::{
 pub use ratelimit_domain as domain;
 pub use ratelimit_domain::{
     BucketDecision, BucketKey, BucketStore, CheckOptions, Clock, DecisionSource, DynBucketStore,
-    DynEventBus, DynRateLimiter, ErrorCode, EventBus, FailurePolicy, ManualClock,
-    RateLimitCheckAllowed, RateLimitCheckAttempted, RateLimitCheckDenied, RateLimitError,
-    RateLimitEvent, RateLimitResult, RateLimitRule, RateLimitScope, RateLimiter, RateLimiterExt,
-    RuleError, RuleSet, SystemClock,
+    DynEventBus, DynRateLimiter, EndpointLimits, ErrorCode, EventBus, FailurePolicy, Limit,
+    LimitOutcome, ManualClock, RateLimitCheckAllowed, RateLimitCheckAttempted,
+    RateLimitCheckDenied, RateLimitError, RateLimitEvent, RateLimitResult, RateLimitRule,
+    RateLimitScope, RateLimiter, RateLimiterExt, RuleError, RuleSet, SystemClock,
 };

@@ -57,7 +57,7 @@ pub(crate) fn check_rules(file: &Path) -> RulesReport {
         Ok(rules) => {
             let mut rules: Vec<(String, RateLimitRule)> = rules
                 .iter()
-                .map(|(endpoint, rule)| (endpoint.to_owned(), rule.clone()))
+                .map(|(endpoint, rule)| (endpoint.to_owned(), rule.first().rule().clone()))
                 .collect();
             rules.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(rules)
@@ -88,7 +88,10 @@ fn load_rule(
         .filter(|path| !path.as_os_str().is_empty())
         .ok_or_else(|| CliError::usage(NEED_RULES))?;
     let rules = load_rules_file(path).map_err(|err| CliError::from_config(&err))?;
-    let Some(rule) = rules.get(endpoint).cloned() else {
+    let Some(rule) = rules
+        .get(endpoint)
+        .map(|limits| limits.first().rule().clone())
+    else {
         let mut known: Vec<&str> = rules.iter().map(|(endpoint, _)| endpoint).collect();
         known.sort_unstable();
         let known = if known.is_empty() {

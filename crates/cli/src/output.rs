@@ -391,7 +391,10 @@ mod tests {
         Report::Check(CheckReport {
             target: target(),
             cost,
-            result: RateLimitResult::from_decision(decision, &rule()),
+            result: RateLimitResult::from_decisions(
+                [&ratelimit_domain::Limit::implicit("POST /x", rule())],
+                &[decision],
+            ),
         })
     }
 
@@ -464,7 +467,10 @@ mod tests {
         let report = Report::Check(CheckReport {
             target: target(),
             cost: 1,
-            result: RateLimitResult::disabled(&rule()),
+            result: RateLimitResult::disabled([&ratelimit_domain::Limit::implicit(
+                "POST /x",
+                rule(),
+            )]),
         });
         assert_eq!(
             report.human(),

@@ -180,13 +180,13 @@ mod tests {
     fn reads_rules_with_defaults() {
         let rules = parse_rules(GOOD).unwrap();
         assert_eq!(rules.len(), 2);
-        let login = rules.get("POST /api/v1/sessions").unwrap();
+        let login = rules.get("POST /api/v1/sessions").unwrap().first().rule();
         assert_eq!(
             (login.max_tokens(), login.refill_rate(), login.scope()),
             (5, 5.0, RateLimitScope::Ip)
         );
         assert_eq!((login.cost(), login.enabled()), (1, true));
-        let export = rules.get("POST /api/v1/exports").unwrap();
+        let export = rules.get("POST /api/v1/exports").unwrap().first().rule();
         assert_eq!(
             (export.cost(), export.enabled(), export.refill_rate()),
             (4, false, 2.0)

@@ -198,13 +198,13 @@ mod tests {
         remaining: u64,
         r: &RateLimitRule,
     ) -> RateLimitResult {
-        RateLimitResult::from_decision(
-            BucketDecision {
+        RateLimitResult::from_decisions(
+            [&ratelimit_adapter::Limit::implicit("GET /x", r.clone())],
+            &[BucketDecision {
                 allowed,
                 retry_after,
                 remaining,
-            },
-            r,
+            }],
         )
     }
 

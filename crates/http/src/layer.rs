@@ -11,8 +11,8 @@ use axum::extract::MatchedPath;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use ratelimit_adapter::{
-    DecisionSource, DynRateLimiter, ErrorCode, RateLimitResult, RateLimitRule, RateLimiterExt,
-    RuleSet, TokenBucketAdapter,
+    DecisionSource, DynRateLimiter, EndpointLimits, ErrorCode, RateLimitResult, RateLimitRule,
+    RateLimiterExt, RuleSet, TokenBucketAdapter,
 };
 use tower::{Layer, Service};
 use tracing::{Instrument as _, field};
@@ -55,10 +55,10 @@ enum Rules {
 }
 
 impl Rules {
-    fn get(&self, endpoint: &str) -> Option<&RateLimitRule> {
+    fn get(&self, endpoint: &str) -> Option<&EndpointLimits> {
         match self {
             Self::Set(rules) => rules.get(endpoint),
-            Self::Adapter(adapter) => adapter.rule(endpoint),
+            Self::Adapter(adapter) => adapter.limits(endpoint),
         }
     }
 }
@@ -248,7 +248,9 @@ fn endpoint_and_rule<B>(shared: &Shared, request: &Request<B>) -> Option<(String
         }
         None => return None,
     };
-    rule.enabled().then(|| (endpoint, rule.clone()))
+    // TEMPORARY: the headers describe the first active limit until the layer shows them all.
+    let first = rule.active().next()?;
+    Some((endpoint, first.rule().clone()))
 }
 
 async fn handle<S, ReqBody, ResBody>(

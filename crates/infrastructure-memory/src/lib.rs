@@ -77,7 +77,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
 use hashbrown::HashTable;
-use ratelimit_domain::token_bucket::{self, BucketState};
+use ratelimit_domain::token_bucket::{self, BucketState, StepInput};
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketRequest, BucketStore, Clock, ErrorCode, RateLimitError,
     RateLimitRule, Result, SystemClock,
@@ -440,10 +440,14 @@ impl MemoryStorage {
     }
 
     fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[self.shard_index(hash)])
+    }
+
+    fn shard_index(&self, hash: u64) -> usize {
         // Masked below the shard count, so the cast cannot truncate.
         #[allow(clippy::cast_possible_truncation)]
         let index = (hash >> SHARD_SHIFT) as usize & self.shard_mask;
-        lock(&self.shards[index])
+        index
     }
 }
 
@@ -506,6 +510,39 @@ impl Shard {
                 .insert_unique(hash, bucket, |bucket| self::hash(hasher, bucket.key()));
         }
         step.decision
+    }
+
+    /// The live state of the bucket of `key` (an expired one reads as missing).
+    fn read(&self, key: &[u8], hash: u64, now: f64) -> Option<BucketState> {
+        self.buckets
+            .find(hash, |bucket| bucket.key() == key)
+            .filter(|bucket| bucket.expires_at() > now)
+            .map(StoredBucket::state)
+    }
+
+    /// Stores `state` as the bucket of `key`, making room as a new bucket does.
+    fn write(
+        &mut self,
+        hasher: &RandomState,
+        key: &[u8],
+        hash: u64,
+        rule: &RateLimitRule,
+        state: BucketState,
+        now: f64,
+    ) {
+        let expires_at = now + rule.storage_ttl_seconds() as f64;
+        if let Some(bucket) = self.buckets.find_mut(hash, |bucket| bucket.key() == key) {
+            bucket.set(state, expires_at, full_at(state, rule));
+            return;
+        }
+        while self.buckets.len() >= self.capacity {
+            if !self.evict_one(now) {
+                break;
+            }
+        }
+        let bucket = StoredBucket::new(key, state, expires_at, full_at(state, rule));
+        self.buckets
+            .insert_unique(hash, bucket, |bucket| self::hash(hasher, bucket.key()));
     }
 
     /// Drops the bucket that gives the least away, of a few looked at in random slots: the
@@ -599,6 +636,68 @@ impl BucketStore for MemoryStorage {
             .shard(hash)
             .check_and_consume(&self.hasher, key, hash, rule, cost, now);
         Ok(decision)
+    }
+
+    /// Locks the shards of every key, in ascending order (so that concurrent checks never
+    /// wait on each other in a cycle), steps all buckets with
+    /// [`token_bucket::step_all`], and writes what it says before releasing any lock: atomic.
+    async fn check_and_consume_all<'a>(
+        &self,
+        requests: &[BucketRequest<'a>],
+    ) -> Result<Vec<BucketDecision>> {
+        let first = match requests {
+            [] => return Ok(Vec::new()),
+            [one] => return Ok(vec![self.check_and_consume(one).await?]),
+            [first, ..] => first,
+        };
+        let now = self.now(first.now)?;
+        for (i, request) in requests.iter().enumerate() {
+            if requests[..i].iter().any(|other| other.key == request.key) {
+                return Err(RateLimitError::new(
+                    ErrorCode::InvalidInput,
+                    "the buckets of one check must be distinct",
+                )
+                .with_detail("key", request.key.as_str()));
+            }
+        }
+        let located: Vec<(&[u8], u64, usize)> = requests
+            .iter()
+            .map(|request| {
+                let key = request.key.as_str().as_bytes();
+                let hash = hash(&self.hasher, key);
+                (key, hash, self.shard_index(hash))
+            })
+            .collect();
+        let mut order: Vec<usize> = located.iter().map(|&(_, _, shard)| shard).collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards: Vec<MutexGuard<'_, Shard>> = order
+            .iter()
+            .map(|&index| lock(&self.shards[index]))
+            .collect();
+        let slot = |shard: usize| order.binary_search(&shard).unwrap_or(0);
+        for guard in &mut guards {
+            if now >= guard.next_sweep {
+                guard.sweep(now);
+            }
+        }
+        let inputs: Vec<StepInput> = requests
+            .iter()
+            .zip(&located)
+            .map(|(request, &(key, hash, shard))| StepInput {
+                stored: guards[slot(shard)].read(key, hash, now),
+                max_tokens: request.rule.max_tokens(),
+                refill_rate: request.rule.refill_rate(),
+                cost: request.cost,
+            })
+            .collect();
+        let steps = token_bucket::step_all(&inputs, now);
+        for ((request, &(key, hash, shard)), step) in requests.iter().zip(&located).zip(&steps) {
+            if let Some(state) = step.store {
+                guards[slot(shard)].write(&self.hasher, key, hash, request.rule, state, now);
+            }
+        }
+        Ok(steps.into_iter().map(|step| step.decision).collect())
     }
 
     async fn get_remaining(

@@ -260,6 +260,14 @@ impl<S: BucketStore + ?Sized> BucketStore for CircuitBreakerStore<S> {
         self.guarded(self.inner.check_and_consume(request)).await
     }
 
+    async fn check_and_consume_all<'a>(
+        &self,
+        requests: &[BucketRequest<'a>],
+    ) -> Result<Vec<BucketDecision>> {
+        self.guarded(self.inner.check_and_consume_all(requests))
+            .await
+    }
+
     async fn get_remaining(
         &self,
         key: &BucketKey,
@@ -319,6 +327,16 @@ mod tests {
                     remaining: 1,
                 })
             }
+        }
+        async fn check_and_consume_all<'a>(
+            &self,
+            requests: &[BucketRequest<'a>],
+        ) -> Result<Vec<BucketDecision>> {
+            let mut decisions = Vec::new();
+            for request in requests {
+                decisions.push(self.check_and_consume(request).await?);
+            }
+            Ok(decisions)
         }
         async fn get_remaining(
             &self,

@@ -282,6 +282,49 @@ impl<S: BucketStore + ?Sized> BucketStore for DenyCacheStore<S> {
         Ok(decision)
     }
 
+    /// Several limits: each bucket that refused is remembered as a single check's denial would
+    /// be (nothing was taken from it, so it holds fewer than its cost until its wait has
+    /// passed). A check is denied here when any of its buckets has a live cached denial for
+    /// its cost; the limits that were not asked then report `allowed` with 0 remaining, a
+    /// lower bound.
+    async fn check_and_consume_all<'a>(
+        &self,
+        requests: &[BucketRequest<'a>],
+    ) -> Result<Vec<BucketDecision>> {
+        if let [one] = requests {
+            return Ok(vec![self.check_and_consume(one).await?]);
+        }
+        let Some(first) = requests.first() else {
+            return Ok(Vec::new());
+        };
+        if first.now.is_some() || requests.iter().any(|request| request.cost == 0) {
+            return self.inner.check_and_consume_all(requests).await;
+        }
+        let mut tickets = Vec::with_capacity(requests.len());
+        for (i, request) in requests.iter().enumerate() {
+            match self.cached(request.key, request.cost) {
+                Ok(denied) => {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::consume_budget().await;
+                    let not_asked = BucketDecision {
+                        allowed: true,
+                        retry_after: Duration::ZERO,
+                        remaining: 0,
+                    };
+                    let mut decisions = vec![not_asked; requests.len()];
+                    decisions[i] = denied;
+                    return Ok(decisions);
+                }
+                Err(ticket) => tickets.push(ticket),
+            }
+        }
+        let decisions = self.inner.check_and_consume_all(requests).await?;
+        for ((request, ticket), decision) in requests.iter().zip(tickets).zip(&decisions) {
+            self.remember(request.key, request.cost, ticket, decision);
+        }
+        Ok(decisions)
+    }
+
     async fn get_remaining(
         &self,
         key: &BucketKey,
@@ -325,6 +368,16 @@ mod tests {
         ) -> Result<BucketDecision> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             self.inner.check_and_consume(request).await
+        }
+        async fn check_and_consume_all<'a>(
+            &self,
+            requests: &[BucketRequest<'a>],
+        ) -> Result<Vec<BucketDecision>> {
+            let mut decisions = Vec::new();
+            for request in requests {
+                decisions.push(self.check_and_consume(request).await?);
+            }
+            Ok(decisions)
         }
         async fn get_remaining(
             &self,
@@ -465,6 +518,16 @@ mod tests {
                 retry_after: Duration::from_secs(60),
                 remaining: 0,
             })
+        }
+        async fn check_and_consume_all<'a>(
+            &self,
+            requests: &[BucketRequest<'a>],
+        ) -> Result<Vec<BucketDecision>> {
+            let mut decisions = Vec::new();
+            for request in requests {
+                decisions.push(self.check_and_consume(request).await?);
+            }
+            Ok(decisions)
         }
         async fn get_remaining(
             &self,

@@ -58,6 +58,14 @@ impl<S: BucketStore> BucketStore for ErrorCaptureStore<S> {
         self.record(result)
     }
 
+    async fn check_and_consume_all<'a>(
+        &self,
+        requests: &[BucketRequest<'a>],
+    ) -> Result<Vec<BucketDecision>> {
+        let result = self.inner.check_and_consume_all(requests).await;
+        self.record(result)
+    }
+
     async fn get_remaining(
         &self,
         key: &BucketKey,
