@@ -397,8 +397,21 @@ impl TokenBucketAdapter {
         limits: &[&Limit],
         requests: &[BucketRequest<'_>],
     ) -> RateLimitResult {
-        match ask(&self.store, requests).await {
-            Ok(decisions) => RateLimitResult::from_decisions(limits.iter().copied(), &decisions),
+        let answer = if let [one] = requests {
+            // One limit: no vector of decisions.
+            self.store.check_and_consume(one).await.map(|decision| {
+                RateLimitResult::from_decisions(limits.iter().copied(), &[decision])
+            })
+        } else {
+            self.store
+                .check_and_consume_all(requests)
+                .await
+                .map(|decisions| {
+                    RateLimitResult::from_decisions(limits.iter().copied(), &decisions)
+                })
+        };
+        match answer {
+            Ok(result) => result,
             Err(err) => self.on_store_failure(&err, label, limits, requests).await,
         }
     }

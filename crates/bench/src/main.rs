@@ -12,6 +12,9 @@
 //! 3. **The memory backend**: ns per check of `MemoryStorage` and of the adapter over it,
 //!    against the `governor` crate's keyed limiter.
 //! 4. **A deny flood**: one denied key checked in a loop, against allowed checks.
+//! 5. **Several limits**: a two-limit check against a one-limit check and against the same
+//!    two limits checked separately, at 64 tasks (checks/s, Redis CPU per check), and the
+//!    tokens that refused requests cost each way.
 //!
 //! `just bench memory-flood` runs something else: 10 million distinct identifiers through a
 //! `MemoryStorage`, with the process's memory every million keys, to show that the store's
@@ -29,6 +32,7 @@ mod chart;
 mod load;
 mod memory_backend;
 mod memory_flood;
+mod multi_limit;
 mod progress;
 mod redis_benchmark;
 mod redis_cost;
@@ -150,7 +154,14 @@ impl Settings {
         let layouts = redis_cost::LAYOUTS.len() as u64;
         // warm-up, figure 1, redis-benchmark rounds, deny flood, memory baseline, memory per
         // layout, CPU rounds (every layout each), memory backend.
-        1 + 3 * self.pairs as u64 + self.rb_rounds as u64 + rounds + 1 + layouts + rounds + rounds
+        1 + 3 * self.pairs as u64
+            + self.rb_rounds as u64
+            + rounds
+            + 1
+            + layouts
+            + rounds
+            + rounds
+            + multi_limit::steps(self)
     }
 }
 
@@ -219,6 +230,7 @@ fn run(args: &Args) -> BoxResult<bool> {
     let deny = runtime.block_on(targets.deny_flood(&settings, &progress))?;
     let failed_open = targets.failed_open;
     drop(targets);
+    let multi = runtime.block_on(multi_limit::measure(&server, &settings, &progress))?;
     let cost = runtime.block_on(redis_cost::measure(&server, &settings, &progress))?;
     drop(runtime);
     let memory = memory_backend::measure(&settings, &progress)?;
@@ -229,6 +241,7 @@ fn run(args: &Args) -> BoxResult<bool> {
     figures.extend(cost);
     figures.extend(memory);
     figures.push(deny);
+    figures.extend(multi);
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);

@@ -15,6 +15,8 @@ pub(crate) enum Unit {
     Nanos,
     /// Bytes (lower is better).
     Bytes,
+    /// A plain count (lower is better).
+    Count,
 }
 
 /// What a figure is held to.
@@ -143,6 +145,7 @@ pub(crate) fn format_value(value: f64, unit: Unit) -> String {
         Unit::Nanos if value >= 1e4 => format!("{:.1} µs", value / 1e3),
         Unit::Nanos => format!("{value:.0} ns"),
         Unit::Bytes => format!("{value:.0} B"),
+        Unit::Count => format!("{value:.0}"),
     }
 }
 

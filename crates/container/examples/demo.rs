@@ -10,17 +10,18 @@ use std::time::Duration;
 
 use ratelimit_container::{Container, ContainerConfig};
 use ratelimit_domain::{
-    DecisionSource, ManualClock, RateLimitResult, RateLimitRule, RateLimitScope, RateLimiterExt,
-    RuleSet,
+    DecisionSource, EndpointLimits, Limit, ManualClock, RateLimitResult, RateLimitRule,
+    RateLimitScope, RateLimiterExt, RuleSet,
 };
 
 const LOGIN: &str = "POST /api/v1/sessions";
 const ITEMS: &str = "GET /api/v1/items";
 const EXPORT: &str = "POST /api/v1/exports";
+const SEARCH: &str = "GET /api/v1/search";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn Error>> {
-    let rules = RuleSet::try_from_rules([
+    let mut rules = RuleSet::try_from_rules([
         // Five login attempts per IP, one more every 12 seconds.
         (LOGIN, RateLimitRule::new(RateLimitScope::Ip, 5, 5.0)?),
         // 10 API calls per user, refilled at 30 per minute.
@@ -31,6 +32,20 @@ async fn main() -> Result<(), Box<dyn Error>> {
             RateLimitRule::new(RateLimitScope::User, 10, 2.0)?.with_cost(4)?,
         ),
     ])?;
+    // Search: 3 per client IP and 5 for everybody together, checked all or nothing.
+    rules.insert_limits(
+        SEARCH,
+        EndpointLimits::new(vec![
+            Limit::named(
+                "per-client",
+                RateLimitRule::new(RateLimitScope::Ip, 3, 3.0)?,
+            )?,
+            Limit::named(
+                "everyone",
+                RateLimitRule::new(RateLimitScope::Global, 5, 5.0)?,
+            )?,
+        ])?,
+    )?;
 
     // The memory backend runs on a clock the demo can move; Redis uses its own TIME.
     let clock = ManualClock::starting_now();
@@ -49,9 +64,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
         (ITEMS, "alice"),
         (ITEMS, "bob"),
         (EXPORT, "alice"),
+        (SEARCH, "203.0.113.7"),
+        (SEARCH, "198.51.100.4"),
     ] {
         limiter.reset(endpoint, who).await?;
     }
+    limiter.reset_limit(SEARCH, "-", "everyone").await?;
 
     section("1. A login burst from one IP (5 tokens, 1 every 12 s)");
     for attempt in 1..=7 {
@@ -110,7 +128,29 @@ async fn main() -> Result<(), Box<dyn Error>> {
         &limiter.is_allowed(EXPORT, "alice").await?,
     );
 
-    section("4. An endpoint without a rule");
+    section("4. Two limits on one endpoint (3 per client, 5 for everybody; all or nothing)");
+    for n in 1..=4 {
+        show(
+            &format!("search {n} from 203.0.113.7"),
+            &limiter.is_allowed(SEARCH, "203.0.113.7").await?,
+        );
+    }
+    for n in 1..=3 {
+        show(
+            &format!("search {n} from 198.51.100.4"),
+            &limiter.is_allowed(SEARCH, "198.51.100.4").await?,
+        );
+    }
+    let status = limiter.status(SEARCH, "198.51.100.4").await?;
+    for limit in &status.limits {
+        println!(
+            "   198.51.100.4, limit {:<12} {} of {} tokens left",
+            limit.name, limit.remaining, limit.limit
+        );
+    }
+    println!("   (the refused search took nothing from 198.51.100.4's own bucket)");
+
+    section("5. An endpoint without a rule");
     show(
         "GET /healthz",
         &limiter.is_allowed("GET /healthz", "anyone").await?,
@@ -134,6 +174,10 @@ fn show(what: &str, result: &RateLimitResult) {
             "costs more than the bucket holds: never allowed".to_owned()
         }
         (false, _) => format!("retry after {:.2} s", result.retry_after.as_secs_f64()),
+    };
+    let detail = match result.deciding() {
+        Some(limit) if result.limits.len() > 1 => format!("{detail} (limit {})", limit.name),
+        _ => detail,
     };
     println!("   {what:<42} {verdict}  {detail}");
 }
