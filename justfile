@@ -19,6 +19,10 @@ serve rules="crates/http/examples/rules.toml" listen="127.0.0.1:8080":
 server config="crates/server/tests/configs" *args:
     cargo run --quiet -p ratelimit-server -- --config {{config}} {{args}}
 
+# ShouldRateLimit over gRPC against the library in process, same Redis, 64 concurrent callers (~30 s after the build); writes target/bench/server.md.
+bench-server *args:
+    cargo run --release -q -p ratelimit-server --example bench -- {{args}}
+
 # The admin CLI, e.g. `just cli reset --endpoint "POST /api/v1/sessions" --identifier 203.0.113.7 --rules FILE`.
 cli *args:
     cargo run --quiet -p ratelimit-cli -- {{args}}

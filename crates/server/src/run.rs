@@ -155,6 +155,11 @@ pub struct ServerArgs {
     )]
     pub shutdown_timeout: u64,
 
+    /// Log every check's events (attempted, allowed, denied) through `tracing`; off by default,
+    /// since a busy proxy makes many.
+    #[arg(long, env = "RATELIMIT_LOG_DECISIONS")]
+    pub log_decisions: bool,
+
     /// Do not watch the configuration for changes.
     #[arg(long, env = "RATELIMIT_NO_WATCH")]
     pub no_watch: bool,
@@ -188,7 +193,8 @@ pub fn container_config(args: &ServerArgs) -> ContainerConfig {
     let mut config = ContainerConfig::memory(RuleSet::new())
         .with_memory_capacity(args.memory_capacity)
         .with_failure_policy(args.failure_policy)
-        .with_key_prefix(args.key_prefix.clone());
+        .with_key_prefix(args.key_prefix.clone())
+        .with_event_logging(args.log_decisions);
     if args.no_circuit_breaker {
         config = config.with_circuit_breaker(None);
     } else {
