@@ -43,6 +43,9 @@ fn imports_work(python: &Path) -> bool {
 }
 
 /// The virtualenv's python, created and filled if needed.
+///
+/// The virtualenv is built under a temporary name and renamed into place, so test processes
+/// running at once (nextest runs each test in its own) never see a half-made one.
 fn python() -> PathBuf {
     let _guard = VENV
         .lock()
@@ -52,6 +55,8 @@ fn python() -> PathBuf {
     if imports_work(&python) {
         return python;
     }
+    let building = target_dir().join(format!("server-e2e-venv.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&building);
     let host_python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let fail = |what: &str, detail: String| -> ! {
         panic!(
@@ -64,7 +69,7 @@ fn python() -> PathBuf {
     };
     let out = Command::new(&host_python)
         .args(["-m", "venv"])
-        .arg(&venv)
+        .arg(&building)
         .output()
         .unwrap_or_else(|err| fail(&format!("cannot run {host_python}"), err.to_string()));
     if !out.status.success() {
@@ -73,7 +78,7 @@ fn python() -> PathBuf {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         );
     }
-    let out = Command::new(&python)
+    let out = Command::new(building.join("bin").join("python"))
         .args([
             "-m",
             "pip",
@@ -86,10 +91,23 @@ fn python() -> PathBuf {
         .output()
         .unwrap_or_else(|err| fail("cannot run pip", err.to_string()));
     if !out.status.success() {
+        let _ = std::fs::remove_dir_all(&building);
         fail(
             "pip install failed",
             String::from_utf8_lossy(&out.stderr).into_owned(),
         );
+    }
+    if imports_work(&python) {
+        // Another process finished first.
+        let _ = std::fs::remove_dir_all(&building);
+        return python;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    if let Err(err) = std::fs::rename(&building, &venv) {
+        if !imports_work(&python) {
+            fail("cannot move the virtualenv into place", err.to_string());
+        }
+        let _ = std::fs::remove_dir_all(&building);
     }
     if !imports_work(&python) {
         fail("the packages installed but do not import", String::new());
