@@ -61,10 +61,21 @@ pub async fn serve(
         .set_serving::<RateLimitServiceServer<GrpcRateLimit>>()
         .await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // On shutdown, health watchers (Envoy's gRPC health checks that stream) hear NOT_SERVING
+    // before the connections close.
+    let stopping = async move {
+        shutdown.await;
+        reporter
+            .set_not_serving::<RateLimitServiceServer<GrpcRateLimit>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(GrpcRateLimit::new(service).into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, stopping)
         .await
 }
 

@@ -422,3 +422,36 @@ async fn empty_descriptors_match_nothing_and_overrides_get_their_own_bucket() {
     assert_eq!(r.statuses[0].limit_remaining, 99);
     assert!(server.shutdown().await);
 }
+
+#[tokio::test]
+async fn health_watchers_hear_not_serving_on_shutdown() {
+    let config = config_copy();
+    let server = start(config.path(), &[]).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "envoy.service.ratelimit.v3.RateLimitService".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    let stopping = tokio::spawn(server.shutdown());
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    drop(watch);
+    assert!(
+        stopping.await.unwrap(),
+        "shutdown within its deadline once the watcher left"
+    );
+}
