@@ -20,9 +20,31 @@ const OK: i32 = Code::Ok as i32;
 const OVER_LIMIT: i32 = Code::OverLimit as i32;
 
 #[tokio::test]
-async fn answers_every_field_and_checks_all_or_nothing() {
+async fn answers_every_field_and_checks_all_or_nothing_in_memory() {
+    answers_every_field_and_checks_all_or_nothing(&[]).await;
+}
+
+#[tokio::test]
+async fn answers_every_field_and_checks_all_or_nothing_on_redis() {
+    let redis = RedisServer::start();
+    for layout in ["compact", "two-keys"] {
+        answers_every_field_and_checks_all_or_nothing(&[
+            "--redis-url",
+            &redis.url(),
+            "--redis-layout",
+            layout,
+        ])
+        .await;
+    }
+}
+
+async fn answers_every_field_and_checks_all_or_nothing(extra: &[&str]) {
     let config = config_copy();
-    let server = start(config.path(), &[]).await;
+    let server = start(config.path(), extra).await;
+    assert_eq!(
+        server.container.backend_name(),
+        if extra.is_empty() { "memory" } else { "redis" }
+    );
     let mut rls = client(&server).await;
     let marketing = descriptor(&[("message_type", "marketing"), ("to_number", "1")], None);
     let per_number = descriptor(&[("to_number", "1")], None);
