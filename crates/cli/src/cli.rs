@@ -38,15 +38,19 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Checks one request and CONSUMES its cost, exactly as the service would.
     ///
-    /// This is a real check, not a dry run: an allowed check takes tokens from the bucket.
+    /// This is a real check, not a dry run: an allowed check takes tokens from the bucket of
+    /// every limit of the endpoint (a denied one takes nothing from any).
     /// Use `remaining` to look without touching. Exit 0 when allowed, 1 when denied.
     Check(CheckArgs),
 
-    /// Shows how many whole tokens are left, consuming nothing.
+    /// Shows how many whole tokens every limit of the endpoint has left, consuming nothing.
     Remaining(BucketArgs),
 
-    /// Refills a bucket: the support desk's "unlock this user".
-    Reset(BucketArgs),
+    /// Refills the identifier's buckets: the support desk's "unlock this user".
+    ///
+    /// Resets every limit of the endpoint that keeps a bucket per client; a global limit
+    /// (shared by every client) only when named with --limit.
+    Reset(ResetArgs),
 
     /// Works with rules files.
     #[command(subcommand)]
@@ -63,6 +67,20 @@ pub(crate) struct CheckArgs {
     /// Tokens this request costs (at least 1); default: the rule's cost.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) cost: Option<u64>,
+}
+
+/// Arguments of `reset`.
+#[derive(Debug, Args)]
+pub(crate) struct ResetArgs {
+    /// Which buckets.
+    #[command(flatten)]
+    pub(crate) bucket: BucketArgs,
+
+    /// Reset only the limit of this name (repeatable), whatever its scope: the only way to
+    /// reset a global limit. Default: every limit that is not global (for a rule of the
+    /// single-limit form, its one limit).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) limit: Vec<String>,
 }
 
 /// Which bucket, and how to reach it.
@@ -178,7 +196,8 @@ impl Cli {
     pub(crate) fn redis_url(&self) -> Option<&str> {
         match &self.command {
             Command::Check(args) => args.bucket.connection.redis_url.as_deref(),
-            Command::Remaining(args) | Command::Reset(args) => args.connection.redis_url.as_deref(),
+            Command::Remaining(args) => args.connection.redis_url.as_deref(),
+            Command::Reset(args) => args.bucket.connection.redis_url.as_deref(),
             Command::Rules(_) => None,
         }
     }
