@@ -387,7 +387,7 @@ impl<S: BucketStore> Bucket<S> {
             .status(&self.target.endpoint, self.identifier())
             .await
             .map_err(|err| redis_error("remaining", &err))?;
-        if let Some(err) = self.degraded(&result, "remaining") {
+        if let Some(err) = self.degraded(&result, "the reading") {
             return Err(err);
         }
         let mut limits = self.states(&result.limits, None);
