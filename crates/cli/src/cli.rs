@@ -60,11 +60,12 @@ pub(crate) enum Command {
 /// Arguments of `check`.
 #[derive(Debug, Args)]
 pub(crate) struct CheckArgs {
-    /// Which bucket.
+    /// Which buckets.
     #[command(flatten)]
     pub(crate) bucket: BucketArgs,
 
-    /// Tokens this request costs (at least 1); default: the rule's cost.
+    /// Tokens this request costs (at least 1), taken from every limit of the endpoint;
+    /// default: each limit's own cost.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) cost: Option<u64>,
 }
@@ -83,15 +84,16 @@ pub(crate) struct ResetArgs {
     pub(crate) limit: Vec<String>,
 }
 
-/// Which bucket, and how to reach it.
+/// Which buckets (those of one endpoint and identifier, one per limit), and how to reach
+/// them.
 #[derive(Debug, Args)]
 pub(crate) struct BucketArgs {
     /// The endpoint, exactly as named in the rules file, e.g. "POST /api/v1/sessions".
     #[arg(long, short = 'e', value_name = "ENDPOINT")]
     pub(crate) endpoint: String,
 
-    /// Whose bucket: an IP address, a user id, … as the rule's scope says. Not needed for
-    /// endpoints with the global scope. For `ip` rules it is read as an address (`::1`,
+    /// Whose buckets: an IP address, a user id, … as the limits' scopes say. Not needed when
+    /// every limit concerned has the global scope. For `ip` rules it is read as an address (`::1`,
     /// `[::1]`, `::ffff:1.2.3.4`, `fe80::1%eth0`, or an identifier the service wrote such as
     /// `2001:db8::/64`) and grouped exactly as the service groups clients.
     #[arg(long, short = 'i', value_name = "IDENTIFIER")]
