@@ -401,7 +401,8 @@ fn remaining_line(report: &RemainingReport) -> String {
 /// with its key.
 fn remaining_lines(report: &RemainingReport) -> String {
     let mut out = if !report.enabled {
-        "remaining (nothing consumed); the rule is disabled, nothing is limited".to_owned()
+        "remaining: the rule is disabled, nothing is limited or counted (nothing consumed)"
+            .to_owned()
     } else {
         let short: Vec<&str> = report
             .limits
@@ -1066,12 +1067,12 @@ mod tests {
             .collect();
         outcomes[1].allowed = false;
         let result = RateLimitResult::from_outcomes(outcomes, DecisionSource::Store);
-        let mut states = states(&result, &SEARCH_KEYS, 1);
-        states[1].retry_after = Duration::from_secs(4);
+        let mut shown = states(&result, &SEARCH_KEYS, 1);
+        shown[1].retry_after = Duration::from_secs(4);
         let report = Report::Remaining(RemainingReport {
             target: search_target(),
             result,
-            limits: states,
+            limits: shown,
             enabled: true,
         });
         assert_eq!(
@@ -1090,6 +1091,23 @@ mod tests {
         assert_eq!(json["key"], SEARCH_KEYS[1]);
         assert_eq!(json["limits"][1]["allowed"], false);
         assert_eq!(json["limits"][1]["retry_after"], 4.0);
+
+        let disabled = RateLimitResult::disabled(&limits);
+        let report = Report::Remaining(RemainingReport {
+            target: search_target(),
+            limits: states(&disabled, &SEARCH_KEYS, 1),
+            result: disabled,
+            enabled: false,
+        });
+        assert_eq!(
+            report.human(),
+            "remaining: the rule is disabled, nothing is limited or counted (nothing consumed)\n  \
+             per-client (ip): 10 of 10 tokens left\n    \
+             key: rate_limit:ip#per-client:1.2.3.4:GET /search\n  \
+             everyone (global): 15 of 15 tokens left\n    \
+             key: rate_limit:global#everyone:GET /search\n"
+        );
+        assert_eq!(report.json()["enabled"], false);
     }
 
     #[test]
