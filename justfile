@@ -65,6 +65,6 @@ chaos:
 attack *args:
     cargo run --release -q -p ratelimit-tests --example attack -- {{args}}
 
-# Benchmark (release build, own throwaway redis-server, ~3 min; `just bench --quick` for ~30 s); writes target/bench/.
+# Benchmark (release build, own throwaway redis-server, ~4 min; `just bench --quick` for ~40 s; `just bench several-limits` for figure 5 alone); writes target/bench/.
 bench *args:
     cargo run --release -q -p ratelimit-bench -- {{args}}

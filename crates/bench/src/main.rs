@@ -82,6 +82,8 @@ enum BenchCommand {
     /// Distinct identifiers (10 million by default) through MemoryStorage, printing buckets
     /// held, evictions and the process's resident memory every million keys.
     MemoryFlood(memory_flood::FloodArgs),
+    /// Only figure 5 (several limits per request), on its own throwaway redis-server.
+    SeveralLimits,
 }
 
 /// `target/bench` of the workspace.
@@ -172,6 +174,17 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("ratelimit-bench memory-flood: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(BenchCommand::SeveralLimits) = &args.command {
+        return match run_several_limits(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) if !args.strict => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("ratelimit-bench several-limits: error: {err}");
                 ExitCode::FAILURE
             }
         };
@@ -295,6 +308,26 @@ fn run(args: &Args) -> BoxResult<bool> {
         .count();
     println!("targets: {passed} passed, {failed} failed");
     Ok(failed == 0)
+}
+
+/// Figure 5 alone; `Ok(true)` when no target was missed.
+fn run_several_limits(args: &Args) -> BoxResult<bool> {
+    let settings = Settings::new(args.quick);
+    let progress = Progress::new(multi_limit::steps(&settings));
+    progress.begin("starting redis-server");
+    let server = RedisServer::start();
+    let redis_version = info_value(&server, "server", "redis_version")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let figures = runtime.block_on(multi_limit::measure(&server, &settings, &progress))?;
+    progress.finish();
+    drop(runtime);
+    drop(server);
+    println!("ratelimit-bench several-limits, redis {redis_version}");
+    println!("Every ratio is value / baseline, both measured in this run.\n");
+    print!("{}", report::table(&figures));
+    Ok(figures.iter().all(|f| f.verdict() != Verdict::Fail))
 }
 
 /// One field of `INFO <section>`.
