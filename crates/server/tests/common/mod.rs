@@ -77,7 +77,13 @@ pub fn args(config: &Path, extra: &[&str]) -> ServerArgs {
         format!("rls_test_{}", uuid_like().replace('-', "_")),
     ];
     argv.extend(extra.iter().map(|s| (*s).to_owned()));
-    <ServerArgs as clap::Parser>::try_parse_from(argv).unwrap()
+    let mut args = <ServerArgs as clap::Parser>::try_parse_from(argv).unwrap();
+    // Without an explicit --redis-url the memory store, even when REDIS_URL is set for the
+    // workspace's other tests.
+    if !extra.contains(&"--redis-url") {
+        args.redis_url = None;
+    }
+    args
 }
 
 /// A server in this process.
