@@ -477,3 +477,59 @@ async fn health_watchers_hear_not_serving_on_shutdown() {
         "shutdown within its deadline once the watcher left"
     );
 }
+
+/// envoyproxy/ratelimit's own layout: `--config` is a link to the directory of the current
+/// version, and a deployment swaps the link.
+#[cfg(unix)]
+#[tokio::test]
+async fn reloads_when_the_configuration_link_itself_is_swapped() {
+    use std::os::unix::fs::symlink;
+
+    let dir = TempDir::new();
+    let root = dir.path();
+    let mongo = std::fs::read_to_string(format!("{}/mongo_cps.yaml", common::CONFIGS)).unwrap();
+    for (version, limit) in [("v1", "500"), ("v2", "11")] {
+        std::fs::create_dir(root.join(version)).unwrap();
+        std::fs::write(
+            root.join(version).join("mongo_cps.yaml"),
+            mongo.replace("500", limit),
+        )
+        .unwrap();
+    }
+    symlink("v1", root.join("current")).unwrap();
+    let server = start(&root.join("current"), &[]).await;
+    let rls = client(&server).await;
+    let limit = |mut rls: envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<tonic::transport::Channel>| async move {
+        rls.should_rate_limit(request(
+            "mongo_cps",
+            vec![descriptor(&[("database", "users")], Some(0))],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .statuses[0]
+            .current_limit
+            .as_ref()
+            .map_or(0, |l| l.requests_per_unit)
+    };
+    assert_eq!(limit(rls.clone()).await, 500);
+    symlink("v2", root.join("current.tmp")).unwrap();
+    std::fs::rename(root.join("current.tmp"), root.join("current")).unwrap();
+    eventually("the swapped link's configuration", || {
+        let rls = rls.clone();
+        async move { limit(rls).await == 11 }
+    })
+    .await;
+    // Edits inside the new directory are watched too.
+    std::fs::write(
+        root.join("v2").join("mongo_cps.yaml"),
+        mongo.replace("500", "12"),
+    )
+    .unwrap();
+    eventually("an edit in the new directory", || {
+        let rls = rls.clone();
+        async move { limit(rls).await == 12 }
+    })
+    .await;
+    assert!(server.shutdown().await);
+}
