@@ -2,7 +2,7 @@
 //! same run: 64 concurrent callers (closed loop), throughput and p50/p99 latency.
 //!
 //! ```sh
-//! cargo run --release -p ratelimit-server --example bench [-- --seconds 5 --concurrency 64]
+//! cargo run --release -p ratelimit-server --example bench [-- --seconds 5 --concurrency 64 --connections 1]
 //! ```
 //!
 //! It starts its own throwaway redis-server (or uses `REDIS_URL`), a `ratelimit-server` in this
@@ -125,10 +125,18 @@ async fn main() -> BoxResult<()> {
     let server = RunningServer::start(&args).await?;
     let adapter = server.container.adapter().clone();
     let rule = bucket_rule(1_000_000_000, Unit::Second)?.ok_or("no rule")?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))?
-        .connect()
-        .await?;
-    let client = RateLimitServiceClient::new(channel);
+    // Several HTTP/2 connections, as a fleet of Envoys would open (one is a bottleneck of its
+    // own: one socket, one connection task on each side).
+    let connections = usize::try_from(arg("--connections", 1))?.max(1);
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))?
+                .connect()
+                .await?;
+        clients.push(RateLimitServiceClient::new(channel));
+    }
+    let clients = Arc::new(clients);
     let run_id = std::process::id();
 
     let library = {
@@ -152,8 +160,10 @@ async fn main() -> BoxResult<()> {
         }
     };
     let grpc = {
+        let clients = clients.clone();
         move |task: usize, n: u64| {
-            let mut client = client.clone();
+            let clients = clients.clone();
+            let mut client = clients[task % clients.len()].clone();
             async move {
                 let request = RateLimitRequest {
                     domain: "bench".to_owned(),
@@ -191,7 +201,7 @@ async fn main() -> BoxResult<()> {
         .filter(|l| l.starts_with("ratelimit_server_store_failures_total"))
         .count();
     let mut table = format!(
-        "ShouldRateLimit over gRPC vs the library in process, same Redis, {concurrency} concurrent callers, {seconds} s per run\n\n\
+        "ShouldRateLimit over gRPC ({connections} connections) vs the library in process, same Redis, {concurrency} concurrent callers, {seconds} s per run\n\n\
          | round | library calls/s | library p50 / p99 ms | server calls/s | server p50 / p99 ms | server / library |\n\
          |---|---|---|---|---|---|\n"
     );
