@@ -187,6 +187,9 @@ def test_replaces(c):
     d2 = descriptor(("key_2", "value_2"), ("user", "bkthomps"))
     d1_read = descriptor(("key_1", "value_1"), ("user", "bkthomps"), hits=0)
     before = c.ask("example7", d1_read)
+    check(before.statuses[0].current_limit.name == "specific_limit"
+          and before.statuses[0].current_limit.requests_per_unit == 5,
+          f"the named limit alone applies, with its name: {before}")
     r = c.ask("example7", d1, d2)
     s1, s2 = r.statuses
     check(s1.code == OK and not s1.HasField("current_limit"), f"replaced limit not applied: {r}")
