@@ -807,7 +807,7 @@ async fn every_decision_runs_in_a_span_with_endpoint_scope_and_outcome() {
         .unwrap_or_else(|| panic!("no denial logged:\n{logs}"));
     assert!(
         denied
-            .contains("rate_limit{endpoint=POST /api/v1/sessions scope=\"ip\" outcome=\"denied\"}"),
+            .contains("rate_limit{endpoint=POST /api/v1/sessions scope=\"ip\" outcome=\"denied\" refused_by=\"POST /api/v1/sessions\"}"),
         "{denied}"
     );
     assert!(denied.contains("identifier=\"192.0.2.1\""), "{denied}");
