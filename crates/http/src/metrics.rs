@@ -18,12 +18,22 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+/// The labels of the denials counted per limit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The endpoint, `METHOD /route/template`.
+    pub endpoint: String,
+    /// The name of the limit that refused (the endpoint itself, for the single-limit form).
+    pub limit: String,
+}
+
 /// Counts checks per endpoint from the adapter's events, with prometheus-client.
 ///
 /// | metric | counts |
 /// |---|---|
 /// | `ratelimit_allowed_total{endpoint}` | checks the store allowed |
 /// | `ratelimit_denied_total{endpoint}` | checks denied (429) |
+/// | `ratelimit_denied_by_limit_total{endpoint,limit}` | the same denials, by the limit that refused (the one with the longest wait when several did) |
 /// | `ratelimit_fail_open_total{endpoint}` | checks allowed because the store failed (fail-open) |
 /// | `ratelimit_fail_closed_total{endpoint}` | checks denied because the store failed (fail-closed policy) |
 /// | `ratelimit_events_lagged_total` | events skipped because the subscriber fell behind |
@@ -47,6 +57,7 @@ pub struct EndpointLabels {
 pub struct RateLimitMetrics {
     allowed: Family<EndpointLabels, Counter>,
     denied: Family<EndpointLabels, Counter>,
+    denied_by_limit: Family<LimitLabels, Counter>,
     fail_open: Family<EndpointLabels, Counter>,
     fail_closed: Family<EndpointLabels, Counter>,
     lagged: Counter,
@@ -78,6 +89,7 @@ impl RateLimitMetrics {
         let mut metrics = Self {
             allowed: Family::default(),
             denied: Family::default(),
+            denied_by_limit: Family::default(),
             fail_open: Family::default(),
             fail_closed: Family::default(),
             lagged: Counter::default(),
@@ -104,6 +116,11 @@ impl RateLimitMetrics {
             self.denied.clone(),
         );
         registry.register(
+            "denied_by_limit",
+            "Rate-limit checks denied, per endpoint and refusing limit",
+            self.denied_by_limit.clone(),
+        );
+        registry.register(
             "fail_open",
             "Rate-limit checks allowed because the store failed (fail-open), per endpoint",
             self.fail_open.clone(),
@@ -128,7 +145,17 @@ impl RateLimitMetrics {
             RateLimitEvent::Denied(e) if e.source == DecisionSource::FailClosed => {
                 &self.fail_closed
             }
-            RateLimitEvent::Denied(_) => &self.denied,
+            RateLimitEvent::Denied(e) => {
+                if let Some(limit) = &e.refused_by {
+                    self.denied_by_limit
+                        .get_or_create(&LimitLabels {
+                            endpoint: e.endpoint.to_string(),
+                            limit: limit.to_string(),
+                        })
+                        .inc();
+                }
+                &self.denied
+            }
             _ => return,
         };
         family
@@ -168,6 +195,16 @@ impl RateLimitMetrics {
     /// Checks denied for `endpoint`.
     pub fn denied(&self, endpoint: &str) -> u64 {
         count(&self.denied, endpoint)
+    }
+
+    /// Checks denied for `endpoint` by its limit `limit`.
+    pub fn denied_by(&self, endpoint: &str, limit: &str) -> u64 {
+        self.denied_by_limit
+            .get(&LimitLabels {
+                endpoint: endpoint.to_owned(),
+                limit: limit.to_owned(),
+            })
+            .map_or(0, |counter| counter.get())
     }
 
     /// Checks that failed open for `endpoint`.
@@ -227,6 +264,35 @@ mod tests {
             Duration::ZERO,
             DecisionSource::Store,
         )
+        .with_refused_by(Some(endpoint.into()))
+    }
+
+    #[test]
+    fn denials_are_counted_by_the_limit_that_refused() {
+        let metrics = RateLimitMetrics::new();
+        let by = |limit: &str| {
+            RateLimitEvent::denied(
+                "GET /search".into(),
+                "1.2.3.4".into(),
+                RateLimitScope::Global,
+                Duration::from_secs(1),
+                Duration::ZERO,
+                DecisionSource::Store,
+            )
+            .with_refused_by(Some(limit.into()))
+        };
+        metrics.observe(&by("everyone"));
+        metrics.observe(&by("everyone"));
+        metrics.observe(&by("per-client"));
+        assert_eq!(metrics.denied("GET /search"), 3);
+        assert_eq!(metrics.denied_by("GET /search", "everyone"), 2);
+        assert_eq!(metrics.denied_by("GET /search", "per-client"), 1);
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.lines().any(|l| l
+                == "ratelimit_denied_by_limit_total{endpoint=\"GET /search\",limit=\"everyone\"} 2"),
+            "{text}"
+        );
     }
 
     #[test]
