@@ -11,6 +11,7 @@ use axum::extract::MatchedPath;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
 use ratelimit_adapter::{
     CheckOptions, DecisionSource, DynRateLimiter, EndpointLimits, ErrorCode, RateLimitResult,
     RateLimitScope, RuleSet, TokenBucketAdapter,
@@ -22,6 +23,7 @@ use crate::headers::{EndpointHeaders, HeaderStyle, RATELIMIT_POLICY};
 use crate::identify::{
     DefaultExtractor, GLOBAL_IDENTIFIER, IdentifierExtractor, IdentifyRequest, Rejection,
 };
+use crate::metrics::RateLimitMetrics;
 
 /// What the layer does with a check that failed open (the store could not be asked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,6 +80,98 @@ struct Endpoint {
     max_cost: u64,
     /// The header values that do not change per request, and the numbers for the others.
     headers: EndpointHeaders,
+    /// The on-path decision counters, when the layer has metrics.
+    counters: Option<EndpointCounters>,
+}
+
+/// The decision counters of one endpoint, created once: counting a request increments one of
+/// them, without a lookup or an allocation.
+#[derive(Debug)]
+struct EndpointCounters {
+    allowed: Counter,
+    fail_open: Counter,
+    local_fallback: Counter,
+    rejected: Counter,
+    error: Counter,
+    /// Per enabled limit, in the order of the endpoint's header items.
+    denied: Vec<Counter>,
+    /// Per enabled limit, likewise.
+    fail_closed: Vec<Counter>,
+}
+
+impl EndpointCounters {
+    fn new(metrics: &RateLimitMetrics, endpoint: &str, headers: &EndpointHeaders) -> Self {
+        let per_limit = |outcome| {
+            headers
+                .items()
+                .iter()
+                .map(|item| metrics.decision_counter(endpoint, &item.limit, outcome))
+                .collect()
+        };
+        Self {
+            allowed: metrics.decision_counter(endpoint, "", "allowed"),
+            fail_open: metrics.decision_counter(endpoint, "", "fail_open"),
+            local_fallback: metrics.decision_counter(endpoint, "", "local_fallback"),
+            rejected: metrics.decision_counter(endpoint, "", "rejected"),
+            error: metrics.decision_counter(endpoint, "", "error"),
+            denied: per_limit("denied"),
+            fail_closed: per_limit("fail_closed"),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Counts one decision, if the layer has metrics.
+    fn count(&self, shared: &Shared, outcome: Outcome<'_>) {
+        let (Some(counters), Some(metrics)) = (&self.counters, &shared.metrics) else {
+            return;
+        };
+        let counter = match outcome {
+            Outcome::Allowed => &counters.allowed,
+            Outcome::FailOpen => &counters.fail_open,
+            Outcome::LocalFallback => &counters.local_fallback,
+            Outcome::Rejected => &counters.rejected,
+            Outcome::Error => &counters.error,
+            Outcome::Denied(limit) | Outcome::FailClosed(limit) => {
+                let closed = matches!(outcome, Outcome::FailClosed(_));
+                let counters = if closed {
+                    &counters.fail_closed
+                } else {
+                    &counters.denied
+                };
+                let index = self
+                    .headers
+                    .items()
+                    .iter()
+                    .position(|item| *item.limit == *limit);
+                match index.and_then(|i| counters.get(i)) {
+                    Some(counter) => counter,
+                    None => {
+                        // A limit the layer's rules do not know (rule sets out of step): the
+                        // one case that looks its counter up.
+                        let outcome = if closed { "fail_closed" } else { "denied" };
+                        metrics.decision_counter(&self.name, limit, outcome).inc();
+                        return;
+                    }
+                }
+            }
+        };
+        counter.inc();
+    }
+}
+
+/// A decision as the on-path counters see it.
+#[derive(Debug, Clone, Copy)]
+enum Outcome<'a> {
+    Allowed,
+    /// Refused by this limit.
+    Denied(&'a str),
+    FailOpen,
+    /// Refused by the fail-closed policy, attributed to this limit.
+    FailClosed(&'a str),
+    LocalFallback,
+    Rejected,
+    Error,
 }
 
 /// Endpoints by method, then by route: looked up with the request's method and matched path
@@ -88,7 +182,11 @@ struct EndpointTable {
 }
 
 impl EndpointTable {
-    fn build(rules: &Rules, policy_names: &HashMap<String, String>) -> Self {
+    fn build(
+        rules: &Rules,
+        policy_names: &HashMap<String, String>,
+        metrics: Option<&RateLimitMetrics>,
+    ) -> Self {
         let mut table = Self::default();
         for (name, limits) in rules.endpoints() {
             // An endpoint that is not `METHOD path` can never match a request.
@@ -110,6 +208,8 @@ impl EndpointTable {
                      identifies requests by the first one's scope for all of them"
                 );
             }
+            let headers =
+                EndpointHeaders::new(name, limits, policy_names.get(name).map(String::as_str));
             let endpoint = Endpoint {
                 name: name.into(),
                 enabled: limits.enabled(),
@@ -119,11 +219,8 @@ impl EndpointTable {
                     .map(|limit| limit.rule().max_tokens())
                     .min()
                     .unwrap_or(0),
-                headers: EndpointHeaders::new(
-                    name,
-                    limits,
-                    policy_names.get(name).map(String::as_str),
-                ),
+                counters: metrics.map(|metrics| EndpointCounters::new(metrics, name, &headers)),
+                headers,
             };
             table
                 .by_method
@@ -165,6 +262,18 @@ struct Shared {
     unmatched: UnmatchedPolicy,
     cost: Option<Arc<CostFn>>,
     problem_details: bool,
+    /// Where the on-path decision counters live, if anywhere.
+    metrics: Option<RateLimitMetrics>,
+}
+
+impl Shared {
+    fn rebuild(&mut self) {
+        self.endpoints = Arc::new(EndpointTable::build(
+            &self.rules,
+            &self.policy_names,
+            self.metrics.as_ref(),
+        ));
+    }
 }
 
 impl fmt::Debug for Shared {
@@ -178,6 +287,7 @@ impl fmt::Debug for Shared {
             .field("unmatched", &self.unmatched)
             .field("request_cost", &self.cost.is_some())
             .field("problem_details", &self.problem_details)
+            .field("metrics", &self.metrics.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -237,7 +347,7 @@ impl RateLimitLayer {
         Self {
             shared: Arc::new(Shared {
                 limiter,
-                endpoints: Arc::new(EndpointTable::build(&rules, &policy_names)),
+                endpoints: Arc::new(EndpointTable::build(&rules, &policy_names, None)),
                 rules,
                 extractor: Arc::new(DefaultExtractor::new()),
                 header_style: HeaderStyle::default(),
@@ -246,6 +356,7 @@ impl RateLimitLayer {
                 unmatched: UnmatchedPolicy::default(),
                 cost: None,
                 problem_details: false,
+                metrics: None,
             }),
         }
     }
@@ -272,7 +383,7 @@ impl RateLimitLayer {
     pub fn policy_name(self, endpoint: impl Into<String>, name: impl Into<String>) -> Self {
         self.edit(|s| {
             s.policy_names.insert(endpoint.into(), name.into());
-            s.endpoints = Arc::new(EndpointTable::build(&s.rules, &s.policy_names));
+            s.rebuild();
         })
     }
 
@@ -335,6 +446,20 @@ impl RateLimitLayer {
     /// `violated-policies`, instead of the default JSON body.
     pub fn problem_details(self, enabled: bool) -> Self {
         self.edit(|s| s.problem_details = enabled)
+    }
+
+    /// Counts every decision of this layer in `metrics`, on the request path:
+    /// `ratelimit_http_decisions_total{endpoint,limit,outcome}` (see [`DecisionLabels`]).
+    /// The counters of every endpoint, limit and outcome are registered now, at zero; a
+    /// request increments one of them, without allocating. Unlike the event-derived
+    /// counters, these never skip a decision under load.
+    ///
+    /// [`DecisionLabels`]: crate::DecisionLabels
+    pub fn metrics(self, metrics: &RateLimitMetrics) -> Self {
+        self.edit(|s| {
+            s.metrics = Some(metrics.clone());
+            s.rebuild();
+        })
     }
 }
 
@@ -428,7 +553,10 @@ where
     let request = Request::from_parts(parts, body);
     let (identifier, cost) = match prepared {
         Ok(prepared) => prepared,
-        Err(response) => return Ok(response),
+        Err(response) => {
+            endpoint.count(&shared, Outcome::Rejected);
+            return Ok(response);
+        }
     };
     let options = cost.map_or_else(CheckOptions::default, CheckOptions::with_cost);
     // Not inside `span`: the adapter records its own `outcome` into the current span.
@@ -439,6 +567,7 @@ where
     {
         Ok(result) => result,
         Err(err) => {
+            endpoint.count(&shared, Outcome::Error);
             let rejection = span.in_scope(|| check_error(&err));
             return Ok(rejection_response(&rejection));
         }
@@ -565,6 +694,7 @@ fn plan<B: From<String>>(
         // Real numbers: the shared store's, or the local fallback store's.
         DecisionSource::Store | DecisionSource::LocalFallback => {}
         DecisionSource::FailOpen => {
+            endpoint.count(shared, Outcome::FailOpen);
             record("fail_open");
             tracing::warn!(
                 identifier,
@@ -576,6 +706,8 @@ fn plan<B: From<String>>(
             };
         }
         DecisionSource::FailClosed => {
+            let limit = result.deciding().map_or("", |limit| &*limit.name);
+            endpoint.count(shared, Outcome::FailClosed(limit));
             record("fail_closed");
             tracing::warn!(
                 identifier,
@@ -586,11 +718,20 @@ fn plan<B: From<String>>(
         }
         // No rule or a disabled one on the limiter's side (rule sets out of step): untouched.
         _ => {
+            endpoint.count(shared, Outcome::Allowed);
             record("allowed");
             return Plan::Pass { headers: false };
         }
     }
     if result.allowed {
+        endpoint.count(
+            shared,
+            if result.source == DecisionSource::LocalFallback {
+                Outcome::LocalFallback
+            } else {
+                Outcome::Allowed
+            },
+        );
         record("allowed");
         tracing::debug!(
             identifier,
@@ -601,6 +742,7 @@ fn plan<B: From<String>>(
     }
     record("denied");
     let refused_by = result.deciding().map(|limit| &*limit.name);
+    endpoint.count(shared, Outcome::Denied(refused_by.unwrap_or("")));
     if let Some(name) = refused_by {
         tracing::Span::current().record("refused_by", name);
     }

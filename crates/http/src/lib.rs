@@ -77,4 +77,4 @@ pub use layer::{
     CostRequest, FailOpenPolicy, QUOTA_EXCEEDED_TYPE, RateLimitLayer, RateLimitService,
     ResponseFuture, UnmatchedPolicy,
 };
-pub use metrics::{EndpointLabels, LimitLabels, RateLimitMetrics};
+pub use metrics::{DecisionLabels, EndpointLabels, LimitLabels, RateLimitMetrics};

@@ -27,6 +27,22 @@ pub struct LimitLabels {
     pub limit: String,
 }
 
+/// The labels of the decisions the HTTP layer counts on the request path
+/// ([`RateLimitLayer::metrics`](crate::RateLimitLayer::metrics)).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[non_exhaustive]
+pub struct DecisionLabels {
+    /// The endpoint, `METHOD /route/template`.
+    pub endpoint: String,
+    /// The limit that refused, for `denied` and `fail_closed`; empty for the other outcomes
+    /// (no limit refused them).
+    pub limit: String,
+    /// `allowed`, `denied`, `fail_open`, `fail_closed`, `local_fallback` (allowed by the
+    /// local fallback store; its denials are `denied`), `rejected` (no identity, or a bad
+    /// request cost) or `error` (the check failed).
+    pub outcome: &'static str,
+}
+
 /// Counts checks per endpoint from the adapter's events, with prometheus-client.
 ///
 /// | metric | counts |
@@ -37,6 +53,14 @@ pub struct LimitLabels {
 /// | `ratelimit_fail_open_total{endpoint}` | checks allowed because the store failed (fail-open) |
 /// | `ratelimit_fail_closed_total{endpoint}` | checks denied because the store failed (fail-closed policy) |
 /// | `ratelimit_events_lagged_total` | events skipped because the subscriber fell behind |
+/// | `ratelimit_http_decisions_total{endpoint,limit,outcome}` | every request the HTTP layer decided, counted on the request path (exact; see [`DecisionLabels`]) |
+///
+/// The event-derived families count every check, from any caller, but through a bounded
+/// broadcast channel: a subscriber that falls behind skips events (counted in
+/// `ratelimit_events_lagged_total`). `ratelimit_http_decisions_total` is counted by the layer
+/// itself when it is given these metrics ([`RateLimitLayer::metrics`](crate::RateLimitLayer::metrics)):
+/// its counters are registered once per endpoint and limit when the layer is configured, and
+/// a request increments one atomic, without allocating or looking anything up.
 ///
 /// The per-endpoint outcomes are disjoint: a fail-open check is not also counted as allowed,
 /// nor a fail-closed one as denied. Decisions of the local fallback store (the `local`
@@ -61,6 +85,7 @@ pub struct RateLimitMetrics {
     fail_open: Family<EndpointLabels, Counter>,
     fail_closed: Family<EndpointLabels, Counter>,
     lagged: Counter,
+    decisions: Family<DecisionLabels, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -93,6 +118,7 @@ impl RateLimitMetrics {
             fail_open: Family::default(),
             fail_closed: Family::default(),
             lagged: Counter::default(),
+            decisions: Family::default(),
             registry: Arc::new(Registry::default()),
         };
         let mut registry = Registry::default();
@@ -135,6 +161,40 @@ impl RateLimitMetrics {
             "Rate-limit events the metrics subscriber skipped because it fell behind",
             self.lagged.clone(),
         );
+        registry.register(
+            "http_decisions",
+            "Requests decided by the HTTP rate-limit layer, per endpoint, refusing limit and outcome, counted on the request path",
+            self.decisions.clone(),
+        );
+    }
+
+    /// The counter of one endpoint, limit and outcome, created (at zero) if need be: a handle
+    /// the layer keeps and increments without a lookup.
+    pub(crate) fn decision_counter(
+        &self,
+        endpoint: &str,
+        limit: &str,
+        outcome: &'static str,
+    ) -> Counter {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                endpoint: endpoint.to_owned(),
+                limit: limit.to_owned(),
+                outcome,
+            })
+            .clone()
+    }
+
+    /// Requests the HTTP layer decided for `endpoint` with `outcome`, refused by `limit`
+    /// (empty for outcomes that no limit refused).
+    pub fn decisions(&self, endpoint: &str, limit: &str, outcome: &'static str) -> u64 {
+        self.decisions
+            .get(&DecisionLabels {
+                endpoint: endpoint.to_owned(),
+                limit: limit.to_owned(),
+                outcome,
+            })
+            .map_or(0, |counter| counter.get())
     }
 
     /// Counts one event (`Attempted` events are ignored).

@@ -407,3 +407,80 @@ async fn a_cost_function_charges_every_limit() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_path_metrics_count_every_decision_exactly() {
+    let limits = EndpointLimits::new(vec![
+        Limit::named(
+            "per-client",
+            RateLimitRule::new(RateLimitScope::Ip, 1_000, 1_000.0).unwrap(),
+        )
+        .unwrap(),
+        Limit::named(
+            "everyone",
+            RateLimitRule::new(RateLimitScope::Global, 300, 300.0).unwrap(),
+        )
+        .unwrap(),
+    ])
+    .unwrap();
+    let rules = RuleSet::try_from_limits([(SEARCH, limits)]).unwrap();
+    // The manual clock never moves: nothing refills during the test.
+    let clock = ManualClock::new(1_000.0);
+    let container = Container::build(ContainerConfig::memory(rules).with_clock(clock))
+        .await
+        .unwrap();
+    let metrics = RateLimitMetrics::new();
+    let server = std::sync::Arc::new(start(layer(&container).metrics(&metrics)).await);
+
+    // Registered at zero when the layer is built, before any request.
+    let line = |limit: &str, outcome: &str, n: u64| {
+        format!(
+            "ratelimit_http_decisions_total{{endpoint=\"{SEARCH}\",limit=\"{limit}\",outcome=\"{outcome}\"}} {n}"
+        )
+    };
+    let text = metrics.encode().unwrap();
+    for expected in [
+        line("", "allowed", 0),
+        line("per-client", "denied", 0),
+        line("everyone", "denied", 0),
+    ] {
+        assert!(text.lines().any(|l| l == expected), "{expected}\n{text}");
+    }
+
+    // 64 concurrent clients, 8 requests each: 512 requests against 300 global tokens.
+    let mut tasks = Vec::new();
+    for task in 0..64 {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            let ip = format!("203.0.113.{}", task % 8);
+            let mut statuses = Vec::new();
+            for _ in 0..8 {
+                statuses.push(search(&server, &ip, &[]).await.status());
+            }
+            statuses
+        }));
+    }
+    let mut allowed = 0u64;
+    let mut denied = 0u64;
+    for task in tasks {
+        for status in task.await.unwrap() {
+            match status {
+                StatusCode::OK => allowed += 1,
+                StatusCode::TOO_MANY_REQUESTS => denied += 1,
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+    assert_eq!((allowed, denied), (300, 212));
+    let text = metrics.encode().unwrap();
+    for expected in [
+        line("", "allowed", 300),
+        line("everyone", "denied", 212),
+        line("per-client", "denied", 0),
+        line("", "fail_open", 0),
+    ] {
+        assert!(text.lines().any(|l| l == expected), "{expected}\n{text}");
+    }
+    assert_eq!(metrics.decisions(SEARCH, "", "allowed"), 300);
+    assert_eq!(metrics.decisions(SEARCH, "everyone", "denied"), 212);
+}
