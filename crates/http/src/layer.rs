@@ -315,7 +315,9 @@ impl fmt::Debug for Shared {
 ///    rejects the identifier as input (an empty one from a custom extractor), `500 Internal
 ///    Server Error` otherwise.
 ///
-/// Every decision runs in a `rate_limit` tracing span with `endpoint`, `scope`, `outcome`
+/// Every decision runs in a `rate_limit` tracing span at DEBUG level (off, and free, under the
+/// usual INFO filter; the INFO and WARN events carry the endpoint themselves) with `endpoint`,
+/// `scope`, `outcome`
 /// (`allowed`, `denied`, `fail_open`, `fail_closed`, `rejected` or `error`) and, on a denial,
 /// `refused_by` (the deciding limit's name).
 ///
@@ -541,7 +543,9 @@ where
     let Some(endpoint) = endpoint_of(&shared, &request).filter(|e| e.enabled) else {
         return inner.call(request).await;
     };
-    let span = tracing::info_span!(
+    // DEBUG, not INFO: at the usual INFO filter a disabled span costs one level check, and
+    // nothing is formatted; the INFO and WARN events below carry the endpoint themselves.
+    let span = tracing::debug_span!(
         "rate_limit",
         endpoint = %endpoint.name,
         scope = endpoint.scope.as_str(),
@@ -568,7 +572,7 @@ where
         Ok(result) => result,
         Err(err) => {
             endpoint.count(&shared, Outcome::Error);
-            let rejection = span.in_scope(|| check_error(&err));
+            let rejection = span.in_scope(|| check_error(&endpoint.name, &err));
             return Ok(rejection_response(&rejection));
         }
     };
@@ -603,21 +607,27 @@ fn prepare<B: From<String>>(
             match cost {
                 Ok(None) => None,
                 Ok(Some(0)) => {
-                    return Err(rejected(&Rejection::new(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_cost",
-                        "this request would cost nothing; a request costs at least one token",
-                    )));
-                }
-                Ok(Some(cost)) if cost > endpoint.max_cost => {
-                    let mut response = rejected(&Rejection::new(
-                        StatusCode::BAD_REQUEST,
-                        "cost_too_large",
-                        format!(
-                            "this request costs {cost} tokens; this endpoint allows at most {} per request",
-                            endpoint.max_cost
+                    return Err(rejected(
+                        &endpoint.name,
+                        &Rejection::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_cost",
+                            "this request would cost nothing; a request costs at least one token",
                         ),
                     ));
+                }
+                Ok(Some(cost)) if cost > endpoint.max_cost => {
+                    let mut response = rejected(
+                        &endpoint.name,
+                        &Rejection::new(
+                            StatusCode::BAD_REQUEST,
+                            "cost_too_large",
+                            format!(
+                                "this request costs {cost} tokens; this endpoint allows at most {} per request",
+                                endpoint.max_cost
+                            ),
+                        ),
+                    );
                     if shared.header_style.ietf()
                         && let Some(policy) = endpoint.headers.policy()
                     {
@@ -628,7 +638,7 @@ fn prepare<B: From<String>>(
                     return Err(response);
                 }
                 Ok(Some(cost)) => Some(cost),
-                Err(rejection) => return Err(rejected(&rejection)),
+                Err(rejection) => return Err(rejected(&endpoint.name, &rejection)),
             }
         }
     };
@@ -643,13 +653,14 @@ fn prepare<B: From<String>>(
             scope: endpoint.scope,
         })
         .map(|identifier| (identifier, cost))
-        .map_err(|rejection| rejected(&rejection))
+        .map_err(|rejection| rejected(&endpoint.name, &rejection))
 }
 
 /// Records and logs a rejection in the current span, and answers it.
-fn rejected<B: From<String>>(rejection: &Rejection) -> Response<B> {
+fn rejected<B: From<String>>(endpoint: &str, rejection: &Rejection) -> Response<B> {
     record("rejected");
     tracing::warn!(
+        endpoint,
         status = rejection.status().as_u16(),
         code = rejection.code(),
         "request rejected: {}",
@@ -659,13 +670,13 @@ fn rejected<B: From<String>>(rejection: &Rejection) -> Response<B> {
 }
 
 /// The answer to a check that returned an error.
-fn check_error(err: &ratelimit_adapter::RateLimitError) -> Rejection {
+fn check_error(endpoint: &str, err: &ratelimit_adapter::RateLimitError) -> Rejection {
     record("error");
     if err.code() == ErrorCode::InvalidInput {
-        tracing::warn!(error = %err, "rate-limit check rejected the request's identifier");
+        tracing::warn!(endpoint, error = %err, "rate-limit check rejected the request's identifier");
         Rejection::new(StatusCode::BAD_REQUEST, "invalid_identity", err.message())
     } else {
-        tracing::error!(error = %err, "rate-limit check failed");
+        tracing::error!(endpoint, error = %err, "rate-limit check failed");
         Rejection::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "rate_limit_error",
@@ -697,6 +708,7 @@ fn plan<B: From<String>>(
             endpoint.count(shared, Outcome::FailOpen);
             record("fail_open");
             tracing::warn!(
+                endpoint = &*endpoint.name,
                 identifier,
                 "rate-limit store unavailable; check failed open"
             );
@@ -710,6 +722,7 @@ fn plan<B: From<String>>(
             endpoint.count(shared, Outcome::FailClosed(limit));
             record("fail_closed");
             tracing::warn!(
+                endpoint = &*endpoint.name,
                 identifier,
                 "rate-limit store unavailable; check failed closed"
             );
@@ -748,7 +761,9 @@ fn plan<B: From<String>>(
     }
     let retry_after = result.retry_after_whole_seconds();
     tracing::info!(
+        endpoint = &*endpoint.name,
         identifier,
+        refused_by,
         retry_after_s = retry_after,
         "rate limit exceeded"
     );

@@ -775,7 +775,7 @@ async fn a_plain_tower_service_is_limited_by_uri_path() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn every_decision_runs_in_a_span_with_endpoint_scope_and_outcome() {
+async fn decisions_are_logged_with_their_endpoint_and_the_span_is_off_at_info() {
     use std::convert::Infallible;
     use std::net::SocketAddr;
 
@@ -801,28 +801,29 @@ async fn every_decision_runs_in_a_span_with_endpoint_scope_and_outcome() {
         limited.clone().oneshot(request).await.unwrap();
     }
     let logs = captured.text();
+    // The span is at DEBUG: off under this INFO subscriber, so it costs nothing and shows
+    // nowhere; the INFO and WARN events carry the endpoint themselves.
+    assert!(!logs.contains("rate_limit{"), "{logs}");
     let denied = logs
         .lines()
         .find(|line| line.contains("rate limit exceeded"))
         .unwrap_or_else(|| panic!("no denial logged:\n{logs}"));
-    assert!(
-        denied
-            .contains("rate_limit{endpoint=POST /api/v1/sessions scope=\"ip\" outcome=\"denied\" refused_by=\"POST /api/v1/sessions\"}"),
-        "{denied}"
-    );
-    assert!(denied.contains("identifier=\"192.0.2.1\""), "{denied}");
+    for field in [
+        "endpoint=\"POST /api/v1/sessions\"",
+        "identifier=\"192.0.2.1\"",
+        "refused_by=\"POST /api/v1/sessions\"",
+        "retry_after_s=12",
+    ] {
+        assert!(denied.contains(field), "{field} missing: {denied}");
+    }
     let rejected = logs
         .lines()
         .find(|line| line.contains("request rejected"))
         .unwrap_or_else(|| panic!("no rejection logged:\n{logs}"));
-    assert!(
-        rejected.contains(
-            "rate_limit{endpoint=POST /api/v1/sessions scope=\"ip\" outcome=\"rejected\"}"
-        ),
-        "{rejected}"
-    );
-    assert!(
-        rejected.contains("code=\"missing_peer_address\""),
-        "{rejected}"
-    );
+    for field in [
+        "endpoint=\"POST /api/v1/sessions\"",
+        "code=\"missing_peer_address\"",
+    ] {
+        assert!(rejected.contains(field), "{field} missing: {rejected}");
+    }
 }
