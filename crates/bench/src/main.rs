@@ -13,6 +13,9 @@
 //!    against the `governor` crate's keyed limiter.
 //! 4. **A deny flood**: one denied key checked in a loop, against allowed checks.
 //!
+//! `just bench-http` (`ratelimit-bench http`) compares the HTTP layer with no layer and with
+//! `tower_governor` on one axum route over real connections (see `http_layer`).
+//!
 //! `just bench memory-flood` runs something else: 10 million distinct identifiers through a
 //! `MemoryStorage`, with the process's memory every million keys, to show that the store's
 //! capacity holds it flat (see `memory_flood`).
@@ -26,6 +29,7 @@
 #![allow(clippy::print_stdout)]
 
 mod chart;
+mod http_layer;
 mod load;
 mod memory_backend;
 mod memory_flood;
@@ -78,6 +82,9 @@ enum BenchCommand {
     /// Distinct identifiers (10 million by default) through MemoryStorage, printing buckets
     /// held, evictions and the process's resident memory every million keys.
     MemoryFlood(memory_flood::FloodArgs),
+    /// The HTTP layer against no layer and tower_governor on one axum route, over real
+    /// connections, in rotating rounds (see `http_layer`).
+    Http(http_layer::HttpArgs),
 }
 
 /// `target/bench` of the workspace.
@@ -161,6 +168,15 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("ratelimit-bench memory-flood: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(BenchCommand::Http(http)) = &args.command {
+        return match http_layer::run(http) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("ratelimit-bench http: error: {err}");
                 ExitCode::FAILURE
             }
         };
