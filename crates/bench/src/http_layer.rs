@@ -8,6 +8,9 @@
 //!   memory backend (one `ip` limit nobody reaches), the default extractor, the container's
 //!   event logger, `RateLimitMetrics` counting both from the event bus and on the request
 //!   path, and a `tracing` fmt subscriber at INFO (writing to a sink);
+//! - **ratelimit-http, no events**: the same layer with nobody listening to the event bus (no
+//!   event logger, no event-derived metrics; the on-path counters only), which shows what
+//!   the event bus costs;
 //! - **tower_governor**: the route behind `tower_governor`'s `GovernorLayer`, keyed by peer IP,
 //!   with a quota nobody reaches.
 //!
@@ -57,7 +60,12 @@ const ENDPOINT: &str = "GET /hello";
 const REQUEST: &[u8] = b"GET /hello HTTP/1.1\r\nhost: bench\r\n\r\n";
 
 /// The contenders, in the order of the report.
-const NAMES: [&str; 3] = ["no layer", "ratelimit-http", "tower_governor"];
+const NAMES: [&str; 4] = [
+    "no layer",
+    "ratelimit-http",
+    "ratelimit-http, no events",
+    "tower_governor",
+];
 
 /// One contender's results at one connection count.
 #[derive(Debug)]
@@ -126,17 +134,19 @@ pub(crate) fn run(args: &HttpArgs) -> BoxResult<()> {
     Ok(())
 }
 
-/// Starts the three servers; their addresses in the order of [`NAMES`].
-async fn start_servers() -> BoxResult<[SocketAddr; 3]> {
+/// Starts the servers; their addresses in the order of [`NAMES`].
+async fn start_servers() -> BoxResult<[SocketAddr; 4]> {
     let route = || Router::new().route("/hello", get(|| async { "ok" }));
 
     let none = serve(route()).await?;
 
-    let rules = RuleSet::try_from_rules([(
-        ENDPOINT,
-        RateLimitRule::new(RateLimitScope::Ip, 1 << 40, 1e12)?,
-    )])?;
-    let container = Container::build(ContainerConfig::memory(rules)).await?;
+    let rules = || -> BoxResult<RuleSet> {
+        Ok(RuleSet::try_from_rules([(
+            ENDPOINT,
+            RateLimitRule::new(RateLimitScope::Ip, 1 << 40, 1e12)?,
+        )])?)
+    };
+    let container = Container::build(ContainerConfig::memory(rules()?)).await?;
     let metrics = RateLimitMetrics::new();
     metrics.spawn(container.events());
     let layer = RateLimitLayer::from_adapter(container.adapter().clone()).metrics(&metrics);
@@ -144,13 +154,20 @@ async fn start_servers() -> BoxResult<[SocketAddr; 3]> {
     // The container and the metrics live as long as the process.
     std::mem::forget(container);
 
+    let quiet =
+        Container::build(ContainerConfig::memory(rules()?).with_event_logging(false)).await?;
+    let layer =
+        RateLimitLayer::from_adapter(quiet.adapter().clone()).metrics(&RateLimitMetrics::new());
+    let quiet_addr = serve(route().route_layer(layer)).await?;
+    std::mem::forget(quiet);
+
     let config = GovernorConfigBuilder::default()
         .per_nanosecond(1)
         .burst_size(u32::MAX)
         .finish()
         .ok_or("tower_governor rejected its configuration")?;
     let governor = serve(route().layer(GovernorLayer::new(Arc::new(config)))).await?;
-    Ok([none, ours, governor])
+    Ok([none, ours, quiet_addr, governor])
 }
 
 /// Serves `app` on a loopback port, with the peer address (both layers key by it).
@@ -252,17 +269,17 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 fn print_table(connections: usize, results: &[Results]) {
     let rate = |i: usize| median(&results[i].rates);
     let none = rate(0);
-    let governor = rate(2);
+    let governor = rate(NAMES.len() - 1);
     println!("\n{connections} connections");
     println!(
-        "{:<16} {:>10} {:>8} {:>8} {:>9} {:>10} {:>12} {:>7}",
+        "{:<26} {:>10} {:>8} {:>8} {:>9} {:>10} {:>12} {:>7}",
         "contender", "req/s", "p50 µs", "p99 µs", "vs none", "vs gov.", "µs/req CPU", "errors"
     );
     for (i, name) in NAMES.iter().enumerate() {
         let r = rate(i);
         let latency = &results[i].latency;
         println!(
-            "{:<16} {:>10.0} {:>8} {:>8} {:>8.3}x {:>9.3}x {:>12.2} {:>7}",
+            "{:<26} {:>10.0} {:>8} {:>8} {:>8.3}x {:>9.3}x {:>12.2} {:>7}",
             name,
             r,
             latency.value_at_quantile(0.5),
