@@ -17,7 +17,7 @@ use ratelimit_adapter::{
     RateLimitScope, RuleSet, TokenBucketAdapter,
 };
 use tower::{Layer, Service};
-use tracing::{Instrument as _, field};
+use tracing::{Instrument as _, Span, field};
 
 use crate::headers::{EndpointHeaders, HeaderStyle, RATELIMIT_POLICY};
 use crate::identify::{
@@ -553,7 +553,7 @@ where
         refused_by = field::Empty,
     );
     let (parts, body) = request.into_parts();
-    let prepared = span.in_scope(|| prepare(&shared, endpoint, &parts));
+    let prepared = span.in_scope(|| prepare(&shared, endpoint, &parts, &span));
     let request = Request::from_parts(parts, body);
     let (identifier, cost) = match prepared {
         Ok(prepared) => prepared,
@@ -572,11 +572,11 @@ where
         Ok(result) => result,
         Err(err) => {
             endpoint.count(&shared, Outcome::Error);
-            let rejection = span.in_scope(|| check_error(&endpoint.name, &err));
+            let rejection = span.in_scope(|| check_error(&span, &endpoint.name, &err));
             return Ok(rejection_response(&rejection));
         }
     };
-    let plan = span.in_scope(|| plan(&shared, endpoint, &identifier, cost, &result));
+    let plan = span.in_scope(|| plan(&shared, endpoint, &identifier, cost, &result, &span));
     match plan {
         Plan::Respond(response) => Ok(response),
         Plan::Pass { headers } => {
@@ -596,6 +596,7 @@ fn prepare<B: From<String>>(
     shared: &Shared,
     endpoint: &Endpoint,
     parts: &Parts,
+    span: &Span,
 ) -> Result<(String, Option<u64>), Response<B>> {
     let cost = match &shared.cost {
         None => None,
@@ -608,6 +609,7 @@ fn prepare<B: From<String>>(
                 Ok(None) => None,
                 Ok(Some(0)) => {
                     return Err(rejected(
+                        span,
                         &endpoint.name,
                         &Rejection::new(
                             StatusCode::BAD_REQUEST,
@@ -618,6 +620,7 @@ fn prepare<B: From<String>>(
                 }
                 Ok(Some(cost)) if cost > endpoint.max_cost => {
                     let mut response = rejected(
+                        span,
                         &endpoint.name,
                         &Rejection::new(
                             StatusCode::BAD_REQUEST,
@@ -638,7 +641,7 @@ fn prepare<B: From<String>>(
                     return Err(response);
                 }
                 Ok(Some(cost)) => Some(cost),
-                Err(rejection) => return Err(rejected(&endpoint.name, &rejection)),
+                Err(rejection) => return Err(rejected(span, &endpoint.name, &rejection)),
             }
         }
     };
@@ -653,12 +656,12 @@ fn prepare<B: From<String>>(
             scope: endpoint.scope,
         })
         .map(|identifier| (identifier, cost))
-        .map_err(|rejection| rejected(&endpoint.name, &rejection))
+        .map_err(|rejection| rejected(span, &endpoint.name, &rejection))
 }
 
 /// Records and logs a rejection in the current span, and answers it.
-fn rejected<B: From<String>>(endpoint: &str, rejection: &Rejection) -> Response<B> {
-    record("rejected");
+fn rejected<B: From<String>>(span: &Span, endpoint: &str, rejection: &Rejection) -> Response<B> {
+    span.record("outcome", "rejected");
     tracing::warn!(
         endpoint,
         status = rejection.status().as_u16(),
@@ -670,8 +673,8 @@ fn rejected<B: From<String>>(endpoint: &str, rejection: &Rejection) -> Response<
 }
 
 /// The answer to a check that returned an error.
-fn check_error(endpoint: &str, err: &ratelimit_adapter::RateLimitError) -> Rejection {
-    record("error");
+fn check_error(span: &Span, endpoint: &str, err: &ratelimit_adapter::RateLimitError) -> Rejection {
+    span.record("outcome", "error");
     if err.code() == ErrorCode::InvalidInput {
         tracing::warn!(endpoint, error = %err, "rate-limit check rejected the request's identifier");
         Rejection::new(StatusCode::BAD_REQUEST, "invalid_identity", err.message())
@@ -700,13 +703,14 @@ fn plan<B: From<String>>(
     identifier: &str,
     cost: Option<u64>,
     result: &RateLimitResult,
+    span: &Span,
 ) -> Plan<B> {
     match result.source {
         // Real numbers: the shared store's, or the local fallback store's.
         DecisionSource::Store | DecisionSource::LocalFallback => {}
         DecisionSource::FailOpen => {
             endpoint.count(shared, Outcome::FailOpen);
-            record("fail_open");
+            span.record("outcome", "fail_open");
             tracing::warn!(
                 endpoint = &*endpoint.name,
                 identifier,
@@ -720,7 +724,7 @@ fn plan<B: From<String>>(
         DecisionSource::FailClosed => {
             let limit = result.deciding().map_or("", |limit| &*limit.name);
             endpoint.count(shared, Outcome::FailClosed(limit));
-            record("fail_closed");
+            span.record("outcome", "fail_closed");
             tracing::warn!(
                 endpoint = &*endpoint.name,
                 identifier,
@@ -732,7 +736,7 @@ fn plan<B: From<String>>(
         // No rule or a disabled one on the limiter's side (rule sets out of step): untouched.
         _ => {
             endpoint.count(shared, Outcome::Allowed);
-            record("allowed");
+            span.record("outcome", "allowed");
             return Plan::Pass { headers: false };
         }
     }
@@ -745,7 +749,7 @@ fn plan<B: From<String>>(
                 Outcome::Allowed
             },
         );
-        record("allowed");
+        span.record("outcome", "allowed");
         tracing::debug!(
             identifier,
             remaining = result.remaining,
@@ -753,11 +757,11 @@ fn plan<B: From<String>>(
         );
         return Plan::Pass { headers: true };
     }
-    record("denied");
+    span.record("outcome", "denied");
     let refused_by = result.deciding().map(|limit| &*limit.name);
     endpoint.count(shared, Outcome::Denied(refused_by.unwrap_or("")));
     if let Some(name) = refused_by {
-        tracing::Span::current().record("refused_by", name);
+        span.record("refused_by", name);
     }
     let retry_after = result.retry_after_whole_seconds();
     tracing::info!(
@@ -776,10 +780,6 @@ fn plan<B: From<String>>(
         .headers
         .write(result, cost, shared.header_style, response.headers_mut());
     Plan::Respond(response)
-}
-
-fn record(outcome: &'static str) {
-    tracing::Span::current().record("outcome", outcome);
 }
 
 fn json_response<B: From<String>>(

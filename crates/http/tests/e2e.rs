@@ -827,3 +827,73 @@ async fn decisions_are_logged_with_their_endpoint_and_the_span_is_off_at_info() 
         assert!(rejected.contains(field), "{field} missing: {rejected}");
     }
 }
+
+/// A `MakeWriter` into a shared buffer, for a subscriber at DEBUG.
+#[derive(Clone, Default)]
+struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn at_debug_the_span_records_outcome_and_refused_by() {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+
+    use axum::extract::ConnectInfo;
+    use tower::{Layer as _, ServiceExt as _};
+
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let config = Store::memory().config(RULES).with_event_logging(false);
+    let container = Container::build(config).await.unwrap();
+    let limited =
+        layer(&container).layer(tower::service_fn(|_request: http::Request<String>| async {
+            tracing::info!("handler ran");
+            Ok::<_, Infallible>(http::Response::new(String::new()))
+        }));
+    let peer: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+    for _ in 0..6 {
+        let mut request = http::Request::post("/api/v1/sessions")
+            .body(String::new())
+            .unwrap();
+        request.extensions_mut().insert(ConnectInfo(peer));
+        limited.clone().oneshot(request).await.unwrap();
+    }
+    let logs = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    let handler = logs
+        .lines()
+        .find(|line| line.contains("handler ran"))
+        .unwrap_or_else(|| panic!("no handler line:\n{logs}"));
+    assert!(
+        handler.contains(
+            "rate_limit{endpoint=POST /api/v1/sessions scope=\"ip\" outcome=\"allowed\"}"
+        ),
+        "{handler}"
+    );
+    let denied = logs
+        .lines()
+        .find(|line| line.contains("rate limit exceeded"))
+        .unwrap_or_else(|| panic!("no denial:\n{logs}"));
+    assert!(
+        denied.contains(
+            "rate_limit{endpoint=POST /api/v1/sessions scope=\"ip\" outcome=\"denied\" refused_by=\"POST /api/v1/sessions\"}"
+        ),
+        "{denied}"
+    );
+}
