@@ -68,3 +68,7 @@ attack *args:
 # Benchmark (release build, own throwaway redis-server, ~4 min; `just bench --quick` for ~40 s; `just bench several-limits` for figure 5 alone); writes target/bench/.
 bench *args:
     cargo run --release -q -p ratelimit-bench -- {{args}}
+
+# The HTTP layer against no layer and tower_governor on one axum route (release build, ~40 s after the build; `--rounds N --seconds S --connections 32,64`).
+bench-http *args:
+    cargo run --release -q -p ratelimit-bench -- http {{args}}

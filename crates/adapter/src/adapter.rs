@@ -209,6 +209,14 @@ impl TokenBucketAdapter {
         self.rules.get(endpoint).map(|prepared| &prepared.limits)
     }
 
+    /// Every endpoint with its limits, in no particular order (for layers that prepare
+    /// per-endpoint data once, such as the HTTP layer's header values).
+    pub fn endpoints(&self) -> impl Iterator<Item = (&str, &EndpointLimits)> {
+        self.rules
+            .iter()
+            .map(|(endpoint, prepared)| (&**endpoint, &prepared.limits))
+    }
+
     /// The store key of the endpoint's first limit's bucket, as this adapter builds it (for
     /// admin tools and tests); [`bucket_keys`](Self::bucket_keys) gives every limit's.
     ///

@@ -16,6 +16,9 @@
 //!    two limits checked separately, at 64 tasks (checks/s, Redis CPU per check), and the
 //!    tokens that refused requests cost each way.
 //!
+//! `just bench-http` (`ratelimit-bench http`) compares the HTTP layer with no layer and with
+//! `tower_governor` on one axum route over real connections (see `http_layer`).
+//!
 //! `just bench memory-flood` runs something else: 10 million distinct identifiers through a
 //! `MemoryStorage`, with the process's memory every million keys, to show that the store's
 //! capacity holds it flat (see `memory_flood`).
@@ -29,6 +32,7 @@
 #![allow(clippy::print_stdout)]
 
 mod chart;
+mod http_layer;
 mod load;
 mod memory_backend;
 mod memory_flood;
@@ -84,6 +88,9 @@ enum BenchCommand {
     MemoryFlood(memory_flood::FloodArgs),
     /// Only figure 5 (several limits per request), on its own throwaway redis-server.
     SeveralLimits,
+    /// The HTTP layer against no layer and tower_governor on one axum route, over real
+    /// connections, in rotating rounds (see `http_layer`).
+    Http(http_layer::HttpArgs),
 }
 
 /// `target/bench` of the workspace.
@@ -185,6 +192,15 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::FAILURE,
             Err(err) => {
                 eprintln!("ratelimit-bench several-limits: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(BenchCommand::Http(http)) = &args.command {
+        return match http_layer::run(http) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("ratelimit-bench http: error: {err}");
                 ExitCode::FAILURE
             }
         };

@@ -769,6 +769,24 @@ mod tests {
     }
 
     #[test]
+    fn limits_keyed_by_different_identifiers_are_refused() {
+        let mixed = error_of(&limits_rule(&format!(
+            "{PER_CLIENT}\n{{ name = \"per-user\", scope = \"user\", max_tokens = 5, refill_rate = 1.0 }},"
+        )));
+        assert_eq!(mixed.field(), Some(RuleField::Limits));
+        assert!(
+            mixed.to_string().starts_with(
+                "rule \"GET /x\", field limits: limits \"per-client\" (scope ip) and \"per-user\" (scope user) need different identifiers"
+            ),
+            "{mixed}"
+        );
+        let with_global = limits_rule(&format!(
+            "{PER_CLIENT}\n{{ name = \"everyone\", scope = \"global\", max_tokens = 5, refill_rate = 1.0 }},"
+        ));
+        assert!(parse_rules(&with_global).is_ok());
+    }
+
+    #[test]
     fn limits_hold_one_to_sixteen_members() {
         let empty = error_of("[rules.\"GET /x\"]\nlimits = []\n");
         assert_eq!(empty.field(), Some(RuleField::Limits));
