@@ -65,9 +65,16 @@ chaos:
 attack *args:
     cargo run --release -q -p ratelimit-tests --example attack -- {{args}}
 
-# Benchmark (release build, own throwaway redis-server, ~4 min; `just bench --quick` for ~40 s; `just bench several-limits` for figure 5 alone); writes target/bench/.
+# Benchmark (release build, own throwaway redis-server, ~5 min; `just bench --quick` for ~1 min; `just bench several-limits` for figure 5 alone), then ratelimit-server against the library; writes target/bench/.
 bench *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
     cargo run --release -q -p ratelimit-bench -- {{args}}
+    # The whole run (with or without --quick) ends with the Envoy service against the library.
+    case "{{args}}" in
+        "") cargo run --release -q -p ratelimit-server --example bench ;;
+        "--quick") cargo run --release -q -p ratelimit-server --example bench -- --seconds 2 ;;
+    esac
 
 # The HTTP layer against no layer and tower_governor on one axum route (release build, ~40 s after the build; `--rounds N --seconds S --connections 32,64`).
 bench-http *args:
