@@ -83,6 +83,12 @@ pub struct RedisConfig {
     ///
     /// [`RedisStorage::spawn_reset_listener`]: crate::RedisStorage::spawn_reset_listener
     pub reset_ping_interval: Duration,
+    /// Coalesced checks: checks that arrive while script calls are in flight go to Redis
+    /// together, as one call of the layout's batch script (default:
+    /// [`DEFAULT_COALESCING`](Self::DEFAULT_COALESCING)). Each check is still its own atomic
+    /// step, decided as it would be alone. Ignored on a Redis Cluster, where every check runs
+    /// alone. See docs/lua.md, "Coalesced checks".
+    pub coalescing: bool,
 }
 
 impl RedisConfig {
@@ -92,6 +98,9 @@ impl RedisConfig {
     /// connection"). Raise it when a single connection's task becomes the bottleneck on a
     /// many-core host.
     pub const DEFAULT_POOL_SIZE: u32 = 1;
+    /// Whether checks are coalesced unless [`with_coalescing`](Self::with_coalescing) says
+    /// otherwise.
+    pub const DEFAULT_COALESCING: bool = true;
     /// Default deadline of a check.
     pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(50);
     /// Default deadline of an admin operation.
@@ -111,6 +120,7 @@ impl RedisConfig {
             cluster_nodes: Vec::new(),
             layout: KeyLayout::TwoKeys,
             reset_ping_interval: Self::DEFAULT_RESET_PING_INTERVAL,
+            coalescing: Self::DEFAULT_COALESCING,
         }
     }
 
@@ -127,6 +137,13 @@ impl RedisConfig {
     #[must_use]
     pub fn with_layout(mut self, layout: KeyLayout) -> Self {
         self.layout = layout;
+        self
+    }
+
+    /// The same settings with coalesced checks on or off ([`coalescing`](Self::coalescing)).
+    #[must_use]
+    pub fn with_coalescing(mut self, coalescing: bool) -> Self {
+        self.coalescing = coalescing;
         self
     }
 
@@ -188,6 +205,7 @@ impl fmt::Debug for RedisConfig {
             .field("ca_file", &self.ca_file)
             .field("layout", &self.layout)
             .field("reset_ping_interval", &self.reset_ping_interval)
+            .field("coalescing", &self.coalescing)
             .field(
                 "cluster_nodes",
                 &self

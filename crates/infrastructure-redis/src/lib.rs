@@ -44,6 +44,7 @@
 //! | `storage` | [`RedisStorage`] and its `BucketStore` implementation |
 //! | `config` | [`RedisConfig`] and [`KeyLayout`] |
 //! | `keys` | a bucket's Redis keys in each layout, hash-tagged on a cluster |
+//! | `coalesce` | coalesced checks: what waits while calls are in flight goes as one batch script call |
 //! | `script` | the scripts, and building and sending one call (`EVALSHA`, `EVAL` after `NOSCRIPT`) |
 //! | `reply` | reading the script's reply into a decision |
 //! | `connection` | the bb8 pool, dropping failed connections, the deadline of each operation |
@@ -56,6 +57,7 @@
 //!   `CompactArgs`, the compact script's packed argument, for `crates/bench`, which sends the
 //!   scripts raw to measure what Redis spends on them. Applications do not need it.
 
+mod coalesce;
 mod config;
 mod connection;
 mod error;
@@ -66,6 +68,10 @@ mod script;
 mod storage;
 mod version;
 
+pub use coalesce::{
+    CoalescingStats, MAX_BATCH, MAX_IN_FLIGHT, TOKEN_BUCKET_BATCH_SCRIPT,
+    TOKEN_BUCKET_COMPACT_BATCH_SCRIPT,
+};
 pub use config::{KeyLayout, RedisConfig};
 pub use listener::RESET_CHANNEL;
 #[cfg(feature = "bench-internals")]

@@ -30,10 +30,14 @@ pub(crate) struct TokenBucketScript {
 impl TokenBucketScript {
     /// The script of `layout`.
     pub(crate) fn of(layout: KeyLayout) -> Self {
-        let text = match layout {
+        Self::from_text(match layout {
             KeyLayout::Compact => TOKEN_BUCKET_COMPACT_SCRIPT,
             KeyLayout::TwoKeys => TOKEN_BUCKET_SCRIPT,
-        };
+        })
+    }
+
+    /// The script with this text.
+    pub(crate) fn from_text(text: &'static str) -> Self {
         Self {
             script: redis::Script::new(text),
             text,
@@ -55,13 +59,18 @@ impl TokenBucketScript {
     /// runs it once more with `EVAL` and its full text, which also puts it back in Redis's
     /// script cache. Unlike `SCRIPT LOAD` + `EVALSHA`, this cannot lose a race with another
     /// flush, and it is routed to the key's node on a cluster.
-    pub(crate) async fn eval(
+    pub(crate) async fn eval(&self, conn: RedisConn, call: &ScriptCall<'_>) -> RedisResult<Value> {
+        self.eval_with(conn, |sha, text| call.cmd(sha, text)).await
+    }
+
+    /// [`eval`](Self::eval) of any call of this script: `build(Some(sha), text)` builds its
+    /// `EVALSHA`, `build(None, text)` its `EVAL`.
+    pub(crate) async fn eval_with(
         &self,
         mut conn: RedisConn,
-        call: &ScriptCall<'_>,
+        build: impl Fn(Option<&str>, &str) -> Cmd,
     ) -> RedisResult<Value> {
-        match call
-            .cmd(Some(self.sha()), self.text)
+        match build(Some(self.sha()), self.text)
             .query_async(&mut conn)
             .await
         {
@@ -72,7 +81,7 @@ impl TokenBucketScript {
                     reloads,
                     "redis had lost the token-bucket script; sending it again"
                 );
-                call.cmd(None, self.text).query_async(&mut conn).await
+                build(None, self.text).query_async(&mut conn).await
             }
             other => other,
         }
