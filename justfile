@@ -57,6 +57,7 @@ chaos:
 attack *args:
     cargo run --release -q -p ratelimit-tests --example attack -- {{args}}
 
-# Benchmark (release build, own throwaway redis-server, ~3 min; `just bench --quick` for ~30 s); writes target/bench/.
+# Benchmark (release build, own throwaway redis-server, ~5 min; `just bench --quick` for ~1 min; `just bench coalesced` for figure 6 alone); writes target/bench/. Builds the limitador driver first (a few minutes, once).
 bench *args:
+    crates/bench/limitador/build.sh
     cargo run --release -q -p ratelimit-bench -- {{args}}

@@ -15,6 +15,9 @@
 //! 5. **Several limits**: a two-limit check against a one-limit check and against the same
 //!    two limits checked separately, at 64 tasks (checks/s, Redis CPU per check), and the
 //!    tokens that refused requests cost each way.
+//! 6. **Coalesced checks**: the adapter with default settings (checks coalesced) at 1, 16, 64
+//!    and 256 tasks against one raw `EVALSHA` per check, Redis CPU per check batched and not,
+//!    redis-benchmark, and limitador with its Redis storage (see `coalesced`).
 //!
 //! `just bench memory-flood` runs something else: 10 million distinct identifiers through a
 //! `MemoryStorage`, with the process's memory every million keys, to show that the store's
@@ -29,6 +32,8 @@
 #![allow(clippy::print_stdout)]
 
 mod chart;
+mod coalesced;
+mod limitador;
 mod load;
 mod memory_backend;
 mod memory_flood;
@@ -82,6 +87,9 @@ enum BenchCommand {
     /// Distinct identifiers (10 million by default) through MemoryStorage, printing buckets
     /// held, evictions and the process's resident memory every million keys.
     MemoryFlood(memory_flood::FloodArgs),
+    /// Figure 6 alone: coalesced checks against one EVALSHA per check, redis-benchmark and
+    /// limitador, at 1, 16, 64 and 256 tasks (about 1 minute; with --quick about 20 s).
+    Coalesced,
 }
 
 /// `target/bench` of the workspace.
@@ -120,7 +128,7 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    fn new(quick: bool) -> Self {
+    pub(crate) fn new(quick: bool) -> Self {
         if quick {
             Self {
                 rounds: 2,
@@ -162,6 +170,7 @@ impl Settings {
             + rounds
             + rounds
             + multi_limit::steps(self)
+            + coalesced::steps(self)
     }
 }
 
@@ -172,6 +181,16 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("ratelimit-bench memory-flood: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(BenchCommand::Coalesced) = &args.command {
+        return match coalesced::run_alone(args.quick, args.strict) {
+            Ok(all_passed) if all_passed || !args.strict => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("ratelimit-bench coalesced: error: {err}");
                 ExitCode::FAILURE
             }
         };
@@ -230,6 +249,7 @@ fn run(args: &Args) -> BoxResult<bool> {
     let deny = runtime.block_on(targets.deny_flood(&settings, &progress))?;
     let failed_open = targets.failed_open;
     drop(targets);
+    let coalesced = runtime.block_on(coalesced::measure(&server, &settings, &progress))?;
     let multi = runtime.block_on(multi_limit::measure(&server, &settings, &progress))?;
     let cost = runtime.block_on(redis_cost::measure(&server, &settings, &progress))?;
     drop(runtime);
@@ -242,6 +262,7 @@ fn run(args: &Args) -> BoxResult<bool> {
     figures.extend(memory);
     figures.push(deny);
     figures.extend(multi);
+    figures.extend(coalesced);
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
