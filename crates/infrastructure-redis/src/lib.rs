@@ -4,10 +4,13 @@
 //! (One host alone can use `ratelimit-memory` instead.)
 //!
 //! # How a check runs
-//! One `EVALSHA` of the layout's token-bucket script ([`TOKEN_BUCKET_SCRIPT`], or
-//! [`TOKEN_BUCKET_COMPACT_SCRIPT`] with [`KeyLayout::Compact`]) per check, on a connection from a
-//! bb8 pool of multiplexed connections (concurrent checks share connections and pipeline their
-//! commands). The script reads and writes the bucket's keys atomically and, unless the caller
+//! One `EVALSHA` of the layout's token-bucket script ([`TOKEN_BUCKET_COMPACT_SCRIPT`] in the
+//! default [`KeyLayout::Compact`], [`TOKEN_BUCKET_SCRIPT`] with [`KeyLayout::TwoKeys`]) per
+//! check, on a connection from a bb8 pool of multiplexed connections (concurrent checks share
+//! connections and pipeline their commands). Checks that arrive while [`MAX_IN_FLIGHT`] calls are
+//! on their way are coalesced: they go to Redis together in one call of the layout's batch
+//! script ([`TOKEN_BUCKET_COMPACT_BATCH_SCRIPT`], [`TOKEN_BUCKET_BATCH_SCRIPT`]), each still its
+//! own atomic step ([`RedisConfig::with_coalescing`]; not on a Redis Cluster). The script reads and writes the bucket's keys atomically and, unless the caller
 //! passes an explicit `now`, takes the time from Redis's own `TIME`, so every host limits on one
 //! clock.
 //!
