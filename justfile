@@ -15,6 +15,14 @@ demo:
 serve rules="crates/http/examples/rules.toml" listen="127.0.0.1:8080":
     cargo run --quiet -p ratelimit-http --example server -- --listen {{listen}} --rules {{rules}} ${REDIS_URL:+--redis-url "$REDIS_URL"}
 
+# Run the rate-limit service for Envoy (gRPC :8081, HTTP :8080) on envoyproxy/ratelimit YAML configs (memory store; REDIS_URL=... for Redis); see docs/server.md.
+server config="crates/server/tests/configs" *args:
+    cargo run --quiet -p ratelimit-server -- --config {{config}} {{args}}
+
+# ShouldRateLimit over gRPC against the library in process, same Redis, 64 concurrent callers (~30 s after the build); writes target/bench/server.md.
+bench-server *args:
+    cargo run --release -q -p ratelimit-server --example bench -- {{args}}
+
 # The admin CLI, e.g. `just cli reset --endpoint "POST /api/v1/sessions" --identifier 203.0.113.7 --rules FILE`.
 cli *args:
     cargo run --quiet -p ratelimit-cli -- {{args}}
@@ -57,7 +65,11 @@ chaos:
 attack *args:
     cargo run --release -q -p ratelimit-tests --example attack -- {{args}}
 
-# Benchmark (release build, own throwaway redis-server, ~5 min; `just bench --quick` for ~1 min; `just bench coalesced` for figure 6 alone); writes target/bench/. Builds the limitador driver first (a few minutes, once).
+# Benchmark (release build, own throwaway redis-server, ~5 min; `just bench --quick` for ~1 min; `just bench several-limits` for figure 5 alone, `just bench coalesced` for figure 6 alone); writes target/bench/. Builds the limitador driver first (a few minutes, once).
 bench *args:
     crates/bench/limitador/build.sh
     cargo run --release -q -p ratelimit-bench -- {{args}}
+
+# The HTTP layer against no layer and tower_governor on one axum route (release build, ~40 s after the build; `--rounds N --seconds S --connections 32,64`).
+bench-http *args:
+    cargo run --release -q -p ratelimit-bench -- http {{args}}

@@ -209,6 +209,14 @@ impl TokenBucketAdapter {
         self.rules.get(endpoint).map(|prepared| &prepared.limits)
     }
 
+    /// Every endpoint with its limits, in no particular order (for layers that prepare
+    /// per-endpoint data once, such as the HTTP layer's header values).
+    pub fn endpoints(&self) -> impl Iterator<Item = (&str, &EndpointLimits)> {
+        self.rules
+            .iter()
+            .map(|(endpoint, prepared)| (&**endpoint, &prepared.limits))
+    }
+
     /// The store key of the endpoint's first limit's bucket, as this adapter builds it (for
     /// admin tools and tests); [`bucket_keys`](Self::bucket_keys) gives every limit's.
     ///
@@ -397,8 +405,21 @@ impl TokenBucketAdapter {
         limits: &[&Limit],
         requests: &[BucketRequest<'_>],
     ) -> RateLimitResult {
-        match ask(&self.store, requests).await {
-            Ok(decisions) => RateLimitResult::from_decisions(limits.iter().copied(), &decisions),
+        let answer = if let [one] = requests {
+            // One limit: no vector of decisions.
+            self.store.check_and_consume(one).await.map(|decision| {
+                RateLimitResult::from_decisions(limits.iter().copied(), &[decision])
+            })
+        } else {
+            self.store
+                .check_and_consume_all(requests)
+                .await
+                .map(|decisions| {
+                    RateLimitResult::from_decisions(limits.iter().copied(), &decisions)
+                })
+        };
+        match answer {
+            Ok(result) => result,
             Err(err) => self.on_store_failure(&err, label, limits, requests).await,
         }
     }
@@ -1345,5 +1366,64 @@ mod tests {
             "the local fallback keeps the shared limit too"
         );
         assert_eq!(&*result.deciding().unwrap().name, "everyone");
+    }
+
+    #[tokio::test]
+    async fn check_buckets_decides_arbitrary_buckets_all_or_nothing() {
+        let clock = ratelimit_domain::ManualClock::new(1_000.0);
+        let limiter = memory_adapter(&clock);
+        let label: Arc<str> = "descriptors".into();
+        let per_user = Limit::named(
+            "user",
+            RateLimitRule::new(RateLimitScope::Global, 2, 1.0).unwrap(),
+        )
+        .unwrap();
+        let per_path = Limit::named(
+            "path",
+            RateLimitRule::new(RateLimitScope::Global, 5, 1.0).unwrap(),
+        )
+        .unwrap();
+        let user_key = KeyBuilder::for_limit("rl", "domain|user_alice", &per_user)
+            .unwrap()
+            .key("")
+            .unwrap();
+        let path_key = KeyBuilder::for_limit("rl", "domain|path_/a", &per_path)
+            .unwrap()
+            .key("")
+            .unwrap();
+        let checks = [
+            BucketCheck::new(&user_key, &per_user, 1),
+            BucketCheck::new(&path_key, &per_path, 1),
+        ];
+        for _ in 0..2 {
+            let result = limiter.check_buckets(&label, "", &checks).await.unwrap();
+            assert!(result.allowed);
+        }
+        let refused = limiter.check_buckets(&label, "", &checks).await.unwrap();
+        assert!(!refused.allowed);
+        assert_eq!(
+            refused.refused().map(|l| &*l.name).collect::<Vec<_>>(),
+            ["user"]
+        );
+        assert_eq!(
+            refused.limits[1].remaining, 3,
+            "the path limit kept its tokens"
+        );
+        // No checks: allowed, as an endpoint without a rule.
+        let none = limiter.check_buckets(&label, "", &[]).await.unwrap();
+        assert!(none.allowed);
+        assert_eq!(none.source, DecisionSource::NoRule);
+        // The same bucket twice is a caller's bug, reported before anything is taken.
+        let twice = [
+            BucketCheck::new(&path_key, &per_path, 1),
+            BucketCheck::new(&path_key, &per_path, 1),
+        ];
+        let err = limiter.check_buckets(&label, "", &twice).await.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidInput);
+        let again = limiter
+            .check_buckets(&label, "", &checks[1..])
+            .await
+            .unwrap();
+        assert_eq!(again.remaining, 2);
     }
 }

@@ -95,7 +95,8 @@ fn log(event: &RateLimitEvent) {
             tracing::debug!(event_id = %e.event_id, endpoint = %e.endpoint, identifier = %e.identifier, scope = %e.scope, remaining = e.remaining_tokens, source = e.source.as_str(), elapsed_us = e.execution_time.as_micros(), "rate limit check allowed");
         }
         RateLimitEvent::Denied(e) => {
-            tracing::info!(event_id = %e.event_id, endpoint = %e.endpoint, identifier = %e.identifier, scope = %e.scope, retry_after_s = e.retry_after.as_secs_f64(), elapsed_us = e.execution_time.as_micros(), "rate limit check denied");
+            let limit = e.refused_by.as_deref().unwrap_or("");
+            tracing::info!(event_id = %e.event_id, endpoint = %e.endpoint, identifier = %e.identifier, scope = %e.scope, limit, retry_after_s = e.retry_after.as_secs_f64(), elapsed_us = e.execution_time.as_micros(), "rate limit check denied");
         }
         _ => tracing::debug!(kind = event.kind(), "rate limit event"),
     }

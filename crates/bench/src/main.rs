@@ -19,6 +19,9 @@
 //!    and 256 tasks against one raw `EVALSHA` per check, Redis CPU per check batched and not,
 //!    redis-benchmark, and limitador with its Redis storage (see `coalesced`).
 //!
+//! `just bench-http` (`ratelimit-bench http`) compares the HTTP layer with no layer and with
+//! `tower_governor` on one axum route over real connections (see `http_layer`).
+//!
 //! `just bench memory-flood` runs something else: 10 million distinct identifiers through a
 //! `MemoryStorage`, with the process's memory every million keys, to show that the store's
 //! capacity holds it flat (see `memory_flood`).
@@ -33,6 +36,7 @@
 
 mod chart;
 mod coalesced;
+mod http_layer;
 mod limitador;
 mod load;
 mod memory_backend;
@@ -90,6 +94,11 @@ enum BenchCommand {
     /// Figure 6 alone: coalesced checks against one EVALSHA per check, redis-benchmark and
     /// limitador, at 1, 16, 64 and 256 tasks (about 1 minute; with --quick about 20 s).
     Coalesced,
+    /// Only figure 5 (several limits per request), on its own throwaway redis-server.
+    SeveralLimits,
+    /// The HTTP layer against no layer and tower_governor on one axum route, over real
+    /// connections, in rotating rounds (see `http_layer`).
+    Http(http_layer::HttpArgs),
 }
 
 /// `target/bench` of the workspace.
@@ -191,6 +200,26 @@ fn main() -> ExitCode {
             Ok(_) => ExitCode::FAILURE,
             Err(err) => {
                 eprintln!("ratelimit-bench coalesced: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(BenchCommand::SeveralLimits) = &args.command {
+        return match run_several_limits(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) if !args.strict => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("ratelimit-bench several-limits: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(BenchCommand::Http(http)) = &args.command {
+        return match http_layer::run(http) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("ratelimit-bench http: error: {err}");
                 ExitCode::FAILURE
             }
         };
@@ -316,6 +345,26 @@ fn run(args: &Args) -> BoxResult<bool> {
         .count();
     println!("targets: {passed} passed, {failed} failed");
     Ok(failed == 0)
+}
+
+/// Figure 5 alone; `Ok(true)` when no target was missed.
+fn run_several_limits(args: &Args) -> BoxResult<bool> {
+    let settings = Settings::new(args.quick);
+    let progress = Progress::new(multi_limit::steps(&settings));
+    progress.begin("starting redis-server");
+    let server = RedisServer::start();
+    let redis_version = info_value(&server, "server", "redis_version")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let figures = runtime.block_on(multi_limit::measure(&server, &settings, &progress))?;
+    progress.finish();
+    drop(runtime);
+    drop(server);
+    println!("ratelimit-bench several-limits, redis {redis_version}");
+    println!("Every ratio is value / baseline, both measured in this run.\n");
+    print!("{}", report::table(&figures));
+    Ok(figures.iter().all(|f| f.verdict() != Verdict::Fail))
 }
 
 /// One field of `INFO <section>`.

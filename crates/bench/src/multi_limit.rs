@@ -20,7 +20,7 @@ use ratelimit_adapter::{
     DecisionSource, DynRateLimiter, EndpointLimits, Limit, RateLimitRule, RateLimitScope,
     RateLimiterExt, RuleSet,
 };
-use ratelimit_container::{Container, ContainerConfig};
+use ratelimit_container::{Backend, Container, ContainerConfig, KeyLayout, RedisConfig};
 use ratelimit_tests::redis_server::RedisServer;
 
 use crate::load::{self, Checker, Identifiers, LoadResult, Outcome};
@@ -48,9 +48,12 @@ const LOSS_SHARED: u64 = 100;
 /// Tokens per minute of the loss scenario: one token in 10 minutes, nothing during the run.
 const LOSS_RATE: f64 = 0.1;
 
+/// The layouts measured, each with its own figures.
+const LAYOUTS: [KeyLayout; 2] = [KeyLayout::Compact, KeyLayout::TwoKeys];
+
 /// Progress steps of [`measure`].
 pub(crate) fn steps(settings: &Settings) -> u64 {
-    settings.rounds as u64 + 1
+    (settings.rounds as u64 + 1) * LAYOUTS.len() as u64
 }
 
 fn rules() -> BoxResult<RuleSet> {
@@ -188,10 +191,28 @@ pub(crate) async fn measure(
     settings: &Settings,
     progress: &Progress,
 ) -> BoxResult<Vec<Figure>> {
+    let mut figures = Vec::new();
+    for layout in LAYOUTS {
+        figures.extend(measure_layout(server, settings, progress, layout).await?);
+    }
+    Ok(figures)
+}
+
+async fn measure_layout(
+    server: &RedisServer,
+    settings: &Settings,
+    progress: &Progress,
+    layout: KeyLayout,
+) -> BoxResult<Vec<Figure>> {
     let rules = rules()?;
-    let container =
-        Container::build(ContainerConfig::redis(server.url(), rules).with_event_logging(false))
-            .await?;
+    let redis = RedisConfig::new(server.url()).with_layout(layout);
+    let container = Container::build(
+        ContainerConfig::memory(rules)
+            .with_backend(Backend::Redis(redis))
+            .with_key_prefix(format!("bench_multi_{layout}"))
+            .with_event_logging(false),
+    )
+    .await?;
     let limiter = container.rate_limiter();
     let contenders = [
         Sequential {
@@ -221,7 +242,7 @@ pub(crate) async fn measure(
     let mut measured: [Contender; 3] = Default::default();
     for round in 0..settings.rounds {
         progress.begin(format!(
-            "several limits, {CONCURRENCY} tasks: round {}/{}",
+            "several limits ({layout}), {CONCURRENCY} tasks: round {}/{}",
             round + 1,
             settings.rounds
         ));
@@ -240,7 +261,9 @@ pub(crate) async fn measure(
         }
         progress.done();
     }
-    progress.begin("several limits: tokens lost to refused requests");
+    progress.begin(format!(
+        "several limits ({layout}): tokens lost to refused requests"
+    ));
     let (lost_one_step, admitted_one_step) = tokens_lost(&limiter, &[LOSS_TWO], LOSS_TWO).await?;
     let (lost_separate, admitted_separate) =
         tokens_lost(&limiter, &[LOSS_FIRST, LOSS_SECOND], LOSS_FIRST).await?;
@@ -264,8 +287,8 @@ pub(crate) async fn measure(
     };
     Ok(vec![
         Figure::new(
-            "multi.two_limits.c64.checks_per_s",
-            "two limits, one check, 64 tasks",
+            format!("multi.{layout}.two_limits.c64.checks_per_s"),
+            format!("{layout}: two limits, one check, 64 tasks"),
             median(&two.throughput),
             Unit::PerSecond,
             "one limit",
@@ -273,24 +296,24 @@ pub(crate) async fn measure(
         )
         .ratio(ratio(two, single)),
         Figure::new(
-            "multi.two_limits.redis_cpu_us_per_check",
-            "two limits: Redis CPU per check",
+            format!("multi.{layout}.two_limits.redis_cpu_us_per_check"),
+            format!("{layout}: two limits, Redis CPU per check"),
             median(&two.cpu_per_check),
             Unit::Micros,
             "one limit",
             Some(median(&single.cpu_per_check)),
         ),
         Figure::new(
-            "multi.separate.redis_cpu_us_per_check",
-            "two separate checks: Redis CPU per request",
+            format!("multi.{layout}.separate.redis_cpu_us_per_check"),
+            format!("{layout}: two separate checks, Redis CPU per request"),
             median(&separate.cpu_per_check),
             Unit::Micros,
             "one limit",
             Some(median(&single.cpu_per_check)),
         ),
         Figure::new(
-            "multi.one_step_vs_separate.c64.checks_per_s",
-            "two limits: one step vs two checks, 64 tasks",
+            format!("multi.{layout}.one_step_vs_separate.c64.checks_per_s"),
+            format!("{layout}: two limits in one step vs two checks, 64 tasks"),
             median(&two.throughput),
             Unit::PerSecond,
             "two separate checks",
@@ -299,8 +322,8 @@ pub(crate) async fn measure(
         .ratio(ratio(two, separate))
         .target(Target::RatioAtLeast(1.6)),
         Figure::new(
-            "multi.tokens_lost.one_step",
-            "tokens lost to refused requests, one step",
+            format!("multi.{layout}.tokens_lost.one_step"),
+            format!("{layout}: tokens lost to refused requests, one step"),
             lost_one_step as f64,
             Unit::Count,
             "two separate checks",

@@ -38,15 +38,19 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Checks one request and CONSUMES its cost, exactly as the service would.
     ///
-    /// This is a real check, not a dry run: an allowed check takes tokens from the bucket.
+    /// This is a real check, not a dry run: an allowed check takes tokens from the bucket of
+    /// every limit of the endpoint (a denied one takes nothing from any).
     /// Use `remaining` to look without touching. Exit 0 when allowed, 1 when denied.
     Check(CheckArgs),
 
-    /// Shows how many whole tokens are left, consuming nothing.
+    /// Shows how many whole tokens every limit of the endpoint has left, consuming nothing.
     Remaining(BucketArgs),
 
-    /// Refills a bucket: the support desk's "unlock this user".
-    Reset(BucketArgs),
+    /// Refills the identifier's buckets: the support desk's "unlock this user".
+    ///
+    /// Resets every limit of the endpoint that keeps a bucket per client; a global limit
+    /// (shared by every client) only when named with --limit.
+    Reset(ResetArgs),
 
     /// Works with rules files.
     #[command(subcommand)]
@@ -56,24 +60,40 @@ pub(crate) enum Command {
 /// Arguments of `check`.
 #[derive(Debug, Args)]
 pub(crate) struct CheckArgs {
-    /// Which bucket.
+    /// Which buckets.
     #[command(flatten)]
     pub(crate) bucket: BucketArgs,
 
-    /// Tokens this request costs (at least 1); default: the rule's cost.
+    /// Tokens this request costs (at least 1), taken from every limit of the endpoint;
+    /// default: each limit's own cost.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) cost: Option<u64>,
 }
 
-/// Which bucket, and how to reach it.
+/// Arguments of `reset`.
+#[derive(Debug, Args)]
+pub(crate) struct ResetArgs {
+    /// Which buckets.
+    #[command(flatten)]
+    pub(crate) bucket: BucketArgs,
+
+    /// Reset only the limit of this name (repeatable), whatever its scope: the only way to
+    /// reset a global limit. Default: every limit that is not global (for a rule of the
+    /// single-limit form, its one limit).
+    #[arg(long, value_name = "NAME")]
+    pub(crate) limit: Vec<String>,
+}
+
+/// Which buckets (those of one endpoint and identifier, one per limit), and how to reach
+/// them.
 #[derive(Debug, Args)]
 pub(crate) struct BucketArgs {
     /// The endpoint, exactly as named in the rules file, e.g. "POST /api/v1/sessions".
     #[arg(long, short = 'e', value_name = "ENDPOINT")]
     pub(crate) endpoint: String,
 
-    /// Whose bucket: an IP address, a user id, … as the rule's scope says. Not needed for
-    /// endpoints with the global scope. For `ip` rules it is read as an address (`::1`,
+    /// Whose buckets: an IP address, a user id, … as the limits' scopes say. Not needed when
+    /// every limit concerned has the global scope. For `ip` rules it is read as an address (`::1`,
     /// `[::1]`, `::ffff:1.2.3.4`, `fe80::1%eth0`, or an identifier the service wrote such as
     /// `2001:db8::/64`) and grouped exactly as the service groups clients.
     #[arg(long, short = 'i', value_name = "IDENTIFIER")]
@@ -178,7 +198,8 @@ impl Cli {
     pub(crate) fn redis_url(&self) -> Option<&str> {
         match &self.command {
             Command::Check(args) => args.bucket.connection.redis_url.as_deref(),
-            Command::Remaining(args) | Command::Reset(args) => args.connection.redis_url.as_deref(),
+            Command::Remaining(args) => args.connection.redis_url.as_deref(),
+            Command::Reset(args) => args.bucket.connection.redis_url.as_deref(),
             Command::Rules(_) => None,
         }
     }

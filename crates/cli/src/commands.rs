@@ -8,15 +8,17 @@ use ratelimit_adapter::TokenBucketAdapter;
 use ratelimit_config::load_rules_file;
 use ratelimit_container::RedisConfig;
 use ratelimit_domain::{
-    BucketKey, BucketStore, CheckOptions, DecisionSource, ErrorCode, IpGrouping, RateLimitError,
-    RateLimitRule, RateLimitScope, RateLimiter, RuleSet,
+    BucketKey, BucketStore, CheckOptions, DecisionSource, EndpointLimits, ErrorCode, IpGrouping,
+    KeyBuilder, Limit, LimitOutcome, RateLimitError, RateLimitResult, RateLimitScope, RateLimiter,
+    RuleSet,
 };
 use ratelimit_redis::RedisStorage;
 
 use crate::cli::{BucketArgs, Cli, Command, ConnectionArgs, DEFAULT_KEY_PREFIX, RulesCommand};
 use crate::error::CliError;
 use crate::output::{
-    CheckReport, RemainingReport, Report, ResetReport, RulesProblem, RulesReport, Target,
+    CheckReport, LimitState, RemainingReport, Report, ResetReport, RulesProblem, RulesReport,
+    Target,
 };
 use ratelimit_adapter::ErrorCaptureStore;
 
@@ -36,15 +38,20 @@ pub(crate) const NEED_RULES: &str =
 pub(crate) async fn run(cli: &Cli) -> Result<Report, CliError> {
     match &cli.command {
         Command::Check(args) => {
-            let bucket = Bucket::open(&args.bucket).await?;
+            let bucket = Bucket::open(&args.bucket, Selection::All).await?;
             bucket.check(args.cost).await.map(Report::Check)
         }
         Command::Remaining(args) => {
-            let bucket = Bucket::open(args).await?;
+            let bucket = Bucket::open(args, Selection::All).await?;
             bucket.remaining().await.map(Report::Remaining)
         }
         Command::Reset(args) => {
-            let bucket = Bucket::open(args).await?;
+            let selection = if args.limit.is_empty() {
+                Selection::Identifier
+            } else {
+                Selection::Named(&args.limit)
+            };
+            let bucket = Bucket::open(&args.bucket, selection).await?;
             bucket.reset().await.map(Report::Reset)
         }
         Command::Rules(RulesCommand::Check { file }) => Ok(Report::Rules(check_rules(file))),
@@ -55,9 +62,9 @@ pub(crate) async fn run(cli: &Cli) -> Result<Report, CliError> {
 pub(crate) fn check_rules(file: &Path) -> RulesReport {
     let outcome = match load_rules_file(file) {
         Ok(rules) => {
-            let mut rules: Vec<(String, RateLimitRule)> = rules
+            let mut rules: Vec<(String, EndpointLimits)> = rules
                 .iter()
-                .map(|(endpoint, rule)| (endpoint.to_owned(), rule.first().rule().clone()))
+                .map(|(endpoint, limits)| (endpoint.to_owned(), limits.clone()))
                 .collect();
             rules.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(rules)
@@ -65,6 +72,7 @@ pub(crate) fn check_rules(file: &Path) -> RulesReport {
         Err(err) => Err(RulesProblem {
             message: err.to_string(),
             rule: err.rule().map(str::to_owned),
+            limit: err.limit().map(|limit| (limit.index, limit.name.clone())),
             field: err.field(),
         }),
     };
@@ -74,24 +82,18 @@ pub(crate) fn check_rules(file: &Path) -> RulesReport {
     }
 }
 
-/// The endpoint's rule from the rules file.
+/// The rules file, which has a rule for `endpoint`.
 ///
 /// # Errors
 /// Exit 2 when no file is named, when it is invalid, or when it has no rule for `endpoint`.
-fn load_rule(
-    connection: &ConnectionArgs,
-    endpoint: &str,
-) -> Result<(RuleSet, RateLimitRule), CliError> {
+fn load_rules(connection: &ConnectionArgs, endpoint: &str) -> Result<RuleSet, CliError> {
     let path = connection
         .rules
         .as_deref()
         .filter(|path| !path.as_os_str().is_empty())
         .ok_or_else(|| CliError::usage(NEED_RULES))?;
     let rules = load_rules_file(path).map_err(|err| CliError::from_config(&err))?;
-    let Some(rule) = rules
-        .get(endpoint)
-        .map(|limits| limits.first().rule().clone())
-    else {
+    if rules.get(endpoint).is_none() {
         let mut known: Vec<&str> = rules.iter().map(|(endpoint, _)| endpoint).collect();
         known.sort_unstable();
         let known = if known.is_empty() {
@@ -103,17 +105,38 @@ fn load_rule(
             "no rule for endpoint {endpoint:?} in {} ({known})",
             path.display()
         )));
-    };
-    Ok((rules, rule))
+    }
+    Ok(rules)
 }
 
-/// One bucket of the service's, reachable in Redis.
+/// Which limits of the endpoint a command works on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Selection<'a> {
+    /// Every limit (`check`, `remaining`).
+    All,
+    /// The identifier's own buckets, as the limiter's `reset` resets them: the one limit of
+    /// the single-limit form whatever its scope, otherwise every limit that is not global
+    /// (`reset` without `--limit`).
+    Identifier,
+    /// The limits named with `--limit`, whatever their scope.
+    Named(&'a [String]),
+}
+
+/// The buckets of one endpoint of the service's, reachable in Redis: one per limit.
 #[derive(Debug)]
 pub(crate) struct Bucket<S> {
     store: Arc<ErrorCaptureStore<S>>,
     limiter: TokenBucketAdapter,
-    rule: RateLimitRule,
-    key: BucketKey,
+    /// The endpoint's limits, from the rules file.
+    limits: EndpointLimits,
+    /// The key of every limit, in the endpoint's order; `None` for a limit that needs an
+    /// identifier when the command needed none (`reset --limit GLOBAL_LIMIT` without `-i`).
+    keys: Vec<Option<BucketKey>>,
+    /// Indexes into `limits` of the limits the command works on, in the endpoint's order.
+    selected: Vec<usize>,
+    /// Whether the limits were named with `--limit` (reset one by one), rather than chosen
+    /// by the limiter's `reset`.
+    named: bool,
     target: Target,
 }
 
@@ -125,9 +148,9 @@ impl Bucket<RedisStorage> {
     ///
     /// # Errors
     /// Exit 2 for bad arguments, rules or URL; exit 3 when Redis does not answer a `PING`.
-    async fn open(args: &BucketArgs) -> Result<Self, CliError> {
+    async fn open(args: &BucketArgs, selection: Selection<'_>) -> Result<Self, CliError> {
         let connection = &args.connection;
-        let (rules, rule) = load_rule(connection, &args.endpoint)?;
+        let rules = load_rules(connection, &args.endpoint)?;
         let url = connection
             .redis_url
             .as_deref()
@@ -154,7 +177,7 @@ impl Bucket<RedisStorage> {
             "" => DEFAULT_KEY_PREFIX,
             prefix => prefix,
         };
-        let bucket = Self::with_store(store, rules, rule, args, key_prefix)?;
+        let bucket = Self::with_store(store, rules, args, key_prefix, selection)?;
         bucket.store.inner().check_version().await.map_err(|err| {
             let context = if err.code() == ErrorCode::Configuration {
                 format!("unsupported Redis at {}", config.redacted_url())
@@ -168,49 +191,82 @@ impl Bucket<RedisStorage> {
 }
 
 impl<S: BucketStore> Bucket<S> {
-    /// The bucket `args` names, over `store`.
+    /// The buckets of the endpoint `args` names, over `store`, for the limits `selection`
+    /// picks.
     ///
     /// # Errors
-    /// Exit 2 for a missing or unusable identifier or an empty key prefix.
+    /// Exit 2 for an endpoint without a rule, a `--limit` the endpoint does not have, a reset
+    /// of an endpoint whose limits are all global without `--limit`, a missing or unusable
+    /// identifier, or an empty key prefix.
     pub(crate) fn with_store(
         store: S,
         rules: RuleSet,
-        rule: RateLimitRule,
         args: &BucketArgs,
         key_prefix: &str,
+        selection: Selection<'_>,
     ) -> Result<Self, CliError> {
         let endpoint = args.endpoint.as_str();
-        let scope = rule.scope();
-        let identifier = if scope.uses_identifier() {
-            let Some(identifier) = args.identifier.as_deref() else {
-                return Err(CliError::usage(format!(
-                    "the rule for {endpoint:?} has scope {scope}: pass --identifier (the {})",
-                    identifier_meaning(scope.as_str())
-                )));
-            };
-            Some(service_identifier(scope, identifier, args)?)
-        } else {
-            None
+        let limits = rules
+            .get(endpoint)
+            .cloned()
+            .ok_or_else(|| CliError::configuration(format!("no rule for endpoint {endpoint:?}")))?;
+        let selected = select(endpoint, &limits, selection)?;
+        // The identifier is needed when a limit worked on keeps a bucket per client.
+        let identifying = selected
+            .iter()
+            .map(|&i| &limits.limits()[i])
+            .find(|limit| limit.rule().scope().uses_identifier());
+        let identifier = match identifying {
+            None => None,
+            Some(limit) => {
+                let scope = limit.rule().scope();
+                let Some(identifier) = args.identifier.as_deref() else {
+                    let whose = if limits.is_single() {
+                        format!("the rule for {endpoint:?}")
+                    } else {
+                        format!("the limit {:?} of {endpoint:?}", limit.name())
+                    };
+                    return Err(CliError::usage(format!(
+                        "{whose} has scope {scope}: pass --identifier (the {})",
+                        identifier_meaning(scope.as_str())
+                    )));
+                };
+                Some(service_identifier(scope, identifier, args)?)
+            }
         };
         let store = Arc::new(ErrorCaptureStore::new(store));
         let limiter = TokenBucketAdapter::builder(store.clone(), rules)
             .key_prefix(key_prefix)
             .build()
             .map_err(|err| CliError::from_library("--key-prefix", &err))?;
-        let key = limiter
-            .bucket_key(endpoint, identifier.as_deref().unwrap_or(""))
-            .ok_or_else(|| CliError::configuration(format!("no rule for endpoint {endpoint:?}")))?
-            .map_err(|err| CliError::from_library("--identifier", &err))?;
+        let keys = match &identifier {
+            Some(identifier) => keys_of(&limiter, endpoint, identifier)?,
+            None if limits
+                .limits()
+                .iter()
+                .all(|limit| !limit.rule().scope().uses_identifier()) =>
+            {
+                keys_of(&limiter, endpoint, "")?
+            }
+            // Only global limits are worked on: their keys need no identifier.
+            None => limits
+                .limits()
+                .iter()
+                .map(|limit| global_key(key_prefix, endpoint, limit))
+                .collect::<Result<_, _>>()?,
+        };
         Ok(Self {
             store,
             limiter,
-            rule,
             target: Target {
                 endpoint: endpoint.to_owned(),
                 identifier,
-                key: key.as_str().to_owned(),
+                single: limits.is_single(),
             },
-            key,
+            limits,
+            keys,
+            selected,
+            named: matches!(selection, Selection::Named(_)),
         })
     }
 
@@ -218,8 +274,77 @@ impl<S: BucketStore> Bucket<S> {
         self.target.identifier.as_deref().unwrap_or("")
     }
 
-    /// `check`: a real check through the adapter, consuming tokens. A fail-open answer is
-    /// reported as the Redis error it hides.
+    /// The endpoint's limit called `name`, with its index.
+    fn limit_named(&self, name: &str) -> Option<(usize, &Limit)> {
+        self.limits
+            .limits()
+            .iter()
+            .enumerate()
+            .find(|(_, limit)| limit.name() == name)
+    }
+
+    /// What the limiter said of each limit, with its key and cost.
+    fn states(&self, outcomes: &[LimitOutcome], cost: Option<u64>) -> Vec<LimitState> {
+        outcomes
+            .iter()
+            .map(|outcome| {
+                let found = self.limit_named(&outcome.name);
+                LimitState {
+                    name: outcome.name.to_string(),
+                    scope: outcome.scope,
+                    key: found
+                        .and_then(|(i, _)| self.keys[i].as_ref())
+                        .map(|key| key.as_str().to_owned()),
+                    capacity: outcome.limit,
+                    cost: cost
+                        .or_else(|| found.map(|(_, limit)| limit.rule().cost()))
+                        .unwrap_or(1),
+                    remaining: outcome.remaining,
+                    allowed: outcome.allowed,
+                    retry_after: outcome.retry_after,
+                }
+            })
+            .collect()
+    }
+
+    /// A full bucket of the limit at `index` (after a reset).
+    fn full(&self, index: usize) -> LimitState {
+        let limit = &self.limits.limits()[index];
+        let rule = limit.rule();
+        LimitState {
+            name: limit.name().to_owned(),
+            scope: rule.scope(),
+            key: self.keys[index].as_ref().map(|key| key.as_str().to_owned()),
+            capacity: rule.max_tokens(),
+            cost: rule.cost(),
+            remaining: rule.max_tokens(),
+            allowed: true,
+            retry_after: Duration::ZERO,
+        }
+    }
+
+    /// An answer of the limiter that is not the store's (a failure policy's stand-in) as the
+    /// Redis error it hides.
+    fn degraded(&self, result: &RateLimitResult, what: &str) -> Option<CliError> {
+        if matches!(
+            result.source,
+            DecisionSource::Store | DecisionSource::RuleDisabled | DecisionSource::NoRule
+        ) {
+            return None;
+        }
+        let cause = self
+            .store
+            .last_error()
+            .unwrap_or_else(|| "unknown store error".to_owned());
+        Some(CliError::redis(format!(
+            "{what} could not be completed ({cause}); the service would have answered with its \
+             failure policy ({})",
+            result.source.as_str()
+        )))
+    }
+
+    /// `check`: a real check through the adapter, consuming tokens from every limit, or from
+    /// none. A fail-open answer is reported as the Redis error it hides.
     ///
     /// # Errors
     /// Exit 3 when the store failed.
@@ -232,62 +357,195 @@ impl<S: BucketStore> Bucket<S> {
             .map_err(|err| CliError::from_library("check", &err))?;
         // Only the store's own answer (or a rule that limits nothing) is a real decision: a
         // failure policy's stand-in (fail-open, and any other) hides a Redis error.
-        if !matches!(
-            result.source,
-            DecisionSource::Store | DecisionSource::RuleDisabled | DecisionSource::NoRule
-        ) {
-            let cause = self
-                .store
-                .last_error()
-                .unwrap_or_else(|| "unknown store error".to_owned());
-            return Err(CliError::redis(format!(
-                "the check could not be completed ({cause}); the service would have answered \
-                 with its failure policy ({}), and whether tokens were taken is unknown",
-                result.source.as_str()
-            )));
+        if let Some(mut err) = self.degraded(&result, "the check") {
+            err.message
+                .push_str(", and whether tokens were taken is unknown");
+            return Err(err);
         }
+        let limits = self.states(&result.limits, cost);
+        // One cost for the whole request: --cost, or the limits' own when they agree.
+        let common = limits
+            .first()
+            .map(|l| l.cost)
+            .filter(|&first| limits.iter().all(|l| l.cost == first));
         Ok(CheckReport {
             target: self.target.clone(),
-            cost: cost.unwrap_or(self.rule.cost()),
+            cost: cost.or(common),
             result,
+            limits,
         })
     }
 
-    /// `remaining`: read straight from the store, so that errors surface instead of being
-    /// answered with a full bucket.
+    /// `remaining`: every limit's bucket, read in one store call, consuming nothing. A
+    /// failure-policy answer is reported as the Redis error it hides, never as full buckets.
     ///
     /// # Errors
     /// Exit 3 when the store failed.
     pub(crate) async fn remaining(&self) -> Result<RemainingReport, CliError> {
-        let remaining = self
-            .store
-            .get_remaining(&self.key, &self.rule, None)
+        let result = self
+            .limiter
+            .status(&self.target.endpoint, self.identifier())
             .await
             .map_err(|err| redis_error("remaining", &err))?;
+        if let Some(err) = self.degraded(&result, "the reading") {
+            return Err(err);
+        }
+        let mut limits = self.states(&result.limits, None);
+        for (state, outcome) in limits.iter_mut().zip(&result.limits) {
+            state.retry_after = self.wait_at_most(outcome);
+        }
         Ok(RemainingReport {
             target: self.target.clone(),
-            remaining,
-            limit: self.rule.max_tokens(),
-            enabled: self.rule.enabled(),
+            enabled: result.source != DecisionSource::RuleDisabled,
+            result,
+            limits,
         })
     }
 
-    /// `reset`: refill the bucket.
+    /// How long at most until `outcome`'s limit has its cost, in whole seconds: the store
+    /// reports whole tokens (floored), so the true wait is at most this.
+    fn wait_at_most(&self, outcome: &LimitOutcome) -> Duration {
+        let Some((_, limit)) = self.limit_named(&outcome.name) else {
+            return Duration::ZERO;
+        };
+        let rule = limit.rule();
+        if outcome.remaining >= rule.cost() {
+            return Duration::ZERO;
+        }
+        if rule.cost() > rule.max_tokens() {
+            return RateLimitResult::RETRY_NEVER;
+        }
+        #[allow(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss
+        )]
+        // At most max_tokens tokens short, and rules bound the refill time.
+        let seconds =
+            ((rule.cost() - outcome.remaining) as f64 * rule.seconds_per_token()).ceil() as u64;
+        Duration::from_secs(seconds)
+    }
+
+    /// `reset`: refill the identifier's buckets (the limiter's `reset`: every limit but the
+    /// global ones, or the one limit of the single-limit form), or the limits named with
+    /// `--limit`.
     ///
     /// # Errors
     /// Exit 3 when the store failed.
     pub(crate) async fn reset(&self) -> Result<ResetReport, CliError> {
-        let existed = self
-            .limiter
-            .reset(&self.target.endpoint, self.identifier())
-            .await
-            .map_err(|err| redis_error("reset", &err))?;
+        let endpoint = &self.target.endpoint;
+        let existed = if self.named {
+            let mut existed = false;
+            for &index in &self.selected {
+                let name = self.limits.limits()[index].name();
+                existed |= self
+                    .limiter
+                    .reset_limit(endpoint, self.identifier(), name)
+                    .await
+                    .map_err(|err| redis_error("reset", &err))?;
+            }
+            existed
+        } else {
+            self.limiter
+                .reset(endpoint, self.identifier())
+                .await
+                .map_err(|err| redis_error("reset", &err))?
+        };
+        let not_reset = if self.named {
+            Vec::new()
+        } else {
+            (0..self.limits.limits().len())
+                .filter(|i| !self.selected.contains(i))
+                .map(|i| self.full(i))
+                .collect()
+        };
         Ok(ResetReport {
             target: self.target.clone(),
-            limit: self.rule.max_tokens(),
+            reset: self.selected.iter().map(|&i| self.full(i)).collect(),
+            not_reset,
             existed,
         })
     }
+}
+
+/// The indexes of the limits `selection` picks among `limits`.
+///
+/// # Errors
+/// Exit 2 for a name the endpoint does not have, or for a reset of an endpoint whose limits
+/// are all global without `--limit`.
+fn select(
+    endpoint: &str,
+    limits: &EndpointLimits,
+    selection: Selection<'_>,
+) -> Result<Vec<usize>, CliError> {
+    let all = limits.limits();
+    let names = || {
+        all.iter()
+            .map(|limit| format!("{:?}", limit.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match selection {
+        Selection::All => Ok((0..all.len()).collect()),
+        Selection::Identifier if limits.is_single() => Ok(vec![0]),
+        Selection::Identifier => {
+            let own: Vec<usize> = (0..all.len())
+                .filter(|&i| all[i].rule().scope() != RateLimitScope::Global)
+                .collect();
+            if own.is_empty() {
+                return Err(CliError::usage(format!(
+                    "every limit of {endpoint:?} is global, shared by every client: a global \
+                     limit is reset only when named, with --limit NAME (its limits: {})",
+                    names()
+                )));
+            }
+            Ok(own)
+        }
+        Selection::Named(wanted) => {
+            let mut selected = Vec::with_capacity(wanted.len());
+            for name in wanted {
+                let Some(index) = all.iter().position(|limit| limit.name() == name) else {
+                    return Err(CliError::usage(format!(
+                        "--limit: the rule for {endpoint:?} has no limit named {name:?} (its \
+                         limits: {})",
+                        names()
+                    )));
+                };
+                selected.push(index);
+            }
+            selected.sort_unstable();
+            selected.dedup();
+            Ok(selected)
+        }
+    }
+}
+
+/// Every limit's key for `identifier`, as the limiter builds them, in the endpoint's order.
+fn keys_of(
+    limiter: &TokenBucketAdapter,
+    endpoint: &str,
+    identifier: &str,
+) -> Result<Vec<Option<BucketKey>>, CliError> {
+    let keys = limiter
+        .bucket_keys(endpoint, identifier)
+        .ok_or_else(|| CliError::configuration(format!("no rule for endpoint {endpoint:?}")))?
+        .map_err(|err| CliError::from_library("--identifier", &err))?;
+    Ok(keys.into_iter().map(|(_, key)| Some(key)).collect())
+}
+
+/// The key of a global `limit` (which needs no identifier), or `None` for any other.
+fn global_key(
+    key_prefix: &str,
+    endpoint: &str,
+    limit: &Limit,
+) -> Result<Option<BucketKey>, CliError> {
+    if limit.rule().scope().uses_identifier() {
+        return Ok(None);
+    }
+    KeyBuilder::for_limit(key_prefix, endpoint, limit)
+        .and_then(|builder| builder.key(""))
+        .map(Some)
+        .map_err(|err| CliError::from_library("--key-prefix", &err))
 }
 
 /// A store error: always exit 3, whatever the code says.
@@ -343,7 +601,7 @@ mod tests {
     use std::path::PathBuf;
 
     use ratelimit_domain::{
-        BucketDecision, ErrorCode, MockBucketStore, RateLimitScope, RateLimiterExt,
+        BucketDecision, ErrorCode, MockBucketStore, RateLimitRule, RateLimitScope, RateLimiterExt,
     };
 
     use super::*;
@@ -377,7 +635,14 @@ mod tests {
         id: Option<&str>,
     ) -> Bucket<MockBucketStore> {
         let rules = RuleSet::try_from_rules([("GET /x", rule(scope))]).unwrap();
-        Bucket::with_store(store, rules, rule(scope), &args("GET /x", id), "rate_limit").unwrap()
+        Bucket::with_store(
+            store,
+            rules,
+            &args("GET /x", id),
+            "rate_limit",
+            Selection::All,
+        )
+        .unwrap()
     }
 
     fn unavailable() -> RateLimitError {
@@ -438,7 +703,7 @@ mod tests {
         let bucket = bucket(store, RateLimitScope::Global, Some("ignored"));
         assert_eq!(bucket.target.identifier, None);
         let report = bucket.check(Some(3)).await.unwrap();
-        assert_eq!((report.cost, report.result.remaining), (3, 2));
+        assert_eq!((report.cost, report.result.remaining), (Some(3), 2));
         // The adapter is a plain limiter too.
         assert!(
             bucket
@@ -456,9 +721,9 @@ mod tests {
         let missing = Bucket::with_store(
             MockBucketStore::new(),
             rules.clone(),
-            rule(RateLimitScope::User),
             &args("GET /x", None),
             "rate_limit",
+            Selection::All,
         )
         .unwrap_err();
         assert_eq!(missing.kind, ErrorKind::Usage);
@@ -470,18 +735,18 @@ mod tests {
         let empty = Bucket::with_store(
             MockBucketStore::new(),
             rules.clone(),
-            rule(RateLimitScope::User),
             &args("GET /x", Some("")),
             "rate_limit",
+            Selection::All,
         )
         .unwrap_err();
         assert_eq!(empty.exit(), Exit::Usage);
         let prefix = Bucket::with_store(
             MockBucketStore::new(),
             rules,
-            rule(RateLimitScope::User),
             &args("GET /x", Some("a")),
             "",
+            Selection::All,
         )
         .unwrap_err();
         assert_eq!(prefix.exit(), Exit::Usage);
@@ -496,11 +761,14 @@ mod tests {
             Bucket::with_store(
                 MockBucketStore::new(),
                 rules,
-                rule(scope),
                 args,
                 "rate_limit",
+                Selection::All,
             )
-            .map(|bucket| (bucket.key.as_str().to_owned(), bucket.target.identifier))
+            .map(|bucket| {
+                let key = bucket.keys[0].as_ref().map(|key| key.as_str().to_owned());
+                (key.unwrap_or_default(), bucket.target.identifier)
+            })
         };
         for (typed, identifier) in [
             ("::1", "::/64"),
@@ -560,12 +828,23 @@ mod tests {
                 .withf(|key, _| key.as_str() == "rate_limit:ip:::/64:GET /x")
                 .times(1)
                 .returning(move |_, _| Ok(existed));
-            let report = bucket(store, RateLimitScope::Ip, Some("[::1]"))
-                .reset()
-                .await
-                .unwrap();
+            let report = Bucket::with_store(
+                store,
+                RuleSet::try_from_rules([("GET /x", rule(RateLimitScope::Ip))]).unwrap(),
+                &args("GET /x", Some("[::1]")),
+                "rate_limit",
+                Selection::Identifier,
+            )
+            .unwrap()
+            .reset()
+            .await
+            .unwrap();
             assert_eq!(report.existed, existed);
-            assert_eq!(report.target.key, "rate_limit:ip:::/64:GET /x");
+            assert_eq!(
+                report.reset[0].key.as_deref(),
+                Some("rate_limit:ip:::/64:GET /x")
+            );
+            assert!(report.not_reset.is_empty());
         }
     }
 
@@ -573,10 +852,265 @@ mod tests {
     fn missing_rules_file_is_a_usage_error() {
         let mut connection = args("GET /x", None).connection;
         connection.rules = None;
-        let err = load_rule(&connection, "GET /x").unwrap_err();
+        let err = load_rules(&connection, "GET /x").unwrap_err();
         assert_eq!(
             (err.kind, err.message.as_str()),
             (ErrorKind::Usage, NEED_RULES)
         );
+    }
+
+    mod several_limits {
+        use async_trait::async_trait;
+        use ratelimit_domain::{BucketDecision, BucketRequest, RateLimitRule};
+        use ratelimit_memory::MemoryStorage;
+
+        use super::*;
+
+        /// One memory store behind every command of a test, as one Redis is behind the CLI's
+        /// successive runs.
+        #[derive(Debug, Clone, Default)]
+        struct Shared(Arc<MemoryStorage>);
+
+        #[async_trait]
+        impl BucketStore for Shared {
+            async fn check_and_consume<'a>(
+                &self,
+                request: &BucketRequest<'a>,
+            ) -> ratelimit_domain::Result<BucketDecision> {
+                self.0.check_and_consume(request).await
+            }
+
+            async fn check_and_consume_all<'a>(
+                &self,
+                requests: &[BucketRequest<'a>],
+            ) -> ratelimit_domain::Result<Vec<BucketDecision>> {
+                self.0.check_and_consume_all(requests).await
+            }
+
+            async fn get_remaining(
+                &self,
+                key: &BucketKey,
+                rule: &RateLimitRule,
+                now: Option<f64>,
+            ) -> ratelimit_domain::Result<u64> {
+                self.0.get_remaining(key, rule, now).await
+            }
+
+            async fn reset(
+                &self,
+                key: &BucketKey,
+                rule: &RateLimitRule,
+            ) -> ratelimit_domain::Result<bool> {
+                self.0.reset(key, rule).await
+            }
+        }
+
+        const SEARCH: &str = "GET /search";
+
+        /// per-client: 2 tokens per ip; everyone: 3 tokens for all; 1 per minute each.
+        fn rules() -> RuleSet {
+            ratelimit_config::parse_rules(
+                r#"
+                [rules."GET /search"]
+                limits = [
+                  { name = "per-client", scope = "ip", max_tokens = 2, refill_rate = 1.0 },
+                  { name = "everyone", scope = "global", max_tokens = 3, refill_rate = 1.0 },
+                ]
+
+                [rules."GET /global"]
+                limits = [
+                  { name = "all", scope = "global", max_tokens = 3, refill_rate = 1.0 },
+                ]
+                "#,
+            )
+            .unwrap()
+        }
+
+        fn open(
+            store: &Shared,
+            endpoint: &str,
+            id: Option<&str>,
+            selection: Selection<'_>,
+        ) -> Result<Bucket<Shared>, CliError> {
+            Bucket::with_store(
+                store.clone(),
+                rules(),
+                &args(endpoint, id),
+                "rate_limit",
+                selection,
+            )
+        }
+
+        async fn check(store: &Shared, id: &str) -> CheckReport {
+            open(store, SEARCH, Some(id), Selection::All)
+                .unwrap()
+                .check(None)
+                .await
+                .unwrap()
+        }
+
+        fn remaining_of(report: &CheckReport) -> Vec<(String, u64, bool)> {
+            report
+                .limits
+                .iter()
+                .map(|l| (l.name.clone(), l.remaining, l.allowed))
+                .collect()
+        }
+
+        #[tokio::test]
+        async fn a_check_takes_from_every_limit_or_from_none() {
+            let store = Shared::default();
+            for left in [1, 0] {
+                let report = check(&store, "192.0.2.1").await;
+                assert!(report.result.allowed);
+                assert_eq!(report.limits[0].remaining, left);
+                assert_eq!(
+                    report.limits[0].key.as_deref(),
+                    Some("rate_limit:ip#per-client:192.0.2.1:GET /search")
+                );
+                assert_eq!(
+                    report.limits[1].key.as_deref(),
+                    Some("rate_limit:global#everyone:GET /search")
+                );
+            }
+            // The client is out; everyone still has 1, which the refused check does not take.
+            let refused = check(&store, "192.0.2.1").await;
+            assert!(!refused.result.allowed);
+            assert_eq!(
+                remaining_of(&refused),
+                [
+                    ("per-client".to_owned(), 0, false),
+                    ("everyone".to_owned(), 1, true)
+                ]
+            );
+            assert_eq!(
+                refused
+                    .result
+                    .refused()
+                    .map(|l| l.name.to_string())
+                    .collect::<Vec<_>>(),
+                ["per-client"]
+            );
+            assert!(check(&store, "192.0.2.2").await.result.allowed);
+            // Now everyone is out: another client is refused by it, and keeps its tokens.
+            let third = check(&store, "192.0.2.3").await;
+            assert!(!third.result.allowed);
+            assert_eq!(
+                remaining_of(&third),
+                [
+                    ("per-client".to_owned(), 2, true),
+                    ("everyone".to_owned(), 0, false)
+                ]
+            );
+            assert_eq!(third.cost, Some(1));
+        }
+
+        #[tokio::test]
+        async fn remaining_reads_every_limit_and_consumes_nothing() {
+            let store = Shared::default();
+            check(&store, "192.0.2.1").await;
+            check(&store, "192.0.2.1").await;
+            let bucket = open(&store, SEARCH, Some("192.0.2.1"), Selection::All).unwrap();
+            for _ in 0..2 {
+                let report = bucket.remaining().await.unwrap();
+                let states: Vec<_> = report
+                    .limits
+                    .iter()
+                    .map(|l| (l.name.as_str(), l.remaining, l.allowed, l.retry_after))
+                    .collect();
+                assert_eq!(
+                    states,
+                    [
+                        ("per-client", 0, false, Duration::from_secs(60)),
+                        ("everyone", 1, true, Duration::ZERO),
+                    ]
+                );
+                assert!(report.enabled);
+            }
+        }
+
+        #[tokio::test]
+        async fn reset_resets_the_identifier_s_buckets_and_a_global_one_only_when_named() {
+            let store = Shared::default();
+            check(&store, "192.0.2.1").await;
+            check(&store, "192.0.2.1").await;
+            let reset = open(&store, SEARCH, Some("192.0.2.1"), Selection::Identifier)
+                .unwrap()
+                .reset()
+                .await
+                .unwrap();
+            assert!(reset.existed);
+            let reset_keys: Vec<_> = reset.reset.iter().map(|l| l.key.clone()).collect();
+            assert_eq!(
+                reset_keys,
+                [Some(
+                    "rate_limit:ip#per-client:192.0.2.1:GET /search".to_owned()
+                )]
+            );
+            assert_eq!(reset.not_reset.len(), 1);
+            assert_eq!(reset.not_reset[0].name, "everyone");
+            // The client has its 2 tokens again; everyone still has 1 of 3.
+            let after = check(&store, "192.0.2.1").await;
+            assert_eq!(
+                remaining_of(&after),
+                [
+                    ("per-client".to_owned(), 1, true),
+                    ("everyone".to_owned(), 0, true)
+                ]
+            );
+
+            // The global limit, named: no identifier needed.
+            let names = ["everyone".to_owned()];
+            let bucket = open(&store, SEARCH, None, Selection::Named(&names)).unwrap();
+            assert_eq!(bucket.target.identifier, None);
+            let reset = bucket.reset().await.unwrap();
+            assert!(reset.existed);
+            assert_eq!(
+                reset.reset[0].key.as_deref(),
+                Some("rate_limit:global#everyone:GET /search")
+            );
+            assert!(reset.not_reset.is_empty());
+            let after = check(&store, "192.0.2.9").await;
+            assert_eq!(after.limits[1].remaining, 2);
+        }
+
+        #[test]
+        fn the_command_line_must_match_the_limits() {
+            let store = Shared::default();
+            let unknown = ["evryone".to_owned()];
+            let err = open(
+                &store,
+                SEARCH,
+                Some("192.0.2.1"),
+                Selection::Named(&unknown),
+            )
+            .unwrap_err();
+            assert_eq!(err.exit(), Exit::Usage);
+            assert!(
+                err.message.contains("no limit named \"evryone\"")
+                    && err.message.contains("\"per-client\", \"everyone\""),
+                "{}",
+                err.message
+            );
+            let all_global = open(&store, "GET /global", None, Selection::Identifier).unwrap_err();
+            assert_eq!(all_global.exit(), Exit::Usage);
+            assert!(
+                all_global.message.contains("--limit"),
+                "{}",
+                all_global.message
+            );
+            let missing = open(&store, SEARCH, None, Selection::All).unwrap_err();
+            assert_eq!(missing.exit(), Exit::Usage);
+            assert!(
+                missing
+                    .message
+                    .starts_with("the limit \"per-client\" of \"GET /search\" has scope ip"),
+                "{}",
+                missing.message
+            );
+            // A global-only endpoint needs no identifier, and ignores one.
+            let global = open(&store, "GET /global", Some("x"), Selection::All).unwrap();
+            assert_eq!(global.target.identifier, None);
+        }
     }
 }

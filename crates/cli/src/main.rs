@@ -1,7 +1,8 @@
 //! `ratelimit`: the operator's command for the rate limiter.
 //!
-//! - `ratelimit check|remaining|reset --endpoint E --identifier I [--cost N] [--rules FILE]
-//!   [--redis-url URL]` works on one bucket in the service's Redis;
+//! - `ratelimit check|remaining|reset --endpoint E --identifier I [--cost N] [--limit NAME]
+//!   [--rules FILE] [--redis-url URL]` works on the buckets of one endpoint (one per limit)
+//!   in the service's Redis;
 //! - `ratelimit rules check FILE` validates a rules file.
 //!
 //! Output is human-readable by default and one JSON object with `--json`. Exit codes: 0

@@ -88,10 +88,15 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with_rules(RULES)
+    }
+
+    /// A Redis and a key prefix of its own, with the rules `text`.
+    fn with_rules(text: &str) -> Self {
         Self {
             redis: TestRedis::get(),
             prefix: unique_prefix(),
-            rules: RulesFile::new(RULES),
+            rules: RulesFile::new(text),
         }
     }
 
@@ -116,12 +121,24 @@ impl Fixture {
     /// `ratelimit COMMAND --endpoint ENDPOINT [--identifier ID] EXTRA…` with this fixture's
     /// rules, Redis and prefix given as flags.
     fn run(&self, command: &str, endpoint: &str, identifier: Option<&str>, extra: &[&str]) -> Run {
+        self.run_with(&self.rules, command, endpoint, identifier, extra)
+    }
+
+    /// As [`run`](Self::run), with the rules file `rules` instead of this fixture's.
+    fn run_with(
+        &self,
+        rules: &RulesFile,
+        command: &str,
+        endpoint: &str,
+        identifier: Option<&str>,
+        extra: &[&str],
+    ) -> Run {
         let mut args = vec![
             command,
             "--endpoint",
             endpoint,
             "--rules",
-            self.rules.path(),
+            rules.path(),
             "--redis-url",
             &self.redis.url,
             "--key-prefix",
@@ -178,6 +195,8 @@ fn check_json_has_exactly_the_result_fields() {
             "endpoint",
             "identifier",
             "cost",
+            "refused_by",
+            "limits",
         ])
     );
     assert_eq!(json["allowed"], true);
@@ -189,6 +208,21 @@ fn check_json_has_exactly_the_result_fields() {
     assert_eq!(json["endpoint"], LOGIN);
     assert_eq!(json["identifier"], "192.0.2.1");
     assert_eq!(json["cost"], 1);
+    assert_eq!(json["refused_by"], serde_json::json!([]));
+    // The single-limit form has one limit, named after the endpoint.
+    assert_eq!(
+        json["limits"],
+        serde_json::json!([{
+            "name": LOGIN,
+            "scope": "ip",
+            "key": format!("{}:ip:192.0.2.1:{LOGIN}", fx.prefix),
+            "limit": 3,
+            "cost": 1,
+            "remaining": 2,
+            "allowed": true,
+            "retry_after": 0.0,
+        }])
+    );
 
     let check_json = |cost| {
         fx.run(
@@ -267,15 +301,26 @@ fn remaining_consumes_nothing() {
     let json = fx
         .run("remaining", LOGIN, Some("192.0.2.1"), &["--json"])
         .json();
+    let key = format!("{}:ip:192.0.2.1:{LOGIN}", fx.prefix);
     assert_eq!(
         json,
         serde_json::json!({
             "endpoint": LOGIN,
             "identifier": "192.0.2.1",
-            "key": format!("{}:ip:192.0.2.1:{LOGIN}", fx.prefix),
+            "key": key,
             "remaining": 2,
             "limit": 3,
             "enabled": true,
+            "limits": [{
+                "name": LOGIN,
+                "scope": "ip",
+                "key": key,
+                "limit": 3,
+                "cost": 1,
+                "remaining": 2,
+                "allowed": true,
+                "retry_after": 0.0,
+            }],
         })
     );
     assert_eq!(
@@ -527,6 +572,14 @@ fn rules_check_validates_good_and_bad_files() {
             "cost": 1,
             "enabled": false,
             "ttl_seconds": 480,
+            "limits": [{
+                "name": "GET /api/v1/off",
+                "scope": "ip",
+                "max_tokens": 7,
+                "refill_rate": 1.0,
+                "cost": 1,
+                "ttl_seconds": 480,
+            }],
         })
     );
 
@@ -775,5 +828,415 @@ fn rules_check_refuses_an_endpoint_no_request_can_match() {
     assert_eq!(
         (json.json()["rule"].clone(), json.json()["field"].clone()),
         ("get /x ".into(), "endpoint".into())
+    );
+}
+
+/// The endpoint with several limits.
+const SEARCH: &str = "GET /api/v1/search";
+
+/// Search: 2 requests per client IP and 3 for everyone together, one token a minute each; and
+/// an endpoint whose one named limit is global.
+const SEARCH_RULES: &str = r#"
+[rules."GET /api/v1/search"]
+limits = [
+  { name = "per-client", scope = "ip", max_tokens = 2, refill_rate = 1.0 },
+  { name = "everyone", scope = "global", max_tokens = 3, refill_rate = 1.0 },
+]
+enabled = true
+
+[rules."GET /api/v1/feed"]
+limits = [
+  { name = "all", scope = "global", max_tokens = 3, refill_rate = 1.0 },
+]
+"#;
+
+/// Each limit of [`SEARCH_RULES`] alone on the same endpoint. A named limit's key is its
+/// prefix, scope, name and endpoint, so these address the same buckets, one bucket per check:
+/// they set up and inspect the buckets of the two-limit endpoint through the store's
+/// single-bucket calls.
+const PER_CLIENT_ONLY: &str = r#"
+[rules."GET /api/v1/search"]
+limits = [{ name = "per-client", scope = "ip", max_tokens = 2, refill_rate = 1.0 }]
+"#;
+const EVERYONE_ONLY: &str = r#"
+[rules."GET /api/v1/search"]
+limits = [{ name = "everyone", scope = "global", max_tokens = 3, refill_rate = 1.0 }]
+"#;
+
+/// The fixture of the tests below, with one-limit views of its buckets.
+struct Search {
+    fx: Fixture,
+    per_client: RulesFile,
+    everyone: RulesFile,
+}
+
+impl Search {
+    fn new() -> Self {
+        Self {
+            fx: Fixture::with_rules(SEARCH_RULES),
+            per_client: RulesFile::new(PER_CLIENT_ONLY),
+            everyone: RulesFile::new(EVERYONE_ONLY),
+        }
+    }
+
+    fn key(&self, limit: &str, identifier: Option<&str>) -> String {
+        match identifier {
+            Some(id) => format!("{}:ip#{limit}:{id}:{SEARCH}", self.fx.prefix),
+            None => format!("{}:global#{limit}:{SEARCH}", self.fx.prefix),
+        }
+    }
+
+    /// Takes `n` tokens from the per-client bucket of `identifier`, alone.
+    fn take_per_client(&self, identifier: &str, n: usize) {
+        for _ in 0..n {
+            let run = self
+                .fx
+                .run_with(&self.per_client, "check", SEARCH, Some(identifier), &[]);
+            assert_eq!(run.code, 0, "{run:?}");
+        }
+    }
+
+    /// Takes `n` tokens from the global bucket, alone.
+    fn take_everyone(&self, n: usize) {
+        for _ in 0..n {
+            let run = self.fx.run_with(&self.everyone, "check", SEARCH, None, &[]);
+            assert_eq!(run.code, 0, "{run:?}");
+        }
+    }
+
+    /// Tokens left in the per-client bucket of `identifier`, read alone.
+    fn per_client_left(&self, identifier: &str) -> Value {
+        let run = self.fx.run_with(
+            &self.per_client,
+            "remaining",
+            SEARCH,
+            Some(identifier),
+            &["--json"],
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        run.json()["remaining"].clone()
+    }
+
+    /// Tokens left in the global bucket, read alone.
+    fn everyone_left(&self) -> Value {
+        let run = self
+            .fx
+            .run_with(&self.everyone, "remaining", SEARCH, None, &["--json"]);
+        assert_eq!(run.code, 0, "{run:?}");
+        run.json()["remaining"].clone()
+    }
+}
+
+/// Runs on Redis today: `reset` resets bucket by bucket.
+#[test]
+fn several_limits_reset_resets_the_identifier_s_buckets_and_a_global_limit_only_when_named() {
+    let search = Search::new();
+    let fx = &search.fx;
+    let id = "192.0.2.1";
+    search.take_per_client(id, 2);
+    search.take_everyone(2);
+    assert_eq!(search.per_client_left(id), 0);
+
+    let reset = fx.run("reset", SEARCH, Some(id), &[]);
+    assert_eq!(reset.code, 0, "{reset:?}");
+    assert_eq!(
+        reset.stdout,
+        format!(
+            "reset: the bucket of {id} on {SEARCH} is full again\n  \
+             per-client (ip): 2 of 2 tokens left\n    \
+             key: {}\n  \
+             not reset: everyone (global), shared by every client; reset it with --limit everyone\n",
+            search.key("per-client", Some(id))
+        )
+    );
+    assert_eq!(search.per_client_left(id), 2);
+    assert_eq!(search.everyone_left(), 1, "the global limit is left alone");
+
+    // Named, the global limit is reset, and needs no identifier.
+    let everyone = fx.run("reset", SEARCH, None, &["--limit", "everyone", "--json"]);
+    assert_eq!(everyone.code, 0, "{everyone:?}");
+    let json = everyone.json();
+    assert_eq!(json["identifier"], Value::Null);
+    assert_eq!(
+        (json["reset"].clone(), json["existed"].clone()),
+        (true.into(), true.into())
+    );
+    assert_eq!(json["key"], search.key("everyone", None));
+    assert_eq!(json["limits"].as_array().unwrap().len(), 1);
+    assert_eq!(json["limits"][0]["name"], "everyone");
+    assert_eq!(json["limits"][0]["remaining"], 3);
+    assert_eq!(json["not_reset"], serde_json::json!([]));
+    assert_eq!(search.everyone_left(), 3);
+    let text = fx.run("reset", SEARCH, None, &["--limit", "everyone"]);
+    assert!(
+        text.stdout.starts_with(&format!(
+            "reset: there was no bucket to reset for everyone on {SEARCH} (global) (it is full)\n  \
+             everyone (global): 3 of 3 tokens left\n    key: {}\n",
+            search.key("everyone", None)
+        )),
+        "{text:?}"
+    );
+
+    // Both by name, in JSON: every key reset.
+    search.take_per_client(id, 1);
+    search.take_everyone(1);
+    let both = fx.run(
+        "reset",
+        SEARCH,
+        Some(id),
+        &["--limit", "everyone", "--limit", "per-client", "--json"],
+    );
+    assert_eq!(both.code, 0, "{both:?}");
+    let keys: Vec<Value> = both.json()["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|limit| limit["key"].clone())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            Value::from(search.key("per-client", Some(id))),
+            Value::from(search.key("everyone", None))
+        ]
+    );
+    assert_eq!(both.json()["existed"], true);
+    assert_eq!(
+        (search.per_client_left(id), search.everyone_left()),
+        (2.into(), 3.into())
+    );
+
+    // Nothing to reset: said, in text and JSON.
+    let nothing = fx.run("reset", SEARCH, Some("198.51.100.7"), &[]);
+    assert_eq!(nothing.code, 0, "{nothing:?}");
+    assert!(
+        nothing.stdout.starts_with(&format!(
+            "reset: there was no bucket to reset for 198.51.100.7 on {SEARCH} (it is full)\n"
+        )),
+        "{nothing:?}"
+    );
+    assert!(nothing.stdout.contains("--key-prefix"), "{nothing:?}");
+    let json = fx
+        .run("reset", SEARCH, Some("198.51.100.7"), &["--json"])
+        .json();
+    assert_eq!(json["existed"], false);
+    assert_eq!(json["not_reset"][0]["key"], search.key("everyone", None));
+}
+
+/// Runs on Redis today: every error is found before a bucket is touched.
+#[test]
+fn several_limits_usage_errors_name_the_limit() {
+    let search = Search::new();
+    let fx = &search.fx;
+    let unknown = fx.run("reset", SEARCH, Some("192.0.2.1"), &["--limit", "evryone"]);
+    assert_eq!(unknown.code, 2, "{unknown:?}");
+    assert!(
+        unknown.stderr.contains(&format!(
+            "--limit: the rule for \"{SEARCH}\" has no limit named \"evryone\" (its limits: \
+             \"per-client\", \"everyone\")"
+        )),
+        "{unknown:?}"
+    );
+    let all_global = fx.run("reset", "GET /api/v1/feed", None, &[]);
+    assert_eq!(all_global.code, 2, "{all_global:?}");
+    assert!(
+        all_global
+            .stderr
+            .contains("is reset only when named, with --limit NAME"),
+        "{all_global:?}"
+    );
+    assert_eq!(
+        fx.run("reset", "GET /api/v1/feed", None, &["--limit", "all"])
+            .code,
+        0
+    );
+    for command in ["check", "remaining", "reset"] {
+        let missing = fx.run(command, SEARCH, None, &["--json"]);
+        assert_eq!(missing.code, 2, "{command}: {missing:?}");
+        assert!(
+            missing.stderr.contains(&format!(
+                "the limit \"per-client\" of \"{SEARCH}\" has scope ip: pass --identifier"
+            )),
+            "{command}: {missing:?}"
+        );
+        assert_eq!(missing.json()["error"]["kind"], "usage");
+    }
+}
+
+/// AWAITS the Redis multi-limit scripts (`RedisStorage::check_and_consume_all`).
+#[test]
+fn several_limits_check_takes_from_every_limit_or_from_none() {
+    let search = Search::new();
+    let fx = &search.fx;
+    let id = Some("192.0.2.1");
+    for (client, everyone) in [(1, 2), (0, 1)] {
+        let run = fx.run("check", SEARCH, id, &[]);
+        assert_eq!(run.code, 0, "{run:?}");
+        assert_eq!(
+            run.stdout,
+            format!(
+                "allowed: every limit had the tokens, each took its cost\n  \
+                 per-client (ip): {client} of 2 tokens left\n  \
+                 everyone (global): {everyone} of 3 tokens left\n"
+            )
+        );
+    }
+    // The client is out; the global limit had the token, and keeps it.
+    let denied = fx.run("check", SEARCH, id, &["--json"]);
+    assert_eq!(denied.code, 1, "{denied:?}");
+    let json = denied.json();
+    assert_eq!(json["allowed"], false);
+    assert_eq!(json["refused_by"], serde_json::json!(["per-client"]));
+    let retry = json["retry_after"].as_f64().unwrap();
+    assert!(retry > 59.0 && retry <= 60.0, "{retry}");
+    assert_eq!(json["limits"][0]["name"], "per-client");
+    assert_eq!(json["limits"][0]["allowed"], false);
+    assert_eq!(
+        json["limits"][0]["key"],
+        search.key("per-client", Some("192.0.2.1"))
+    );
+    assert_eq!(
+        (
+            json["limits"][1]["name"].clone(),
+            json["limits"][1]["allowed"].clone(),
+            json["limits"][1]["remaining"].clone(),
+            json["limits"][1]["retry_after"].clone()
+        ),
+        ("everyone".into(), true.into(), 1.into(), 0.0.into())
+    );
+    let text = fx.run("check", SEARCH, id, &[]);
+    assert_eq!(text.code, 1, "{text:?}");
+    assert!(
+        text.stdout
+            .starts_with("denied by per-client: retry after ")
+            && text.stdout.contains("; no limit took anything\n")
+            && text
+                .stdout
+                .contains("\n  everyone (global): had the tokens; 1 of 3 tokens left\n"),
+        "{text:?}"
+    );
+    assert_eq!(search.everyone_left(), 1);
+
+    // Another client takes the last global token; a third is refused by the global limit,
+    // and its own bucket keeps both tokens.
+    assert_eq!(fx.run("check", SEARCH, Some("192.0.2.2"), &[]).code, 0);
+    let third = fx.run("check", SEARCH, Some("192.0.2.3"), &["--json"]);
+    assert_eq!(third.code, 1, "{third:?}");
+    assert_eq!(third.json()["refused_by"], serde_json::json!(["everyone"]));
+    assert_eq!(third.json()["limits"][0]["remaining"], 2);
+    assert_eq!(search.per_client_left("192.0.2.3"), 2);
+
+    // A cost one limit can never hold.
+    let never = fx.run(
+        "check",
+        SEARCH,
+        Some("192.0.2.4"),
+        &["--cost", "3", "--json"],
+    );
+    assert_eq!(never.code, 1, "{never:?}");
+    assert_eq!(never.json()["retry_after"], Value::Null);
+    assert_eq!(never.json()["refused_by"][0], "per-client");
+    assert_eq!(never.json()["cost"], 3);
+}
+
+/// AWAITS the Redis multi-limit scripts: `remaining` reads every limit in one store call.
+#[test]
+fn several_limits_remaining_shows_every_limit_and_consumes_nothing() {
+    let search = Search::new();
+    let fx = &search.fx;
+    let id = "192.0.2.1";
+    search.take_per_client(id, 2);
+    search.take_everyone(2);
+    for _ in 0..2 {
+        let run = fx.run("remaining", SEARCH, Some(id), &[]);
+        assert_eq!(run.code, 0, "{run:?}");
+        assert_eq!(
+            run.stdout,
+            format!(
+                "remaining: a request would be refused by per-client (nothing consumed)\n  \
+                 per-client (ip): 0 of 2 tokens left; short of its cost of 1, for at most 60 s\n    \
+                 key: {}\n  \
+                 everyone (global): 1 of 3 tokens left\n    \
+                 key: {}\n",
+                search.key("per-client", Some(id)),
+                search.key("everyone", None)
+            )
+        );
+    }
+    let json = fx.run("remaining", SEARCH, Some(id), &["--json"]).json();
+    assert_eq!(json["key"], search.key("per-client", Some(id)));
+    assert_eq!(
+        (json["remaining"].clone(), json["limit"].clone()),
+        (0.into(), 2.into())
+    );
+    assert_eq!(
+        json["limits"][1],
+        serde_json::json!({
+            "name": "everyone",
+            "scope": "global",
+            "key": search.key("everyone", None),
+            "limit": 3,
+            "cost": 1,
+            "remaining": 1,
+            "allowed": true,
+            "retry_after": 0.0,
+        })
+    );
+    assert_eq!(json["limits"][0]["allowed"], false);
+    assert_eq!(json["limits"][0]["retry_after"], 60.0);
+    assert_eq!(search.everyone_left(), 1, "nothing consumed");
+}
+
+#[test]
+fn rules_check_lists_every_limit() {
+    let rules = RulesFile::new(SEARCH_RULES);
+    let run = ratelimit(&["rules", "check", rules.path()], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(
+        run.stdout,
+        format!(
+            "valid: {} has 2 rules\n  \
+             GET /api/v1/feed: 1 limit, all or nothing, enabled=true\n    \
+             all: scope=global max_tokens=3 refill_rate=1/min cost=1 ttl=240s\n  \
+             GET /api/v1/search: 2 limits, all or nothing, enabled=true\n    \
+             per-client: scope=ip max_tokens=2 refill_rate=1/min cost=1 ttl=180s\n    \
+             everyone: scope=global max_tokens=3 refill_rate=1/min cost=1 ttl=240s\n",
+            rules.path()
+        )
+    );
+    let json = ratelimit(&["rules", "check", rules.path(), "--json"], &[]).json();
+    assert_eq!(
+        json["rules"][1],
+        serde_json::json!({
+            "endpoint": SEARCH,
+            "enabled": true,
+            "limits": [
+                {"name": "per-client", "scope": "ip", "max_tokens": 2, "refill_rate": 1.0,
+                 "cost": 1, "ttl_seconds": 180},
+                {"name": "everyone", "scope": "global", "max_tokens": 3, "refill_rate": 1.0,
+                 "cost": 1, "ttl_seconds": 240},
+            ],
+        })
+    );
+
+    let duplicate = RulesFile::new(&SEARCH_RULES.replace("\"everyone\"", "\"per-client\""));
+    let run = ratelimit(&["rules", "check", duplicate.path()], &[]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stdout.starts_with(&format!(
+            "invalid: rules file {}: rule \"{SEARCH}\", limit \"per-client\" (limits[1]), field name: ",
+            duplicate.path()
+        )),
+        "{run:?}"
+    );
+    let json = ratelimit(&["--json", "rules", "check", duplicate.path()], &[]).json();
+    assert_eq!(
+        (
+            json["rule"].clone(),
+            json["limit"].clone(),
+            json["limit_index"].clone(),
+            json["field"].clone()
+        ),
+        (SEARCH.into(), "per-client".into(), 1.into(), "name".into())
     );
 }

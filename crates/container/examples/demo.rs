@@ -11,7 +11,7 @@ use std::time::Duration;
 use ratelimit_container::{Container, ContainerConfig};
 use ratelimit_domain::{
     DecisionSource, EndpointLimits, Limit, ManualClock, RateLimitResult, RateLimitRule,
-    RateLimitScope, RateLimiter, RateLimiterExt, RuleSet,
+    RateLimitScope, RateLimiterExt, RuleSet,
 };
 
 const LOGIN: &str = "POST /api/v1/sessions";

@@ -132,8 +132,9 @@ impl EndpointLimits {
     /// The limits of one endpoint, enabled.
     ///
     /// # Errors
-    /// [`RuleError::NoLimits`], [`RuleError::TooManyLimits`] or
-    /// [`RuleError::DuplicateLimitName`].
+    /// [`RuleError::NoLimits`], [`RuleError::TooManyLimits`],
+    /// [`RuleError::DuplicateLimitName`], or [`RuleError::MixedIdentifierScopes`] when limits that
+    /// are not global have different scopes (a check carries one identifier).
     pub fn new(limits: Vec<Limit>) -> Result<Self, RuleError> {
         if limits.is_empty() {
             return Err(RuleError::NoLimits);
@@ -150,6 +151,19 @@ impl EndpointLimits {
                     name: limit.name.to_string(),
                 });
             }
+        }
+        let mut keyed = limits
+            .iter()
+            .filter(|limit| limit.rule.scope().uses_identifier());
+        if let Some(first) = keyed.next()
+            && let Some(other) = keyed.find(|l| l.rule.scope() != first.rule.scope())
+        {
+            return Err(RuleError::MixedIdentifierScopes {
+                first: first.name.to_string(),
+                first_scope: first.rule.scope(),
+                second: other.name.to_string(),
+                second_scope: other.rule.scope(),
+            });
         }
         Ok(Self {
             limits,
@@ -266,6 +280,31 @@ mod tests {
         assert_eq!(
             EndpointLimits::new(dup),
             Err(RuleError::DuplicateLimitName { name: "a".into() })
+        );
+    }
+
+    #[test]
+    fn limits_that_key_by_identifier_share_one_scope() {
+        use crate::RateLimitScope::User;
+        let user = |name: &str, max| {
+            Limit::named(name, RateLimitRule::new(User, max, 1.0).unwrap()).unwrap()
+        };
+        let global = Limit::named("all", RateLimitRule::new(Global, 9, 1.0).unwrap()).unwrap();
+        // Per second and per day for one user, and a global limit: fine.
+        assert!(EndpointLimits::new(vec![user("second", 5), user("day", 500), global]).is_ok());
+        let mixed = EndpointLimits::new(vec![
+            user("per-user", 5),
+            Limit::named("per-ip", rule()).unwrap(),
+        ]);
+        let err = mixed.unwrap_err();
+        assert!(
+            matches!(err, RuleError::MixedIdentifierScopes { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("\"per-user\" (scope user) and \"per-ip\" (scope ip)"),
+            "{err}"
         );
     }
 

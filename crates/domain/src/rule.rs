@@ -70,6 +70,21 @@ pub enum RuleError {
         /// The name used twice.
         name: String,
     },
+    /// Two limits of one endpoint keep buckets per identifier of different kinds (`ip` and
+    /// `user`, say): a check carries one identifier, so it could not key both.
+    #[error(
+        "limits {first:?} (scope {first_scope}) and {second:?} (scope {second_scope}) need different identifiers, but a check carries one: the limits of an endpoint that are not global must share one scope"
+    )]
+    MixedIdentifierScopes {
+        /// The first limit with an identifier.
+        first: String,
+        /// Its scope.
+        first_scope: crate::RateLimitScope,
+        /// A later limit with another identifier scope.
+        second: String,
+        /// Its scope.
+        second_scope: crate::RateLimitScope,
+    },
     /// An endpoint was given an empty list of limits.
     #[error("an endpoint needs at least one limit")]
     NoLimits,

@@ -118,7 +118,11 @@ pub(crate) async fn build(args: &Args) -> Result<App, Box<dyn Error>> {
         .trust_proxies(args.trust_proxy.iter().copied())
         .forwarded_header(header)
         .ipv6_prefix(args.ipv6_prefix);
-    let layer = RateLimitLayer::from_adapter(container.adapter().clone()).extractor(extractor);
+    // The layer counts its own decisions on the request path (exact under any load); the
+    // event-derived counters above also see checks made outside the layer.
+    let layer = RateLimitLayer::from_adapter(container.adapter().clone())
+        .extractor(extractor)
+        .metrics(&metrics);
 
     // Group the rules by path: one method router per path.
     let mut paths: BTreeMap<String, Vec<(MethodFilter, String)>> = BTreeMap::new();

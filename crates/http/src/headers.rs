@@ -1,10 +1,14 @@
 //! The rate-limit response headers.
+//!
+//! The IETF fields follow draft-ietf-httpapi-ratelimit-headers-11 (see `docs/http.md` for how a
+//! token bucket maps onto `q`, `w`, `r` and `t`).
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
-use ratelimit_adapter::{RateLimitResult, RateLimitRule};
+use ratelimit_adapter::{EndpointLimits, LimitOutcome, RateLimitResult};
 
 /// `RateLimit-Policy` (IETF draft).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -35,7 +39,7 @@ pub enum HeaderStyle {
 }
 
 impl HeaderStyle {
-    fn ietf(self) -> bool {
+    pub(crate) fn ietf(self) -> bool {
         matches!(self, Self::Both | Self::Ietf)
     }
 
@@ -44,41 +48,248 @@ impl HeaderStyle {
     }
 }
 
-/// The numbers behind the headers of one decision of a token bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One limit of an endpoint as the headers show it: its policy name and the numbers that do
+/// not change per request.
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
-pub struct HeaderNumbers {
+pub struct PolicyItem {
+    /// The limit's name in the rules (matches [`LimitOutcome::name`]).
+    pub limit: Arc<str>,
+    /// The policy name the headers show, as the value of an sf-string (percent-encoded where
+    /// an sf-string cannot hold a character; see [`sf_string`]). This is also the name in a
+    /// problem-details body's `violated-policies`.
+    pub policy: Box<str>,
     /// `q`: the quota, the bucket's capacity.
     pub quota: u64,
-    /// `w`: the window, whole seconds an empty bucket takes to refill completely (rounded up).
+    /// `w`: whole seconds an empty bucket takes to refill completely, rounded up (at least 1).
     pub window: u64,
-    /// `r`: whole tokens left.
-    pub remaining: u64,
-    /// `t`: whole seconds until the request's cost is available again, rounded up; `None`
-    /// when it never will be (the cost exceeds the capacity).
-    ///
-    /// On a denial this is exactly `Retry-After`. On an allowed request it is 0 when the
-    /// bucket still holds the cost, and otherwise an upper bound,
-    /// `ceil((cost - remaining) × seconds_per_token)` (the fraction of a token already
-    /// refilled is not reported by the store).
-    pub reset: Option<u64>,
+    /// Seconds for one token to come back.
+    pub seconds_per_token: f64,
+    /// The limit's own cost per request.
+    pub cost: u64,
 }
 
-impl HeaderNumbers {
-    /// The numbers of `result`, decided under `rule`.
-    pub fn new(result: &RateLimitResult, rule: &RateLimitRule) -> Self {
-        let reset = if result.allowed {
-            let missing = rule.cost().saturating_sub(result.remaining);
-            Some(ceil_seconds(missing as f64 * rule.seconds_per_token()))
-        } else {
-            result.retry_after_whole_seconds()
-        };
+impl PolicyItem {
+    /// The item of one limit shown under the policy name `policy`.
+    pub fn new(
+        limit: Arc<str>,
+        policy: &str,
+        max_tokens: u64,
+        refill_rate: f64,
+        cost: u64,
+    ) -> Self {
         Self {
-            quota: rule.max_tokens(),
-            // As docs/http.md states it: ceil(max_tokens * 60 / refill_rate).
-            window: ceil_seconds(rule.max_tokens() as f64 * 60.0 / rule.refill_rate()),
-            remaining: result.remaining,
-            reset,
+            limit,
+            policy: percent_encode(policy).into(),
+            quota: max_tokens,
+            // As docs/http.md states it: ceil(max_tokens * 60 / refill_rate), at least 1 (the
+            // draft's `w` is non-zero).
+            window: ceil_seconds(max_tokens as f64 * 60.0 / refill_rate).max(1),
+            seconds_per_token: 60.0 / refill_rate,
+            cost,
+        }
+    }
+
+    /// The item of a limit known only from a result (a limiter whose rules are out of step
+    /// with the layer's): the outcome's own name, the given cost.
+    fn from_outcome(outcome: &LimitOutcome, cost: u64) -> Self {
+        Self::new(
+            outcome.name.clone(),
+            &outcome.name,
+            outcome.limit,
+            outcome.refill_rate,
+            cost,
+        )
+    }
+
+    /// `t` of this limit in `outcome`: whole seconds until the limit can take `cost` again,
+    /// rounded up; `None` when it never can (the cost exceeds the capacity).
+    ///
+    /// A limit that refused reports its own wait. A limit that had the tokens reports 0 while
+    /// it still holds `cost`, and otherwise `ceil((cost - remaining) × seconds_per_token)`, an
+    /// upper bound (the store does not report the fraction of a token already refilled).
+    pub fn reset(&self, outcome: &LimitOutcome, cost: u64) -> Option<u64> {
+        if outcome.allowed {
+            let missing = cost.saturating_sub(outcome.remaining);
+            Some(ceil_seconds(missing as f64 * self.seconds_per_token))
+        } else {
+            outcome.retry_after_whole_seconds()
+        }
+    }
+}
+
+/// The header values of one endpoint: the items of its enabled limits, and its
+/// `RateLimit-Policy` value, built once (it does not change per request).
+///
+/// ```
+/// use ratelimit_adapter::{EndpointLimits, Limit, RateLimitRule, RateLimitScope::*};
+/// use ratelimit_http::EndpointHeaders;
+///
+/// let limits = EndpointLimits::new(vec![
+///     Limit::named("per-client", RateLimitRule::new(Ip, 10, 10.0)?)?,
+///     Limit::named("everyone", RateLimitRule::new(Global, 15, 15.0)?)?,
+/// ])?;
+/// let headers = EndpointHeaders::new("GET /api/v1/search", &limits, None);
+/// assert_eq!(
+///     headers.policy().unwrap(),
+///     r#""per-client";q=10;w=60, "everyone";q=15;w=60"#
+/// );
+/// # Ok::<(), ratelimit_adapter::RuleError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct EndpointHeaders {
+    items: Vec<PolicyItem>,
+    policy: Option<HeaderValue>,
+}
+
+impl EndpointHeaders {
+    /// The header values of `endpoint` with `limits`. A single-limit endpoint's policy is
+    /// named `policy_name` when given, the endpoint otherwise; every limit of a multi-limit
+    /// endpoint is named after itself.
+    pub fn new(endpoint: &str, limits: &EndpointLimits, policy_name: Option<&str>) -> Self {
+        let single = limits.is_single();
+        let items: Vec<PolicyItem> = limits
+            .active()
+            .map(|limit| {
+                let policy = if single {
+                    policy_name.unwrap_or(endpoint)
+                } else {
+                    limit.name()
+                };
+                let rule = limit.rule();
+                PolicyItem::new(
+                    limit.shared_name().clone(),
+                    policy,
+                    rule.max_tokens(),
+                    rule.refill_rate(),
+                    rule.cost(),
+                )
+            })
+            .collect();
+        let mut value = String::new();
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                value.push_str(", ");
+            }
+            push_quoted(&mut value, &item.policy);
+            // Writing to a String cannot fail.
+            let _ = write!(value, ";q={};w={}", item.quota, item.window);
+        }
+        // sf-strings and integers are visible ASCII, always a valid header value.
+        let policy = HeaderValue::from_str(&value)
+            .ok()
+            .filter(|_| !items.is_empty());
+        Self { items, policy }
+    }
+
+    /// The items, one per enabled limit, in the endpoint's order.
+    pub fn items(&self) -> &[PolicyItem] {
+        &self.items
+    }
+
+    /// The `RateLimit-Policy` value (`None` when no limit is enabled).
+    pub fn policy(&self) -> Option<&HeaderValue> {
+        self.policy.as_ref()
+    }
+
+    /// The item of the limit called `limit`.
+    pub fn item(&self, limit: &str) -> Option<&PolicyItem> {
+        self.items.iter().find(|item| &*item.limit == limit)
+    }
+
+    /// The policy names of the limits that refused `result`, for a problem-details body's
+    /// `violated-policies`.
+    pub fn violated_policies(&self, result: &RateLimitResult) -> Vec<String> {
+        result
+            .refused()
+            .map(|outcome| match self.item(&outcome.name) {
+                Some(item) => item.policy.to_string(),
+                None => percent_encode(&outcome.name),
+            })
+            .collect()
+    }
+
+    /// Writes the headers of one decision into `headers`, replacing any of the same name: the
+    /// informational ones of `style`, plus `Retry-After` on a denial with a finite wait.
+    ///
+    /// `cost` is the request's own cost when it had one (a cost function), otherwise each
+    /// limit's cost applies. `RateLimit-Policy` lists every enabled limit and `RateLimit` every
+    /// limit of the result; the `X-RateLimit-*` headers describe the deciding limit
+    /// ([`RateLimitResult::deciding`]: the one that refused with the longest wait, or the
+    /// tightest one when allowed); `Retry-After` is the whole request's wait.
+    ///
+    /// With the limits `per-client` (ip, 10 per minute) and `everyone` (global, 15 per
+    /// minute), a request refused by `everyone` gives:
+    ///
+    /// ```text
+    /// RateLimit-Policy: "per-client";q=10;w=60, "everyone";q=15;w=60
+    /// RateLimit: "per-client";r=5;t=0, "everyone";r=0;t=4
+    /// X-RateLimit-Limit: 15
+    /// X-RateLimit-Remaining: 0
+    /// X-RateLimit-Reset: 4
+    /// Retry-After: 4
+    /// ```
+    ///
+    /// A limit whose wait is infinite (the cost exceeds its capacity) has no `t` parameter; when
+    /// it decides, `Retry-After` and `X-RateLimit-Reset` are left out.
+    pub fn write(
+        &self,
+        result: &RateLimitResult,
+        cost: Option<u64>,
+        style: HeaderStyle,
+        headers: &mut HeaderMap,
+    ) {
+        let fallback;
+        let item_of = |outcome: &LimitOutcome| -> Option<&PolicyItem> { self.item(&outcome.name) };
+        if style.ietf() {
+            if let Some(policy) = &self.policy {
+                headers.insert(RATELIMIT_POLICY, policy.clone());
+            }
+            let mut value = String::with_capacity(32 * result.limits.len());
+            for (i, outcome) in result.limits.iter().enumerate() {
+                let owned;
+                let item = match item_of(outcome) {
+                    Some(item) => item,
+                    None => {
+                        owned = PolicyItem::from_outcome(outcome, cost.unwrap_or(1));
+                        &owned
+                    }
+                };
+                if i > 0 {
+                    value.push_str(", ");
+                }
+                push_quoted(&mut value, &item.policy);
+                let _ = write!(value, ";r={}", outcome.remaining);
+                if let Some(reset) = item.reset(outcome, cost.unwrap_or(item.cost)) {
+                    let _ = write!(value, ";t={reset}");
+                }
+            }
+            if let Ok(value) = HeaderValue::from_str(&value)
+                && !result.limits.is_empty()
+            {
+                headers.insert(RATELIMIT, value);
+            }
+        }
+        if style.legacy()
+            && let Some(deciding) = result.deciding()
+        {
+            let item = match item_of(deciding) {
+                Some(item) => item,
+                None => {
+                    fallback = PolicyItem::from_outcome(deciding, cost.unwrap_or(1));
+                    &fallback
+                }
+            };
+            headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(deciding.limit));
+            headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(deciding.remaining));
+            if let Some(reset) = item.reset(deciding, cost.unwrap_or(item.cost)) {
+                headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
+            }
+        }
+        if !result.allowed
+            && let Some(wait) = result.retry_after_whole_seconds()
+        {
+            headers.insert(RETRY_AFTER, HeaderValue::from(wait));
         }
     }
 }
@@ -96,25 +307,13 @@ fn ceil_seconds(seconds: f64) -> u64 {
     }
 }
 
-/// Writes `text` as a Structured Field string (RFC 8941 §3.3.3): in double quotes, with `"`
-/// and `\` escaped by a backslash. Characters an sf-string cannot hold (control characters,
-/// non-ASCII) and `%` itself are percent-encoded as their UTF-8 bytes (`%XX`).
-///
-/// ```
-/// assert_eq!(ratelimit_http::sf_string("POST /api/v1/sessions"), r#""POST /api/v1/sessions""#);
-/// assert_eq!(ratelimit_http::sf_string(r#"a"b\c"#), r#""a\"b\\c""#);
-/// assert_eq!(ratelimit_http::sf_string("GET /café"), r#""GET /caf%C3%A9""#);
-/// ```
-pub fn sf_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
+/// `text` with `%`, control characters and non-ASCII characters percent-encoded as their
+/// UTF-8 bytes: the value an sf-string holds.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
     let mut buf = [0u8; 4];
     for c in text.chars() {
         match c {
-            '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
             '%' => out.push_str("%25"),
             ' '..='~' => out.push(c),
             _ => {
@@ -125,66 +324,41 @@ pub fn sf_string(text: &str) -> String {
             }
         }
     }
-    out.push('"');
     out
 }
 
-/// The headers of one decision: the informational ones of `style`, plus `Retry-After` on a
-/// denial with a finite wait.
+/// Appends `value` (visible ASCII and spaces) as an sf-string: quoted, `"` and `\` escaped.
+fn push_quoted(out: &mut String, value: &str) {
+    out.push('"');
+    for c in value.chars() {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+}
+
+/// Writes `text` as a Structured Field string (RFC 9651 §3.3.3): in double quotes, with `"`
+/// and `\` escaped by a backslash. Characters an sf-string cannot hold (control characters,
+/// non-ASCII) and `%` itself are percent-encoded as their UTF-8 bytes (`%XX`).
 ///
-/// With policy `login` and a 5-token rule refilling 5 per minute, a denial gives:
-///
-/// ```text
-/// RateLimit-Policy: "login";q=5;w=60
-/// RateLimit: "login";r=0;t=12
-/// X-RateLimit-Limit: 5
-/// X-RateLimit-Remaining: 0
-/// X-RateLimit-Reset: 12
-/// Retry-After: 12
 /// ```
-///
-/// When the wait is infinite (the cost exceeds the capacity), `Retry-After` and
-/// `X-RateLimit-Reset` are left out and `RateLimit` has no `t` parameter.
-pub fn rate_limit_headers(
-    numbers: &HeaderNumbers,
-    denied: bool,
-    policy: &str,
-    style: HeaderStyle,
-) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    let name = sf_string(policy);
-    if style.ietf() {
-        let policy_value = format!("{name};q={};w={}", numbers.quota, numbers.window);
-        let mut limit_value = format!("{name};r={}", numbers.remaining);
-        if let Some(reset) = numbers.reset {
-            let _ = write!(limit_value, ";t={reset}");
-        }
-        // sf-strings and integers are visible ASCII, always valid header values.
-        if let Ok(value) = HeaderValue::from_str(&policy_value) {
-            headers.insert(RATELIMIT_POLICY, value);
-        }
-        if let Ok(value) = HeaderValue::from_str(&limit_value) {
-            headers.insert(RATELIMIT, value);
-        }
-    }
-    if style.legacy() {
-        headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(numbers.quota));
-        headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(numbers.remaining));
-        if let Some(reset) = numbers.reset {
-            headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
-        }
-    }
-    if denied && let Some(reset) = numbers.reset {
-        headers.insert(RETRY_AFTER, HeaderValue::from(reset));
-    }
-    headers
+/// assert_eq!(ratelimit_http::sf_string("POST /api/v1/sessions"), r#""POST /api/v1/sessions""#);
+/// assert_eq!(ratelimit_http::sf_string(r#"a"b\c"#), r#""a\"b\\c""#);
+/// assert_eq!(ratelimit_http::sf_string("GET /café"), r#""GET /caf%C3%A9""#);
+/// ```
+pub fn sf_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    push_quoted(&mut out, &percent_encode(text));
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use ratelimit_adapter::{BucketDecision, RateLimitScope};
+    use ratelimit_adapter::{BucketDecision, Limit, RateLimitRule, RateLimitScope};
 
     use super::*;
 
@@ -192,20 +366,30 @@ mod tests {
         RateLimitRule::new(RateLimitScope::Ip, max, per_minute).unwrap()
     }
 
-    fn result(
-        allowed: bool,
-        retry_after: Duration,
-        remaining: u64,
-        r: &RateLimitRule,
-    ) -> RateLimitResult {
-        RateLimitResult::from_decisions(
-            [&ratelimit_adapter::Limit::implicit("GET /x", r.clone())],
-            &[BucketDecision {
-                allowed,
-                retry_after,
-                remaining,
-            }],
-        )
+    fn single(r: &RateLimitRule) -> EndpointLimits {
+        EndpointLimits::single("GET /x", r.clone())
+    }
+
+    fn decision(allowed: bool, retry_after: Duration, remaining: u64) -> BucketDecision {
+        BucketDecision {
+            allowed,
+            retry_after,
+            remaining,
+        }
+    }
+
+    fn result(limits: &EndpointLimits, decisions: &[BucketDecision]) -> RateLimitResult {
+        RateLimitResult::from_decisions(limits.active(), decisions)
+    }
+
+    fn write(
+        headers: &EndpointHeaders,
+        result: &RateLimitResult,
+        style: HeaderStyle,
+    ) -> Vec<(String, String)> {
+        let mut map = HeaderMap::new();
+        headers.write(result, None, style, &mut map);
+        pairs(&map)
     }
 
     fn pairs(headers: &HeaderMap) -> Vec<(String, String)> {
@@ -241,20 +425,14 @@ mod tests {
     #[test]
     fn a_denial_has_every_header() {
         let r = rule(5, 5.0);
-        let denied = result(false, Duration::from_millis(11_200), 0, &r);
-        let numbers = HeaderNumbers::new(&denied, &r);
-        assert_eq!(
-            numbers,
-            HeaderNumbers {
-                quota: 5,
-                window: 60,
-                remaining: 0,
-                reset: Some(12)
-            }
+        let limits = single(&r);
+        let headers = EndpointHeaders::new("GET /x", &limits, Some("login"));
+        let denied = result(
+            &limits,
+            &[decision(false, Duration::from_millis(11_200), 0)],
         );
-        let headers = rate_limit_headers(&numbers, true, "login", HeaderStyle::Both);
         assert_eq!(
-            pairs(&headers),
+            write(&headers, &denied, HeaderStyle::Both),
             owned(&[
                 ("ratelimit-policy", "\"login\";q=5;w=60"),
                 ("ratelimit", "\"login\";r=0;t=12"),
@@ -269,34 +447,43 @@ mod tests {
     #[test]
     fn allowed_requests_report_zero_or_an_upper_bound() {
         let r = rule(5, 5.0);
-        let numbers = HeaderNumbers::new(&result(true, Duration::ZERO, 4, &r), &r);
-        assert_eq!((numbers.remaining, numbers.reset), (4, Some(0)));
-        let numbers = HeaderNumbers::new(&result(true, Duration::ZERO, 0, &r), &r);
-        assert_eq!((numbers.remaining, numbers.reset), (0, Some(12)));
-        let headers = rate_limit_headers(&numbers, false, "login", HeaderStyle::Both);
-        assert!(headers.get(RETRY_AFTER).is_none());
-        assert_eq!(headers[RATELIMIT], "\"login\";r=0;t=12");
+        let limits = single(&r);
+        let headers = EndpointHeaders::new("GET /x", &limits, Some("login"));
+        let item = &headers.items()[0];
+        let four = result(&limits, &[decision(true, Duration::ZERO, 4)]);
+        assert_eq!(item.reset(&four.limits[0], 1), Some(0));
+        let none = result(&limits, &[decision(true, Duration::ZERO, 0)]);
+        assert_eq!(item.reset(&none.limits[0], 1), Some(12));
+        let written = write(&headers, &none, HeaderStyle::Both);
+        assert!(!written.iter().any(|(k, _)| k == "retry-after"));
+        assert!(written.contains(&("ratelimit".into(), "\"login\";r=0;t=12".into())));
 
         // Cost 3, 1 token left, 7 tokens per minute: 2 × 8.57 s = 17.14 s → 18.
         let r = rule(10, 7.0).with_cost(3).unwrap();
-        let numbers = HeaderNumbers::new(&result(true, Duration::ZERO, 1, &r), &r);
-        assert_eq!(numbers.reset, Some(18));
+        let limits = single(&r);
+        let headers = EndpointHeaders::new("GET /x", &limits, None);
+        let one = result(&limits, &[decision(true, Duration::ZERO, 1)]);
+        assert_eq!(headers.items()[0].reset(&one.limits[0], 3), Some(18));
         // 10 tokens at 7 per minute: 85.7 s → 86.
-        assert_eq!(numbers.window, 86);
+        assert_eq!(headers.items()[0].window, 86);
         // 15 tokens at 0.9 per minute is exactly 1000 s; a different operation order would
         // round 1000.0000000000001 up to 1001.
-        let r = rule(15, 0.9);
-        let numbers = HeaderNumbers::new(&result(true, Duration::ZERO, 15, &r), &r);
-        assert_eq!(numbers.window, 1000);
+        let headers = EndpointHeaders::new("GET /x", &single(&rule(15, 0.9)), None);
+        assert_eq!(headers.items()[0].window, 1000);
     }
 
     #[test]
     fn whole_seconds_round_up() {
         let r = rule(5, 5.0);
+        let limits = single(&r);
+        let headers = EndpointHeaders::new("GET /x", &limits, None);
         for (millis, secs) in [(1, 1), (999, 1), (1_000, 1), (1_001, 2), (12_000, 12)] {
-            let denied = result(false, Duration::from_millis(millis), 0, &r);
+            let denied = result(
+                &limits,
+                &[decision(false, Duration::from_millis(millis), 0)],
+            );
             assert_eq!(
-                HeaderNumbers::new(&denied, &r).reset,
+                headers.items()[0].reset(&denied.limits[0], 1),
                 Some(secs),
                 "{millis}"
             );
@@ -306,12 +493,11 @@ mod tests {
     #[test]
     fn never_has_no_reset_and_no_retry_after() {
         let r = rule(5, 5.0);
-        let never = result(false, RateLimitResult::RETRY_NEVER, 5, &r);
-        let numbers = HeaderNumbers::new(&never, &r);
-        assert_eq!(numbers.reset, None);
-        let headers = rate_limit_headers(&numbers, true, "big", HeaderStyle::Both);
+        let limits = single(&r);
+        let headers = EndpointHeaders::new("GET /x", &limits, Some("big"));
+        let never = result(&limits, &[decision(false, RateLimitResult::RETRY_NEVER, 5)]);
         assert_eq!(
-            pairs(&headers),
+            write(&headers, &never, HeaderStyle::Both),
             owned(&[
                 ("ratelimit-policy", "\"big\";q=5;w=60"),
                 ("ratelimit", "\"big\";r=5"),
@@ -324,12 +510,13 @@ mod tests {
     #[test]
     fn styles_select_headers() {
         let r = rule(5, 5.0);
-        let numbers = HeaderNumbers::new(&result(false, Duration::from_secs(3), 0, &r), &r);
+        let limits = single(&r);
+        let headers = EndpointHeaders::new("GET /x", &limits, Some("p"));
+        let denied = result(&limits, &[decision(false, Duration::from_secs(3), 0)]);
         let names = |style| {
-            let mut names: Vec<_> = rate_limit_headers(&numbers, true, "p", style)
-                .keys()
-                .map(|k| k.to_string())
-                .collect();
+            let mut map = HeaderMap::new();
+            headers.write(&denied, None, style, &mut map);
+            let mut names: Vec<_> = map.keys().map(|k| k.to_string()).collect();
             names.sort();
             names
         };
@@ -352,9 +539,124 @@ mod tests {
     #[test]
     fn policy_names_are_escaped_in_headers() {
         let r = rule(2, 60.0);
-        let numbers = HeaderNumbers::new(&result(true, Duration::ZERO, 1, &r), &r);
-        let headers = rate_limit_headers(&numbers, false, "GET /a\"b", HeaderStyle::Ietf);
-        assert_eq!(headers[RATELIMIT_POLICY], "\"GET /a\\\"b\";q=2;w=2");
-        assert_eq!(headers[RATELIMIT], "\"GET /a\\\"b\";r=1;t=0");
+        let limits = EndpointLimits::single("GET /a\"b", r);
+        let headers = EndpointHeaders::new("GET /a\"b", &limits, None);
+        let allowed = result(&limits, &[decision(true, Duration::ZERO, 1)]);
+        let mut map = HeaderMap::new();
+        headers.write(&allowed, None, HeaderStyle::Ietf, &mut map);
+        assert_eq!(map[RATELIMIT_POLICY], "\"GET /a\\\"b\";q=2;w=2");
+        assert_eq!(map[RATELIMIT], "\"GET /a\\\"b\";r=1;t=0");
+    }
+
+    fn two_limits() -> EndpointLimits {
+        EndpointLimits::new(vec![
+            Limit::named("per-client", rule(10, 10.0)).unwrap(),
+            Limit::named(
+                "everyone",
+                RateLimitRule::new(RateLimitScope::Global, 15, 15.0).unwrap(),
+            )
+            .unwrap(),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn several_limits_are_listed_and_the_refusing_one_decides() {
+        let limits = two_limits();
+        // A policy name applies to single-limit endpoints only.
+        let headers = EndpointHeaders::new("GET /search", &limits, Some("ignored"));
+        assert_eq!(
+            headers.policy().unwrap(),
+            "\"per-client\";q=10;w=60, \"everyone\";q=15;w=60"
+        );
+        let allowed = result(
+            &limits,
+            &[
+                decision(true, Duration::ZERO, 9),
+                decision(true, Duration::ZERO, 0),
+            ],
+        );
+        assert_eq!(
+            write(&headers, &allowed, HeaderStyle::Both),
+            owned(&[
+                (
+                    "ratelimit-policy",
+                    "\"per-client\";q=10;w=60, \"everyone\";q=15;w=60"
+                ),
+                ("ratelimit", "\"per-client\";r=9;t=0, \"everyone\";r=0;t=4"),
+                ("x-ratelimit-limit", "15"),
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "4"),
+            ])
+        );
+        // Refused by everyone (3.2 s) while per-client had its tokens: X-RateLimit-* never
+        // describe per-client.
+        let refused = result(
+            &limits,
+            &[
+                decision(true, Duration::ZERO, 5),
+                decision(false, Duration::from_millis(3_200), 0),
+            ],
+        );
+        assert_eq!(
+            write(&headers, &refused, HeaderStyle::Both),
+            owned(&[
+                (
+                    "ratelimit-policy",
+                    "\"per-client\";q=10;w=60, \"everyone\";q=15;w=60"
+                ),
+                ("ratelimit", "\"per-client\";r=5;t=0, \"everyone\";r=0;t=4"),
+                ("x-ratelimit-limit", "15"),
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "4"),
+                ("retry-after", "4"),
+            ])
+        );
+        assert_eq!(headers.violated_policies(&refused), ["everyone"]);
+        // Both refuse: Retry-After is the longest wait.
+        let both = result(
+            &limits,
+            &[
+                decision(false, Duration::from_millis(5_500), 0),
+                decision(false, Duration::from_millis(3_200), 0),
+            ],
+        );
+        let written = write(&headers, &both, HeaderStyle::Both);
+        assert!(written.contains(&("retry-after".into(), "6".into())));
+        assert!(written.contains(&("x-ratelimit-limit".into(), "10".into())));
+        assert_eq!(headers.violated_policies(&both), ["per-client", "everyone"]);
+    }
+
+    #[test]
+    fn a_request_cost_applies_to_every_limit() {
+        let limits = two_limits();
+        let headers = EndpointHeaders::new("GET /search", &limits, None);
+        let allowed = result(
+            &limits,
+            &[
+                decision(true, Duration::ZERO, 7),
+                decision(true, Duration::ZERO, 2),
+            ],
+        );
+        let mut map = HeaderMap::new();
+        headers.write(&allowed, Some(3), HeaderStyle::Ietf, &mut map);
+        // everyone lacks 1 of the 3 tokens: 4 s.
+        assert_eq!(
+            map[RATELIMIT],
+            "\"per-client\";r=7;t=0, \"everyone\";r=2;t=4"
+        );
+    }
+
+    #[test]
+    fn a_disabled_limit_is_not_listed() {
+        let limits = EndpointLimits::new(vec![
+            Limit::named("on", rule(10, 10.0)).unwrap(),
+            Limit::named("off", rule(1, 1.0).with_enabled(false)).unwrap(),
+        ])
+        .unwrap();
+        let headers = EndpointHeaders::new("GET /x", &limits, None);
+        assert_eq!(headers.policy().unwrap(), "\"on\";q=10;w=60");
+        let disabled = EndpointHeaders::new("GET /x", &limits.with_enabled(false), None);
+        assert!(disabled.policy().is_none());
     }
 }

@@ -9,18 +9,21 @@ use std::task::{Context, Poll};
 
 use axum::extract::MatchedPath;
 use http::header::{CONTENT_TYPE, HeaderValue};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
 use ratelimit_adapter::{
-    DecisionSource, DynRateLimiter, EndpointLimits, ErrorCode, RateLimitResult, RateLimitRule,
-    RateLimiterExt, RuleSet, TokenBucketAdapter,
+    CheckOptions, DecisionSource, DynRateLimiter, EndpointLimits, ErrorCode, RateLimitResult,
+    RateLimitScope, RuleSet, TokenBucketAdapter,
 };
 use tower::{Layer, Service};
-use tracing::{Instrument as _, field};
+use tracing::{Instrument as _, Span, field};
 
-use crate::headers::{HeaderNumbers, HeaderStyle, rate_limit_headers};
+use crate::headers::{EndpointHeaders, HeaderStyle, RATELIMIT_POLICY};
 use crate::identify::{
     DefaultExtractor, GLOBAL_IDENTIFIER, IdentifierExtractor, IdentifyRequest, Rejection,
 };
+use crate::metrics::RateLimitMetrics;
 
 /// What the layer does with a check that failed open (the store could not be asked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,23 +58,222 @@ enum Rules {
 }
 
 impl Rules {
-    fn get(&self, endpoint: &str) -> Option<&EndpointLimits> {
+    fn endpoints(&self) -> Vec<(&str, &EndpointLimits)> {
         match self {
-            Self::Set(rules) => rules.get(endpoint),
-            Self::Adapter(adapter) => adapter.limits(endpoint),
+            Self::Set(rules) => rules.iter().collect(),
+            Self::Adapter(adapter) => adapter.endpoints().collect(),
         }
     }
 }
+
+/// What the layer needs of one endpoint on every request, prepared once.
+#[derive(Debug)]
+struct Endpoint {
+    /// `METHOD /route/template`, as the limiter knows it.
+    name: Arc<str>,
+    /// Whether any limit is enabled; a disabled endpoint passes untouched.
+    enabled: bool,
+    /// The scope whose identifier the check uses: that of the first enabled limit that needs
+    /// one, or global.
+    scope: RateLimitScope,
+    /// The smallest capacity of the enabled limits: a request costing more never passes.
+    max_cost: u64,
+    /// The header values that do not change per request, and the numbers for the others.
+    headers: EndpointHeaders,
+    /// The on-path decision counters, when the layer has metrics.
+    counters: Option<EndpointCounters>,
+}
+
+/// The decision counters of one endpoint, created once: counting a request increments one of
+/// them, without a lookup or an allocation.
+#[derive(Debug)]
+struct EndpointCounters {
+    allowed: Counter,
+    fail_open: Counter,
+    local_fallback: Counter,
+    rejected: Counter,
+    error: Counter,
+    /// Per enabled limit, in the order of the endpoint's header items.
+    denied: Vec<Counter>,
+    /// Per enabled limit, likewise.
+    fail_closed: Vec<Counter>,
+}
+
+impl EndpointCounters {
+    fn new(metrics: &RateLimitMetrics, endpoint: &str, headers: &EndpointHeaders) -> Self {
+        let per_limit = |outcome| {
+            headers
+                .items()
+                .iter()
+                .map(|item| metrics.decision_counter(endpoint, &item.limit, outcome))
+                .collect()
+        };
+        Self {
+            allowed: metrics.decision_counter(endpoint, "", "allowed"),
+            fail_open: metrics.decision_counter(endpoint, "", "fail_open"),
+            local_fallback: metrics.decision_counter(endpoint, "", "local_fallback"),
+            rejected: metrics.decision_counter(endpoint, "", "rejected"),
+            error: metrics.decision_counter(endpoint, "", "error"),
+            denied: per_limit("denied"),
+            fail_closed: per_limit("fail_closed"),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Counts one decision, if the layer has metrics.
+    fn count(&self, shared: &Shared, outcome: Outcome<'_>) {
+        let (Some(counters), Some(metrics)) = (&self.counters, &shared.metrics) else {
+            return;
+        };
+        let counter = match outcome {
+            Outcome::Allowed => &counters.allowed,
+            Outcome::FailOpen => &counters.fail_open,
+            Outcome::LocalFallback => &counters.local_fallback,
+            Outcome::Rejected => &counters.rejected,
+            Outcome::Error => &counters.error,
+            Outcome::Denied(limit) | Outcome::FailClosed(limit) => {
+                let closed = matches!(outcome, Outcome::FailClosed(_));
+                let counters = if closed {
+                    &counters.fail_closed
+                } else {
+                    &counters.denied
+                };
+                let index = self
+                    .headers
+                    .items()
+                    .iter()
+                    .position(|item| *item.limit == *limit);
+                match index.and_then(|i| counters.get(i)) {
+                    Some(counter) => counter,
+                    None => {
+                        // A limit the layer's rules do not know (rule sets out of step): the
+                        // one case that looks its counter up.
+                        let outcome = if closed { "fail_closed" } else { "denied" };
+                        metrics.decision_counter(&self.name, limit, outcome).inc();
+                        return;
+                    }
+                }
+            }
+        };
+        counter.inc();
+    }
+}
+
+/// A decision as the on-path counters see it.
+#[derive(Debug, Clone, Copy)]
+enum Outcome<'a> {
+    Allowed,
+    /// Refused by this limit.
+    Denied(&'a str),
+    FailOpen,
+    /// Refused by the fail-closed policy, attributed to this limit.
+    FailClosed(&'a str),
+    LocalFallback,
+    Rejected,
+    Error,
+}
+
+/// Endpoints by method, then by route: looked up with the request's method and matched path
+/// as they are, without building the `METHOD /path` string.
+#[derive(Debug, Default)]
+struct EndpointTable {
+    by_method: HashMap<Method, HashMap<Box<str>, Endpoint>>,
+}
+
+impl EndpointTable {
+    fn build(
+        rules: &Rules,
+        policy_names: &HashMap<String, String>,
+        metrics: Option<&RateLimitMetrics>,
+    ) -> Self {
+        let mut table = Self::default();
+        for (name, limits) in rules.endpoints() {
+            // An endpoint that is not `METHOD path` can never match a request.
+            let Some((method, path)) = name.split_once(' ') else {
+                continue;
+            };
+            let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+                continue;
+            };
+            let mut scopes = limits
+                .active()
+                .map(|limit| limit.rule().scope())
+                .filter(|scope| scope.uses_identifier());
+            let scope = scopes.next().unwrap_or(RateLimitScope::Global);
+            if scopes.any(|other| other != scope) {
+                tracing::warn!(
+                    endpoint = name,
+                    "the limits of this endpoint use identifiers of different scopes; the layer \
+                     identifies requests by the first one's scope for all of them"
+                );
+            }
+            let headers =
+                EndpointHeaders::new(name, limits, policy_names.get(name).map(String::as_str));
+            let endpoint = Endpoint {
+                name: name.into(),
+                enabled: limits.enabled(),
+                scope,
+                max_cost: limits
+                    .active()
+                    .map(|limit| limit.rule().max_tokens())
+                    .min()
+                    .unwrap_or(0),
+                counters: metrics.map(|metrics| EndpointCounters::new(metrics, name, &headers)),
+                headers,
+            };
+            table
+                .by_method
+                .entry(method)
+                .or_default()
+                .insert(path.into(), endpoint);
+        }
+        table
+    }
+
+    fn get(&self, method: &Method, path: &str) -> Option<&Endpoint> {
+        self.by_method.get(method)?.get(path)
+    }
+}
+
+/// What a request-cost function is asked about.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct CostRequest<'a> {
+    /// The request, without its body (which has not been read).
+    pub parts: &'a Parts,
+    /// The endpoint, `METHOD /route/template`.
+    pub endpoint: &'a str,
+}
+
+/// A request-cost function ([`RateLimitLayer::request_cost`]).
+type CostFn = dyn Fn(&CostRequest<'_>) -> Result<Option<u64>, Rejection> + Send + Sync;
 
 #[derive(Clone)]
 struct Shared {
     limiter: DynRateLimiter,
     rules: Rules,
+    /// Built from `rules` and `policy_names` whenever either changes (at construction only).
+    endpoints: Arc<EndpointTable>,
     extractor: Arc<dyn IdentifierExtractor>,
     header_style: HeaderStyle,
     policy_names: HashMap<String, String>,
     fail_open: FailOpenPolicy,
     unmatched: UnmatchedPolicy,
+    cost: Option<Arc<CostFn>>,
+    problem_details: bool,
+    /// Where the on-path decision counters live, if anywhere.
+    metrics: Option<RateLimitMetrics>,
+}
+
+impl Shared {
+    fn rebuild(&mut self) {
+        self.endpoints = Arc::new(EndpointTable::build(
+            &self.rules,
+            &self.policy_names,
+            self.metrics.as_ref(),
+        ));
+    }
 }
 
 impl fmt::Debug for Shared {
@@ -83,6 +285,9 @@ impl fmt::Debug for Shared {
             .field("policy_names", &self.policy_names)
             .field("fail_open", &self.fail_open)
             .field("unmatched", &self.unmatched)
+            .field("request_cost", &self.cost.is_some())
+            .field("problem_details", &self.problem_details)
+            .field("metrics", &self.metrics.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -91,23 +296,33 @@ impl fmt::Debug for Shared {
 ///
 /// For each request the layer:
 ///
-/// 1. Builds the endpoint `METHOD /route/template` from axum's [`MatchedPath`] (so
-///    `/users/17` and `/users/18` share the rule of `GET /users/{id}`); without one, from the
-///    URI path ([`UnmatchedPolicy`]). A `HEAD` request without a rule of its own uses the
-///    `GET` rule of its route, since axum answers it with the `GET` handler.
-/// 2. Lets the request through untouched when the endpoint has no rule or a disabled one.
-/// 3. Asks the [`IdentifierExtractor`] for the bucket's identifier ([`DefaultExtractor`] by
-///    default: client IP, authenticated user, nothing for global rules); a [`Rejection`] is
-///    answered as it is.
-/// 4. Checks the limiter. Denied: `429 Too Many Requests` with `Retry-After` and the
-///    rate-limit headers ([`HeaderStyle`]). Allowed: the inner service's response, with the
-///    rate-limit headers added. Failed open: see [`FailOpenPolicy`]. Failed closed (the
-///    adapter's `closed` failure policy): `503 Service Unavailable` with `Retry-After`.
-///    A check error: `400 Bad Request` when the limiter rejects the identifier as input
-///    (an empty one from a custom extractor), `500 Internal Server Error` otherwise.
+/// 1. Finds the endpoint `METHOD /route/template` from axum's [`MatchedPath`] (so
+///    `/users/17` and `/users/18` share the limits of `GET /users/{id}`); without one, from
+///    the URI path ([`UnmatchedPolicy`]). A `HEAD` request without limits of its own uses the
+///    `GET` limits of its route, since axum answers it with the `GET` handler.
+/// 2. Lets the request through untouched when the endpoint has no limits or only disabled
+///    ones.
+/// 3. Asks the request-cost function, if any ([`request_cost`](Self::request_cost)), what
+///    the request costs, and the [`IdentifierExtractor`] for the buckets' identifier
+///    ([`DefaultExtractor`] by default: client IP, authenticated user, nothing for global
+///    limits); a [`Rejection`] is answered as it is.
+/// 4. Checks every limit of the endpoint at once, all or nothing. Denied: `429 Too Many
+///    Requests` with `Retry-After` and the rate-limit headers ([`HeaderStyle`]), with a JSON
+///    or problem-details body ([`problem_details`](Self::problem_details)). Allowed: the
+///    inner service's response, with the rate-limit headers added. Failed open: see
+///    [`FailOpenPolicy`]. Failed closed (the adapter's `closed` failure policy): `503 Service
+///    Unavailable` with `Retry-After`. A check error: `400 Bad Request` when the limiter
+///    rejects the identifier as input (an empty one from a custom extractor), `500 Internal
+///    Server Error` otherwise.
 ///
-/// Every decision runs in a `rate_limit` tracing span with `endpoint`, `scope` and
-/// `outcome` (`allowed`, `denied`, `fail_open`, `rejected` or `error`).
+/// Every decision runs in a `rate_limit` tracing span at DEBUG level (off, and free, under the
+/// usual INFO filter; the INFO and WARN events carry the endpoint themselves) with `endpoint`,
+/// `scope`, `outcome`
+/// (`allowed`, `denied`, `fail_open`, `fail_closed`, `rejected` or `error`) and, on a denial,
+/// `refused_by` (the deciding limit's name).
+///
+/// The per-endpoint header values that do not change per request (`RateLimit-Policy`) are
+/// built once, when the layer is configured.
 ///
 /// Cheap to clone; clones share their configuration.
 #[derive(Debug, Clone)]
@@ -117,8 +332,8 @@ pub struct RateLimitLayer {
 }
 
 impl RateLimitLayer {
-    /// A layer over `limiter`, reading rule capacities and refill rates (for the headers)
-    /// from `rules`, which must be the rules `limiter` was built with.
+    /// A layer over `limiter`, reading the limits' capacities and refill rates (for the
+    /// headers) from `rules`, which must be the rules `limiter` was built with.
     pub fn new(limiter: DynRateLimiter, rules: RuleSet) -> Self {
         Self::with_rules(limiter, Rules::Set(Arc::new(rules)))
     }
@@ -130,15 +345,20 @@ impl RateLimitLayer {
     }
 
     fn with_rules(limiter: DynRateLimiter, rules: Rules) -> Self {
+        let policy_names = HashMap::new();
         Self {
             shared: Arc::new(Shared {
                 limiter,
+                endpoints: Arc::new(EndpointTable::build(&rules, &policy_names, None)),
                 rules,
                 extractor: Arc::new(DefaultExtractor::new()),
                 header_style: HeaderStyle::default(),
-                policy_names: HashMap::new(),
+                policy_names,
                 fail_open: FailOpenPolicy::default(),
                 unmatched: UnmatchedPolicy::default(),
+                cost: None,
+                problem_details: false,
+                metrics: None,
             }),
         }
     }
@@ -159,11 +379,13 @@ impl RateLimitLayer {
         self.edit(|s| s.header_style = style)
     }
 
-    /// Names the policy of `endpoint` in the `RateLimit-Policy` and `RateLimit` headers
-    /// (default: the endpoint itself, e.g. `"POST /api/v1/sessions"`).
+    /// Names the policy of a single-limit `endpoint` in the `RateLimit-Policy` and
+    /// `RateLimit` headers (default: the endpoint itself, e.g. `"POST /api/v1/sessions"`).
+    /// The limits of a multi-limit endpoint are always shown under their own names.
     pub fn policy_name(self, endpoint: impl Into<String>, name: impl Into<String>) -> Self {
         self.edit(|s| {
             s.policy_names.insert(endpoint.into(), name.into());
+            s.rebuild();
         })
     }
 
@@ -176,6 +398,70 @@ impl RateLimitLayer {
     /// [`UnmatchedPolicy::UriPath`]).
     pub fn unmatched(self, policy: UnmatchedPolicy) -> Self {
         self.edit(|s| s.unmatched = policy)
+    }
+
+    /// Gives requests a cost of their own (a batch's size, say), taken from every limit of
+    /// the endpoint instead of the limits' configured costs.
+    ///
+    /// The function runs before the body is read, on every limited request, and must be
+    /// cheap. It answers:
+    ///
+    /// - `Ok(None)`: the limits' own costs (as without a function);
+    /// - `Ok(Some(n))` with `n ≥ 1`: `n` tokens from every limit, all or nothing;
+    /// - `Err(rejection)`: the request is answered with the rejection (for example `400`
+    ///   for a header that is not a number).
+    ///
+    /// `Ok(Some(0))` is answered `400 Bad Request` (`invalid_cost`): a request that costs
+    /// nothing would not be limited at all. A cost above the smallest capacity of the
+    /// endpoint's limits can never be allowed, however long the client waits; it is answered
+    /// `400 Bad Request` (`cost_too_large`) with the `RateLimit-Policy` header, without
+    /// asking the store.
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use ratelimit_http::{RateLimitLayer, Rejection};
+    /// # fn layer(layer: RateLimitLayer) -> RateLimitLayer {
+    /// layer.request_cost(|request| {
+    ///     let Some(value) = request.parts.headers.get("x-batch-size") else {
+    ///         return Ok(None); // one item: the limits' own costs
+    ///     };
+    ///     value
+    ///         .to_str()
+    ///         .ok()
+    ///         .and_then(|text| text.parse::<u64>().ok())
+    ///         .map(Some)
+    ///         .ok_or_else(|| {
+    ///             Rejection::new(StatusCode::BAD_REQUEST, "invalid_batch_size", "x-batch-size must be a number")
+    ///         })
+    /// })
+    /// # }
+    /// ```
+    pub fn request_cost<F>(self, cost: F) -> Self
+    where
+        F: Fn(&CostRequest<'_>) -> Result<Option<u64>, Rejection> + Send + Sync + 'static,
+    {
+        self.edit(|s| s.cost = Some(Arc::new(cost)))
+    }
+
+    /// Answers a `429` with an RFC 9457 problem-details body (`application/problem+json`)
+    /// of the draft's quota-exceeded type, listing the limits that refused in
+    /// `violated-policies`, instead of the default JSON body.
+    pub fn problem_details(self, enabled: bool) -> Self {
+        self.edit(|s| s.problem_details = enabled)
+    }
+
+    /// Counts every decision of this layer in `metrics`, on the request path:
+    /// `ratelimit_http_decisions_total{endpoint,limit,outcome}` (see [`DecisionLabels`]).
+    /// The counters of every endpoint, limit and outcome are registered now, at zero; a
+    /// request increments one of them, without allocating. Unlike the event-derived
+    /// counters, these never skip a decision under load.
+    ///
+    /// [`DecisionLabels`]: crate::DecisionLabels
+    pub fn metrics(self, metrics: &RateLimitMetrics) -> Self {
+        self.edit(|s| {
+            s.metrics = Some(metrics.clone());
+            s.rebuild();
+        })
     }
 }
 
@@ -228,8 +514,8 @@ where
     }
 }
 
-/// The endpoint of a request and its enabled rule, if it has one.
-fn endpoint_and_rule<B>(shared: &Shared, request: &Request<B>) -> Option<(String, RateLimitRule)> {
+/// The endpoint of a request, if it has limits.
+fn endpoint_of<'a, B>(shared: &'a Shared, request: &Request<B>) -> Option<&'a Endpoint> {
     let path = match request.extensions().get::<MatchedPath>() {
         Some(matched) => matched.as_str(),
         None => match shared.unmatched {
@@ -238,19 +524,11 @@ fn endpoint_and_rule<B>(shared: &Shared, request: &Request<B>) -> Option<(String
         },
     };
     let method = request.method();
-    let endpoint = format!("{method} {path}");
-    let (endpoint, rule) = match shared.rules.get(&endpoint) {
-        Some(rule) => (endpoint, rule),
-        None if method == Method::HEAD => {
-            let endpoint = format!("GET {path}");
-            let rule = shared.rules.get(&endpoint)?;
-            (endpoint, rule)
-        }
-        None => return None,
-    };
-    // TEMPORARY: the headers describe the first active limit until the layer shows them all.
-    let first = rule.active().next()?;
-    Some((endpoint, first.rule().clone()))
+    match shared.endpoints.get(method, path) {
+        Some(endpoint) => Some(endpoint),
+        None if method == Method::HEAD => shared.endpoints.get(&Method::GET, path),
+        None => None,
+    }
 }
 
 async fn handle<S, ReqBody, ResBody>(
@@ -262,79 +540,146 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: From<String>,
 {
-    let Some((endpoint, rule)) = endpoint_and_rule(&shared, &request) else {
+    let Some(endpoint) = endpoint_of(&shared, &request).filter(|e| e.enabled) else {
         return inner.call(request).await;
     };
-    let scope = rule.scope();
-    let span = tracing::info_span!(
+    // DEBUG, not INFO: at the usual INFO filter a disabled span costs one level check, and
+    // nothing is formatted; the INFO and WARN events below carry the endpoint themselves.
+    let span = tracing::debug_span!(
         "rate_limit",
-        endpoint = %endpoint,
-        scope = scope.as_str(),
+        endpoint = %endpoint.name,
+        scope = endpoint.scope.as_str(),
         outcome = field::Empty,
+        refused_by = field::Empty,
     );
     let (parts, body) = request.into_parts();
-    let identifier = span.in_scope(|| identify(&shared, &parts, &endpoint, scope));
+    let prepared = span.in_scope(|| prepare(&shared, endpoint, &parts, &span));
     let request = Request::from_parts(parts, body);
-    let identifier = match identifier {
-        Ok(identifier) => identifier,
-        Err(rejection) => return Ok(rejection_response(&rejection)),
+    let (identifier, cost) = match prepared {
+        Ok(prepared) => prepared,
+        Err(response) => {
+            endpoint.count(&shared, Outcome::Rejected);
+            return Ok(response);
+        }
     };
+    let options = cost.map_or_else(CheckOptions::default, CheckOptions::with_cost);
     // Not inside `span`: the adapter records its own `outcome` into the current span.
-    let result = match shared.limiter.is_allowed(&endpoint, &identifier).await {
+    let result = match shared
+        .limiter
+        .is_allowed_opts(&endpoint.name, &identifier, options)
+        .await
+    {
         Ok(result) => result,
         Err(err) => {
-            let rejection = span.in_scope(|| check_error(&err));
+            endpoint.count(&shared, Outcome::Error);
+            let rejection = span.in_scope(|| check_error(&span, &endpoint.name, &err));
             return Ok(rejection_response(&rejection));
         }
     };
-    let plan = span.in_scope(|| plan(&shared, &endpoint, &rule, &identifier, &result));
+    let plan = span.in_scope(|| plan(&shared, endpoint, &identifier, cost, &result, &span));
     match plan {
         Plan::Respond(response) => Ok(response),
-        Plan::Pass(headers) => {
+        Plan::Pass { headers } => {
             let mut response = inner.call(request).instrument(span).await?;
-            if let Some(headers) = headers {
-                response.headers_mut().extend(headers);
+            if headers {
+                endpoint
+                    .headers
+                    .write(&result, cost, shared.header_style, response.headers_mut());
             }
             Ok(response)
         }
     }
 }
 
-/// The identifier of the request's bucket, or the rejection to answer with.
-fn identify(
+/// The identifier of the request's buckets and its own cost, or the answer to send instead.
+fn prepare<B: From<String>>(
     shared: &Shared,
-    parts: &http::request::Parts,
-    endpoint: &str,
-    scope: ratelimit_adapter::RateLimitScope,
-) -> Result<String, Rejection> {
-    if !scope.uses_identifier() {
-        return Ok(GLOBAL_IDENTIFIER.to_owned());
+    endpoint: &Endpoint,
+    parts: &Parts,
+    span: &Span,
+) -> Result<(String, Option<u64>), Response<B>> {
+    let cost = match &shared.cost {
+        None => None,
+        Some(cost_of) => {
+            let cost = cost_of(&CostRequest {
+                parts,
+                endpoint: &endpoint.name,
+            });
+            match cost {
+                Ok(None) => None,
+                Ok(Some(0)) => {
+                    return Err(rejected(
+                        span,
+                        &endpoint.name,
+                        &Rejection::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_cost",
+                            "this request would cost nothing; a request costs at least one token",
+                        ),
+                    ));
+                }
+                Ok(Some(cost)) if cost > endpoint.max_cost => {
+                    let mut response = rejected(
+                        span,
+                        &endpoint.name,
+                        &Rejection::new(
+                            StatusCode::BAD_REQUEST,
+                            "cost_too_large",
+                            format!(
+                                "this request costs {cost} tokens; this endpoint allows at most {} per request",
+                                endpoint.max_cost
+                            ),
+                        ),
+                    );
+                    if shared.header_style.ietf()
+                        && let Some(policy) = endpoint.headers.policy()
+                    {
+                        response
+                            .headers_mut()
+                            .insert(RATELIMIT_POLICY, policy.clone());
+                    }
+                    return Err(response);
+                }
+                Ok(Some(cost)) => Some(cost),
+                Err(rejection) => return Err(rejected(span, &endpoint.name, &rejection)),
+            }
+        }
+    };
+    if !endpoint.scope.uses_identifier() {
+        return Ok((GLOBAL_IDENTIFIER.to_owned(), cost));
     }
-    let identified = shared.extractor.identify(&IdentifyRequest {
-        parts,
+    shared
+        .extractor
+        .identify(&IdentifyRequest {
+            parts,
+            endpoint: &endpoint.name,
+            scope: endpoint.scope,
+        })
+        .map(|identifier| (identifier, cost))
+        .map_err(|rejection| rejected(span, &endpoint.name, &rejection))
+}
+
+/// Records and logs a rejection in the current span, and answers it.
+fn rejected<B: From<String>>(span: &Span, endpoint: &str, rejection: &Rejection) -> Response<B> {
+    span.record("outcome", "rejected");
+    tracing::warn!(
         endpoint,
-        scope,
-    });
-    if let Err(rejection) = &identified {
-        record("rejected");
-        tracing::warn!(
-            status = rejection.status().as_u16(),
-            code = rejection.code(),
-            "request rejected: {}",
-            rejection.message()
-        );
-    }
-    identified
+        status = rejection.status().as_u16(),
+        code = rejection.code(),
+        "request rejected: {}",
+        rejection.message()
+    );
+    rejection_response(rejection)
 }
 
 /// The answer to a check that returned an error.
-fn check_error(err: &ratelimit_adapter::RateLimitError) -> Rejection {
-    record("error");
+fn check_error(span: &Span, endpoint: &str, err: &ratelimit_adapter::RateLimitError) -> Rejection {
+    span.record("outcome", "error");
     if err.code() == ErrorCode::InvalidInput {
-        tracing::warn!(error = %err, "rate-limit check rejected the request's identifier");
+        tracing::warn!(endpoint, error = %err, "rate-limit check rejected the request's identifier");
         Rejection::new(StatusCode::BAD_REQUEST, "invalid_identity", err.message())
     } else {
-        tracing::error!(error = %err, "rate-limit check failed");
+        tracing::error!(endpoint, error = %err, "rate-limit check failed");
         Rejection::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "rate_limit_error",
@@ -347,35 +692,41 @@ fn check_error(err: &ratelimit_adapter::RateLimitError) -> Rejection {
 enum Plan<B> {
     /// Answer without calling the inner service.
     Respond(Response<B>),
-    /// Call the inner service, and add these headers to its response.
-    Pass(Option<HeaderMap>),
+    /// Call the inner service, and add the rate-limit headers to its response if `headers`.
+    Pass { headers: bool },
 }
 
 /// Turns a decision into a plan, recording and logging the outcome in the current span.
 fn plan<B: From<String>>(
     shared: &Shared,
-    endpoint: &str,
-    rule: &RateLimitRule,
+    endpoint: &Endpoint,
     identifier: &str,
+    cost: Option<u64>,
     result: &RateLimitResult,
+    span: &Span,
 ) -> Plan<B> {
     match result.source {
         // Real numbers: the shared store's, or the local fallback store's.
         DecisionSource::Store | DecisionSource::LocalFallback => {}
         DecisionSource::FailOpen => {
-            record("fail_open");
+            endpoint.count(shared, Outcome::FailOpen);
+            span.record("outcome", "fail_open");
             tracing::warn!(
+                endpoint = &*endpoint.name,
                 identifier,
                 "rate-limit store unavailable; check failed open"
             );
             return match shared.fail_open {
                 FailOpenPolicy::ServiceUnavailable => Plan::Respond(unavailable(None)),
-                _ => Plan::Pass(None),
+                _ => Plan::Pass { headers: false },
             };
         }
         DecisionSource::FailClosed => {
-            record("fail_closed");
+            let limit = result.deciding().map_or("", |limit| &*limit.name);
+            endpoint.count(shared, Outcome::FailClosed(limit));
+            span.record("outcome", "fail_closed");
             tracing::warn!(
+                endpoint = &*endpoint.name,
                 identifier,
                 "rate-limit store unavailable; check failed closed"
             );
@@ -384,52 +735,70 @@ fn plan<B: From<String>>(
         }
         // No rule or a disabled one on the limiter's side (rule sets out of step): untouched.
         _ => {
-            record("allowed");
-            return Plan::Pass(None);
+            endpoint.count(shared, Outcome::Allowed);
+            span.record("outcome", "allowed");
+            return Plan::Pass { headers: false };
         }
     }
-    let policy = shared
-        .policy_names
-        .get(endpoint)
-        .map_or(endpoint, String::as_str);
-    let numbers = HeaderNumbers::new(result, rule);
-    let headers = rate_limit_headers(&numbers, !result.allowed, policy, shared.header_style);
     if result.allowed {
-        record("allowed");
+        endpoint.count(
+            shared,
+            if result.source == DecisionSource::LocalFallback {
+                Outcome::LocalFallback
+            } else {
+                Outcome::Allowed
+            },
+        );
+        span.record("outcome", "allowed");
         tracing::debug!(
             identifier,
             remaining = result.remaining,
             "rate limit check allowed"
         );
-        return Plan::Pass(Some(headers));
+        return Plan::Pass { headers: true };
     }
-    record("denied");
+    span.record("outcome", "denied");
+    let refused_by = result.deciding().map(|limit| &*limit.name);
+    endpoint.count(shared, Outcome::Denied(refused_by.unwrap_or("")));
+    if let Some(name) = refused_by {
+        span.record("refused_by", name);
+    }
+    let retry_after = result.retry_after_whole_seconds();
     tracing::info!(
+        endpoint = &*endpoint.name,
         identifier,
-        retry_after_s = numbers.reset,
+        refused_by,
+        retry_after_s = retry_after,
         "rate limit exceeded"
     );
-    let mut response = too_many_requests(endpoint, result, &numbers);
-    response.headers_mut().extend(headers);
+    let mut response = if shared.problem_details {
+        quota_exceeded(endpoint, result, retry_after)
+    } else {
+        too_many_requests(&endpoint.name, result, retry_after)
+    };
+    endpoint
+        .headers
+        .write(result, cost, shared.header_style, response.headers_mut());
     Plan::Respond(response)
 }
 
-fn record(outcome: &'static str) {
-    tracing::Span::current().record("outcome", outcome);
-}
-
-fn json_response<B: From<String>>(status: StatusCode, body: &serde_json::Value) -> Response<B> {
+fn json_response<B: From<String>>(
+    status: StatusCode,
+    content_type: &'static str,
+    body: &serde_json::Value,
+) -> Response<B> {
     let mut response = Response::new(B::from(body.to_string()));
     *response.status_mut() = status;
     response
         .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
 fn rejection_response<B: From<String>>(rejection: &Rejection) -> Response<B> {
     json_response(
         rejection.status(),
+        "application/json",
         &serde_json::json!({ "error": rejection.code(), "message": rejection.message() }),
     )
 }
@@ -449,24 +818,52 @@ fn unavailable<B: From<String>>(retry_after: Option<u64>) -> Response<B> {
     response
 }
 
+fn denial_message(retry_after: Option<u64>) -> String {
+    match retry_after {
+        Some(seconds) => format!("rate limit exceeded; retry in {seconds} s"),
+        None => "this request costs more than the rate limit ever allows".to_owned(),
+    }
+}
+
 fn too_many_requests<B: From<String>>(
     endpoint: &str,
     result: &RateLimitResult,
-    numbers: &HeaderNumbers,
+    retry_after: Option<u64>,
 ) -> Response<B> {
-    let message = match numbers.reset {
-        Some(seconds) => format!("rate limit exceeded; retry in {seconds} s"),
-        None => "this request costs more than the rate limit ever allows".to_owned(),
-    };
     json_response(
         StatusCode::TOO_MANY_REQUESTS,
+        "application/json",
         &serde_json::json!({
             "error": "rate_limited",
-            "message": message,
+            "message": denial_message(retry_after),
             "endpoint": endpoint,
             "limit": result.limit,
             "remaining": result.remaining,
-            "retry_after": numbers.reset,
+            "retry_after": retry_after,
+        }),
+    )
+}
+
+/// The problem type of a request refused by a quota
+/// (draft-ietf-httpapi-ratelimit-headers, "Quota Exceeded").
+pub const QUOTA_EXCEEDED_TYPE: &str =
+    "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+/// The `429` with an RFC 9457 problem-details body of the quota-exceeded type.
+fn quota_exceeded<B: From<String>>(
+    endpoint: &Endpoint,
+    result: &RateLimitResult,
+    retry_after: Option<u64>,
+) -> Response<B> {
+    json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "application/problem+json",
+        &serde_json::json!({
+            "type": QUOTA_EXCEEDED_TYPE,
+            "title": "Request cannot be satisfied as assigned quota has been exceeded",
+            "status": 429,
+            "detail": denial_message(retry_after),
+            "violated-policies": endpoint.headers.violated_policies(result),
         }),
     )
 }

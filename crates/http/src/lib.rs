@@ -1,12 +1,15 @@
 //! Tower middleware that rate-limits HTTP requests with ratelimit's token buckets.
 //!
 //! [`RateLimitLayer`] works with axum 0.8 routers and any [`tower::Service`] over
-//! [`http::Request`]s. Each request is checked against the rule of its endpoint,
+//! [`http::Request`]s. Each request is checked against every limit of its endpoint,
 //! `METHOD /route/template` (axum's matched path, so `/users/17` and `/users/18` share the
-//! rule of `GET /users/{id}`); requests without a rule pass untouched. Denied requests get
-//! `429 Too Many Requests` with `Retry-After`, and every limited response carries the IETF
-//! draft's `RateLimit-Policy` / `RateLimit` headers and the conventional `X-RateLimit-*`
-//! ones ([`HeaderStyle`]).
+//! limits of `GET /users/{id}`), all or nothing in one store call; requests without limits
+//! pass untouched. Denied requests get `429 Too Many Requests` with `Retry-After` (and, as an
+//! option, a problem-details body), and every limited response carries the IETF draft's
+//! `RateLimit-Policy` / `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers-11, one
+//! item per limit) and the conventional `X-RateLimit-*` ones for the deciding limit
+//! ([`HeaderStyle`]). An optional function gives requests a cost of their own
+//! ([`RateLimitLayer::request_cost`]).
 //!
 //! Whose bucket a request uses is decided by an [`IdentifierExtractor`]; the
 //! [`DefaultExtractor`] takes the client IP (trusting `X-Forwarded-For` / `Forwarded` only
@@ -62,8 +65,8 @@ mod layer;
 mod metrics;
 
 pub use headers::{
-    HeaderNumbers, HeaderStyle, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT,
-    X_RATELIMIT_REMAINING, X_RATELIMIT_RESET, rate_limit_headers, sf_string,
+    EndpointHeaders, HeaderStyle, PolicyItem, RATELIMIT, RATELIMIT_POLICY, X_RATELIMIT_LIMIT,
+    X_RATELIMIT_REMAINING, X_RATELIMIT_RESET, sf_string,
 };
 pub use identify::{
     AuthenticatedUser, DefaultExtractor, IdentifierExtractor, IdentifyRequest, MissingUserPolicy,
@@ -71,6 +74,7 @@ pub use identify::{
 };
 pub use ip::{ClientIpResolver, ForwardedHeader, IpGrouping, IpNet, ParseIpNetError};
 pub use layer::{
-    FailOpenPolicy, RateLimitLayer, RateLimitService, ResponseFuture, UnmatchedPolicy,
+    CostRequest, FailOpenPolicy, QUOTA_EXCEEDED_TYPE, RateLimitLayer, RateLimitService,
+    ResponseFuture, UnmatchedPolicy,
 };
-pub use metrics::{EndpointLabels, RateLimitMetrics};
+pub use metrics::{DecisionLabels, EndpointLabels, LimitLabels, RateLimitMetrics};

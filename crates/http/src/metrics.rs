@@ -18,15 +18,49 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+/// The labels of the denials counted per limit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The endpoint, `METHOD /route/template`.
+    pub endpoint: String,
+    /// The name of the limit that refused (the endpoint itself, for the single-limit form).
+    pub limit: String,
+}
+
+/// The labels of the decisions the HTTP layer counts on the request path
+/// ([`RateLimitLayer::metrics`](crate::RateLimitLayer::metrics)).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[non_exhaustive]
+pub struct DecisionLabels {
+    /// The endpoint, `METHOD /route/template`.
+    pub endpoint: String,
+    /// The limit that refused, for `denied` and `fail_closed`; empty for the other outcomes
+    /// (no limit refused them).
+    pub limit: String,
+    /// `allowed`, `denied`, `fail_open`, `fail_closed`, `local_fallback` (allowed by the
+    /// local fallback store; its denials are `denied`), `rejected` (no identity, or a bad
+    /// request cost) or `error` (the check failed).
+    pub outcome: &'static str,
+}
+
 /// Counts checks per endpoint from the adapter's events, with prometheus-client.
 ///
 /// | metric | counts |
 /// |---|---|
 /// | `ratelimit_allowed_total{endpoint}` | checks the store allowed |
 /// | `ratelimit_denied_total{endpoint}` | checks denied (429) |
+/// | `ratelimit_denied_by_limit_total{endpoint,limit}` | the same denials, by the limit that refused (the one with the longest wait when several did) |
 /// | `ratelimit_fail_open_total{endpoint}` | checks allowed because the store failed (fail-open) |
 /// | `ratelimit_fail_closed_total{endpoint}` | checks denied because the store failed (fail-closed policy) |
 /// | `ratelimit_events_lagged_total` | events skipped because the subscriber fell behind |
+/// | `ratelimit_http_decisions_total{endpoint,limit,outcome}` | every request the HTTP layer decided, counted on the request path (exact; see [`DecisionLabels`]) |
+///
+/// The event-derived families count every check, from any caller, but through a bounded
+/// broadcast channel: a subscriber that falls behind skips events (counted in
+/// `ratelimit_events_lagged_total`). `ratelimit_http_decisions_total` is counted by the layer
+/// itself when it is given these metrics ([`RateLimitLayer::metrics`](crate::RateLimitLayer::metrics)):
+/// its counters are registered once per endpoint and limit when the layer is configured, and
+/// a request increments one atomic, without allocating or looking anything up.
 ///
 /// The per-endpoint outcomes are disjoint: a fail-open check is not also counted as allowed,
 /// nor a fail-closed one as denied. Decisions of the local fallback store (the `local`
@@ -47,9 +81,11 @@ pub struct EndpointLabels {
 pub struct RateLimitMetrics {
     allowed: Family<EndpointLabels, Counter>,
     denied: Family<EndpointLabels, Counter>,
+    denied_by_limit: Family<LimitLabels, Counter>,
     fail_open: Family<EndpointLabels, Counter>,
     fail_closed: Family<EndpointLabels, Counter>,
     lagged: Counter,
+    decisions: Family<DecisionLabels, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -78,9 +114,11 @@ impl RateLimitMetrics {
         let mut metrics = Self {
             allowed: Family::default(),
             denied: Family::default(),
+            denied_by_limit: Family::default(),
             fail_open: Family::default(),
             fail_closed: Family::default(),
             lagged: Counter::default(),
+            decisions: Family::default(),
             registry: Arc::new(Registry::default()),
         };
         let mut registry = Registry::default();
@@ -104,6 +142,11 @@ impl RateLimitMetrics {
             self.denied.clone(),
         );
         registry.register(
+            "denied_by_limit",
+            "Rate-limit checks denied, per endpoint and refusing limit",
+            self.denied_by_limit.clone(),
+        );
+        registry.register(
             "fail_open",
             "Rate-limit checks allowed because the store failed (fail-open), per endpoint",
             self.fail_open.clone(),
@@ -118,6 +161,40 @@ impl RateLimitMetrics {
             "Rate-limit events the metrics subscriber skipped because it fell behind",
             self.lagged.clone(),
         );
+        registry.register(
+            "http_decisions",
+            "Requests decided by the HTTP rate-limit layer, per endpoint, refusing limit and outcome, counted on the request path",
+            self.decisions.clone(),
+        );
+    }
+
+    /// The counter of one endpoint, limit and outcome, created (at zero) if need be: a handle
+    /// the layer keeps and increments without a lookup.
+    pub(crate) fn decision_counter(
+        &self,
+        endpoint: &str,
+        limit: &str,
+        outcome: &'static str,
+    ) -> Counter {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                endpoint: endpoint.to_owned(),
+                limit: limit.to_owned(),
+                outcome,
+            })
+            .clone()
+    }
+
+    /// Requests the HTTP layer decided for `endpoint` with `outcome`, refused by `limit`
+    /// (empty for outcomes that no limit refused).
+    pub fn decisions(&self, endpoint: &str, limit: &str, outcome: &'static str) -> u64 {
+        self.decisions
+            .get(&DecisionLabels {
+                endpoint: endpoint.to_owned(),
+                limit: limit.to_owned(),
+                outcome,
+            })
+            .map_or(0, |counter| counter.get())
     }
 
     /// Counts one event (`Attempted` events are ignored).
@@ -128,7 +205,17 @@ impl RateLimitMetrics {
             RateLimitEvent::Denied(e) if e.source == DecisionSource::FailClosed => {
                 &self.fail_closed
             }
-            RateLimitEvent::Denied(_) => &self.denied,
+            RateLimitEvent::Denied(e) => {
+                if let Some(limit) = &e.refused_by {
+                    self.denied_by_limit
+                        .get_or_create(&LimitLabels {
+                            endpoint: e.endpoint.to_string(),
+                            limit: limit.to_string(),
+                        })
+                        .inc();
+                }
+                &self.denied
+            }
             _ => return,
         };
         family
@@ -168,6 +255,16 @@ impl RateLimitMetrics {
     /// Checks denied for `endpoint`.
     pub fn denied(&self, endpoint: &str) -> u64 {
         count(&self.denied, endpoint)
+    }
+
+    /// Checks denied for `endpoint` by its limit `limit`.
+    pub fn denied_by(&self, endpoint: &str, limit: &str) -> u64 {
+        self.denied_by_limit
+            .get(&LimitLabels {
+                endpoint: endpoint.to_owned(),
+                limit: limit.to_owned(),
+            })
+            .map_or(0, |counter| counter.get())
     }
 
     /// Checks that failed open for `endpoint`.
@@ -227,6 +324,35 @@ mod tests {
             Duration::ZERO,
             DecisionSource::Store,
         )
+        .with_refused_by(Some(endpoint.into()))
+    }
+
+    #[test]
+    fn denials_are_counted_by_the_limit_that_refused() {
+        let metrics = RateLimitMetrics::new();
+        let by = |limit: &str| {
+            RateLimitEvent::denied(
+                "GET /search".into(),
+                "1.2.3.4".into(),
+                RateLimitScope::Global,
+                Duration::from_secs(1),
+                Duration::ZERO,
+                DecisionSource::Store,
+            )
+            .with_refused_by(Some(limit.into()))
+        };
+        metrics.observe(&by("everyone"));
+        metrics.observe(&by("everyone"));
+        metrics.observe(&by("per-client"));
+        assert_eq!(metrics.denied("GET /search"), 3);
+        assert_eq!(metrics.denied_by("GET /search", "everyone"), 2);
+        assert_eq!(metrics.denied_by("GET /search", "per-client"), 1);
+        let text = metrics.encode().unwrap();
+        assert!(
+            text.lines().any(|l| l
+                == "ratelimit_denied_by_limit_total{endpoint=\"GET /search\",limit=\"everyone\"} 2"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@ use crate::connection::Connections;
 use crate::error::{deadline, name_corrupt_bucket};
 use crate::keys::BucketKeys;
 use crate::reply::parse_reply;
-use crate::script::TokenBucketScript;
+use crate::script::{BuildCmd, TokenBucketScript};
 
 /// The batch script of the two-key layout ([`KeyLayout::TwoKeys`]): several independent
 /// checks in one call (see docs/lua.md, "Coalesced checks").
@@ -132,7 +132,7 @@ impl Coalescer {
         Self {
             shared: Arc::new(Shared {
                 connections,
-                script: TokenBucketScript::from_text(text),
+                script: TokenBucketScript::new(text, "batch"),
                 layout,
                 hash_tag,
                 timeout,
@@ -278,11 +278,14 @@ impl Shared {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.batched_checks
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let build = |sha: Option<&str>, text: &str| self.cmd(&batch, sha, text);
+        let call = BatchCall {
+            shared: self,
+            batch: &batch,
+        };
         let reply = self
             .connections
             .run(OPERATION, self.timeout, |conn| {
-                self.script.eval_with(conn, build)
+                self.script.eval(conn, &call)
             })
             .await;
         match reply {
@@ -344,6 +347,18 @@ impl Shared {
         }
         cmd.arg(packed);
         cmd
+    }
+}
+
+/// One call of the batch script.
+struct BatchCall<'a> {
+    shared: &'a Shared,
+    batch: &'a [Entry],
+}
+
+impl BuildCmd for BatchCall<'_> {
+    fn cmd(&self, sha: Option<&str>, script: &str) -> Cmd {
+        self.shared.cmd(self.batch, sha, script)
     }
 }
 

@@ -14,6 +14,16 @@
 //! passes an explicit `now`, takes the time from Redis's own `TIME`, so every host limits on one
 //! clock.
 //!
+//! A check of several limits at once
+//! ([`check_and_consume_all`](ratelimit_domain::BucketStore::check_and_consume_all), all or
+//! nothing) is one `EVALSHA` of the layout's multi-bucket script ([`TOKEN_BUCKET_MULTI_SCRIPT`],
+//! [`TOKEN_BUCKET_COMPACT_MULTI_SCRIPT`]) over every bucket: atomic, exactly as
+//! [`token_bucket::step_all`](ratelimit_domain::token_bucket::step_all). On a Redis Cluster, where
+//! one script reaches one slot only, it is one call per slot, all at once, and the slots that took
+//! give their tokens back when another refused: never more admitted than every limit allows, but
+//! for a round trip a concurrent request may be refused that would have passed (`docs/lua.md`,
+//! "Several limits in one check").
+//!
 //! # Failure handling
 //! - **Lost scripts.** When Redis answers `NOSCRIPT` (after a restart, a failover or
 //!   `SCRIPT FLUSH`), the store sends the call once more as `EVAL` with the script's text
@@ -49,7 +59,8 @@
 //! | `keys` | a bucket's Redis keys in each layout, hash-tagged on a cluster |
 //! | `coalesce` | coalesced checks: what waits while calls are in flight goes as one batch script call |
 //! | `script` | the scripts, and building and sending one call (`EVALSHA`, `EVAL` after `NOSCRIPT`) |
-//! | `reply` | reading the script's reply into a decision |
+//! | `multi` | several buckets in one check: the multi-bucket and give-back calls, grouping by cluster slot |
+//! | `reply` | reading the scripts' replies into decisions |
 //! | `connection` | the bb8 pool, dropping failed connections, the deadline of each operation |
 //! | `listener` | the reset listener's self-healing pub/sub subscription ([`RESET_CHANNEL`]) |
 //! | `version` | refusing Redis before 5.0 |
@@ -66,6 +77,7 @@ mod connection;
 mod error;
 mod keys;
 mod listener;
+mod multi;
 mod reply;
 mod script;
 mod storage;
@@ -80,5 +92,8 @@ pub use listener::RESET_CHANNEL;
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub use script::CompactArgs;
-pub use script::{TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_SCRIPT};
+pub use script::{
+    TOKEN_BUCKET_COMPACT_MULTI_SCRIPT, TOKEN_BUCKET_COMPACT_SCRIPT, TOKEN_BUCKET_MULTI_SCRIPT,
+    TOKEN_BUCKET_SCRIPT,
+};
 pub use storage::RedisStorage;

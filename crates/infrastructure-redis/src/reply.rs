@@ -27,6 +27,39 @@ pub(crate) fn parse_reply(reply: &Value) -> Result<BucketDecision> {
     let [allowed, retry_after, remaining, ..] = items.as_slice() else {
         return Err(bad_reply(format!("{reply:?}")));
     };
+    decision(allowed, retry_after, remaining)
+}
+
+/// Reads the multi-bucket script's reply: `[had, retry_after, remaining]` for each of the `n`
+/// buckets, flat, each read as [`parse_reply`] reads the single script's.
+pub(crate) fn parse_multi_reply(reply: &Value, n: usize) -> Result<Vec<BucketDecision>> {
+    let items = match reply {
+        Value::Array(items) if items.len() == 3 * n => items,
+        _ => return Err(bad_reply(format!("{reply:?}"))),
+    };
+    items
+        .chunks_exact(3)
+        .map(|triple| decision(&triple[0], &triple[1], &triple[2]))
+        .collect()
+}
+
+/// Reads the give-back script's reply: the whole tokens of each of the `n` buckets afterwards.
+pub(crate) fn parse_give_back_reply(reply: &Value, n: usize) -> Result<Vec<u64>> {
+    let items = match reply {
+        Value::Array(items) if items.len() == n => items,
+        _ => return Err(bad_reply(format!("{reply:?}"))),
+    };
+    items
+        .iter()
+        .map(|item| match item {
+            Value::Int(n) => u64::try_from(*n).map_err(|_| bad_reply(format!("remaining = {n}"))),
+            other => Err(bad_reply(format!("remaining = {other:?}"))),
+        })
+        .collect()
+}
+
+/// One decision from its three reply items.
+fn decision(allowed: &Value, retry_after: &Value, remaining: &Value) -> Result<BucketDecision> {
     let allowed = match allowed {
         Value::Int(0) => false,
         Value::Int(1) => true,
@@ -164,5 +197,42 @@ mod tests {
             assert!(decision.is_never(), "{wait}");
             assert_eq!(decision.remaining, i64::MAX as u64);
         }
+    }
+
+    #[test]
+    fn multi_replies_are_read_per_bucket_and_must_have_every_bucket() {
+        let reply = Value::Array(vec![
+            Value::Int(1),
+            Value::BulkString(b"0".to_vec()),
+            Value::Int(4),
+            Value::Int(0),
+            Value::BulkString(b"11.75".to_vec()),
+            Value::Int(0),
+            Value::Int(0),
+            Value::BulkString(b"inf".to_vec()),
+            Value::Int(7),
+        ]);
+        let decisions = parse_multi_reply(&reply, 3).unwrap();
+        assert_eq!(
+            decisions
+                .iter()
+                .map(|d| (d.allowed, d.remaining))
+                .collect::<Vec<_>>(),
+            [(true, 4), (false, 0), (false, 7)]
+        );
+        assert_eq!(decisions[1].retry_after, Duration::from_millis(11_750));
+        assert!(decisions[2].is_never());
+        for n in [2, 4] {
+            assert_eq!(
+                parse_multi_reply(&reply, n).unwrap_err().code(),
+                ErrorCode::CorruptBucket
+            );
+        }
+        assert!(parse_multi_reply(&Value::Int(1), 1).is_err());
+        let give_back = Value::Array(vec![Value::Int(3), Value::Int(0)]);
+        assert_eq!(parse_give_back_reply(&give_back, 2).unwrap(), [3, 0]);
+        assert!(parse_give_back_reply(&give_back, 1).is_err());
+        let negative = Value::Array(vec![Value::Int(-1)]);
+        assert!(parse_give_back_reply(&negative, 1).is_err());
     }
 }

@@ -18,29 +18,70 @@ pub const TOKEN_BUCKET_SCRIPT: &str = include_str!("../../../lua/token_bucket.lu
 /// The token-bucket script of the compact layout ([`KeyLayout::Compact`]).
 pub const TOKEN_BUCKET_COMPACT_SCRIPT: &str = include_str!("../../../lua/token_bucket_compact.lua");
 
-/// A layout's script: its text, its SHA-1 (computed once, so no round trip and no lock is
-/// needed to know it) and how often Redis had lost it.
+/// The multi-bucket script of the two-key layout: one all-or-nothing check over the limits of a
+/// request (`BucketStore::check_and_consume_all`), as `token_bucket::step_all`.
+pub const TOKEN_BUCKET_MULTI_SCRIPT: &str = include_str!("../../../lua/token_bucket_multi.lua");
+
+/// The multi-bucket script of the compact layout.
+pub const TOKEN_BUCKET_COMPACT_MULTI_SCRIPT: &str =
+    include_str!("../../../lua/token_bucket_compact_multi.lua");
+
+/// The give-back script of the two-key layout: returns taken tokens when another slot of a Redis
+/// Cluster refused the same request (docs/lua.md, "Several limits in one check").
+pub(crate) const GIVE_BACK_SCRIPT: &str = include_str!("../../../lua/token_bucket_give_back.lua");
+
+/// The give-back script of the compact layout.
+pub(crate) const COMPACT_GIVE_BACK_SCRIPT: &str =
+    include_str!("../../../lua/token_bucket_compact_give_back.lua");
+
+/// One call of a script: how its `EVALSHA` (or `EVAL`) command is built.
+pub(crate) trait BuildCmd: Sync {
+    /// `EVALSHA sha …`, or `EVAL <script> …` without a SHA.
+    fn cmd(&self, sha: Option<&str>, script: &str) -> Cmd;
+}
+
+/// A script: its text, its SHA-1 (computed once, so no round trip and no lock is needed to know
+/// it) and how often Redis had lost it.
 pub(crate) struct TokenBucketScript {
     script: redis::Script,
     /// The text, for the `EVAL` resend after a `NOSCRIPT`.
     text: &'static str,
+    /// What the script is, for logs.
+    name: &'static str,
     reloads: AtomicU64,
 }
 
 impl TokenBucketScript {
-    /// The script of `layout`.
+    /// The single-bucket script of `layout`.
     pub(crate) fn of(layout: KeyLayout) -> Self {
-        Self::from_text(match layout {
-            KeyLayout::Compact => TOKEN_BUCKET_COMPACT_SCRIPT,
-            KeyLayout::TwoKeys => TOKEN_BUCKET_SCRIPT,
-        })
+        match layout {
+            KeyLayout::Compact => Self::new(TOKEN_BUCKET_COMPACT_SCRIPT, "token-bucket"),
+            KeyLayout::TwoKeys => Self::new(TOKEN_BUCKET_SCRIPT, "token-bucket"),
+        }
     }
 
-    /// The script with this text.
-    pub(crate) fn from_text(text: &'static str) -> Self {
+    /// The multi-bucket script of `layout`.
+    pub(crate) fn multi(layout: KeyLayout) -> Self {
+        match layout {
+            KeyLayout::Compact => Self::new(TOKEN_BUCKET_COMPACT_MULTI_SCRIPT, "multi-bucket"),
+            KeyLayout::TwoKeys => Self::new(TOKEN_BUCKET_MULTI_SCRIPT, "multi-bucket"),
+        }
+    }
+
+    /// The give-back script of `layout`.
+    pub(crate) fn give_back(layout: KeyLayout) -> Self {
+        match layout {
+            KeyLayout::Compact => Self::new(COMPACT_GIVE_BACK_SCRIPT, "give-back"),
+            KeyLayout::TwoKeys => Self::new(GIVE_BACK_SCRIPT, "give-back"),
+        }
+    }
+
+    /// The script of `text`, named `name` in logs.
+    pub(crate) fn new(text: &'static str, name: &'static str) -> Self {
         Self {
             script: redis::Script::new(text),
             text,
+            name,
             reloads: AtomicU64::new(0),
         }
     }
@@ -59,18 +100,13 @@ impl TokenBucketScript {
     /// runs it once more with `EVAL` and its full text, which also puts it back in Redis's
     /// script cache. Unlike `SCRIPT LOAD` + `EVALSHA`, this cannot lose a race with another
     /// flush, and it is routed to the key's node on a cluster.
-    pub(crate) async fn eval(&self, conn: RedisConn, call: &ScriptCall<'_>) -> RedisResult<Value> {
-        self.eval_with(conn, |sha, text| call.cmd(sha, text)).await
-    }
-
-    /// [`eval`](Self::eval) of any call of this script: `build(Some(sha), text)` builds its
-    /// `EVALSHA`, `build(None, text)` its `EVAL`.
-    pub(crate) async fn eval_with(
+    pub(crate) async fn eval<C: BuildCmd>(
         &self,
         mut conn: RedisConn,
-        build: impl Fn(Option<&str>, &str) -> Cmd,
+        call: &C,
     ) -> RedisResult<Value> {
-        match build(Some(self.sha()), self.text)
+        match call
+            .cmd(Some(self.sha()), self.text)
             .query_async(&mut conn)
             .await
         {
@@ -78,10 +114,12 @@ impl TokenBucketScript {
                 let reloads = self.reloads.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::warn!(
                     sha = self.sha(),
+                    script = self.name,
                     reloads,
-                    "redis had lost the token-bucket script; sending it again"
+                    "redis had lost the {} script; sending it again",
+                    self.name
                 );
-                build(None, self.text).query_async(&mut conn).await
+                call.cmd(None, self.text).query_async(&mut conn).await
             }
             other => other,
         }
@@ -129,6 +167,48 @@ impl<'a> ScriptCall<'a> {
         })
     }
 
+    /// The bucket's keys.
+    pub(crate) fn keys(&self) -> BucketKeys<'a> {
+        self.keys
+    }
+
+    /// The bucket's capacity.
+    pub(crate) fn max_tokens(&self) -> u64 {
+        self.max_tokens
+    }
+
+    /// The tokens to take.
+    pub(crate) fn cost(&self) -> u64 {
+        self.cost
+    }
+
+    /// Appends the bucket's keys to `cmd`.
+    pub(crate) fn push_keys(&self, cmd: &mut Cmd) {
+        cmd.arg(self.keys.first);
+        if let Some(second) = self.keys.second {
+            cmd.arg(second);
+        }
+    }
+
+    /// Appends the bucket's numbers to `cmd`, as the multi-bucket and give-back scripts read
+    /// them: `max_tokens`, `refill_rate`, `cost` as decimal text for the two-key layout, the
+    /// packed [`CompactArgs`] for the compact one. `now` is not among them.
+    pub(crate) fn push_numbers(&self, cmd: &mut Cmd) {
+        match self.ttl {
+            None => {
+                cmd.arg(self.max_tokens)
+                    .arg(self.refill_rate)
+                    .arg(self.cost);
+            }
+            Some(ttl) => {
+                let args = CompactArgs::new(self.max_tokens, self.refill_rate, self.cost, ttl);
+                cmd.arg(args.as_bytes());
+            }
+        }
+    }
+}
+
+impl BuildCmd for ScriptCall<'_> {
     /// `EVALSHA sha …`, or `EVAL <script> …` without a SHA.
     ///
     /// Numbers go in as redis-rs writes them (`itoa` for integers, `ryu` for `refill_rate` and
@@ -145,10 +225,8 @@ impl<'a> ScriptCall<'a> {
             Some(sha) => cmd.arg("EVALSHA").arg(sha),
             None => cmd.arg("EVAL").arg(script),
         };
-        cmd.arg(self.keys.count()).arg(self.keys.first);
-        if let Some(second) = self.keys.second {
-            cmd.arg(second);
-        }
+        cmd.arg(self.keys.count());
+        self.push_keys(&mut cmd);
         match self.ttl {
             None => {
                 cmd.arg(self.max_tokens)

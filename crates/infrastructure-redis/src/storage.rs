@@ -14,8 +14,9 @@ use crate::connection::{Connections, Manager};
 use crate::error::name_corrupt_bucket;
 use crate::keys::BucketKeys;
 use crate::listener::{RESET_CHANNEL, ResetListener};
+use crate::multi::MultiCheck;
 use crate::reply::parse_reply;
-use crate::script::{ScriptCall, TokenBucketScript};
+use crate::script::{BuildCmd, ScriptCall, TokenBucketScript};
 use crate::version::check_info_reply;
 use crate::{KeyLayout, RedisConfig};
 
@@ -26,6 +27,10 @@ pub struct RedisStorage {
     connections: Connections,
     /// The layout's script.
     script: TokenBucketScript,
+    /// The layout's multi-bucket script ([`BucketStore::check_and_consume_all`]).
+    pub(crate) multi_script: TokenBucketScript,
+    /// The layout's give-back script (Redis Cluster only).
+    pub(crate) give_back_script: TokenBucketScript,
     check_timeout: Duration,
     admin_timeout: Duration,
     /// The URL with its password hidden, for `Debug` and errors.
@@ -77,6 +82,8 @@ impl RedisStorage {
             connections,
             coalescer,
             script: TokenBucketScript::of(config.layout),
+            multi_script: TokenBucketScript::multi(config.layout),
+            give_back_script: TokenBucketScript::give_back(config.layout),
             layout: config.layout,
             check_timeout: config.check_timeout,
             admin_timeout: config.admin_timeout,
@@ -111,9 +118,13 @@ impl RedisStorage {
             .await
     }
 
-    /// How many times Redis had lost the script and it was loaded again.
+    /// How many times Redis had lost one of the store's scripts (the token-bucket script, or
+    /// the multi-bucket and give-back scripts of multi-limit checks) and it was loaded again.
     pub fn script_reloads(&self) -> u64 {
-        self.script.reloads() + self.coalescer.as_ref().map_or(0, Coalescer::reloads)
+        self.script.reloads()
+            + self.multi_script.reloads()
+            + self.give_back_script.reloads()
+            + self.coalescer.as_ref().map_or(0, Coalescer::reloads)
     }
 
     /// How many checks went to Redis in batches ([`RedisConfig::with_coalescing`]); all zero
@@ -209,6 +220,25 @@ impl RedisStorage {
         ScriptCall::new(key, self.layout, self.hash_tag, rule, cost, now)
     }
 
+    /// Runs `call`, within the check deadline.
+    async fn eval(&self, operation: &'static str, call: &ScriptCall<'_>) -> Result<Value> {
+        self.eval_script(&self.script, operation, call).await
+    }
+
+    /// Runs `call` of `script`, within the check deadline.
+    pub(crate) async fn eval_script<C: BuildCmd>(
+        &self,
+        script: &TokenBucketScript,
+        operation: &'static str,
+        call: &C,
+    ) -> Result<Value> {
+        self.connections
+            .run(operation, self.check_timeout, |conn| {
+                script.eval(conn, call)
+            })
+            .await
+    }
+
     /// One check, by one call of the single-check script.
     async fn check_alone(&self, request: &BucketRequest<'_>) -> Result<BucketDecision> {
         let BucketRequest {
@@ -225,15 +255,6 @@ impl RedisStorage {
             .map_err(|err| name_corrupt_bucket(err, key))?;
         parse_reply(&reply).map_err(|err| name_corrupt_bucket(err, key))
     }
-
-    /// Runs `call`, within the check deadline.
-    async fn eval(&self, operation: &'static str, call: &ScriptCall<'_>) -> Result<Value> {
-        self.connections
-            .run(operation, self.check_timeout, |conn| {
-                self.script.eval(conn, call)
-            })
-            .await
-    }
 }
 
 #[async_trait]
@@ -245,18 +266,21 @@ impl BucketStore for RedisStorage {
         }
     }
 
-    // PLACEHOLDER until the multi-bucket scripts land (branch redis-multi).
     async fn check_and_consume_all<'a>(
         &self,
         requests: &[BucketRequest<'a>],
     ) -> Result<Vec<BucketDecision>> {
         match requests {
-            [] => Ok(Vec::new()),
-            [one] => Ok(vec![self.check_and_consume(one).await?]),
-            _ => Err(ratelimit_domain::RateLimitError::new(
-                ErrorCode::StorageError,
-                "several limits per check are not implemented on Redis yet",
-            )),
+            [] => return Ok(Vec::new()),
+            // One bucket: the single script decides exactly the same (step_all of one is step).
+            [request] => return Ok(vec![self.check_and_consume(request).await?]),
+            _ => {}
+        }
+        let check = MultiCheck::new(requests, self.layout, self.hash_tag)?;
+        let groups = check.groups(self.hash_tag);
+        match groups.as_slice() {
+            [group] => self.check_group(&check, group).await,
+            _ => self.check_groups(&check, &groups).await,
         }
     }
 

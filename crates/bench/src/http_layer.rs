@@ -1,0 +1,311 @@
+//! `just bench-http`: what the HTTP layer costs a server, against no layer and against
+//! `tower_governor`, on the same axum 0.8 route, in the same run.
+//!
+//! Three servers answer `GET /hello` with `ok` on loopback ports:
+//!
+//! - **no layer**: the bare route;
+//! - **ratelimit-http**: the route behind `RateLimitLayer` as the example server wires it: the
+//!   memory backend (one `ip` limit nobody reaches), the default extractor, the container's
+//!   event logger, `RateLimitMetrics` counting both from the event bus and on the request
+//!   path, and a `tracing` fmt subscriber at INFO (writing to a sink);
+//! - **ratelimit-http, no events**: the same layer with nobody listening to the event bus (no
+//!   event logger, no event-derived metrics; the on-path counters only), which shows what
+//!   the event bus costs;
+//! - **tower_governor**: the route behind `tower_governor`'s `GovernorLayer`, keyed by peer IP,
+//!   with a quota nobody reaches.
+//!
+//! The servers share one runtime with **one** worker thread, so that each is CPU-bound on one
+//! core; the load comes from another single-thread runtime, over real TCP connections, with a
+//! minimal HTTP/1.1 keep-alive client (one request in flight per connection, the response read
+//! by its `content-length`), cheaper per request than the servers. Rounds rotate the order of
+//! the contenders. Requests/s is the median over rounds; p50/p99 are over every request of
+//! every round. Since the server thread is saturated, `1 / (requests/s)` is its CPU time per
+//! request, and the layer's extra CPU per request is the difference to no layer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use hdrhistogram::Histogram;
+use ratelimit_adapter::{RateLimitRule, RateLimitScope, RuleSet};
+use ratelimit_container::{Container, ContainerConfig};
+use ratelimit_http::{RateLimitLayer, RateLimitMetrics};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower_governor::GovernorLayer;
+use tower_governor::governor::GovernorConfigBuilder;
+
+use crate::stats::median;
+use crate::{BoxError, BoxResult};
+
+/// What `bench-http` measures.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct HttpArgs {
+    /// Rounds; each round measures every contender once, in a rotating order.
+    #[arg(long, default_value_t = 6)]
+    rounds: usize,
+    /// Seconds of load per contender per round.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Concurrent connections (one figure per value).
+    #[arg(long, value_delimiter = ',', default_value = "32,64")]
+    connections: Vec<usize>,
+}
+
+/// The route's endpoint for the rate limiter.
+const ENDPOINT: &str = "GET /hello";
+/// The request every connection sends, over and over.
+const REQUEST: &[u8] = b"GET /hello HTTP/1.1\r\nhost: bench\r\n\r\n";
+
+/// The contenders, in the order of the report.
+const NAMES: [&str; 4] = [
+    "no layer",
+    "ratelimit-http",
+    "ratelimit-http, no events",
+    "tower_governor",
+];
+
+/// One contender's results at one connection count.
+#[derive(Debug)]
+struct Results {
+    /// Requests/s of each round.
+    rates: Vec<f64>,
+    /// Latency of every request, in microseconds.
+    latency: Histogram<u64>,
+    /// Responses that were not `200`.
+    errors: u64,
+}
+
+/// Runs the comparison and prints its table.
+pub(crate) fn run(args: &HttpArgs) -> BoxResult<()> {
+    // The example server logs at INFO through a fmt subscriber; so does this one, into a sink.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::sink)
+        .try_init()
+        .map_err(|err| -> BoxError { err.to_string().into() })?;
+    let servers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-server")
+        .enable_all()
+        .build()?;
+    let load = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let addrs = servers.block_on(start_servers())?;
+    let round = Duration::from_secs_f64(args.seconds.max(0.1));
+    println!(
+        "HTTP layer: one server thread, {} rounds of {:.1} s per contender, GET /hello, every request allowed",
+        args.rounds,
+        round.as_secs_f64()
+    );
+    for &connections in &args.connections {
+        let mut results: Vec<Results> = NAMES
+            .iter()
+            .map(|_| -> BoxResult<Results> {
+                Ok(Results {
+                    rates: Vec::new(),
+                    latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+                    errors: 0,
+                })
+            })
+            .collect::<BoxResult<_>>()?;
+        // A short warm-up of each, not counted.
+        for &addr in &addrs {
+            load.block_on(drive(addr, connections, Duration::from_millis(300)))?;
+        }
+        for r in 0..args.rounds {
+            for i in 0..NAMES.len() {
+                let contender = (i + r) % NAMES.len();
+                let (count, latency, errors) =
+                    load.block_on(drive(addrs[contender], connections, round))?;
+                let results = &mut results[contender];
+                #[allow(clippy::cast_precision_loss)] // request counts are far below 2^52
+                results.rates.push(count as f64 / round.as_secs_f64());
+                results.latency.add(&latency)?;
+                results.errors += errors;
+            }
+        }
+        print_table(connections, &results);
+    }
+    drop(servers);
+    Ok(())
+}
+
+/// Starts the servers; their addresses in the order of [`NAMES`].
+async fn start_servers() -> BoxResult<[SocketAddr; 4]> {
+    let route = || Router::new().route("/hello", get(|| async { "ok" }));
+
+    let none = serve(route()).await?;
+
+    let rules = || -> BoxResult<RuleSet> {
+        Ok(RuleSet::try_from_rules([(
+            ENDPOINT,
+            RateLimitRule::new(RateLimitScope::Ip, 1 << 40, 1e12)?,
+        )])?)
+    };
+    let container = Container::build(ContainerConfig::memory(rules()?)).await?;
+    let metrics = RateLimitMetrics::new();
+    metrics.spawn(container.events());
+    let layer = RateLimitLayer::from_adapter(container.adapter().clone()).metrics(&metrics);
+    let ours = serve(route().route_layer(layer)).await?;
+    // The container and the metrics live as long as the process.
+    std::mem::forget(container);
+
+    let quiet =
+        Container::build(ContainerConfig::memory(rules()?).with_event_logging(false)).await?;
+    let layer =
+        RateLimitLayer::from_adapter(quiet.adapter().clone()).metrics(&RateLimitMetrics::new());
+    let quiet_addr = serve(route().route_layer(layer)).await?;
+    std::mem::forget(quiet);
+
+    let config = GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .finish()
+        .ok_or("tower_governor rejected its configuration")?;
+    let governor = serve(route().layer(GovernorLayer::new(Arc::new(config)))).await?;
+    Ok([none, ours, quiet_addr, governor])
+}
+
+/// Serves `app` on a loopback port, with the peer address (both layers key by it).
+async fn serve(app: Router) -> BoxResult<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(err) = axum::serve(listener, service).await {
+            eprintln!("bench server stopped: {err}");
+        }
+    });
+    Ok(addr)
+}
+
+/// `connections` keep-alive connections sending requests back to back for `length`: the
+/// number of responses, their latencies and how many were not `200`.
+async fn drive(
+    addr: SocketAddr,
+    connections: usize,
+    length: Duration,
+) -> BoxResult<(u64, Histogram<u64>, u64)> {
+    let deadline = Instant::now() + length;
+    let mut tasks = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        tasks.push(tokio::spawn(connection(addr, deadline)));
+    }
+    let mut count = 0;
+    let mut errors = 0;
+    let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    for task in tasks {
+        let (n, histogram, failed) = task.await??;
+        count += n;
+        errors += failed;
+        latency.add(&histogram)?;
+    }
+    Ok((count, latency, errors))
+}
+
+/// One connection's loop until `deadline`.
+async fn connection(addr: SocketAddr, deadline: Instant) -> BoxResult<(u64, Histogram<u64>, u64)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    let mut buffer = Vec::with_capacity(4096);
+    let mut count = 0;
+    let mut errors = 0;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        stream.write_all(REQUEST).await?;
+        if !read_response(&mut stream, &mut buffer).await? {
+            errors += 1;
+        }
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        latency.saturating_record(micros.max(1));
+        count += 1;
+    }
+    Ok((count, latency, errors))
+}
+
+/// Reads one response (headers, then `content-length` bytes of body); whether it was a `200`.
+async fn read_response(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> BoxResult<bool> {
+    buffer.clear();
+    let mut chunk = [0u8; 4096];
+    let (head_end, length) = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err("the server closed the connection".into());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        if let Some(end) = find(buffer, b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buffer[..end])?;
+            let length = head
+                .lines()
+                .filter_map(|line| line.split_once(':'))
+                .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                .map(|(_, value)| value.trim().parse::<usize>())
+                .transpose()?
+                .unwrap_or(0);
+            break (end + 4, length);
+        }
+    };
+    while buffer.len() < head_end + length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err("the server closed the connection mid-body".into());
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    Ok(buffer.starts_with(b"HTTP/1.1 200"))
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+fn print_table(connections: usize, results: &[Results]) {
+    let rate = |i: usize| median(&results[i].rates);
+    let none = rate(0);
+    let governor = rate(NAMES.len() - 1);
+    println!("\n{connections} connections");
+    println!(
+        "{:<26} {:>10} {:>8} {:>8} {:>9} {:>10} {:>12} {:>7}",
+        "contender", "req/s", "p50 µs", "p99 µs", "vs none", "vs gov.", "µs/req CPU", "errors"
+    );
+    for (i, name) in NAMES.iter().enumerate() {
+        let r = rate(i);
+        let latency = &results[i].latency;
+        println!(
+            "{:<26} {:>10.0} {:>8} {:>8} {:>8.3}x {:>9.3}x {:>12.2} {:>7}",
+            name,
+            r,
+            latency.value_at_quantile(0.5),
+            latency.value_at_quantile(0.99),
+            r / none,
+            r / governor,
+            1e6 / r,
+            results[i].errors,
+        );
+    }
+    let extra = 1e6 / rate(1) - 1e6 / none;
+    let versus = rate(1) / governor;
+    println!(
+        "ratelimit-http: {versus:.3}x tower_governor's requests/s (target ≥ 0.95: {}), {extra:.2} µs extra server CPU per request over no layer (target ≤ 1: {})",
+        if versus >= 0.95 { "PASS" } else { "FAIL" },
+        if extra <= 1.0 { "PASS" } else { "FAIL" },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_end_of_the_head() {
+        assert_eq!(find(b"HTTP/1.1 200 OK\r\n\r\nok", b"\r\n\r\n"), Some(15));
+        assert_eq!(find(b"HTTP/1.1 200 OK\r\n", b"\r\n\r\n"), None);
+    }
+}
