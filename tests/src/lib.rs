@@ -8,6 +8,7 @@
 //!   each store layer (circuit breaker, deny cache) over both.
 //! - [`fixtures`]: the endpoints, rules, rules text and temporary rules files tests share.
 //! - [`logs`]: a writer that captures what `tracing` logs during a test.
+//! - [`stored`]: a Redis bucket's raw values, read and seeded, for bit-for-bit comparisons.
 //! - [`report`]: what `just chaos` and `just attack` share to write their tables into `docs/`.
 //!
 //! The HTTP crate's and the CLI's tests use it as a dev-dependency; the unit tests of the
@@ -23,6 +24,7 @@ pub mod logs;
 pub mod redis_cluster;
 pub mod redis_server;
 pub mod report;
+pub mod stored;
 
 use std::time::{Duration, Instant};
 

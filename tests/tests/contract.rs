@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ratelimit_adapter::{CircuitBreakerConfig, CircuitBreakerStore, DenyCacheStore};
 use ratelimit_domain::token_bucket::{self, BucketState};
-use ratelimit_domain::{BucketKey, BucketRequest, BucketStore, DynBucketStore};
+use ratelimit_domain::{BucketRequest, BucketStore, DynBucketStore};
 use ratelimit_memory::MemoryStorage;
 use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract::{
@@ -15,6 +15,7 @@ use ratelimit_tests::contract::{
     stored_garbage,
 };
 use ratelimit_tests::redis_server::{TestRedis, unique_prefix};
+use ratelimit_tests::stored;
 
 fn compact_store(url: &str) -> RedisStorage {
     let config = RedisConfig::new(url)
@@ -252,61 +253,12 @@ async fn memory_and_redis_agree_step_by_step_on_long_random_workloads() {
     }
 }
 
-/// What Redis holds for a bucket: the two keys' values, or the compact key's.
-fn raw(conn: &mut redis::Connection, key: &BucketKey, compact: bool) -> Vec<Option<Vec<u8>>> {
-    let names: Vec<String> = if compact {
-        vec![format!("{}:tb", key.as_str())]
-    } else {
-        vec![
-            format!("{}:tokens", key.as_str()),
-            format!("{}:time", key.as_str()),
-        ]
-    };
-    names
-        .iter()
-        .map(|name| redis::cmd("GET").arg(name).query(conn).unwrap())
-        .collect()
-}
-
-/// The state a store wrote, as bits (NaN-safe comparison).
-fn written(conn: &mut redis::Connection, key: &BucketKey, compact: bool) -> (u64, u64) {
-    let values = raw(conn, key, compact);
+/// The layout of a store under test: compact or two keys.
+fn layout_of(compact: bool) -> KeyLayout {
     if compact {
-        let bytes = values[0].clone().unwrap();
-        assert_eq!(bytes.len(), 20, "{bytes:?}");
-        let number = |at: usize| f64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
-        (number(0).to_bits(), number(8).to_bits())
+        KeyLayout::Compact
     } else {
-        let number = |value: &Option<Vec<u8>>| {
-            let text = String::from_utf8(value.clone().unwrap()).unwrap();
-            text.parse::<f64>()
-                .unwrap_or_else(|err| panic!("{text:?}: {err}"))
-        };
-        (number(&values[0]).to_bits(), number(&values[1]).to_bits())
-    }
-}
-
-fn seed(conn: &mut redis::Connection, key: &BucketKey, value: &GarbageValue) {
-    let set = |conn: &mut redis::Connection, name: String, value: &[u8]| {
-        let _: () = redis::cmd("SET")
-            .arg(name)
-            .arg(value)
-            .arg("EX")
-            .arg(3_600)
-            .query(conn)
-            .unwrap();
-    };
-    match value {
-        GarbageValue::TwoKeys(tokens, time) => {
-            for (suffix, value) in [(":tokens", tokens), (":time", time)] {
-                let name = format!("{}{suffix}", key.as_str());
-                let _: () = redis::cmd("DEL").arg(&name).query(conn).unwrap();
-                if let Some(value) = value {
-                    set(conn, name, value.as_bytes());
-                }
-            }
-        }
-        GarbageValue::Compact(bytes) => set(conn, format!("{}:tb", key.as_str()), bytes),
+        KeyLayout::TwoKeys
     }
 }
 
@@ -329,8 +281,8 @@ async fn hostile_stored_values_decide_as_the_reference_step_in_both_layouts() {
                 n += 1;
                 let bucket = key(&prefix, &format!("garbage-{n}"), "GET /garbage");
                 let context = format!("{} (rule {max} per {rate}/min, cost {cost})", garbage.name);
-                seed(&mut conn, &bucket, &garbage.value);
-                let before = raw(&mut conn, &bucket, is_compact);
+                stored::seed(&mut conn, &bucket, &garbage.value);
+                let before = stored::raw(&mut conn, &bucket, layout_of(is_compact));
                 let expected = token_bucket::step(garbage.reads_as, max, rate, cost, T0);
                 let got = store
                     .check_and_consume(&BucketRequest::new(&bucket, rule).with_cost(cost).at(T0))
@@ -340,11 +292,15 @@ async fn hostile_stored_values_decide_as_the_reference_step_in_both_layouts() {
                 // The store keeps what the step stores, bit for bit, or leaves the value alone.
                 match expected.store {
                     Some(BucketState { tokens, last }) => assert_eq!(
-                        written(&mut conn, &bucket, is_compact),
+                        stored::written(&mut conn, &bucket, layout_of(is_compact)),
                         (tokens.to_bits(), last.to_bits()),
                         "{context}"
                     ),
-                    None => assert_eq!(raw(&mut conn, &bucket, is_compact), before, "{context}"),
+                    None => assert_eq!(
+                        stored::raw(&mut conn, &bucket, layout_of(is_compact)),
+                        before,
+                        "{context}"
+                    ),
                 }
                 // The next check decides from what is there as the step does.
                 let state = expected.store.or(garbage.reads_as);

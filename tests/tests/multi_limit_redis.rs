@@ -18,6 +18,7 @@ use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract::{GarbageValue, Sequence, T0, stored_garbage};
 use ratelimit_tests::redis_cluster::RedisCluster;
 use ratelimit_tests::redis_server::{TestRedis, unique_prefix};
+use ratelimit_tests::stored::{raw, redis_keys, seed, written};
 use redis::cluster_routing::Slot;
 
 const LAYOUTS: [KeyLayout; 2] = [KeyLayout::TwoKeys, KeyLayout::Compact];
@@ -49,68 +50,6 @@ fn limit_key(prefix: &str, name: &str, rule: &RateLimitRule, identifier: &str) -
         .unwrap()
         .key(identifier)
         .unwrap()
-}
-
-/// The Redis keys of a bucket, hash-tagged on a cluster.
-fn redis_keys(key: &BucketKey, layout: KeyLayout, cluster: bool) -> Vec<String> {
-    let base = if cluster {
-        format!("{{{}}}", key.as_str())
-    } else {
-        key.as_str().to_owned()
-    };
-    match layout {
-        KeyLayout::Compact => vec![format!("{base}:tb")],
-        _ => vec![format!("{base}:tokens"), format!("{base}:time")],
-    }
-}
-
-fn raw(conn: &mut redis::Connection, key: &BucketKey, layout: KeyLayout) -> Vec<Option<Vec<u8>>> {
-    redis_keys(key, layout, false)
-        .iter()
-        .map(|name| redis::cmd("GET").arg(name).query(conn).unwrap())
-        .collect()
-}
-
-/// The state a script wrote, as bits (NaN-safe comparison).
-fn written(conn: &mut redis::Connection, key: &BucketKey, layout: KeyLayout) -> (u64, u64) {
-    let values = raw(conn, key, layout);
-    if layout == KeyLayout::Compact {
-        let bytes = values[0].clone().unwrap();
-        assert_eq!(bytes.len(), 20, "{bytes:?}");
-        let number = |at: usize| f64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
-        (number(0).to_bits(), number(8).to_bits())
-    } else {
-        let number = |value: &Option<Vec<u8>>| {
-            let text = String::from_utf8(value.clone().unwrap()).unwrap();
-            text.parse::<f64>()
-                .unwrap_or_else(|err| panic!("{text:?}: {err}"))
-        };
-        (number(&values[0]).to_bits(), number(&values[1]).to_bits())
-    }
-}
-
-fn seed(conn: &mut redis::Connection, key: &BucketKey, value: &GarbageValue) {
-    let set = |conn: &mut redis::Connection, name: String, value: &[u8]| {
-        let _: () = redis::cmd("SET")
-            .arg(name)
-            .arg(value)
-            .arg("EX")
-            .arg(3_600)
-            .query(conn)
-            .unwrap();
-    };
-    match value {
-        GarbageValue::TwoKeys(tokens, time) => {
-            for (suffix, value) in [(":tokens", tokens), (":time", time)] {
-                let name = format!("{}{suffix}", key.as_str());
-                let _: () = redis::cmd("DEL").arg(&name).query(conn).unwrap();
-                if let Some(value) = value {
-                    set(conn, name, value.as_bytes());
-                }
-            }
-        }
-        GarbageValue::Compact(bytes) => set(conn, format!("{}:tb", key.as_str()), bytes),
-    }
 }
 
 /// A number in `0..n`.
