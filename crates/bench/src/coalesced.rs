@@ -44,6 +44,8 @@ use crate::{BoxResult, Settings, redis_benchmark};
 pub(crate) const LEVELS: [usize; 4] = [1, 16, 64, 256];
 /// The level with the CPU, redis-benchmark and throughput targets.
 const TOP: usize = 64;
+/// Buckets of the CPU figure on existing buckets (created by a warm-up).
+const EXISTING: u64 = 20_000;
 
 /// Progress steps of [`measure`].
 pub(crate) fn steps(settings: &Settings) -> u64 {
@@ -60,8 +62,10 @@ fn rounds(settings: &Settings) -> usize {
 struct Series {
     throughput: Vec<f64>,
     latency: Histogram<u64>,
-    /// Redis CPU per check (µs), at [`TOP`] only.
+    /// Redis CPU per check (µs), at [`TOP`] only: checks that create their bucket.
     cpu: Vec<f64>,
+    /// The same, of checks whose bucket exists.
+    cpu_existing: Vec<f64>,
 }
 
 impl Series {
@@ -70,6 +74,7 @@ impl Series {
             throughput: Vec::new(),
             latency: stats::latency_histogram()?,
             cpu: Vec::new(),
+            cpu_existing: Vec::new(),
         })
     }
 
@@ -90,6 +95,7 @@ struct Level {
     adapter_vs_raw: Vec<f64>,
     adapter_vs_limitador: Vec<f64>,
     cpu_ratio: Vec<f64>,
+    cpu_existing_ratio: Vec<f64>,
     /// Two-key adapter with coalescing / redis-benchmark on the two-key script.
     versus_rb: Vec<f64>,
     two_keys: Vec<f64>,
@@ -195,10 +201,35 @@ async fn run<C: Checker>(
     seed: u64,
     cpu: bool,
 ) -> BoxResult<(LoadResult, Option<f64>)> {
+    run_on(
+        server,
+        what,
+        checker,
+        tasks,
+        time,
+        seed,
+        cpu,
+        &Identifiers::Random,
+    )
+    .await
+}
+
+/// [`run`] on the given identifiers.
+#[allow(clippy::too_many_arguments)]
+async fn run_on<C: Checker>(
+    server: &RedisServer,
+    what: &str,
+    checker: &C,
+    tasks: usize,
+    time: Duration,
+    seed: u64,
+    cpu: bool,
+    identifiers: &Identifiers,
+) -> BoxResult<(LoadResult, Option<f64>)> {
     if cpu {
         server.cmd(redis::cmd("CONFIG").arg("RESETSTAT"));
     }
-    let result = load::run(checker, tasks, time, &Identifiers::Random, seed).await?;
+    let result = load::run(checker, tasks, time, identifiers, seed).await?;
     if result.failed_open > 0 || result.denied > 0 {
         return Err(format!(
             "{what}, {tasks} tasks: {} checks failed open and {} were denied; the figure \
@@ -272,6 +303,7 @@ pub(crate) async fn measure(
             adapter_vs_raw: Vec::new(),
             adapter_vs_limitador: Vec::new(),
             cpu_ratio: Vec::new(),
+            cpu_existing_ratio: Vec::new(),
             versus_rb: Vec::new(),
             two_keys: Vec::new(),
             rb: Vec::new(),
@@ -340,6 +372,40 @@ pub(crate) async fn measure(
                         })
                         .await??;
                     }
+                }
+            }
+            if top {
+                // Redis CPU per check of existing buckets: a warm-up creates them all first.
+                let existing = Identifiers::RandomOf(EXISTING);
+                let short = Duration::from_millis(150);
+                load::run(&raw_checker, tasks, short, &existing, seed ^ 5).await?;
+                // One after the other: each resets Redis's command stats.
+                let (_, adapter_cpu) = run_on(
+                    server,
+                    "adapter",
+                    &adapter_checker,
+                    tasks,
+                    short,
+                    seed,
+                    true,
+                    &existing,
+                )
+                .await?;
+                let (_, raw_cpu) = run_on(
+                    server,
+                    "raw EVALSHA",
+                    &raw_checker,
+                    tasks,
+                    short,
+                    seed,
+                    true,
+                    &existing,
+                )
+                .await?;
+                if let (Some(a), Some(r)) = (adapter_cpu, raw_cpu) {
+                    level.adapter.cpu_existing.push(a);
+                    level.raw.cpu_existing.push(r);
+                    level.cpu_existing_ratio.push(a / r);
                 }
             }
             if let (Some((a, a_cpu)), Some((r, r_cpu))) = (&a, &r) {
@@ -450,13 +516,26 @@ fn figures(levels: &[Level], layout: KeyLayout, limitador_missing: Option<String
             out.push(
                 Figure::new(
                     format!("coalesced.adapter.c{c}.redis_cpu_us"),
-                    format!("Coalesced: Redis CPU per check, adapter, {tasks}"),
+                    format!("Coalesced: Redis CPU per check creating its bucket, adapter, {tasks}"),
                     median(&level.adapter.cpu),
                     Unit::Micros,
                     format!("one EVALSHA per check ({layout}), same rounds"),
                     Some(median(&level.raw.cpu)),
                 )
-                .ratio(median(&level.cpu_ratio))
+                .ratio(median(&level.cpu_ratio)),
+            );
+            out.push(
+                Figure::new(
+                    format!("coalesced.adapter.c{c}.redis_cpu_existing_us"),
+                    format!(
+                        "Coalesced: Redis CPU per check of an existing bucket, adapter, {tasks}"
+                    ),
+                    median(&level.adapter.cpu_existing),
+                    Unit::Micros,
+                    format!("one EVALSHA per check ({layout}), existing buckets, same rounds"),
+                    Some(median(&level.raw.cpu_existing)),
+                )
+                .ratio(median(&level.cpu_existing_ratio))
                 .target(Target::RatioAtMost(0.5)),
             );
             let rb = "redis-benchmark -c 64 -P 16, two-key script, same rounds";
