@@ -188,10 +188,14 @@ async fn an_acl_user_limited_to_the_limiter_s_commands_and_keys_is_enough() {
     let args = acl_args(&prefix);
     let server = RedisServer::start_with_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let url = format!("redis://limiter:s3cret-pass@127.0.0.1:{}/", server.port());
-    let compact = store(RedisConfig::new(&url));
+    let compact = store(RedisConfig::new(&url).with_coalescing(true));
     contract::run_all(&compact, &prefix).await;
     // Both layouts (the default is the compact one), and checks in batches.
-    let two_keys = store(RedisConfig::new(&url).with_layout(KeyLayout::TwoKeys));
+    let two_keys = store(
+        RedisConfig::new(&url)
+            .with_layout(KeyLayout::TwoKeys)
+            .with_coalescing(true),
+    );
     contract::run_all(&two_keys, &prefix).await;
     let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
     for (n, store) in [Arc::new(two_keys), Arc::new(compact)]

@@ -3,8 +3,8 @@
 //! At 1, 16, 64 and 256 tasks, in paired rounds (order rotating, fresh connections every
 //! round), on the same Redis:
 //!
-//! - **adapter**: `is_allowed` through the adapter built by the container with default
-//!   settings (event logging off): the default layout, coalescing on;
+//! - **adapter**: `is_allowed` through the adapter built by the container with coalescing on
+//!   and otherwise default settings (event logging off): the default layout;
 //! - **raw**: the default layout's single-check script, one `EVALSHA` per check, sent over one
 //!   redis-rs multiplexed connection by the same tasks (the one-call-per-check ceiling);
 //! - **limitador** (when its driver is built, see `crates/bench/limitador/`): Kuadrant's
@@ -164,12 +164,13 @@ fn rules() -> BoxResult<RuleSet> {
     )])?)
 }
 
-/// An adapter as the container builds it; `config` `None` for the default settings.
+/// An adapter as the container builds it; `config` `None` for the default settings with
+/// coalescing on.
 async fn adapter(url: &str, config: Option<RedisConfig>) -> BoxResult<AdapterChecker> {
-    let mut container = ContainerConfig::redis(url, rules()?).with_event_logging(false);
-    if let Some(config) = config {
-        container = container.with_backend(Backend::Redis(config));
-    }
+    let config = config.unwrap_or_else(|| RedisConfig::new(url).with_coalescing(true));
+    let container = ContainerConfig::redis(url, rules()?)
+        .with_event_logging(false)
+        .with_backend(Backend::Redis(config));
     Ok(AdapterChecker(
         Container::build(container).await?.rate_limiter(),
     ))
@@ -454,7 +455,7 @@ fn figures(levels: &[Level], layout: KeyLayout, limitador_missing: Option<String
         };
         let throughput = Figure::new(
             format!("coalesced.adapter.c{c}.checks_per_s"),
-            format!("Coalesced: adapter, default settings, {tasks}"),
+            format!("Coalesced: adapter, coalescing on, {tasks}"),
             median(&level.adapter.throughput),
             Unit::PerSecond,
             format!("raw EVALSHA per check ({layout}), {tasks}"),

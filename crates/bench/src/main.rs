@@ -15,7 +15,7 @@
 //! 5. **Several limits**: a two-limit check against a one-limit check and against the same
 //!    two limits checked separately, at 64 tasks (checks/s, Redis CPU per check), and the
 //!    tokens that refused requests cost each way.
-//! 6. **Coalesced checks**: the adapter with default settings (checks coalesced) at 1, 16, 64
+//! 6. **Coalesced checks**: the adapter with coalescing on (default settings otherwise) at 1, 16, 64
 //!    and 256 tasks against one raw `EVALSHA` per check, Redis CPU per check batched and not,
 //!    redis-benchmark, and limitador with its Redis storage (see `coalesced`).
 //!

@@ -1,7 +1,7 @@
 //! Figure 1 (the Redis path) and figure 4 (a deny flood).
 //!
 //! The adapter — built by the container as a service gets it, event logging off, in the two-key
-//! layout with one script call per check (coalescing off; figure 6 has the default settings) —
+//! layout with one script call per check (coalescing off; figure 6 has the compact layout with coalescing on) —
 //! against a raw baseline: the same `EVALSHA` (same script, same keys, same arguments) over one
 //! redis-rs multiplexed connection, with the same number of tasks, from the same process.
 //! Rounds pair raw and adapter back to back so that both see the same machine, and every round

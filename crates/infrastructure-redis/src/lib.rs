@@ -7,10 +7,11 @@
 //! One `EVALSHA` of the layout's token-bucket script ([`TOKEN_BUCKET_COMPACT_SCRIPT`] in the
 //! default [`KeyLayout::Compact`], [`TOKEN_BUCKET_SCRIPT`] with [`KeyLayout::TwoKeys`]) per
 //! check, on a connection from a bb8 pool of multiplexed connections (concurrent checks share
-//! connections and pipeline their commands). Checks that arrive while [`MAX_IN_FLIGHT`] calls are
-//! on their way are coalesced: they go to Redis together in one call of the layout's batch
+//! connections and pipeline their commands). With coalescing on, checks that arrive while
+//! [`MAX_IN_FLIGHT`] calls are on their way are coalesced: they go to Redis together in one call of the layout's batch
 //! script ([`TOKEN_BUCKET_COMPACT_BATCH_SCRIPT`], [`TOKEN_BUCKET_BATCH_SCRIPT`]), each still its
-//! own atomic step ([`RedisConfig::with_coalescing`]; not on a Redis Cluster). The script reads and writes the bucket's keys atomically and, unless the caller
+//! own atomic step (off by default: [`RedisConfig::with_coalescing`]; never on a Redis
+//! Cluster). The script reads and writes the bucket's keys atomically and, unless the caller
 //! passes an explicit `now`, takes the time from Redis's own `TIME`, so every host limits on one
 //! clock.
 //!
