@@ -65,10 +65,11 @@ chaos:
 attack *args:
     cargo run --release -q -p ratelimit-tests --example attack -- {{args}}
 
-# Benchmark (release build, own throwaway redis-server, ~5 min; `just bench --quick` for ~1 min; `just bench several-limits` for figure 5 alone), then ratelimit-server against the library; writes target/bench/.
+# Benchmark (release build, own throwaway redis-server, ~6 min; `just bench --quick` for ~1 min; `just bench several-limits` for figure 5 alone, `just bench coalesced` for figure 6 alone), then ratelimit-server against the library; writes target/bench/. Builds the limitador driver first (a few minutes, once).
 bench *args:
     #!/usr/bin/env bash
     set -euo pipefail
+    crates/bench/limitador/build.sh
     cargo run --release -q -p ratelimit-bench -- {{args}}
     # The whole run (with or without --quick) ends with the Envoy service against the library.
     case "{{args}}" in

@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use ratelimit_adapter::TokenBucketAdapter;
 use ratelimit_domain::{DecisionSource, RateLimitRule, RateLimitScope, RateLimiterExt, RuleSet};
-use ratelimit_redis::{RedisConfig, RedisStorage};
+use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract;
 use ratelimit_tests::redis_cluster::RedisCluster;
 use ratelimit_tests::redis_server::unique_prefix;
 
 fn store(cluster: &RedisCluster, check_timeout: Duration) -> RedisStorage {
+    // The two-key layout, so that the test sees each bucket's two keys share a slot.
     let config = RedisConfig::cluster(cluster.urls())
+        .with_layout(KeyLayout::TwoKeys)
         .with_check_timeout(check_timeout)
         .with_admin_timeout(Duration::from_secs(2));
     RedisStorage::new(&config).unwrap()

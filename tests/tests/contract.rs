@@ -26,7 +26,9 @@ fn compact_store(url: &str) -> RedisStorage {
 
 fn redis_store(url: &str) -> RedisStorage {
     // Generous deadlines: these tests are about decisions, not about failing open.
-    let config = RedisConfig::new(url).with_check_timeout(Duration::from_secs(5));
+    let config = RedisConfig::new(url)
+        .with_layout(KeyLayout::TwoKeys)
+        .with_check_timeout(Duration::from_secs(5));
     RedisStorage::new(&config).unwrap_or_else(|err| panic!("{err}"))
 }
 

@@ -10,7 +10,7 @@ use ratelimit_domain::{
     BucketRequest, BucketStore, DecisionSource, ErrorCode, RateLimitEvent, RateLimitRule,
     RateLimitScope, RateLimiterExt, RuleSet,
 };
-use ratelimit_redis::RedisStorage;
+use ratelimit_redis::{KeyLayout, RedisStorage};
 use ratelimit_tests::fixtures::{EXPORT, LOGIN};
 use ratelimit_tests::redis_server::{RedisServer, TestRedis, unique_prefix, unreachable_url};
 
@@ -35,8 +35,12 @@ fn rules() -> RuleSet {
     .unwrap()
 }
 
+/// The two-key layout, whose keys, values and compatibility with the original these tests
+/// inspect (the compact layout's have tests of their own).
 fn redis_config(url: &str) -> RedisConfig {
-    RedisConfig::new(url).with_check_timeout(Duration::from_secs(5))
+    RedisConfig::new(url)
+        .with_layout(KeyLayout::TwoKeys)
+        .with_check_timeout(Duration::from_secs(5))
 }
 
 async fn container(url: &str, prefix: &str) -> Container {
@@ -261,8 +265,21 @@ async fn connect_works_for_a_user_not_allowed_to_read_info() {
     // The minimal ACL of docs/failure.md has no +info: the version cannot be read, which is
     // logged, and connect checks that Redis answers instead.
     let server = RedisServer::start_with_args(&[
-        "--user", "limiter", "on", ">pw", "~*", "-@all", "+ping", "+evalsha", "+eval", "+get",
-        "+set", "+time", "+del",
+        "--user",
+        "limiter",
+        "on",
+        ">pw",
+        "~*",
+        "-@all",
+        "+ping",
+        "+evalsha",
+        "+eval",
+        "+get",
+        "+set",
+        "+setex",
+        "+setrange",
+        "+time",
+        "+del",
     ]);
     let url = format!("redis://limiter:pw@127.0.0.1:{}/", server.port());
     let store = RedisStorage::connect(&redis_config(&url)).await.unwrap();

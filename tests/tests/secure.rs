@@ -5,12 +5,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ratelimit_domain::{
     BucketRequest, BucketStore, ErrorCode, KeyBuilder, RateLimitRule, RateLimitScope,
 };
-use ratelimit_redis::{RedisConfig, RedisStorage};
+use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract;
 use ratelimit_tests::redis_server::{RedisServer, free_port, unique_prefix};
 
@@ -171,6 +172,8 @@ fn acl_args(prefix: &str) -> Vec<String> {
                 "+info",
                 "+get",
                 "+set",
+                "+setex",
+                "+setrange",
                 "+time",
             ]
             .iter()
@@ -185,8 +188,43 @@ async fn an_acl_user_limited_to_the_limiter_s_commands_and_keys_is_enough() {
     let args = acl_args(&prefix);
     let server = RedisServer::start_with_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let url = format!("redis://limiter:s3cret-pass@127.0.0.1:{}/", server.port());
+    let compact = store(RedisConfig::new(&url).with_coalescing(true));
+    contract::run_all(&compact, &prefix).await;
+    // Both layouts (the default is the compact one), and checks in batches.
+    let two_keys = store(
+        RedisConfig::new(&url)
+            .with_layout(KeyLayout::TwoKeys)
+            .with_coalescing(true),
+    );
+    contract::run_all(&two_keys, &prefix).await;
+    let rule = RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap();
+    for (n, store) in [Arc::new(two_keys), Arc::new(compact)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let (store, rule) = (Arc::clone(&store), rule.clone());
+            let key = KeyBuilder::new(&prefix, RateLimitScope::Ip, "GET /acl")
+                .unwrap()
+                .key(&format!("10.{n}.0.{i}"))
+                .unwrap();
+            set.spawn(async move {
+                store
+                    .check_and_consume(&BucketRequest::new(&key, &rule))
+                    .await
+                    .unwrap()
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            assert_eq!(done.unwrap().remaining, 4);
+        }
+        assert!(
+            store.coalescing_stats().batches > 0,
+            "{n}: no batch was sent"
+        );
+    }
     let store = store(RedisConfig::new(&url));
-    contract::run_all(&store, &prefix).await;
 
     // Keys outside the prefix are refused: the user cannot touch other data.
     let foreign = KeyBuilder::new("someone_else", RateLimitScope::Ip, "GET /x")

@@ -24,7 +24,7 @@ use ratelimit_domain::{
     BucketRequest, BucketStore, DecisionSource, KeyBuilder, RateLimitRule, RateLimitScope,
     RateLimiter, RateLimiterExt, RuleSet,
 };
-use ratelimit_redis::RedisStorage;
+use ratelimit_redis::{KeyLayout, RedisStorage};
 use ratelimit_tests::redis_server::{RedisServer, unique_prefix};
 
 /// Service instances sharing the bucket.
@@ -36,7 +36,9 @@ const USER: &str = "alice";
 
 /// Generous, so that a slow CI machine never turns a check into a fail-open decision.
 fn redis_config(server: &RedisServer) -> RedisConfig {
+    // The two-key layout: the test reads the tokens left from `<key>:tokens`.
     RedisConfig::new(server.url())
+        .with_layout(KeyLayout::TwoKeys)
         .with_check_timeout(Duration::from_secs(5))
         .with_pool_size(4)
 }

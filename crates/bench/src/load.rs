@@ -35,6 +35,9 @@ pub(crate) enum Identifiers {
     Random,
     /// The same identifier every time: one bucket.
     Fixed(String),
+    /// A random one of this many identifiers (`10.0.x.y`-like): after a warm-up, every check
+    /// finds its bucket in Redis.
+    RandomOf(u64),
 }
 
 /// What a load run measured.
@@ -109,8 +112,8 @@ async fn one_task<C: Checker>(
 ) -> BoxResult<LoadResult> {
     let mut rng = Rng::seeded(stream);
     let mut identifier = match &identifiers {
-        Identifiers::Random => String::with_capacity(16),
         Identifiers::Fixed(id) => id.clone(),
+        Identifiers::Random | Identifiers::RandomOf(_) => String::with_capacity(16),
     };
     let mut part = LoadResult {
         checks: 0,
@@ -121,8 +124,18 @@ async fn one_task<C: Checker>(
         failed_open: 0,
     };
     loop {
-        if matches!(identifiers, Identifiers::Random) {
-            rng.ip_into(&mut identifier);
+        match identifiers {
+            Identifiers::Random => rng.ip_into(&mut identifier),
+            Identifiers::RandomOf(n) => {
+                let i = rng.next_u64() % n.max(1);
+                identifier.clear();
+                // Writing to a String cannot fail.
+                let _ = std::fmt::Write::write_fmt(
+                    &mut identifier,
+                    format_args!("10.0.{}.{}", i / 256, i % 256),
+                );
+            }
+            Identifiers::Fixed(_) => {}
         }
         let started = Instant::now();
         let outcome = checker.check(&identifier).await?;

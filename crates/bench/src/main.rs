@@ -15,6 +15,9 @@
 //! 5. **Several limits**: a two-limit check against a one-limit check and against the same
 //!    two limits checked separately, at 64 tasks (checks/s, Redis CPU per check), and the
 //!    tokens that refused requests cost each way.
+//! 6. **Coalesced checks**: the adapter with coalescing on (default settings otherwise) at 1, 16, 64
+//!    and 256 tasks against one raw `EVALSHA` per check, Redis CPU per check batched and not,
+//!    redis-benchmark, and limitador with its Redis storage (see `coalesced`).
 //!
 //! `just bench-http` (`ratelimit-bench http`) compares the HTTP layer with no layer and with
 //! `tower_governor` on one axum route over real connections (see `http_layer`).
@@ -32,7 +35,9 @@
 #![allow(clippy::print_stdout)]
 
 mod chart;
+mod coalesced;
 mod http_layer;
+mod limitador;
 mod load;
 mod memory_backend;
 mod memory_flood;
@@ -86,6 +91,9 @@ enum BenchCommand {
     /// Distinct identifiers (10 million by default) through MemoryStorage, printing buckets
     /// held, evictions and the process's resident memory every million keys.
     MemoryFlood(memory_flood::FloodArgs),
+    /// Figure 6 alone: coalesced checks against one EVALSHA per check, redis-benchmark and
+    /// limitador, at 1, 16, 64 and 256 tasks (about 1 minute; with --quick about 20 s).
+    Coalesced,
     /// Only figure 5 (several limits per request), on its own throwaway redis-server.
     SeveralLimits,
     /// The HTTP layer against no layer and tower_governor on one axum route, over real
@@ -129,7 +137,7 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    fn new(quick: bool) -> Self {
+    pub(crate) fn new(quick: bool) -> Self {
         if quick {
             Self {
                 rounds: 2,
@@ -171,6 +179,7 @@ impl Settings {
             + rounds
             + rounds
             + multi_limit::steps(self)
+            + coalesced::steps(self)
     }
 }
 
@@ -181,6 +190,16 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("ratelimit-bench memory-flood: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(BenchCommand::Coalesced) = &args.command {
+        return match coalesced::run_alone(args.quick, args.strict) {
+            Ok(all_passed) if all_passed || !args.strict => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(err) => {
+                eprintln!("ratelimit-bench coalesced: error: {err}");
                 ExitCode::FAILURE
             }
         };
@@ -259,6 +278,7 @@ fn run(args: &Args) -> BoxResult<bool> {
     let deny = runtime.block_on(targets.deny_flood(&settings, &progress))?;
     let failed_open = targets.failed_open;
     drop(targets);
+    let coalesced = runtime.block_on(coalesced::measure(&server, &settings, &progress))?;
     let multi = runtime.block_on(multi_limit::measure(&server, &settings, &progress))?;
     let cost = runtime.block_on(redis_cost::measure(&server, &settings, &progress))?;
     drop(runtime);
@@ -271,6 +291,7 @@ fn run(args: &Args) -> BoxResult<bool> {
     figures.extend(memory);
     figures.push(deny);
     figures.extend(multi);
+    figures.extend(coalesced);
 
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);

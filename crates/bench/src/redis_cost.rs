@@ -39,7 +39,7 @@ pub(crate) struct Layout {
     pub(crate) compact_args: bool,
 }
 
-/// The layouts measured: the two-key layout (`KeyLayout::TwoKeys`, the default) and the compact
+/// The layouts measured: the two-key layout (`KeyLayout::TwoKeys`) and the compact (the default)
 /// one (`KeyLayout::Compact`).
 pub(crate) const LAYOUTS: &[Layout] = &[
     Layout {

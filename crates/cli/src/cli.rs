@@ -158,13 +158,13 @@ pub(crate) struct ConnectionArgs {
     pub(crate) key_prefix: String,
 
     /// How the service stores its buckets; must match the service's `RedisConfig` layout.
-    /// `two-keys` (the original service's layout; also accepted as `specification`, its former
-    /// name) or `compact`.
+    /// `compact` (the default) or `two-keys` (the original service's layout; also accepted as
+    /// `specification`, its former name).
     #[arg(
         long,
         value_name = "two-keys|compact",
         env = "RATELIMIT_LAYOUT",
-        default_value_t = KeyLayout::TwoKeys
+        default_value_t = KeyLayout::Compact
     )]
     pub(crate) layout: KeyLayout,
 

@@ -72,9 +72,9 @@ pub(crate) struct Args {
     /// with in-process buckets).
     #[arg(long, default_value_t = FailurePolicy::Open)]
     pub(crate) failure_policy: FailurePolicy,
-    /// How buckets are stored in Redis (docs/lua.md): `two-keys` (the original's layout) or
-    /// `compact`.
-    #[arg(long, value_name = "two-keys|compact", default_value_t = KeyLayout::TwoKeys)]
+    /// How buckets are stored in Redis (docs/lua.md): `compact` (the default) or `two-keys`
+    /// (the original's layout).
+    #[arg(long, value_name = "two-keys|compact", default_value_t = KeyLayout::Compact)]
     pub(crate) layout: KeyLayout,
 }
 

@@ -21,6 +21,9 @@ use crate::error::{deadline, from_pool, from_redis};
 
 /// The bb8 pool of a store, and how one operation runs on it: within a deadline, taking the
 /// connection included, on a connection that is dropped once it has failed.
+///
+/// Cloning shares the pool (the coalescer's batches run on the store's connections).
+#[derive(Clone)]
 pub(crate) struct Connections {
     pool: Pool<Manager>,
     /// A copy of the pool's manager, for connections outside the pool (the reset listener's).

@@ -4,10 +4,14 @@
 //! (One host alone can use `ratelimit-memory` instead.)
 //!
 //! # How a check runs
-//! One `EVALSHA` of the layout's token-bucket script ([`TOKEN_BUCKET_SCRIPT`], or
-//! [`TOKEN_BUCKET_COMPACT_SCRIPT`] with [`KeyLayout::Compact`]) per check, on a connection from a
-//! bb8 pool of multiplexed connections (concurrent checks share connections and pipeline their
-//! commands). The script reads and writes the bucket's keys atomically and, unless the caller
+//! One `EVALSHA` of the layout's token-bucket script ([`TOKEN_BUCKET_COMPACT_SCRIPT`] in the
+//! default [`KeyLayout::Compact`], [`TOKEN_BUCKET_SCRIPT`] with [`KeyLayout::TwoKeys`]) per
+//! check, on a connection from a bb8 pool of multiplexed connections (concurrent checks share
+//! connections and pipeline their commands). With coalescing on, checks that arrive while
+//! [`MAX_IN_FLIGHT`] calls are on their way are coalesced: they go to Redis together in one call of the layout's batch
+//! script ([`TOKEN_BUCKET_COMPACT_BATCH_SCRIPT`], [`TOKEN_BUCKET_BATCH_SCRIPT`]), each still its
+//! own atomic step (off by default: [`RedisConfig::with_coalescing`]; never on a Redis
+//! Cluster). The script reads and writes the bucket's keys atomically and, unless the caller
 //! passes an explicit `now`, takes the time from Redis's own `TIME`, so every host limits on one
 //! clock.
 //!
@@ -54,6 +58,7 @@
 //! | `storage` | [`RedisStorage`] and its `BucketStore` implementation |
 //! | `config` | [`RedisConfig`] and [`KeyLayout`] |
 //! | `keys` | a bucket's Redis keys in each layout, hash-tagged on a cluster |
+//! | `coalesce` | coalesced checks: what waits while calls are in flight goes as one batch script call |
 //! | `script` | the scripts, and building and sending one call (`EVALSHA`, `EVAL` after `NOSCRIPT`) |
 //! | `multi` | several buckets in one check: the multi-bucket and give-back calls, grouping by cluster slot |
 //! | `reply` | reading the scripts' replies into decisions |
@@ -67,6 +72,7 @@
 //!   `CompactArgs`, the compact script's packed argument, for `crates/bench`, which sends the
 //!   scripts raw to measure what Redis spends on them. Applications do not need it.
 
+mod coalesce;
 mod config;
 mod connection;
 mod error;
@@ -78,6 +84,10 @@ mod script;
 mod storage;
 mod version;
 
+pub use coalesce::{
+    CoalescingStats, MAX_BATCH, MAX_IN_FLIGHT, TOKEN_BUCKET_BATCH_SCRIPT,
+    TOKEN_BUCKET_COMPACT_BATCH_SCRIPT,
+};
 pub use config::{KeyLayout, RedisConfig};
 pub use listener::RESET_CHANNEL;
 #[cfg(feature = "bench-internals")]

@@ -76,7 +76,8 @@ impl TokenBucketScript {
         }
     }
 
-    fn new(text: &'static str, name: &'static str) -> Self {
+    /// The script of `text`, named `name` in logs.
+    pub(crate) fn new(text: &'static str, name: &'static str) -> Self {
         Self {
             script: redis::Script::new(text),
             text,

@@ -9,6 +9,7 @@ use ratelimit_domain::{
 };
 use redis::{RedisResult, Value};
 
+use crate::coalesce::{Coalescer, CoalescingStats};
 use crate::connection::{Connections, Manager};
 use crate::error::name_corrupt_bucket;
 use crate::keys::BucketKeys;
@@ -39,6 +40,9 @@ pub struct RedisStorage {
     layout: KeyLayout,
     /// How often the reset listener pings its subscription.
     reset_ping_interval: Duration,
+    /// Checks that wait while calls are in flight go to Redis together (`None`: coalescing
+    /// off, or a cluster).
+    coalescer: Option<Coalescer>,
 }
 
 impl fmt::Debug for RedisStorage {
@@ -65,8 +69,18 @@ impl RedisStorage {
         // rediss:// needs a rustls crypto provider; installing ring's is a no-op when the
         // process already chose one.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let connections = Connections::new(config)?;
+        let coalescer = (config.coalescing && !config.is_cluster()).then(|| {
+            Coalescer::new(
+                connections.clone(),
+                config.layout,
+                config.is_cluster(),
+                config.check_timeout,
+            )
+        });
         Ok(Self {
-            connections: Connections::new(config)?,
+            connections,
+            coalescer,
             script: TokenBucketScript::of(config.layout),
             multi_script: TokenBucketScript::multi(config.layout),
             give_back_script: TokenBucketScript::give_back(config.layout),
@@ -107,7 +121,19 @@ impl RedisStorage {
     /// How many times Redis had lost one of the store's scripts (the token-bucket script, or
     /// the multi-bucket and give-back scripts of multi-limit checks) and it was loaded again.
     pub fn script_reloads(&self) -> u64 {
-        self.script.reloads() + self.multi_script.reloads() + self.give_back_script.reloads()
+        self.script.reloads()
+            + self.multi_script.reloads()
+            + self.give_back_script.reloads()
+            + self.coalescer.as_ref().map_or(0, Coalescer::reloads)
+    }
+
+    /// How many checks went to Redis in batches ([`RedisConfig::with_coalescing`]); all zero
+    /// when coalescing is off.
+    pub fn coalescing_stats(&self) -> CoalescingStats {
+        self.coalescer
+            .as_ref()
+            .map(Coalescer::stats)
+            .unwrap_or_default()
     }
 
     /// Spawns a task that listens on [`RESET_CHANNEL`] and calls `on_reset` with the key of
@@ -212,11 +238,9 @@ impl RedisStorage {
             })
             .await
     }
-}
 
-#[async_trait]
-impl BucketStore for RedisStorage {
-    async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
+    /// One check, by one call of the single-check script.
+    async fn check_alone(&self, request: &BucketRequest<'_>) -> Result<BucketDecision> {
         let BucketRequest {
             key,
             rule,
@@ -230,6 +254,16 @@ impl BucketStore for RedisStorage {
             .await
             .map_err(|err| name_corrupt_bucket(err, key))?;
         parse_reply(&reply).map_err(|err| name_corrupt_bucket(err, key))
+    }
+}
+
+#[async_trait]
+impl BucketStore for RedisStorage {
+    async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
+        match &self.coalescer {
+            Some(coalescer) => coalescer.check(request, self.check_alone(request)).await,
+            None => self.check_alone(request).await,
+        }
     }
 
     async fn check_and_consume_all<'a>(

@@ -1,0 +1,487 @@
+//! Coalesced checks (`RedisConfig::with_coalescing`): checks that wait while script calls are
+//! in flight go to Redis as one batch script call, and every one of them is decided exactly as
+//! it would be alone, in both layouts.
+//!
+//! The batch path only runs under concurrency, so these tests run many checks at once and
+//! assert, through `RedisStorage::coalescing_stats`, that batches were sent. Where the outcome
+//! must not depend on how checks fall into batches, each key's checks are sequential (so its
+//! decisions are fixed) while different keys run concurrently. The tests that need a batch of
+//! known content freeze their own redis-server (SIGSTOP) while the store's call slots are
+//! taken, so that everything sent next queues.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ratelimit_domain::token_bucket::{self, BucketState};
+use ratelimit_domain::{BucketDecision, BucketKey, BucketRequest, BucketStore, ErrorCode};
+use ratelimit_redis::{
+    KeyLayout, MAX_IN_FLIGHT, RedisConfig, RedisStorage, TOKEN_BUCKET_BATCH_SCRIPT,
+    TOKEN_BUCKET_COMPACT_BATCH_SCRIPT,
+};
+use ratelimit_tests::contract::{
+    self, GarbageValue, T0, key, random_workload, reference_decisions, rule, store_decisions,
+    stored_garbage,
+};
+use ratelimit_tests::redis_server::{RedisServer, TestRedis, unique_prefix};
+use tokio::task::JoinSet;
+
+const LAYOUTS: [KeyLayout; 2] = [KeyLayout::TwoKeys, KeyLayout::Compact];
+
+fn store(url: &str, layout: KeyLayout, timeout: Duration) -> Arc<RedisStorage> {
+    let config = RedisConfig::new(url)
+        .with_layout(layout)
+        .with_check_timeout(timeout)
+        .with_coalescing(true);
+    Arc::new(RedisStorage::new(&config).unwrap_or_else(|err| panic!("{err}")))
+}
+
+/// Generous deadlines: these tests are about decisions, not about failing open.
+fn patient(url: &str, layout: KeyLayout) -> Arc<RedisStorage> {
+    store(url, layout, Duration::from_secs(5))
+}
+
+async fn join_all<T: 'static>(mut set: JoinSet<T>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        out.push(joined.unwrap_or_else(|err| panic!("task failed: {err}")));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_contract_holds_through_batches_in_both_layouts() {
+    let redis = TestRedis::get();
+    for layout in LAYOUTS {
+        let store = patient(&redis.url, layout);
+        // 24 suites at once, each on its own keys: within a suite every check waits for the
+        // previous one, so its decisions are fixed, but the suites' checks share batches.
+        let mut set = JoinSet::new();
+        for _ in 0..24 {
+            let store = Arc::clone(&store);
+            set.spawn(async move { contract::run_all(&*store, &unique_prefix()).await });
+        }
+        join_all(set).await;
+        let stats = store.coalescing_stats();
+        assert!(
+            stats.batches > 0 && stats.batched_checks > stats.batches,
+            "{layout:?}: the suites never went through a batch: {stats:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_workloads_replayed_per_key_match_the_reference_step() {
+    let redis = TestRedis::get();
+    let rules = [rule(10, 7.3), rule(1, 5.0), rule(25, 600.0), rule(3, 0.37)];
+    for layout in LAYOUTS {
+        let store = patient(&redis.url, layout);
+        let prefix = unique_prefix();
+        let mut set = JoinSet::new();
+        for i in 0..32_usize {
+            let store = Arc::clone(&store);
+            let rule = rules[i % rules.len()].clone();
+            let bucket = key(&prefix, &format!("workload-{i}"), "GET /random");
+            set.spawn(async move {
+                let seed = 0xC0A1_E5CE + i as u64;
+                let steps = random_workload(seed, 300, rule.max_tokens());
+                let expected = reference_decisions(&steps, &rule);
+                let got = store_decisions(&*store, &bucket, &steps, &rule).await;
+                for (n, step) in steps.iter().enumerate() {
+                    assert_eq!(
+                        got[n], expected[n],
+                        "{layout:?}: diverged at step {n} ({step:?}) of seed {seed:#x}"
+                    );
+                }
+            });
+        }
+        join_all(set).await;
+        let stats = store.coalescing_stats();
+        assert!(stats.batched_checks > 1_000, "{layout:?}: {stats:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_bucket_admits_exactly_its_capacity_under_concurrency() {
+    let redis = TestRedis::get();
+    // 50 tokens, refilled one per 10 minutes: nothing refills during the test.
+    let rule = rule(50, 0.1);
+    for layout in LAYOUTS {
+        let store = patient(&redis.url, layout);
+        let shared = key(&unique_prefix(), "everyone", "POST /shared");
+        let mut set = JoinSet::new();
+        for _ in 0..64 {
+            let (store, shared, rule) = (Arc::clone(&store), shared.clone(), rule.clone());
+            set.spawn(async move {
+                let mut allowed = 0;
+                for _ in 0..10 {
+                    let d = store
+                        .check_and_consume(&BucketRequest::new(&shared, &rule))
+                        .await
+                        .unwrap();
+                    allowed += u32::from(d.allowed);
+                }
+                allowed
+            });
+        }
+        let allowed: u32 = join_all(set).await.into_iter().sum();
+        assert_eq!(allowed, 50, "{layout:?}");
+        assert!(store.coalescing_stats().batches > 0, "{layout:?}");
+        assert_eq!(store.get_remaining(&shared, &rule, None).await.unwrap(), 0);
+    }
+}
+
+/// What Redis holds for a bucket, for seeding garbage.
+fn seed(conn: &mut redis::Connection, key: &BucketKey, value: &GarbageValue) {
+    let set = |conn: &mut redis::Connection, name: String, value: &[u8]| {
+        let _: () = redis::cmd("SET")
+            .arg(name)
+            .arg(value)
+            .arg("EX")
+            .arg(3_600)
+            .query(conn)
+            .unwrap();
+    };
+    match value {
+        GarbageValue::TwoKeys(tokens, time) => {
+            for (suffix, value) in [(":tokens", tokens), (":time", time)] {
+                let name = format!("{}{suffix}", key.as_str());
+                let _: () = redis::cmd("DEL").arg(&name).query(conn).unwrap();
+                if let Some(value) = value {
+                    set(conn, name, value.as_bytes());
+                }
+            }
+        }
+        GarbageValue::Compact(bytes) => set(conn, format!("{}:tb", key.as_str()), bytes),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_stored_values_decide_as_the_reference_step_through_batches() {
+    let redis = TestRedis::get();
+    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let stores = [
+        patient(&redis.url, KeyLayout::TwoKeys),
+        patient(&redis.url, KeyLayout::Compact),
+    ];
+    let prefix = unique_prefix();
+    let rule = rule(5, 5.0);
+    let (max, rate) = (rule.max_tokens(), rule.refill_rate());
+    let mut set = JoinSet::new();
+    for (n, garbage) in stored_garbage(max, rate, T0, 0x0BA7_C4ED)
+        .into_iter()
+        .enumerate()
+    {
+        let compact = matches!(garbage.value, GarbageValue::Compact(_));
+        let store = Arc::clone(&stores[usize::from(compact)]);
+        let bucket = key(&prefix, &format!("garbage-{n}"), "GET /garbage");
+        seed(&mut conn, &bucket, &garbage.value);
+        let rule = rule.clone();
+        set.spawn(async move {
+            // Two checks in a row: the first decides from the garbage, the second from what
+            // the first wrote (or from the garbage, when nothing was written).
+            let first = token_bucket::step(garbage.reads_as, max, rate, 1, T0);
+            let state: Option<BucketState> = first.store.or(garbage.reads_as);
+            let second = token_bucket::step(state, max, rate, 1, T0 + 1.0);
+            for (cost_now, expected) in [(T0, first.decision), (T0 + 1.0, second.decision)] {
+                let got = store
+                    .check_and_consume(&BucketRequest::new(&bucket, &rule).at(cost_now))
+                    .await
+                    .unwrap_or_else(|err| panic!("{}: {err}", garbage.name));
+                assert_eq!(got, expected, "{} at {cost_now}", garbage.name);
+            }
+        });
+    }
+    let cases = join_all(set).await.len();
+    assert!(cases > 300, "only {cases} cases");
+    for store in &stores {
+        assert!(store.coalescing_stats().batched_checks > 0);
+    }
+}
+
+/// A store on a server of its own, warmed up (connection open, both scripts loaded).
+async fn own_server(layout: KeyLayout, timeout: Duration) -> (RedisServer, Arc<RedisStorage>) {
+    let server = RedisServer::start();
+    let store = store(&server.url(), layout, timeout);
+    let prefix = unique_prefix();
+    let rule = rule(1_000, 1_000.0);
+    let mut set = JoinSet::new();
+    for i in 0..32 {
+        let (store, rule) = (Arc::clone(&store), rule.clone());
+        let bucket = key(&prefix, &format!("warm-{i}"), "GET /warm");
+        set.spawn(async move {
+            for _ in 0..5 {
+                store
+                    .check_and_consume(&BucketRequest::new(&bucket, &rule))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    join_all(set).await;
+    (server, store)
+}
+
+/// A spawned check: its bucket, how long it took, what it answered.
+type Checked = (
+    BucketKey,
+    Duration,
+    ratelimit_domain::Result<BucketDecision>,
+);
+
+/// Spawns one check of `bucket` and gives it time to be sent or queued.
+async fn spawn_check(
+    set: &mut JoinSet<Checked>,
+    store: &Arc<RedisStorage>,
+    bucket: BucketKey,
+    rule: &ratelimit_domain::RateLimitRule,
+) {
+    let (store, rule) = (Arc::clone(store), rule.clone());
+    set.spawn(async move {
+        let started = Instant::now();
+        let result = store
+            .check_and_consume(&BucketRequest::new(&bucket, &rule))
+            .await;
+        (bucket, started.elapsed(), result)
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_fails_only_its_own_check_in_a_batch() {
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, Duration::from_secs(5)).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        let bad = key(&prefix, "bad", "GET /typed");
+        let first_key = if layout == KeyLayout::Compact {
+            format!("{}:tb", bad.as_str())
+        } else {
+            format!("{}:time", bad.as_str())
+        };
+        server.cmd(redis::cmd("HSET").arg(&first_key).arg("tokens").arg("0"));
+        let before = store.coalescing_stats();
+        server.pause();
+        let mut set = JoinSet::new();
+        // These take the call slots; everything after them queues for one batch.
+        for i in 0..MAX_IN_FLIGHT {
+            spawn_check(
+                &mut set,
+                &store,
+                key(&prefix, &format!("first-{i}"), "GET /typed"),
+                &rule,
+            )
+            .await;
+        }
+        for i in 0..20 {
+            let bucket = if i == 7 {
+                bad.clone()
+            } else {
+                key(&prefix, &format!("good-{i}"), "GET /typed")
+            };
+            spawn_check(&mut set, &store, bucket, &rule).await;
+        }
+        server.resume();
+        for (bucket, _, result) in join_all(set).await {
+            if bucket == bad {
+                let err = result.unwrap_err();
+                assert_eq!(err.code(), ErrorCode::CorruptBucket, "{layout:?}: {err}");
+                assert_eq!(
+                    err.details().get("key").map(String::as_str),
+                    Some(bad.as_str())
+                );
+            } else {
+                let d = result.unwrap_or_else(|err| panic!("{layout:?} {bucket}: {err}"));
+                assert!(d.allowed && d.remaining == 4, "{layout:?} {bucket}: {d:?}");
+            }
+        }
+        let after = store.coalescing_stats();
+        assert_eq!(
+            after.batched_checks - before.batched_checks,
+            20,
+            "{layout:?}: {after:?}"
+        );
+        assert_eq!(after.batches - before.batches, 1, "{layout:?}: {after:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_check_keeps_its_own_deadline_and_a_cancelled_one_takes_nothing() {
+    let timeout = Duration::from_millis(300);
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, timeout).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        server.pause();
+        let mut set = JoinSet::new();
+        for i in 0..MAX_IN_FLIGHT {
+            spawn_check(
+                &mut set,
+                &store,
+                key(&prefix, &format!("first-{i}"), "GET /late"),
+                &rule,
+            )
+            .await;
+        }
+        // A queued caller that gives up before its batch is sent.
+        let cancelled = key(&prefix, "cancelled", "GET /late");
+        let handle = {
+            let (store, rule, bucket) = (Arc::clone(&store), rule.clone(), cancelled.clone());
+            tokio::spawn(async move {
+                store
+                    .check_and_consume(&BucketRequest::new(&bucket, &rule))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Queued checks, started 100 ms apart: each fails at its own deadline.
+        spawn_check(
+            &mut set,
+            &store,
+            key(&prefix, "queued-0", "GET /late"),
+            &rule,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        spawn_check(
+            &mut set,
+            &store,
+            key(&prefix, "queued-1", "GET /late"),
+            &rule,
+        )
+        .await;
+        handle.abort();
+        let results = join_all(set).await;
+        server.resume();
+        for (bucket, elapsed, result) in results {
+            let err = result.unwrap_err();
+            assert_eq!(
+                err.code(),
+                ErrorCode::StorageTimeout,
+                "{layout:?} {bucket}: {err}"
+            );
+            assert!(
+                elapsed >= timeout - Duration::from_millis(5)
+                    && elapsed < timeout + Duration::from_millis(150),
+                "{layout:?} {bucket}: failed after {elapsed:?}, deadline {timeout:?}"
+            );
+        }
+        assert!(
+            store.coalescing_stats().abandoned >= 1,
+            "{:?}",
+            store.coalescing_stats()
+        );
+        // Redis is back: checks are decided again, and the cancelled check took nothing.
+        let check = || async {
+            for _ in 0..50 {
+                match store.get_remaining(&cancelled, &rule, None).await {
+                    Ok(remaining) => return remaining,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            panic!("{layout:?}: redis never answered again");
+        };
+        assert_eq!(
+            check().await,
+            5,
+            "{layout:?}: the cancelled check took a token"
+        );
+        let fresh = key(&prefix, "after", "GET /late");
+        let d = store
+            .check_and_consume(&BucketRequest::new(&fresh, &rule))
+            .await
+            .unwrap();
+        assert!(d.allowed && d.remaining == 4);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sends_its_script_again_after_script_flush() {
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, Duration::from_secs(5)).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        let reloads = store.script_reloads();
+        server.cmd(redis::cmd("SCRIPT").arg("FLUSH"));
+        server.pause();
+        let mut set = JoinSet::new();
+        for i in 0..MAX_IN_FLIGHT + 30 {
+            spawn_check(
+                &mut set,
+                &store,
+                key(&prefix, &format!("k-{i}"), "GET /flush"),
+                &rule,
+            )
+            .await;
+        }
+        let batches = store.coalescing_stats().batches;
+        server.resume();
+        for (bucket, _, result) in join_all(set).await {
+            let d = result.unwrap_or_else(|err| panic!("{layout:?} {bucket}: {err}"));
+            assert!(d.allowed && d.remaining == 4, "{layout:?} {bucket}: {d:?}");
+        }
+        assert!(store.coalescing_stats().batches > batches);
+        // Each call slot's single script, then the batch script.
+        assert!(
+            store.script_reloads() > reloads + MAX_IN_FLIGHT as u64,
+            "{layout:?}: {} reloads",
+            store.script_reloads() - reloads
+        );
+        let batch_script = match layout {
+            KeyLayout::Compact => TOKEN_BUCKET_COMPACT_BATCH_SCRIPT,
+            _ => TOKEN_BUCKET_BATCH_SCRIPT,
+        };
+        let sha = redis::Script::new(batch_script).get_hash().to_owned();
+        let exists: Vec<i64> =
+            redis::from_redis_value(server.cmd(redis::cmd("SCRIPT").arg("EXISTS").arg(&sha)))
+                .unwrap();
+        assert_eq!(
+            exists,
+            [1],
+            "{layout:?}: the batch script is not back in redis"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_repeated_in_a_batch_is_stepped_in_order() {
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, Duration::from_secs(5)).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        let shared = key(&prefix, "shared", "GET /repeat");
+        server.pause();
+        let mut set = JoinSet::new();
+        for i in 0..MAX_IN_FLIGHT {
+            spawn_check(
+                &mut set,
+                &store,
+                key(&prefix, &format!("first-{i}"), "GET /repeat"),
+                &rule,
+            )
+            .await;
+        }
+        for _ in 0..8 {
+            spawn_check(&mut set, &store, shared.clone(), &rule).await;
+        }
+        server.resume();
+        let mut remaining: Vec<u64> = Vec::new();
+        let mut denied = 0;
+        for (bucket, _, result) in join_all(set).await {
+            let d = result.unwrap();
+            if bucket == shared {
+                if d.allowed {
+                    remaining.push(d.remaining);
+                } else {
+                    denied += 1;
+                    assert_eq!(d.remaining, 0);
+                }
+            }
+        }
+        remaining.sort_unstable();
+        assert_eq!(remaining, [0, 1, 2, 3, 4], "{layout:?}");
+        assert_eq!(denied, 3, "{layout:?}");
+    }
+}
