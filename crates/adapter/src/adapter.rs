@@ -10,7 +10,7 @@ use ratelimit_domain::{
     DynEventBus, EndpointLimits, ErrorCode, FailurePolicy, KeyBuilder, Limit, LimitOutcome,
     RateLimitError, RateLimitEvent, RateLimitResult, RateLimitScope, RateLimiter, Result, RuleSet,
 };
-use tracing::{Instrument, field};
+use tracing::{Instrument, Span, field};
 
 use crate::BroadcastEventBus;
 
@@ -281,8 +281,8 @@ impl TokenBucketAdapter {
             scope = first.limit.rule().scope().as_str(),
             outcome = field::Empty,
         );
-        self.observed(label, identifier, first.cost, &limits, &requests)
-            .instrument(span)
+        self.observed(label, identifier, first.cost, &limits, &requests, &span)
+            .instrument(span.clone())
             .await
     }
 
@@ -299,6 +299,7 @@ impl TokenBucketAdapter {
         prepared: &PreparedEndpoint,
         identifier: &str,
         options: CheckOptions,
+        span: &Span,
     ) -> Result<RateLimitResult> {
         let cost_of = |limit: &Limit| {
             options
@@ -318,6 +319,7 @@ impl TokenBucketAdapter {
                     request.cost,
                     &[&one.limit],
                     &[request],
+                    span,
                 )
                 .await;
         }
@@ -332,12 +334,20 @@ impl TokenBucketAdapter {
             .map(|(limit, key)| BucketRequest::new(key, limit.rule()).with_cost(cost_of(limit)))
             .collect();
         let cost = requests.first().map_or(0, |r| r.cost);
-        self.observed(&prepared.endpoint, identifier, cost, &limits, &requests)
-            .await
+        self.observed(
+            &prepared.endpoint,
+            identifier,
+            cost,
+            &limits,
+            &requests,
+            span,
+        )
+        .await
     }
 
     /// Decides, with the `attempted` and `allowed`/`denied` events around the decision when
-    /// anyone listens, and the outcome recorded on the current span.
+    /// anyone listens, and the outcome recorded on `span` (the check's own, which is current:
+    /// passed in rather than looked up, which costs a registry lookup per check).
     async fn observed(
         &self,
         label: &Arc<str>,
@@ -345,6 +355,7 @@ impl TokenBucketAdapter {
         cost: u64,
         limits: &[&Limit],
         requests: &[BucketRequest<'_>],
+        span: &Span,
     ) -> Result<RateLimitResult> {
         let scope = limits
             .first()
@@ -366,7 +377,7 @@ impl TokenBucketAdapter {
         };
 
         let result = self.decide(label, limits, requests).await;
-        tracing::Span::current().record("outcome", outcome(&result));
+        span.record("outcome", outcome(&result));
 
         if let Some((identifier, started)) = observed {
             let elapsed = started.elapsed();
@@ -603,8 +614,8 @@ impl RateLimiter for TokenBucketAdapter {
             scope = prepared.all[first].limit.rule().scope().as_str(),
             outcome = field::Empty,
         );
-        self.check(prepared, identifier, options)
-            .instrument(span)
+        self.check(prepared, identifier, options, &span)
+            .instrument(span.clone())
             .await
     }
 

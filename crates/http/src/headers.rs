@@ -140,6 +140,8 @@ impl PolicyItem {
 pub struct EndpointHeaders {
     items: Vec<PolicyItem>,
     policy: Option<HeaderValue>,
+    /// Each item's quota as a header value (`X-RateLimit-Limit`), built once.
+    quotas: Vec<HeaderValue>,
 }
 
 impl EndpointHeaders {
@@ -179,7 +181,12 @@ impl EndpointHeaders {
         let policy = HeaderValue::from_str(&value)
             .ok()
             .filter(|_| !items.is_empty());
-        Self { items, policy }
+        let quotas = items.iter().map(|item| number(item.quota)).collect();
+        Self {
+            items,
+            policy,
+            quotas,
+        }
     }
 
     /// The items, one per enabled limit, in the endpoint's order.
@@ -278,14 +285,24 @@ impl EndpointHeaders {
         if style.legacy()
             && let Some(deciding) = result.deciding()
         {
-            let item = match item_of(deciding) {
-                Some(item) => item,
+            let known = self
+                .items
+                .iter()
+                .position(|item| *item.limit == *deciding.name);
+            let item = match known {
+                Some(i) => &self.items[i],
                 None => {
                     fallback = PolicyItem::from_outcome(deciding, cost.unwrap_or(1));
                     &fallback
                 }
             };
-            headers.insert(X_RATELIMIT_LIMIT, number(deciding.limit));
+            // The quota's value, built once, unless the result says otherwise (rule sets out
+            // of step).
+            let limit = match known {
+                Some(i) if item.quota == deciding.limit => self.quotas[i].clone(),
+                _ => number(deciding.limit),
+            };
+            headers.insert(X_RATELIMIT_LIMIT, limit);
             headers.insert(X_RATELIMIT_REMAINING, number(deciding.remaining));
             if let Some(reset) = item.reset(deciding, cost.unwrap_or(item.cost)) {
                 headers.insert(X_RATELIMIT_RESET, number(reset));
