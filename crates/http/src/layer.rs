@@ -591,11 +591,22 @@ where
     };
     let options = cost.map_or_else(CheckOptions::default, CheckOptions::with_cost);
     // Not inside `span`: the adapter records its own `outcome` into the current span.
-    let result = match shared
-        .limiter
-        .is_allowed_opts(&endpoint.name, &identifier, options)
-        .await
-    {
+    let checked = match &shared.rules {
+        // The layer's limiter is this adapter (`from_adapter`): its own method, without the
+        // port's boxed future.
+        Rules::Adapter(adapter) => {
+            adapter
+                .check_opts(&endpoint.name, &identifier, options)
+                .await
+        }
+        Rules::Set(_) => {
+            shared
+                .limiter
+                .is_allowed_opts(&endpoint.name, &identifier, options)
+                .await
+        }
+    };
+    let result = match checked {
         Ok(result) => result,
         Err(err) => {
             endpoint.count(&shared, Outcome::Error);
