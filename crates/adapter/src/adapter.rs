@@ -1,6 +1,7 @@
 //! The token-bucket orchestration.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,7 +11,7 @@ use ratelimit_domain::{
     DynEventBus, EndpointLimits, ErrorCode, FailurePolicy, KeyBuilder, Limit, LimitOutcome,
     RateLimitError, RateLimitEvent, RateLimitResult, RateLimitScope, RateLimiter, Result, RuleSet,
 };
-use tracing::{Instrument, field};
+use tracing::{Instrument, Span, field};
 
 use crate::BroadcastEventBus;
 
@@ -74,7 +75,31 @@ pub struct TokenBucketAdapter {
     /// What a check answers when the store fails.
     on_failure: OnFailure,
     /// Endpoint → prepared limits; one hash lookup per check.
-    rules: HashMap<Box<str>, PreparedEndpoint>,
+    rules: HashMap<Box<str>, PreparedEndpoint, BuildHasherDefault<Fnv>>,
+}
+
+/// FNV-1a for the rules table: its keys are the rules' endpoints, fixed at start-up, and a
+/// check only looks them up (nothing a caller sends is ever inserted), so SipHash's protection
+/// against chosen keys buys nothing here and costs more than the rest of the lookup.
+#[derive(Debug, Clone, Copy)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }
 
 /// What a check answers when its store fails: the [`FailurePolicy`], with the store that the
@@ -192,6 +217,35 @@ impl TokenBucketAdapterBuilder {
 }
 
 impl TokenBucketAdapter {
+    /// [`RateLimiter::is_allowed_opts`], without the boxed future of the `#[async_trait]`
+    /// port: for callers that hold the adapter itself (the HTTP layer, on every request).
+    ///
+    /// # Errors
+    /// As [`RateLimiter::is_allowed_opts`].
+    pub async fn check_opts(
+        &self,
+        endpoint: &str,
+        identifier: &str,
+        options: CheckOptions,
+    ) -> Result<RateLimitResult> {
+        let Some(prepared) = self.rules.get(endpoint) else {
+            tracing::debug!(endpoint, "no rate-limit rule for endpoint; allowing");
+            return Ok(RateLimitResult::no_rule());
+        };
+        let Some(&first) = prepared.active.first() else {
+            return Ok(RateLimitResult::disabled(prepared.limits.limits()));
+        };
+        let span = tracing::debug_span!(
+            "rate_limit_check",
+            endpoint = &*prepared.endpoint,
+            scope = prepared.all[first].limit.rule().scope().as_str(),
+            outcome = field::Empty,
+        );
+        self.check(prepared, identifier, options, &span)
+            .instrument(span.clone())
+            .await
+    }
+
     /// A builder over `store` with `rules`.
     pub fn builder(store: DynBucketStore, rules: RuleSet) -> TokenBucketAdapterBuilder {
         TokenBucketAdapterBuilder {
@@ -281,8 +335,8 @@ impl TokenBucketAdapter {
             scope = first.limit.rule().scope().as_str(),
             outcome = field::Empty,
         );
-        self.observed(label, identifier, first.cost, &limits, &requests)
-            .instrument(span)
+        self.observed(label, identifier, first.cost, &limits, &requests, &span)
+            .instrument(span.clone())
             .await
     }
 
@@ -299,6 +353,7 @@ impl TokenBucketAdapter {
         prepared: &PreparedEndpoint,
         identifier: &str,
         options: CheckOptions,
+        span: &Span,
     ) -> Result<RateLimitResult> {
         let cost_of = |limit: &Limit| {
             options
@@ -318,6 +373,7 @@ impl TokenBucketAdapter {
                     request.cost,
                     &[&one.limit],
                     &[request],
+                    span,
                 )
                 .await;
         }
@@ -332,12 +388,20 @@ impl TokenBucketAdapter {
             .map(|(limit, key)| BucketRequest::new(key, limit.rule()).with_cost(cost_of(limit)))
             .collect();
         let cost = requests.first().map_or(0, |r| r.cost);
-        self.observed(&prepared.endpoint, identifier, cost, &limits, &requests)
-            .await
+        self.observed(
+            &prepared.endpoint,
+            identifier,
+            cost,
+            &limits,
+            &requests,
+            span,
+        )
+        .await
     }
 
     /// Decides, with the `attempted` and `allowed`/`denied` events around the decision when
-    /// anyone listens, and the outcome recorded on the current span.
+    /// anyone listens, and the outcome recorded on `span` (the check's own, which is current:
+    /// passed in rather than looked up, which costs a registry lookup per check).
     async fn observed(
         &self,
         label: &Arc<str>,
@@ -345,6 +409,7 @@ impl TokenBucketAdapter {
         cost: u64,
         limits: &[&Limit],
         requests: &[BucketRequest<'_>],
+        span: &Span,
     ) -> Result<RateLimitResult> {
         let scope = limits
             .first()
@@ -366,7 +431,7 @@ impl TokenBucketAdapter {
         };
 
         let result = self.decide(label, limits, requests).await;
-        tracing::Span::current().record("outcome", outcome(&result));
+        span.record("outcome", outcome(&result));
 
         if let Some((identifier, started)) = observed {
             let elapsed = started.elapsed();
@@ -590,22 +655,7 @@ impl RateLimiter for TokenBucketAdapter {
         identifier: &str,
         options: CheckOptions,
     ) -> Result<RateLimitResult> {
-        let Some(prepared) = self.rules.get(endpoint) else {
-            tracing::debug!(endpoint, "no rate-limit rule for endpoint; allowing");
-            return Ok(RateLimitResult::no_rule());
-        };
-        let Some(&first) = prepared.active.first() else {
-            return Ok(RateLimitResult::disabled(prepared.limits.limits()));
-        };
-        let span = tracing::debug_span!(
-            "rate_limit_check",
-            endpoint = &*prepared.endpoint,
-            scope = prepared.all[first].limit.rule().scope().as_str(),
-            outcome = field::Empty,
-        );
-        self.check(prepared, identifier, options)
-            .instrument(span)
-            .await
+        self.check_opts(endpoint, identifier, options).await
     }
 
     async fn get_remaining(&self, endpoint: &str, identifier: &str) -> Result<u64> {

@@ -1,7 +1,7 @@
 //! An in-process event bus and a subscriber that logs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use ratelimit_domain::{EventBus, RateLimitEvent, Result};
@@ -14,12 +14,18 @@ use tokio::task::JoinHandle;
 /// loses its oldest events (it is told how many on its next receive) instead of slowing
 /// checks down. With no subscriber, checks do not build events at all
 /// ([`EventBus::is_listening`]).
+///
+/// What subscribers lose is reported: a subscriber that is told it fell behind adds the
+/// number to [`dropped_counter`](Self::dropped_counter) (the event logger and
+/// `ratelimit-http`'s metrics subscriber do), and [`dropped`](Self::dropped) reads the sum.
 #[derive(Debug, Clone)]
 pub struct BroadcastEventBus {
     sender: broadcast::Sender<RateLimitEvent>,
     /// Whether anyone ever subscribed. Until then [`EventBus::is_listening`] is one atomic load;
     /// the channel's own count takes a lock, once per check.
     ever_subscribed: Arc<AtomicBool>,
+    /// Events subscribers reported lost (one count per subscriber that lost it).
+    dropped: Arc<AtomicU64>,
 }
 
 impl BroadcastEventBus {
@@ -32,7 +38,27 @@ impl BroadcastEventBus {
         Self {
             sender,
             ever_subscribed: Arc::new(AtomicBool::new(false)),
+            dropped: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Records that a subscriber lost `missed` events by falling behind (what its receiver's
+    /// [`RecvError::Lagged`](broadcast::error::RecvError::Lagged) said).
+    pub fn record_dropped(&self, missed: u64) {
+        self.dropped.fetch_add(missed, Ordering::Relaxed);
+    }
+
+    /// The counter behind [`dropped`](Self::dropped), for a subscriber task to add what it
+    /// lost to (`fetch_add(missed, Relaxed)`) without holding the bus: a task holding a bus
+    /// clone would keep the channel open and never see it close.
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
+    }
+
+    /// Events lost by subscribers that fell behind, as they reported them
+    /// ([`record_dropped`](Self::record_dropped)); an event two subscribers lost counts twice.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// A new subscriber, receiving every event published from now on.
@@ -70,11 +96,13 @@ impl EventBus for BroadcastEventBus {
 /// rest at `debug`) until the bus is dropped. Must be called within a Tokio runtime.
 pub fn spawn_event_logger(bus: &BroadcastEventBus) -> JoinHandle<()> {
     let mut events = bus.subscribe();
+    let dropped = bus.dropped_counter();
     tokio::spawn(async move {
         loop {
             match events.recv().await {
                 Ok(event) => log(&event),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    dropped.fetch_add(missed, Ordering::Relaxed);
                     tracing::warn!(
                         missed,
                         "rate-limit event logger fell behind; events were skipped"
@@ -144,6 +172,31 @@ mod tests {
         ));
         // After the lag report the subscriber resumes with the newest events.
         assert_eq!(slow.recv().await.unwrap().identifier(), "9996");
+    }
+
+    #[tokio::test]
+    async fn the_bus_reports_what_a_lagging_logger_lost() {
+        let bus = BroadcastEventBus::new(4);
+        assert_eq!(bus.dropped(), 0);
+        let logger = spawn_event_logger(&bus);
+        // Published without yielding: the logger cannot keep up with a queue of 4.
+        for i in 0..100 {
+            bus.publish(event(i)).await.unwrap();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while bus.dropped() < 96 {
+            assert!(tokio::time::Instant::now() < deadline, "{}", bus.dropped());
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(bus.dropped(), 96);
+        bus.record_dropped(4);
+        assert_eq!(bus.dropped(), 100);
+        // The logger holds no sender: dropping the bus ends it.
+        drop(bus);
+        tokio::time::timeout(Duration::from_secs(5), logger)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]

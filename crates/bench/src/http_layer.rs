@@ -5,12 +5,13 @@
 //!
 //! - **no layer**: the bare route;
 //! - **ratelimit-http**: the route behind `RateLimitLayer` as the example server wires it: the
-//!   memory backend (one `ip` limit nobody reaches), the default extractor, the container's
-//!   event logger, `RateLimitMetrics` counting both from the event bus and on the request
-//!   path, and a `tracing` fmt subscriber at INFO (writing to a sink);
-//! - **ratelimit-http, no events**: the same layer with nobody listening to the event bus (no
-//!   event logger, no event-derived metrics; the on-path counters only), which shows what
-//!   the event bus costs;
+//!   memory backend (one `ip` limit nobody reaches), the default extractor, `RateLimitMetrics`
+//!   counting on the request path, nobody subscribed to the event bus (the example's default
+//!   since `--events` became opt-in), and a `tracing` fmt subscriber at INFO (writing to a
+//!   sink);
+//! - **ratelimit-http, events**: the same layer with the example server's `--events`: the
+//!   container's event logger and the event-derived metrics subscribed to the event bus,
+//!   which shows what the event bus costs;
 //! - **tower_governor**: the route behind `tower_governor`'s `GovernorLayer`, keyed by peer IP,
 //!   with a quota nobody reaches.
 //!
@@ -63,7 +64,7 @@ const REQUEST: &[u8] = b"GET /hello HTTP/1.1\r\nhost: bench\r\n\r\n";
 const NAMES: [&str; 4] = [
     "no layer",
     "ratelimit-http",
-    "ratelimit-http, no events",
+    "ratelimit-http, events",
     "tower_governor",
 ];
 
@@ -146,20 +147,20 @@ async fn start_servers() -> BoxResult<[SocketAddr; 4]> {
             RateLimitRule::new(RateLimitScope::Ip, 1 << 40, 1e12)?,
         )])?)
     };
-    let container = Container::build(ContainerConfig::memory(rules()?)).await?;
-    let metrics = RateLimitMetrics::new();
-    metrics.spawn(container.events());
-    let layer = RateLimitLayer::from_adapter(container.adapter().clone()).metrics(&metrics);
-    let ours = serve(route().route_layer(layer)).await?;
-    // The container and the metrics live as long as the process.
-    std::mem::forget(container);
-
     let quiet =
         Container::build(ContainerConfig::memory(rules()?).with_event_logging(false)).await?;
     let layer =
         RateLimitLayer::from_adapter(quiet.adapter().clone()).metrics(&RateLimitMetrics::new());
-    let quiet_addr = serve(route().route_layer(layer)).await?;
+    let ours = serve(route().route_layer(layer)).await?;
+    // The containers and the metrics live as long as the process.
     std::mem::forget(quiet);
+
+    let container = Container::build(ContainerConfig::memory(rules()?)).await?;
+    let metrics = RateLimitMetrics::new();
+    metrics.spawn(container.events());
+    let layer = RateLimitLayer::from_adapter(container.adapter().clone()).metrics(&metrics);
+    let events = serve(route().route_layer(layer)).await?;
+    std::mem::forget(container);
 
     let config = GovernorConfigBuilder::default()
         .per_nanosecond(1)
@@ -167,7 +168,7 @@ async fn start_servers() -> BoxResult<[SocketAddr; 4]> {
         .finish()
         .ok_or("tower_governor rejected its configuration")?;
     let governor = serve(route().layer(GovernorLayer::new(Arc::new(config)))).await?;
-    Ok([none, ours, quiet_addr, governor])
+    Ok([none, ours, events, governor])
 }
 
 /// Serves `app` on a loopback port, with the peer address (both layers key by it).

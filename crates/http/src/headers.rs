@@ -140,6 +140,8 @@ impl PolicyItem {
 pub struct EndpointHeaders {
     items: Vec<PolicyItem>,
     policy: Option<HeaderValue>,
+    /// Each item's quota as a header value (`X-RateLimit-Limit`), built once.
+    quotas: Vec<HeaderValue>,
 }
 
 impl EndpointHeaders {
@@ -179,7 +181,12 @@ impl EndpointHeaders {
         let policy = HeaderValue::from_str(&value)
             .ok()
             .filter(|_| !items.is_empty());
-        Self { items, policy }
+        let quotas = items.iter().map(|item| number(item.quota)).collect();
+        Self {
+            items,
+            policy,
+            quotas,
+        }
     }
 
     /// The items, one per enabled limit, in the endpoint's order.
@@ -241,6 +248,8 @@ impl EndpointHeaders {
     ) {
         let fallback;
         let item_of = |outcome: &LimitOutcome| -> Option<&PolicyItem> { self.item(&outcome.name) };
+        // At most five fields: room for them at once, instead of growing the map per insert.
+        headers.reserve(5);
         if style.ietf() {
             if let Some(policy) = &self.policy {
                 headers.insert(RATELIMIT_POLICY, policy.clone());
@@ -259,12 +268,15 @@ impl EndpointHeaders {
                     value.push_str(", ");
                 }
                 push_quoted(&mut value, &item.policy);
-                let _ = write!(value, ";r={}", outcome.remaining);
+                value.push_str(";r=");
+                push_u64(&mut value, outcome.remaining);
                 if let Some(reset) = item.reset(outcome, cost.unwrap_or(item.cost)) {
-                    let _ = write!(value, ";t={reset}");
+                    value.push_str(";t=");
+                    push_u64(&mut value, reset);
                 }
             }
-            if let Ok(value) = HeaderValue::from_str(&value)
+            // Takes the string's buffer as it is, without copying it.
+            if let Ok(value) = HeaderValue::try_from(value)
                 && !result.limits.is_empty()
             {
                 headers.insert(RATELIMIT, value);
@@ -273,24 +285,65 @@ impl EndpointHeaders {
         if style.legacy()
             && let Some(deciding) = result.deciding()
         {
-            let item = match item_of(deciding) {
-                Some(item) => item,
+            let known = self
+                .items
+                .iter()
+                .position(|item| *item.limit == *deciding.name);
+            let item = match known {
+                Some(i) => &self.items[i],
                 None => {
                     fallback = PolicyItem::from_outcome(deciding, cost.unwrap_or(1));
                     &fallback
                 }
             };
-            headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(deciding.limit));
-            headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(deciding.remaining));
+            // The quota's value, built once, unless the result says otherwise (rule sets out
+            // of step).
+            let limit = match known {
+                Some(i) if item.quota == deciding.limit => self.quotas[i].clone(),
+                _ => number(deciding.limit),
+            };
+            headers.insert(X_RATELIMIT_LIMIT, limit);
+            headers.insert(X_RATELIMIT_REMAINING, number(deciding.remaining));
             if let Some(reset) = item.reset(deciding, cost.unwrap_or(item.cost)) {
-                headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
+                headers.insert(X_RATELIMIT_RESET, number(reset));
             }
         }
         if !result.allowed
             && let Some(wait) = result.retry_after_whole_seconds()
         {
-            headers.insert(RETRY_AFTER, HeaderValue::from(wait));
+            headers.insert(RETRY_AFTER, number(wait));
         }
+    }
+}
+
+/// The header value of `n`; the small numbers every response repeats (a reset of 0, a
+/// remaining of a few tokens) without allocating.
+fn number(n: u64) -> HeaderValue {
+    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
+        Some(digits) => HeaderValue::from_static(digits),
+        None => HeaderValue::from(n),
+    }
+}
+
+/// Appends the decimal digits of `n`, without the formatting machinery of `write!`.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        // `n % 10` is a single digit.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            digits[start] = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &digit in &digits[start..] {
+        out.push(char::from(digit));
     }
 }
 
@@ -408,6 +461,28 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn numbers_are_written_as_format_writes_them() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            11,
+            99,
+            100,
+            12_345,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut out = String::from("x");
+            push_u64(&mut out, n);
+            assert_eq!(out, format!("x{n}"));
+            assert_eq!(number(n), HeaderValue::from(n));
+        }
     }
 
     #[test]

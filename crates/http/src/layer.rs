@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -174,11 +175,37 @@ enum Outcome<'a> {
     Error,
 }
 
+/// FNV-1a: the endpoint table's keys are a handful of short, trusted strings (the rules'
+/// routes), where SipHash's protection against chosen keys buys nothing and costs more than
+/// the rest of the lookup.
+#[derive(Debug, Clone, Copy)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
+
 /// Endpoints by method, then by route: looked up with the request's method and matched path
 /// as they are, without building the `METHOD /path` string.
 #[derive(Debug, Default)]
 struct EndpointTable {
-    by_method: HashMap<Method, HashMap<Box<str>, Endpoint>>,
+    by_method: FnvMap<Method, FnvMap<Box<str>, Endpoint>>,
 }
 
 impl EndpointTable {
@@ -564,11 +591,22 @@ where
     };
     let options = cost.map_or_else(CheckOptions::default, CheckOptions::with_cost);
     // Not inside `span`: the adapter records its own `outcome` into the current span.
-    let result = match shared
-        .limiter
-        .is_allowed_opts(&endpoint.name, &identifier, options)
-        .await
-    {
+    let checked = match &shared.rules {
+        // The layer's limiter is this adapter (`from_adapter`): its own method, without the
+        // port's boxed future.
+        Rules::Adapter(adapter) => {
+            adapter
+                .check_opts(&endpoint.name, &identifier, options)
+                .await
+        }
+        Rules::Set(_) => {
+            shared
+                .limiter
+                .is_allowed_opts(&endpoint.name, &identifier, options)
+                .await
+        }
+    };
+    let result = match checked {
         Ok(result) => result,
         Err(err) => {
             endpoint.count(&shared, Outcome::Error);

@@ -230,12 +230,16 @@ impl RateLimitMetrics {
     pub fn spawn(&self, bus: &BroadcastEventBus) -> JoinHandle<()> {
         let mut events = bus.subscribe();
         let metrics = self.clone();
+        // The bus's own count of what its subscribers lost; not the bus itself, whose sender
+        // would keep the channel open.
+        let dropped = bus.dropped_counter();
         tokio::spawn(async move {
             loop {
                 match events.recv().await {
                     Ok(event) => metrics.observe(&event),
                     Err(RecvError::Lagged(missed)) => {
                         metrics.lagged.inc_by(missed);
+                        dropped.fetch_add(missed, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!(
                             missed,
                             "rate-limit metrics fell behind; events were skipped"
@@ -422,5 +426,25 @@ mod tests {
             (metrics.denied("GET /x"), metrics.allowed("GET /x")),
             (1, 1)
         );
+    }
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_counts_and_reports_what_it_lost() {
+        let bus = BroadcastEventBus::new(4);
+        let metrics = RateLimitMetrics::new();
+        let task = metrics.spawn(&bus);
+        // Published without yielding: the subscriber's queue of 4 overflows.
+        for _ in 0..100 {
+            bus.publish(denied("GET /x")).await.unwrap();
+        }
+        let dropped = bus.dropped_counter();
+        drop(bus);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(metrics.denied("GET /x"), 4);
+        assert_eq!(metrics.lagged.get(), 96);
+        assert_eq!(dropped.load(std::sync::atomic::Ordering::Relaxed), 96);
     }
 }

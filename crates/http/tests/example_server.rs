@@ -86,14 +86,17 @@ async fn login_and_scrape(extra: &[&str], backend: &str) {
         "\"POST /api/v1/exports\";r=5;t=0"
     );
 
-    // The metrics subscriber runs on its own task: wait for it.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-    while app.metrics.allowed("POST /api/v1/exports") < 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "metrics never caught up"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let events = extra.contains(&"--events");
+    if events {
+        // The event-derived metrics run on their own task: wait for them.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while app.metrics.allowed("POST /api/v1/exports") < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "metrics never caught up"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
     let scrape = http
         .get(format!("{}/metrics", running.base))
@@ -108,7 +111,15 @@ async fn login_and_scrape(extra: &[&str], backend: &str) {
     // /metrics itself is not limited.
     assert!(limit_headers(&scrape).is_empty());
     let text = scrape.text().await.unwrap();
-    for line in [
+    // The layer's own counters, exact with or without the event bus.
+    let mut expected = vec![
+        "ratelimit_http_decisions_total{endpoint=\"POST /api/v1/sessions\",limit=\"\",outcome=\"allowed\"} 5",
+        "ratelimit_http_decisions_total{endpoint=\"POST /api/v1/sessions\",limit=\"POST /api/v1/sessions\",outcome=\"denied\"} 1",
+        "ratelimit_http_decisions_total{endpoint=\"GET /api/v1/users/{id}\",limit=\"\",outcome=\"allowed\"} 1",
+        "ratelimit_http_decisions_total{endpoint=\"POST /api/v1/exports\",limit=\"\",outcome=\"allowed\"} 1",
+        "# EOF",
+    ];
+    let event_derived = [
         "# HELP ratelimit_allowed Rate-limit checks allowed by the store, per endpoint.",
         "# TYPE ratelimit_allowed counter",
         "ratelimit_allowed_total{endpoint=\"POST /api/v1/sessions\"} 5",
@@ -117,8 +128,17 @@ async fn login_and_scrape(extra: &[&str], backend: &str) {
         "# TYPE ratelimit_denied counter",
         "ratelimit_denied_total{endpoint=\"POST /api/v1/sessions\"} 1",
         "ratelimit_events_lagged_total 0",
-        "# EOF",
-    ] {
+    ];
+    if events {
+        expected.extend(event_derived);
+    } else {
+        // Nobody subscribed to the event bus: no event was built, none counted.
+        assert!(
+            !text.contains("ratelimit_allowed_total{"),
+            "event-derived counts without --events:\n{text}"
+        );
+    }
+    for line in expected {
         assert!(
             text.lines().any(|l| l == line),
             "{line:?} missing from\n{text}"
@@ -129,6 +149,11 @@ async fn login_and_scrape(extra: &[&str], backend: &str) {
 #[tokio::test]
 async fn example_server_limits_and_counts_on_the_memory_backend() {
     login_and_scrape(&[], "memory").await;
+}
+
+#[tokio::test]
+async fn example_server_with_events_also_counts_from_the_event_bus() {
+    login_and_scrape(&["--events"], "memory").await;
 }
 
 #[tokio::test]

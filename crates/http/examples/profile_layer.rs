@@ -1,0 +1,91 @@
+//! An in-process driver for profiling the layer (no sockets): `N` requests through one axum
+//! route with no layer, or with the layer wired as `just bench-http` wires it.
+//!
+//! ```sh
+//! cargo build --release -p ratelimit-http --example profile_layer
+//! valgrind --tool=callgrind target/release/examples/profile_layer layer 20000
+//! ```
+//!
+//! Modes: `none` (the bare route), `layer` (the layer as the example server wires it) and
+//! `quiet` (the layer with nobody listening to the event bus). It prints the time per request;
+//! under callgrind, compare the instruction counts of two modes and divide by `N`.
+
+#![allow(clippy::print_stdout)]
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use axum::routing::get;
+use ratelimit_adapter::{RateLimitRule, RateLimitScope, RuleSet};
+use ratelimit_container::{Container, ContainerConfig};
+use ratelimit_http::{RateLimitLayer, RateLimitMetrics};
+use tower::{Service, ServiceExt};
+
+fn rules() -> RuleSet {
+    RuleSet::try_from_rules([(
+        "GET /hello",
+        RateLimitRule::new(RateLimitScope::Ip, 1 << 40, 1e12).expect("a valid rule"),
+    )])
+    .expect("valid rules")
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::sink)
+        .init();
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_else(|| "layer".to_owned());
+    let n: u32 = args.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let route = Router::new().route("/hello", get(|| async { "ok" }));
+    let mut keep = Vec::new();
+    let app = match mode.as_str() {
+        "none" => route,
+        "layer" | "quiet" => {
+            let container = Container::build(
+                ContainerConfig::memory(rules()).with_event_logging(mode == "layer"),
+            )
+            .await
+            .expect("a container");
+            let metrics = RateLimitMetrics::new();
+            if mode == "layer" {
+                metrics.spawn(container.events());
+            }
+            let layer = RateLimitLayer::from_adapter(container.adapter().clone()).metrics(&metrics);
+            keep.push(container);
+            route.route_layer(layer)
+        }
+        other => panic!("unknown mode {other:?}"),
+    };
+    let mut service = app.into_service::<Body>();
+    let peer: SocketAddr = "127.0.0.1:40000".parse().expect("an address");
+    let started = Instant::now();
+    for _ in 0..n {
+        let mut request = Request::get("/hello")
+            .body(Body::empty())
+            .expect("a request");
+        request.extensions_mut().insert(ConnectInfo(peer));
+        let response = service
+            .ready()
+            .await
+            .expect("ready")
+            .call(request)
+            .await
+            .expect("a response");
+        assert_eq!(response.status(), 200);
+        drop(response);
+        // Lets subscriber tasks run, as a server's runtime would.
+        tokio::task::yield_now().await;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{mode}: {n} requests, {:.3} µs per request",
+        elapsed.as_secs_f64() * 1e6 / f64::from(n)
+    );
+    drop(keep);
+}
