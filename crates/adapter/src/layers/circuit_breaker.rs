@@ -332,11 +332,7 @@ mod tests {
             &self,
             requests: &[BucketRequest<'a>],
         ) -> Result<Vec<BucketDecision>> {
-            let mut decisions = Vec::new();
-            for request in requests {
-                decisions.push(self.check_and_consume(request).await?);
-            }
-            Ok(decisions)
+            super::super::one_by_one(self, requests).await
         }
         async fn get_remaining(
             &self,

@@ -373,11 +373,8 @@ mod tests {
             &self,
             requests: &[BucketRequest<'a>],
         ) -> Result<Vec<BucketDecision>> {
-            let mut decisions = Vec::new();
-            for request in requests {
-                decisions.push(self.check_and_consume(request).await?);
-            }
-            Ok(decisions)
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.inner.check_and_consume_all(requests).await
         }
         async fn get_remaining(
             &self,
@@ -523,11 +520,7 @@ mod tests {
             &self,
             requests: &[BucketRequest<'a>],
         ) -> Result<Vec<BucketDecision>> {
-            let mut decisions = Vec::new();
-            for request in requests {
-                decisions.push(self.check_and_consume(request).await?);
-            }
-            Ok(decisions)
+            super::super::one_by_one(self, requests).await
         }
         async fn get_remaining(
             &self,

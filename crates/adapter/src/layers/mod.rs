@@ -35,3 +35,17 @@ mod last_error;
 pub use circuit_breaker::{CircuitBreakerConfig, CircuitBreakerStore, CircuitState};
 pub use deny_cache::DenyCacheStore;
 pub use last_error::ErrorCaptureStore;
+
+/// The several-bucket check of the layers' test doubles, which keep no buckets and only answer:
+/// each request on its own, in order (not atomic, which real stores must be).
+#[cfg(test)]
+async fn one_by_one<S: ratelimit_domain::BucketStore + ?Sized>(
+    store: &S,
+    requests: &[ratelimit_domain::BucketRequest<'_>],
+) -> ratelimit_domain::Result<Vec<ratelimit_domain::BucketDecision>> {
+    let mut decisions = Vec::with_capacity(requests.len());
+    for request in requests {
+        decisions.push(store.check_and_consume(request).await?);
+    }
+    Ok(decisions)
+}
