@@ -31,13 +31,11 @@ else
 end
 
 -- Phase 1: every bucket's step, nothing written yet.
--- One array per number rather than a table per bucket: fewer allocations for Lua to collect.
-local args, maxs, rates, costs = {}, {}, {}, {}
-local currents, lasts, expiries, had = {}, {}, {}, {}
+local buckets = {}
 local all_had = true
 for i = 1, n do
-  local packed = ARGV[i + 1]
-  local max_tokens, refill_rate, cost = struct.unpack('<ddd', packed)
+  local args = ARGV[i + 1]
+  local max_tokens, refill_rate, cost = struct.unpack('<ddd', args)
 
   local tokens, last
   local expires = 0
@@ -68,52 +66,53 @@ for i = 1, n do
     last = now
   end
 
-  -- A cost above capacity (+inf from the caller) never has its tokens.
-  local ok = cost == 0 or (cost <= max_tokens and current >= cost)
-  if not ok then
+  local never = cost ~= 0 and cost > max_tokens
+  local had = cost == 0 or (not never and current >= cost)
+  if not had then
     all_had = false
   end
-  args[i], maxs[i], rates[i], costs[i] = packed, max_tokens, refill_rate, cost
-  currents[i], lasts[i], expiries[i], had[i] = current, last, expires, ok
+  buckets[i] = { args = args, max_tokens = max_tokens, refill_rate = refill_rate, cost = cost,
+    current = current, last = last, expires = expires, had = had, never = never }
 end
 
+-- Writes `left` tokens to bucket i, keeping the key's lifetime while it covers the moment the
+-- bucket is full again with 30 s to spare, as lua/token_bucket_compact.lua.
+local function write(i, b, left)
+  if not explicit and b.expires - b.last >= (b.max_tokens - left) / (b.refill_rate / 60) + 30 then
+    redis.call('SETRANGE', KEYS[i], '0', struct.pack('<dd', left, b.last))
+  else
+    local ttl = string.sub(b.args, 25)
+    local expires = 0
+    if not explicit then
+      expires = math.min(math.floor(now + tonumber(ttl)), 4294967295)
+    end
+    redis.call('SETEX', KEYS[i], ttl, struct.pack('<ddI4', left, b.last, expires))
+  end
+end
+
+-- Phase 2.
 local reply = {}
 for i = 1, n do
-  local max_tokens, refill_rate, cost = maxs[i], rates[i], costs[i]
-  local current, last = currents[i], lasts[i]
+  local b = buckets[i]
   local at = 3 * i - 2
-  local write, left
-  if had[i] then
-    if all_had and cost ~= 0 then
-      left = current - cost
-      write = true
+  if b.had then
+    if all_had and b.cost ~= 0 then
+      local left = b.current - b.cost
+      write(i, b, left)
       reply[at], reply[at + 1], reply[at + 2] = 1, '0', math.floor(left)
     else
       -- A read, or had its cost while another bucket lacked its own: nothing taken or written.
-      reply[at], reply[at + 1], reply[at + 2] = 1, '0', math.floor(current)
+      reply[at], reply[at + 1], reply[at + 2] = 1, '0', math.floor(b.current)
     end
-  elseif cost > max_tokens then
-    reply[at], reply[at + 1], reply[at + 2] = 0, 'inf', math.floor(current)
+  elseif b.never then
+    reply[at], reply[at + 1], reply[at + 2] = 0, 'inf', math.floor(b.current)
   else
-    left = current
-    write = true
+    write(i, b, b.current)
     -- Nothing refills until now reaches last (0 unless a clock went back), then the refill.
     reply[at] = 0
-    reply[at + 1] = string.format('%.17g', (last - now) + (cost - current) / (refill_rate / 60))
-    reply[at + 2] = math.floor(current)
-  end
-  if write then
-    -- The key's lifetime, kept or renewed exactly as lua/token_bucket_compact.lua does.
-    if not explicit and expiries[i] - last >= (max_tokens - left) / (refill_rate / 60) + 30 then
-      redis.call('SETRANGE', KEYS[i], '0', struct.pack('<dd', left, last))
-    else
-      local ttl = string.sub(args[i], 25)
-      local expires = 0
-      if not explicit then
-        expires = math.min(math.floor(now + tonumber(ttl)), 4294967295)
-      end
-      redis.call('SETEX', KEYS[i], ttl, struct.pack('<ddI4', left, last, expires))
-    end
+    reply[at + 1] = string.format('%.17g',
+      (b.last - now) + (b.cost - b.current) / (b.refill_rate / 60))
+    reply[at + 2] = math.floor(b.current)
   end
 end
 return reply
