@@ -65,16 +65,21 @@ chaos:
 attack *args:
     cargo run --release -q -p ratelimit-tests --example attack -- {{args}}
 
-# Benchmark (release build, own throwaway redis-server, ~6 min; `just bench --quick` for ~1 min; `just bench several-limits` for figure 5 alone, `just bench coalesced` for figure 6 alone), then ratelimit-server against the library; writes target/bench/. Builds the limitador driver first (a few minutes, once).
+# Benchmark (release build, own throwaway redis-server, ~6 min; `just bench --quick` for ~1 min; `just bench several-limits` for figure 5 alone, `just bench coalesced` for figure 6 alone), then the HTTP layer against tower_governor and ratelimit-server against the library; writes target/bench/. Builds the limitador driver first (a few minutes, once).
 bench *args:
     #!/usr/bin/env bash
     set -euo pipefail
     crates/bench/limitador/build.sh
     cargo run --release -q -p ratelimit-bench -- {{args}}
-    # The whole run (with or without --quick) ends with the Envoy service against the library.
+    # The whole run (with or without --quick) goes on with the HTTP layer against tower_governor,
+    # then the Envoy service against the library.
     case "{{args}}" in
-        "") cargo run --release -q -p ratelimit-server --example bench ;;
-        "--quick") cargo run --release -q -p ratelimit-server --example bench -- --seconds 2 ;;
+        "")
+            cargo run --release -q -p ratelimit-bench -- http
+            cargo run --release -q -p ratelimit-server --example bench ;;
+        "--quick")
+            cargo run --release -q -p ratelimit-bench -- http --rounds 2 --seconds 1
+            cargo run --release -q -p ratelimit-server --example bench -- --seconds 2 ;;
     esac
 
 # The HTTP layer against no layer and tower_governor on one axum route (release build, ~40 s after the build; `--rounds N --seconds S --connections 32,64`).
