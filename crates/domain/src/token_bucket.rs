@@ -225,6 +225,19 @@ pub fn validate_now(now: f64) -> Result<f64> {
     }
 }
 
+/// `seconds` rounded up to whole seconds, for headers and protocol fields: 0 for nothing (zero,
+/// negative or NaN), saturating at `u64::MAX`.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped first
+pub fn ceil_seconds(seconds: f64) -> u64 {
+    if seconds.is_nan() || seconds <= 0.0 {
+        0
+    } else if seconds >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        seconds.ceil() as u64
+    }
+}
+
 /// Seconds as a `Duration`; anything not representable (infinite, NaN, too large) is "never".
 pub fn seconds(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs).unwrap_or(BucketDecision::NEVER)
@@ -542,6 +555,16 @@ mod tests {
         let decisions: Vec<_> = out.iter().map(|s| s.decision).collect();
         assert_eq!(combined_retry_after(&decisions), BucketDecision::NEVER);
         assert!(step_all(&[], T0).is_empty());
+    }
+
+    #[test]
+    fn ceil_seconds_rounds_up_and_saturates() {
+        assert_eq!(ceil_seconds(0.0), 0);
+        assert_eq!(ceil_seconds(-3.0), 0);
+        assert_eq!(ceil_seconds(f64::NAN), 0);
+        assert_eq!(ceil_seconds(11.000_1), 12);
+        assert_eq!(ceil_seconds(12.0), 12);
+        assert_eq!(ceil_seconds(f64::INFINITY), u64::MAX);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use ratelimit_adapter::domain::token_bucket::ceil_seconds;
 use ratelimit_adapter::{EndpointLimits, LimitOutcome, RateLimitResult};
 
 /// `RateLimit-Policy` (IETF draft).
@@ -344,19 +345,6 @@ fn push_u64(out: &mut String, mut n: u64) {
     }
     for &digit in &digits[start..] {
         out.push(char::from(digit));
-    }
-}
-
-/// `seconds` rounded up to a whole number, saturating (rule validation bounds these values
-/// well below `u64::MAX`).
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped first
-fn ceil_seconds(seconds: f64) -> u64 {
-    if seconds.is_nan() || seconds <= 0.0 {
-        0
-    } else if seconds >= u64::MAX as f64 {
-        u64::MAX
-    } else {
-        seconds.ceil() as u64
     }
 }
 

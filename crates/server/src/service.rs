@@ -15,10 +15,12 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use ratelimit_adapter::domain::token_bucket::ceil_seconds;
 use ratelimit_adapter::{BucketCheck, TokenBucketAdapter};
 use ratelimit_domain::{
     BucketKey, DecisionSource, ErrorCode, FailurePolicy, Limit, LimitOutcome, RateLimitError,
 };
+use ratelimit_http::sf_string;
 use tonic::Status;
 
 use crate::config::{LimitSpec, RateLimitConfig, Unit};
@@ -619,45 +621,6 @@ impl HeaderCandidate {
             refused: code == Code::OverLimit,
         }
     }
-}
-
-/// `seconds` rounded up to whole seconds (0 for nothing, saturating).
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped first
-fn ceil_seconds(seconds: f64) -> u64 {
-    if seconds.is_nan() || seconds <= 0.0 {
-        0
-    } else if seconds >= u64::MAX as f64 {
-        u64::MAX
-    } else {
-        seconds.ceil() as u64
-    }
-}
-
-/// An RFC 8941 sf-string, as `ratelimit_http::sf_string` writes one: `"` and `\\` escaped,
-/// `%`, control and non-ASCII characters percent-encoded as their UTF-8 bytes.
-fn sf_string(text: &str) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    let mut buf = [0u8; 4];
-    for c in text.chars() {
-        match c {
-            '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
-            '%' => out.push_str("%25"),
-            ' '..='~' => out.push(c),
-            _ => {
-                for byte in c.encode_utf8(&mut buf).bytes() {
-                    // Writing to a String cannot fail.
-                    let _ = write!(out, "%{byte:02X}");
-                }
-            }
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn current_limit(spec: &LimitSpec) -> PbRateLimit {
