@@ -1,5 +1,6 @@
 //! The tower layer and service.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -635,7 +636,7 @@ fn prepare<B: From<String>>(
     endpoint: &Endpoint,
     parts: &Parts,
     span: &Span,
-) -> Result<(String, Option<u64>), Response<B>> {
+) -> Result<(Cow<'static, str>, Option<u64>), Response<B>> {
     let cost = match &shared.cost {
         None => None,
         Some(cost_of) => {
@@ -684,7 +685,8 @@ fn prepare<B: From<String>>(
         }
     };
     if !endpoint.scope.uses_identifier() {
-        return Ok((GLOBAL_IDENTIFIER.to_owned(), cost));
+        // A global limit keys no identifier: nothing to allocate.
+        return Ok((Cow::Borrowed(GLOBAL_IDENTIFIER), cost));
     }
     shared
         .extractor
@@ -693,7 +695,7 @@ fn prepare<B: From<String>>(
             endpoint: &endpoint.name,
             scope: endpoint.scope,
         })
-        .map(|identifier| (identifier, cost))
+        .map(|identifier| (Cow::Owned(identifier), cost))
         .map_err(|rejection| rejected(span, &endpoint.name, &rejection))
 }
 
