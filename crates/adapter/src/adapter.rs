@@ -1198,6 +1198,17 @@ mod tests {
         RuleSet::try_from_limits([(SEARCH, limits)]).unwrap()
     }
 
+    /// Checks `identifier` on the search endpoint `n` times, each of which must be allowed.
+    async fn admit(limiter: &TokenBucketAdapter, identifier: &str, n: usize) {
+        for i in 0..n {
+            let result = limiter.is_allowed(SEARCH, identifier).await.unwrap();
+            assert!(
+                result.allowed,
+                "check {i} of {identifier} refused: {result:?}"
+            );
+        }
+    }
+
     fn memory_adapter(clock: &ratelimit_domain::ManualClock) -> TokenBucketAdapter {
         let store = ratelimit_memory::MemoryStorage::with_clock(clock.clone());
         TokenBucketAdapter::builder(Arc::new(store), search_rules())
@@ -1210,30 +1221,14 @@ mod tests {
         let clock = ratelimit_domain::ManualClock::new(1_000.0);
         let limiter = memory_adapter(&clock);
         // Client a takes 10 (its own limit), client b takes 5: the shared 15 are gone.
-        for _ in 0..10 {
-            assert!(
-                limiter
-                    .is_allowed(SEARCH, "10.0.0.1")
-                    .await
-                    .unwrap()
-                    .allowed
-            );
-        }
+        admit(&limiter, "10.0.0.1", 10).await;
         let tenth = limiter.is_allowed(SEARCH, "10.0.0.1").await.unwrap();
         assert!(!tenth.allowed);
         assert_eq!(
             tenth.refused().map(|l| &*l.name).collect::<Vec<_>>(),
             ["per-client"]
         );
-        for _ in 0..5 {
-            assert!(
-                limiter
-                    .is_allowed(SEARCH, "10.0.0.2")
-                    .await
-                    .unwrap()
-                    .allowed
-            );
-        }
+        admit(&limiter, "10.0.0.2", 5).await;
         let refused = limiter.is_allowed(SEARCH, "10.0.0.2").await.unwrap();
         assert!(!refused.allowed);
         assert_eq!(
@@ -1273,15 +1268,7 @@ mod tests {
     async fn reset_refills_the_identifier_s_buckets_and_a_global_one_only_by_name() {
         let clock = ratelimit_domain::ManualClock::new(1_000.0);
         let limiter = memory_adapter(&clock);
-        for _ in 0..10 {
-            assert!(
-                limiter
-                    .is_allowed(SEARCH, "10.0.0.1")
-                    .await
-                    .unwrap()
-                    .allowed
-            );
-        }
+        admit(&limiter, "10.0.0.1", 10).await;
         assert!(limiter.reset(SEARCH, "10.0.0.1").await.unwrap());
         let status = limiter.status(SEARCH, "10.0.0.1").await.unwrap();
         assert_eq!(
