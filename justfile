@@ -85,3 +85,7 @@ bench *args:
 # The HTTP layer against no layer and tower_governor on one axum route (release build, ~40 s after the build; `--rounds N --seconds S --connections 32,64`).
 bench-http *args:
     cargo run --release -q -p ratelimit-bench -- http {{args}}
+
+# Redis CPU per check against one Redis core's ceiling, by concurrency (1-256 tasks, one shared bucket) and by buckets held (1 to 10 million, ~1.3 GB of Redis memory at the top); ~3 min after the build (`--quick`: up to 1 million, ~40 s); writes target/bench/scaling.md.
+bench-scaling *args:
+    cargo run --release -q -p ratelimit-bench -- scaling {{args}}

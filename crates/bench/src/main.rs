@@ -47,6 +47,7 @@ mod redis_benchmark;
 mod redis_cost;
 mod redis_path;
 mod report;
+mod scaling;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -99,6 +100,10 @@ enum BenchCommand {
     /// The HTTP layer against no layer and tower_governor on one axum route, over real
     /// connections, in rotating rounds (see `http_layer`).
     Http(http_layer::HttpArgs),
+    /// Where the limiter stands against one Redis core's ceiling for an exact shared limit, and
+    /// how a check's cost grows with concurrency (1 → 256 tasks) and with the buckets Redis
+    /// holds (1 → 10 million); writes target/bench/scaling.md (see `scaling`).
+    Scaling(scaling::ScalingArgs),
 }
 
 /// `target/bench` of the workspace.
@@ -211,6 +216,15 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::FAILURE,
             Err(err) => {
                 eprintln!("ratelimit-bench several-limits: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(BenchCommand::Scaling(scaling)) = &args.command {
+        return match scaling::run(scaling, args.quick) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("ratelimit-bench scaling: error: {err}");
                 ExitCode::FAILURE
             }
         };
