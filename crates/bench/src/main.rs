@@ -99,6 +99,8 @@ enum BenchCommand {
     /// The HTTP layer against no layer and tower_governor on one axum route, over real
     /// connections, in rotating rounds (see `http_layer`).
     Http(http_layer::HttpArgs),
+    /// Figure 3 alone (the memory store against governor), or one contender for callgrind.
+    Memory(memory_backend::MemoryArgs),
 }
 
 /// `target/bench` of the workspace.
@@ -185,6 +187,9 @@ impl Settings {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(BenchCommand::Memory(memory)) = &args.command {
+        return memory_backend::run(memory, args.quick);
+    }
     if let Some(BenchCommand::MemoryFlood(flood)) = &args.command {
         return match memory_flood::run(flood) {
             Ok(()) => ExitCode::SUCCESS,
