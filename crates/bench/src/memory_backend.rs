@@ -12,8 +12,8 @@
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter as Governor};
@@ -154,7 +154,13 @@ pub(crate) fn measure(settings: &Settings, progress: &Progress) -> BoxResult<Vec
             progress.done();
         }
         let governor = median(&governor);
-        Ok(figures(&store, &adapter, governor, &store_ratio, &adapter_ratio))
+        Ok(figures(
+            &store,
+            &adapter,
+            governor,
+            &store_ratio,
+            &adapter_ratio,
+        ))
     })
 }
 
@@ -167,26 +173,26 @@ fn figures(
     adapter_ratio: &[f64],
 ) -> Vec<Figure> {
     vec![
-            Figure::new(
-                "memory.store.ns_per_check",
-                "Memory: MemoryStorage check_and_consume",
-                median(&store),
-                Unit::Nanos,
-                "governor keyed limiter, String keys",
-                Some(governor),
-            )
-            .ratio(median(&store_ratio))
-            .target(Target::RatioAtMost(1.0)),
-            Figure::new(
-                "memory.adapter.ns_per_check",
-                "Memory: adapter is_allowed, events on",
-                median(&adapter),
-                Unit::Nanos,
-                "governor keyed limiter, String keys",
-                Some(governor),
-            )
-            .ratio(median(&adapter_ratio))
-            .target(Target::ValueBelow(1_000.0)),
+        Figure::new(
+            "memory.store.ns_per_check",
+            "Memory: MemoryStorage check_and_consume",
+            median(store),
+            Unit::Nanos,
+            "governor keyed limiter, String keys",
+            Some(governor),
+        )
+        .ratio(median(store_ratio))
+        .target(Target::RatioAtMost(1.0)),
+        Figure::new(
+            "memory.adapter.ns_per_check",
+            "Memory: adapter is_allowed, events on",
+            median(adapter),
+            Unit::Nanos,
+            "governor keyed limiter, String keys",
+            Some(governor),
+        )
+        .ratio(median(adapter_ratio))
+        .target(Target::ValueBelow(1_000.0)),
     ]
 }
 

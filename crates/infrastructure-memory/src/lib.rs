@@ -80,8 +80,12 @@ use hashbrown::HashTable;
 use ratelimit_domain::token_bucket::{self, BucketState, StepInput};
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketRequest, BucketStore, Clock, ErrorCode, RateLimitError,
-    RateLimitRule, Result, SystemClock,
+    RateLimitRule, Result,
 };
+
+mod clock;
+
+pub use clock::CounterClock;
 
 /// Shards of the key space (fewer for a capacity below it); each has its own lock, so
 /// unrelated keys rarely contend. A power of two.
@@ -152,7 +156,8 @@ impl MemoryStorageBuilder {
         self
     }
 
-    /// The clock the store reads (default: the host's wall clock, [`SystemClock`]).
+    /// The clock the store reads (default: the host's wall clock, read from the CPU's
+    /// timestamp counter: [`CounterClock`]).
     pub fn clock(self, clock: impl Clock) -> Self {
         self.shared_clock(Arc::new(clock))
     }
@@ -176,7 +181,9 @@ impl MemoryStorageBuilder {
             )
             .with_detail("capacity", "0"));
         }
-        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let clock = self
+            .clock
+            .unwrap_or_else(|| Arc::new(CounterClock::default()));
         Ok(MemoryStorage::from_parts(
             self.capacity,
             shard_count(self.capacity),
@@ -327,10 +334,10 @@ impl MemoryStorage {
     /// memory is measured by `just bench memory-flood` (docs/performance.md).
     pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
-    /// A store on the host's wall clock, holding at most [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY)
-    /// buckets.
+    /// A store on the host's wall clock ([`CounterClock`]), holding at most
+    /// [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) buckets.
     pub fn new() -> Self {
-        Self::with_clock(SystemClock)
+        Self::with_clock(CounterClock::default())
     }
 
     /// A store on the given clock (a [`ManualClock`](ratelimit_domain::ManualClock) in tests),
