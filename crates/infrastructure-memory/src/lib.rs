@@ -206,6 +206,10 @@ struct Shard {
     evictions: u64,
     /// See [`MemoryStats`].
     evictions_not_full: u64,
+    /// The storage lifetime of the last rule seen, in seconds, and that rule's `max_tokens`
+    /// and `refill_rate` (as bits), of which it is a function: most checks of a shard are of
+    /// one rule or a few, so this saves a division and a rounding per check.
+    ttl: (u64, u64, f64),
 }
 
 /// The buckets looked at to choose one to evict.
@@ -392,6 +396,8 @@ impl MemoryStorage {
                     rng: hasher.hash_one(index) | 1,
                     evictions: 0,
                     evictions_not_full: 0,
+                    // No rule has a max_tokens of 0, so the first check computes it.
+                    ttl: (0, 0, 0.0),
                 })
             })
             .collect();
@@ -474,6 +480,16 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 }
 
 impl Shard {
+    /// When a bucket of `rule` written at `now` expires: `now` plus the rule's
+    /// [storage lifetime](RateLimitRule::storage_ttl_seconds).
+    fn expires_at(&mut self, rule: &RateLimitRule, now: f64) -> f64 {
+        let (max_tokens, refill_rate) = (rule.max_tokens(), rule.refill_rate().to_bits());
+        if (self.ttl.0, self.ttl.1) != (max_tokens, refill_rate) {
+            self.ttl = (max_tokens, refill_rate, rule.storage_ttl_seconds() as f64);
+        }
+        now + self.ttl.2
+    }
+
     fn sweep(&mut self, now: f64) {
         self.buckets.retain(|bucket| bucket.expires_at() > now);
         self.next_sweep = now + SWEEP_INTERVAL_SECONDS;
@@ -494,11 +510,11 @@ impl Shard {
         }
         let step =
             |stored| token_bucket::step(stored, rule.max_tokens(), rule.refill_rate(), cost, now);
+        let expires_at = self.expires_at(rule, now);
         if let Some(bucket) = self.buckets.find_mut(hash, |bucket| bucket.key() == key) {
             // An expired bucket reads as missing; a step that stores brings it back to life.
             let step = step((bucket.expires_at() > now).then(|| bucket.state()));
             if let Some(state) = step.store {
-                let expires_at = now + rule.storage_ttl_seconds() as f64;
                 bucket.set(state, expires_at, full_at(state, rule));
             }
             return step.decision;
@@ -510,7 +526,6 @@ impl Shard {
                     break;
                 }
             }
-            let expires_at = now + rule.storage_ttl_seconds() as f64;
             let bucket = StoredBucket::new(key, state, expires_at, full_at(state, rule));
             // The table rehashes its buckets when it grows.
             self.buckets
@@ -537,7 +552,7 @@ impl Shard {
         state: BucketState,
         now: f64,
     ) {
-        let expires_at = now + rule.storage_ttl_seconds() as f64;
+        let expires_at = self.expires_at(rule, now);
         if let Some(bucket) = self.buckets.find_mut(hash, |bucket| bucket.key() == key) {
             bucket.set(state, expires_at, full_at(state, rule));
             return;
@@ -979,6 +994,47 @@ mod tests {
             );
         }
         assert_eq!(remaining(&store, "everyone", &shared).await, 0);
+    }
+
+    #[tokio::test]
+    async fn buckets_of_different_rules_in_one_shard_keep_their_own_lifetimes() {
+        // The shard remembers the last rule's lifetime: a check of another rule must not get it.
+        let clock = ManualClock::new(1_000.0);
+        let store = one_shard(100, &clock);
+        let short = rule(5, 5.0); // storage TTL 120 s
+        let long = rule(100, 1.0); // storage TTL 6,060 s
+        for round in 0..3 {
+            take(&store, &format!("short-{round}"), &short, 1).await;
+            take(&store, &format!("long-{round}"), &long, 50).await;
+            // Through the several-limits path (Shard::write) as well.
+            let (a, b) = (
+                key(&format!("short-all-{round}")),
+                key(&format!("long-all-{round}")),
+            );
+            let requests = [
+                BucketRequest::new(&a, &short).with_cost(1),
+                BucketRequest::new(&b, &long).with_cost(50),
+            ];
+            store.check_and_consume_all(&requests).await.unwrap();
+        }
+        clock.advance(Duration::from_secs(121));
+        store.sweep_expired();
+        assert_eq!(
+            store.bucket_count(),
+            6,
+            "only the short rule's buckets expire"
+        );
+        for round in 0..3 {
+            // 50 left, and 2 refilled in 121 s.
+            assert_eq!(remaining(&store, &format!("long-{round}"), &long).await, 52);
+            assert_eq!(
+                remaining(&store, &format!("long-all-{round}"), &long).await,
+                52
+            );
+        }
+        clock.advance(Duration::from_secs(6_000));
+        store.sweep_expired();
+        assert_eq!(store.bucket_count(), 0);
     }
 
     /// A store of one shard, so that a test knows which buckets compete for room.
