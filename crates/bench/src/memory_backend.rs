@@ -2,7 +2,8 @@
 //!
 //! Everything runs in a tight loop on a current-thread runtime, one key after another from a
 //! set of distinct keys built beforehand, so that the figures are the cost of a check and
-//! nothing else. Rounds alternate between the three contenders.
+//! nothing else. Each round runs every contender once, in an order that rotates from round to
+//! round.
 //!
 //! `ratelimit-bench memory` runs this figure alone. With `--only <contender> --checks N` it
 //! runs one contender alone (one warm-up pass over every key, then N checks), so that
@@ -92,6 +93,22 @@ impl Contenders {
         Ok(per_check(started, checks))
     }
 
+    /// ns per [`MemoryStorage::check`]: the same step without the port's boxed future.
+    #[inline(never)] // callgrind/memory.sh counts inside it
+    fn store_sync(&self, checks: usize) -> BoxResult<f64> {
+        let started = Instant::now();
+        for i in 0..checks {
+            let key = &self.keys[i % KEYS];
+            let decision = self
+                .store
+                .check(&BucketRequest::new(key, &self.rule).with_cost(1))?;
+            if !black_box(decision).allowed {
+                return Err("the memory store denied a check".into());
+            }
+        }
+        Ok(per_check(started, checks))
+    }
+
     /// ns per `is_allowed` of the adapter over the store, events to a bus nobody listens to.
     async fn adapter(&self, checks: usize) -> BoxResult<f64> {
         let started = Instant::now();
@@ -106,6 +123,7 @@ impl Contenders {
     }
 
     /// ns per `check_key` of governor's keyed limiter.
+    #[inline(never)] // callgrind/memory.sh counts inside it
     fn governor(&self, checks: usize) -> BoxResult<f64> {
         let started = Instant::now();
         for i in 0..checks {
@@ -122,7 +140,8 @@ fn per_check(started: Instant, checks: usize) -> f64 {
     started.elapsed().as_nanos() as f64 / checks as f64
 }
 
-/// Figure 3: store alone and adapter (with events) against governor, ns per check.
+/// Figure 3: the store (through the port and without a future) and the adapter (with events)
+/// against governor, ns per check.
 pub(crate) fn measure(settings: &Settings, progress: &Progress) -> BoxResult<Vec<Figure>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -136,6 +155,7 @@ pub(crate) fn measure(settings: &Settings, progress: &Progress) -> BoxResult<Vec
         contenders.governor(KEYS)?;
         let (mut store, mut adapter, mut governor) = (Vec::new(), Vec::new(), Vec::new());
         let (mut store_ratio, mut adapter_ratio) = (Vec::new(), Vec::new());
+        let (mut sync, mut sync_ratio) = (Vec::new(), Vec::new());
         for round in 0..settings.rounds {
             progress.begin(format!(
                 "memory backend: round {}/{}",
@@ -143,24 +163,41 @@ pub(crate) fn measure(settings: &Settings, progress: &Progress) -> BoxResult<Vec
                 settings.rounds
             ));
             let n = settings.memory_checks;
-            let s = contenders.store(n).await?;
-            let g = contenders.governor(n)?;
-            let a = contenders.adapter(n).await?;
+            // Whoever runs first in a round finds less of its data in the caches (the four
+            // do not fit in them together), so the order rotates from round to round.
+            let (mut s, mut g, mut c, mut a) = (0.0, 0.0, 0.0, 0.0);
+            for turn in 0..4 {
+                match (round + turn) % 4 {
+                    0 => s = contenders.store(n).await?,
+                    1 => g = contenders.governor(n)?,
+                    2 => c = contenders.store_sync(n)?,
+                    _ => a = contenders.adapter(n).await?,
+                }
+            }
             store.push(s);
             governor.push(g);
             adapter.push(a);
             store_ratio.push(s / g);
+            sync.push(c);
+            sync_ratio.push(c / g);
             adapter_ratio.push(a / g);
             progress.done();
         }
         let governor = median(&governor);
-        Ok(figures(
-            &store,
-            &adapter,
-            governor,
-            &store_ratio,
-            &adapter_ratio,
-        ))
+        let mut figures = figures(&store, &adapter, governor, &store_ratio, &adapter_ratio);
+        figures.insert(
+            1,
+            Figure::new(
+                "memory.store_sync.ns_per_check",
+                "Memory: MemoryStorage::check, no future",
+                median(&sync),
+                Unit::Nanos,
+                "governor keyed limiter, String keys",
+                Some(governor),
+            )
+            .ratio(median(&sync_ratio)),
+        );
+        Ok(figures)
     })
 }
 
@@ -201,6 +238,8 @@ fn figures(
 pub(crate) enum Contender {
     /// `MemoryStorage::check_and_consume`.
     Store,
+    /// `MemoryStorage::check`, the same without the port's boxed future.
+    StoreSync,
     /// The adapter's `is_allowed` over a `MemoryStorage`.
     Adapter,
     /// governor's keyed limiter, `check_key`.
@@ -248,6 +287,10 @@ fn run_inner(args: &MemoryArgs, quick: bool) -> BoxResult<()> {
             Contender::Store => {
                 contenders.store(KEYS).await?;
                 contenders.store(args.checks).await
+            }
+            Contender::StoreSync => {
+                contenders.store_sync(KEYS)?;
+                contenders.store_sync(args.checks)
             }
             Contender::Adapter => {
                 contenders.adapter(KEYS).await?;

@@ -35,12 +35,14 @@ struct Counter {
     clock: quanta::Clock,
     /// The counter's raw reading when the clock was first read.
     start: u64,
-    /// Wall time, in seconds since the Unix epoch, less counter time since `start` (as the bits
-    /// of an `f64`).
+    /// Seconds per tick of the raw counter, as calibrated by quanta.
+    tick: f64,
+    /// Wall time, in seconds since the Unix epoch, less the counter's time since `start` (as
+    /// the bits of an `f64`).
     offset: AtomicU64,
-    /// Counter time since `start`, in ns, at or after which the next read takes a new offset.
+    /// Ticks since `start` at or after which the next read takes a new offset.
     next_sync: AtomicU64,
-    /// Counter time between offsets, in ns.
+    /// Ticks between offsets.
     interval: u64,
 }
 
@@ -50,11 +52,11 @@ impl CounterClock {
         Self::default()
     }
 
-    /// A clock that takes a new offset every `interval` ns, for tests.
+    /// A clock that takes a new offset every `interval_ns` ns, for tests.
     #[cfg(test)]
-    fn with_interval(interval: u64) -> Self {
+    fn with_interval(interval_ns: u64) -> Self {
         let inner = OnceLock::new();
-        let _ = inner.set(Counter::new(interval));
+        let _ = inner.set(Counter::new(interval_ns));
         Self {
             inner: Arc::new(inner),
         }
@@ -62,12 +64,20 @@ impl CounterClock {
 }
 
 impl Counter {
-    fn new(interval: u64) -> Self {
+    fn new(interval_ns: u64) -> Self {
+        // Ticks over which quanta's scale is read: large enough for its precision, small
+        // enough for its arithmetic.
+        const SPAN: u64 = 1 << 40;
         let clock = quanta::Clock::new();
+        let tick = clock.delta_as_nanos(0, SPAN) as f64 * 1e-9 / SPAN as f64;
+        // Bounded by the interval, which is far below u64's range in ticks.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let interval = (interval_ns as f64 * 1e-9 / tick) as u64;
         let start = clock.raw();
         let counter = Self {
             clock,
             start,
+            tick,
             offset: AtomicU64::new(0),
             next_sync: AtomicU64::new(interval),
             interval,
@@ -76,15 +86,22 @@ impl Counter {
         counter
     }
 
-    /// Counter time since `start`, in ns.
+    /// Ticks since `start`; 0 for a reading behind it (the counters of two cores can differ
+    /// by a little).
     fn elapsed(&self) -> u64 {
-        self.clock.delta_as_nanos(self.start, self.clock.raw())
+        let ticks = self.clock.raw().wrapping_sub(self.start);
+        if ticks > i64::MAX as u64 { 0 } else { ticks }
     }
 
-    /// Takes a new offset: the wall clock now, less `elapsed`.
+    /// Seconds in `ticks` (at most `i64::MAX`, see `elapsed`).
+    fn seconds(&self, ticks: u64) -> f64 {
+        // A signed conversion is one instruction; an unsigned one is several.
+        i64::try_from(ticks).map_or(0.0, |ticks| ticks as f64) * self.tick
+    }
+
+    /// Takes a new offset: the wall clock now, less `elapsed` ticks.
     fn sync(&self, elapsed: u64) {
-        let wall = wall_clock();
-        let offset = wall - elapsed as f64 * 1e-9;
+        let offset = wall_clock() - self.seconds(elapsed);
         self.offset.store(offset.to_bits(), Ordering::Relaxed);
     }
 
@@ -105,7 +122,7 @@ impl Counter {
             // One reader takes the new offset; the others use the last one meanwhile.
             self.sync(elapsed);
         }
-        f64::from_bits(self.offset.load(Ordering::Relaxed)) + elapsed as f64 * 1e-9
+        f64::from_bits(self.offset.load(Ordering::Relaxed)) + self.seconds(elapsed)
     }
 }
 

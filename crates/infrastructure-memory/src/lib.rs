@@ -442,10 +442,49 @@ impl MemoryStorage {
         }
     }
 
+    /// [`BucketStore::check_and_consume`] without a future: the same step on the same bucket,
+    /// for callers that are not async (as governor's keyed limiter is called). The port's
+    /// method calls this; it saves the boxed future an `async_trait` method returns, a heap
+    /// allocation and its release per check (docs/performance.md, "Memory store").
+    ///
+    /// ```
+    /// use ratelimit_domain::{BucketKey, BucketRequest, ManualClock, RateLimitRule, RateLimitScope};
+    /// use ratelimit_memory::MemoryStorage;
+    ///
+    /// let store = MemoryStorage::with_clock(ManualClock::new(1_000.0));
+    /// let rule = RateLimitRule::new(RateLimitScope::Ip, 2, 5.0)?;
+    /// let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "POST /login")?;
+    /// let request = BucketRequest::new(&key, &rule).with_cost(1);
+    /// assert_eq!(store.check(&request)?.remaining, 1);
+    /// assert_eq!(store.check(&request)?.remaining, 0);
+    /// assert!(!store.check(&request)?.allowed);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`] for a `now` that is negative, infinite or NaN.
+    pub fn check(&self, request: &BucketRequest<'_>) -> Result<BucketDecision> {
+        let BucketRequest {
+            key,
+            rule,
+            cost,
+            now,
+            ..
+        } = *request;
+        let now = self.now(now)?;
+        let key = key.as_str().as_bytes();
+        let hash = hash(&self.hasher, key);
+        let decision = self
+            .shard(hash)
+            .check_and_consume(&self.hasher, key, hash, rule, cost, now);
+        Ok(decision)
+    }
+
     fn now(&self, now: Option<f64>) -> Result<f64> {
         let now = now.unwrap_or_else(|| self.clock.now());
-        // validate_now's check, inline: the call is only made to build the error.
-        if now.is_finite() && now >= 0.0 {
+        // validate_now's check (finite and not negative; NaN fails both comparisons), inline:
+        // the call is only made to build the error.
+        if (0.0..f64::INFINITY).contains(&now) {
             Ok(now)
         } else {
             token_bucket::validate_now(now)
@@ -644,20 +683,7 @@ impl Shard {
 #[async_trait]
 impl BucketStore for MemoryStorage {
     async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
-        let BucketRequest {
-            key,
-            rule,
-            cost,
-            now,
-            ..
-        } = *request;
-        let now = self.now(now)?;
-        let key = key.as_str().as_bytes();
-        let hash = hash(&self.hasher, key);
-        let decision = self
-            .shard(hash)
-            .check_and_consume(&self.hasher, key, hash, rule, cost, now);
-        Ok(decision)
+        self.check(request)
     }
 
     /// Locks the shards of every key, in ascending order (so that concurrent checks never
@@ -918,15 +944,32 @@ mod tests {
     #[tokio::test]
     async fn invalid_now_is_an_error_not_a_panic() {
         let store = MemoryStorage::new();
-        let err = store
-            .check_and_consume(
-                &BucketRequest::new(&key("a"), &rule(1, 1.0))
-                    .with_cost(1)
-                    .at(f64::NAN),
-            )
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), ratelimit_domain::ErrorCode::InvalidInput);
+        let (key, rule) = (key("a"), rule(1, 1.0));
+        for now in [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -1.0,
+            -f64::MIN_POSITIVE,
+        ] {
+            let request = BucketRequest::new(&key, &rule).with_cost(1).at(now);
+            let err = store.check_and_consume(&request).await.unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidInput, "{now}");
+            assert_eq!(
+                store.check(&request).unwrap_err().code(),
+                ErrorCode::InvalidInput
+            );
+        }
+        assert_eq!(store.bucket_count(), 0);
+        // The edges that are valid: both answer (0 and -0 are the epoch).
+        for now in [0.0, -0.0, f64::MAX] {
+            let request = BucketRequest::new(&key, &rule).with_cost(0).at(now);
+            assert!(
+                store.check_and_consume(&request).await.unwrap().allowed,
+                "{now}"
+            );
+            assert!(store.check(&request).unwrap().allowed, "{now}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
