@@ -2,7 +2,7 @@
 //!
 //! Everything runs in a tight loop on a current-thread runtime, one key after another from a
 //! set of distinct keys built beforehand, so that the figures are the cost of a check and
-//! nothing else. Each round runs every contender once, in an order that rotates from round to
+//! nothing else. Each round runs every contender once, in an order that changes from round to
 //! round.
 //!
 //! `ratelimit-bench memory` runs this figure alone. With `--only <contender> --checks N` it
@@ -33,6 +33,10 @@ use crate::{BoxResult, Settings};
 
 /// Distinct keys cycled through.
 const KEYS: usize = 100_000;
+
+/// The contenders' order in a round (store, governor, store without a future, adapter), by
+/// round: a balanced Latin square, where each contender comes right after each other once.
+const ORDERS: [[usize; 4]; 4] = [[0, 1, 3, 2], [1, 2, 0, 3], [2, 3, 1, 0], [3, 0, 2, 1]];
 
 struct Contenders {
     identifiers: Vec<String>,
@@ -163,11 +167,12 @@ pub(crate) fn measure(settings: &Settings, progress: &Progress) -> BoxResult<Vec
                 settings.rounds
             ));
             let n = settings.memory_checks;
-            // Whoever runs first in a round finds less of its data in the caches (the four
-            // do not fit in them together), so the order rotates from round to round.
+            // The four contenders' data do not fit in the caches together, and each starts on
+            // what the one before it left there: the order changes from round to round so that
+            // each comes right after each other once in 4 rounds.
             let (mut s, mut g, mut c, mut a) = (0.0, 0.0, 0.0, 0.0);
-            for turn in 0..4 {
-                match (round + turn) % 4 {
+            for &contender in &ORDERS[round % ORDERS.len()] {
+                match contender {
                     0 => s = contenders.store(n).await?,
                     1 => g = contenders.governor(n)?,
                     2 => c = contenders.store_sync(n)?,
