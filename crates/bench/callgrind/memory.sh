@@ -8,16 +8,20 @@
 # Runs `ratelimit-bench memory --only C --checks N` twice under callgrind, N = 0 and CHECKS,
 # counting only inside the contender's loop (--toggle-collect), and prints the difference over
 # CHECKS: one check of an existing bucket (the warm-up pass creates them all in both runs).
-# Needs valgrind; builds the bench in release mode first. Takes about a minute per contender.
+# Needs valgrind; builds the bench in release mode first, unless BENCH_BIN names a binary to count.
+# Takes about a minute per contender.
 set -euo pipefail
 checks=${1:-200000}
 shift || true
 contenders=("$@")
 [ ${#contenders[@]} -gt 0 ] || contenders=(store store-sync adapter governor)
 root=$(cd "$(dirname "$0")/../../.." && pwd)
-cargo build --release -q -p ratelimit-bench --manifest-path "$root/Cargo.toml"
-bin=$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/ratelimit-bench
+bin=${BENCH_BIN:-}
+if [ -z "$bin" ]; then
+    cargo build --release -q -p ratelimit-bench --manifest-path "$root/Cargo.toml"
+    bin=$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/ratelimit-bench
+fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 count() { # contender checks
@@ -28,5 +32,9 @@ count() { # contender checks
 for contender in "${contenders[@]}"; do
     base=$(count "$contender" 0)
     total=$(count "$contender" "$checks")
+    if [ -z "$base" ] || [ -z "$total" ]; then
+        echo "callgrind found nothing to count: does $bin have the memory subcommand?" >&2
+        exit 1
+    fi
     echo "$contender: $(( (total - base) / checks )) instructions per check ($checks checks)"
 done
