@@ -104,6 +104,8 @@ enum BenchCommand {
     /// how a check's cost grows with concurrency (1 → 256 tasks) and with the buckets Redis
     /// holds (1 → 10 million); writes target/bench/scaling.md (see `scaling`).
     Scaling(scaling::ScalingArgs),
+    /// Figure 3 alone (the memory store against governor), or one contender for callgrind.
+    Memory(memory_backend::MemoryArgs),
 }
 
 /// `target/bench` of the workspace.
@@ -190,6 +192,9 @@ impl Settings {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(BenchCommand::Memory(memory)) = &args.command {
+        return memory_backend::run(memory, args.quick);
+    }
     if let Some(BenchCommand::MemoryFlood(flood)) = &args.command {
         return match memory_flood::run(flood) {
             Ok(()) => ExitCode::SUCCESS,

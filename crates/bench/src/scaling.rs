@@ -389,7 +389,13 @@ async fn fill(server: &RedisServer, count: u64) -> BoxResult<()> {
         .storage_ttl_seconds()
         .max(3_600);
     let client = redis::Client::open(server.url())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    // No response timeout (redis-rs's default is 500 ms): a loaded machine can take longer to
+    // write a chunk.
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(
+            &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+        )
+        .await?;
     let mut start = 0;
     while start < count {
         let end = (start + FILL_CHUNK).min(count);

@@ -80,8 +80,12 @@ use hashbrown::HashTable;
 use ratelimit_domain::token_bucket::{self, BucketState, StepInput};
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketRequest, BucketStore, Clock, ErrorCode, RateLimitError,
-    RateLimitRule, Result, SystemClock,
+    RateLimitRule, Result,
 };
+
+mod clock;
+
+pub use clock::CounterClock;
 
 /// Shards of the key space (fewer for a capacity below it); each has its own lock, so
 /// unrelated keys rarely contend. A power of two.
@@ -152,7 +156,8 @@ impl MemoryStorageBuilder {
         self
     }
 
-    /// The clock the store reads (default: the host's wall clock, [`SystemClock`]).
+    /// The clock the store reads (default: the host's wall clock, read from the CPU's
+    /// timestamp counter: [`CounterClock`]).
     pub fn clock(self, clock: impl Clock) -> Self {
         self.shared_clock(Arc::new(clock))
     }
@@ -176,7 +181,9 @@ impl MemoryStorageBuilder {
             )
             .with_detail("capacity", "0"));
         }
-        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let clock = self
+            .clock
+            .unwrap_or_else(|| Arc::new(CounterClock::default()));
         Ok(MemoryStorage::from_parts(
             self.capacity,
             shard_count(self.capacity),
@@ -199,6 +206,10 @@ struct Shard {
     evictions: u64,
     /// See [`MemoryStats`].
     evictions_not_full: u64,
+    /// The storage lifetime of the last rule seen, in seconds, and that rule's `max_tokens`
+    /// and `refill_rate` (as bits), of which it is a function: most checks of a shard are of
+    /// one rule or a few, so this saves a division and a rounding per check.
+    ttl: (u64, u64, f64),
 }
 
 /// The buckets looked at to choose one to evict.
@@ -327,10 +338,10 @@ impl MemoryStorage {
     /// memory is measured by `just bench memory-flood` (docs/performance.md).
     pub const DEFAULT_CAPACITY: usize = 1_000_000;
 
-    /// A store on the host's wall clock, holding at most [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY)
-    /// buckets.
+    /// A store on the host's wall clock ([`CounterClock`]), holding at most
+    /// [`DEFAULT_CAPACITY`](Self::DEFAULT_CAPACITY) buckets.
     pub fn new() -> Self {
-        Self::with_clock(SystemClock)
+        Self::with_clock(CounterClock::default())
     }
 
     /// A store on the given clock (a [`ManualClock`](ratelimit_domain::ManualClock) in tests),
@@ -385,6 +396,8 @@ impl MemoryStorage {
                     rng: hasher.hash_one(index) | 1,
                     evictions: 0,
                     evictions_not_full: 0,
+                    // No rule has a max_tokens of 0, so the first check computes it.
+                    ttl: (0, 0, 0.0),
                 })
             })
             .collect();
@@ -429,10 +442,49 @@ impl MemoryStorage {
         }
     }
 
+    /// [`BucketStore::check_and_consume`] without a future: the same step on the same bucket,
+    /// for callers that are not async (as governor's keyed limiter is called). The port's
+    /// method calls this; it saves the boxed future an `async_trait` method returns, a heap
+    /// allocation and its release per check (docs/performance.md, "Memory store").
+    ///
+    /// ```
+    /// use ratelimit_domain::{BucketKey, BucketRequest, ManualClock, RateLimitRule, RateLimitScope};
+    /// use ratelimit_memory::MemoryStorage;
+    ///
+    /// let store = MemoryStorage::with_clock(ManualClock::new(1_000.0));
+    /// let rule = RateLimitRule::new(RateLimitScope::Ip, 2, 5.0)?;
+    /// let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "POST /login")?;
+    /// let request = BucketRequest::new(&key, &rule).with_cost(1);
+    /// assert_eq!(store.check(&request)?.remaining, 1);
+    /// assert_eq!(store.check(&request)?.remaining, 0);
+    /// assert!(!store.check(&request)?.allowed);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorCode::InvalidInput`] for a `now` that is negative, infinite or NaN.
+    pub fn check(&self, request: &BucketRequest<'_>) -> Result<BucketDecision> {
+        let BucketRequest {
+            key,
+            rule,
+            cost,
+            now,
+            ..
+        } = *request;
+        let now = self.now(now)?;
+        let key = key.as_str().as_bytes();
+        let hash = hash(&self.hasher, key);
+        let decision = self
+            .shard(hash)
+            .check_and_consume(&self.hasher, key, hash, rule, cost, now);
+        Ok(decision)
+    }
+
     fn now(&self, now: Option<f64>) -> Result<f64> {
         let now = now.unwrap_or_else(|| self.clock.now());
-        // validate_now's check, inline: the call is only made to build the error.
-        if now.is_finite() && now >= 0.0 {
+        // validate_now's check (finite and not negative; NaN fails both comparisons), inline:
+        // the call is only made to build the error.
+        if (0.0..f64::INFINITY).contains(&now) {
             Ok(now)
         } else {
             token_bucket::validate_now(now)
@@ -467,6 +519,16 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
 }
 
 impl Shard {
+    /// When a bucket of `rule` written at `now` expires: `now` plus the rule's
+    /// [storage lifetime](RateLimitRule::storage_ttl_seconds).
+    fn expires_at(&mut self, rule: &RateLimitRule, now: f64) -> f64 {
+        let (max_tokens, refill_rate) = (rule.max_tokens(), rule.refill_rate().to_bits());
+        if (self.ttl.0, self.ttl.1) != (max_tokens, refill_rate) {
+            self.ttl = (max_tokens, refill_rate, rule.storage_ttl_seconds() as f64);
+        }
+        now + self.ttl.2
+    }
+
     fn sweep(&mut self, now: f64) {
         self.buckets.retain(|bucket| bucket.expires_at() > now);
         self.next_sweep = now + SWEEP_INTERVAL_SECONDS;
@@ -487,11 +549,11 @@ impl Shard {
         }
         let step =
             |stored| token_bucket::step(stored, rule.max_tokens(), rule.refill_rate(), cost, now);
+        let expires_at = self.expires_at(rule, now);
         if let Some(bucket) = self.buckets.find_mut(hash, |bucket| bucket.key() == key) {
             // An expired bucket reads as missing; a step that stores brings it back to life.
             let step = step((bucket.expires_at() > now).then(|| bucket.state()));
             if let Some(state) = step.store {
-                let expires_at = now + rule.storage_ttl_seconds() as f64;
                 bucket.set(state, expires_at, full_at(state, rule));
             }
             return step.decision;
@@ -503,7 +565,6 @@ impl Shard {
                     break;
                 }
             }
-            let expires_at = now + rule.storage_ttl_seconds() as f64;
             let bucket = StoredBucket::new(key, state, expires_at, full_at(state, rule));
             // The table rehashes its buckets when it grows.
             self.buckets
@@ -530,7 +591,7 @@ impl Shard {
         state: BucketState,
         now: f64,
     ) {
-        let expires_at = now + rule.storage_ttl_seconds() as f64;
+        let expires_at = self.expires_at(rule, now);
         if let Some(bucket) = self.buckets.find_mut(hash, |bucket| bucket.key() == key) {
             bucket.set(state, expires_at, full_at(state, rule));
             return;
@@ -622,20 +683,7 @@ impl Shard {
 #[async_trait]
 impl BucketStore for MemoryStorage {
     async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
-        let BucketRequest {
-            key,
-            rule,
-            cost,
-            now,
-            ..
-        } = *request;
-        let now = self.now(now)?;
-        let key = key.as_str().as_bytes();
-        let hash = hash(&self.hasher, key);
-        let decision = self
-            .shard(hash)
-            .check_and_consume(&self.hasher, key, hash, rule, cost, now);
-        Ok(decision)
+        self.check(request)
     }
 
     /// Locks the shards of every key, in ascending order (so that concurrent checks never
@@ -896,15 +944,32 @@ mod tests {
     #[tokio::test]
     async fn invalid_now_is_an_error_not_a_panic() {
         let store = MemoryStorage::new();
-        let err = store
-            .check_and_consume(
-                &BucketRequest::new(&key("a"), &rule(1, 1.0))
-                    .with_cost(1)
-                    .at(f64::NAN),
-            )
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), ratelimit_domain::ErrorCode::InvalidInput);
+        let (key, rule) = (key("a"), rule(1, 1.0));
+        for now in [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -1.0,
+            -f64::MIN_POSITIVE,
+        ] {
+            let request = BucketRequest::new(&key, &rule).with_cost(1).at(now);
+            let err = store.check_and_consume(&request).await.unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidInput, "{now}");
+            assert_eq!(
+                store.check(&request).unwrap_err().code(),
+                ErrorCode::InvalidInput
+            );
+        }
+        assert_eq!(store.bucket_count(), 0);
+        // The edges that are valid: both answer (0 and -0 are the epoch).
+        for now in [0.0, -0.0, f64::MAX] {
+            let request = BucketRequest::new(&key, &rule).with_cost(0).at(now);
+            assert!(
+                store.check_and_consume(&request).await.unwrap().allowed,
+                "{now}"
+            );
+            assert!(store.check(&request).unwrap().allowed, "{now}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -972,6 +1037,47 @@ mod tests {
             );
         }
         assert_eq!(remaining(&store, "everyone", &shared).await, 0);
+    }
+
+    #[tokio::test]
+    async fn buckets_of_different_rules_in_one_shard_keep_their_own_lifetimes() {
+        // The shard remembers the last rule's lifetime: a check of another rule must not get it.
+        let clock = ManualClock::new(1_000.0);
+        let store = one_shard(100, &clock);
+        let short = rule(5, 5.0); // storage TTL 120 s
+        let long = rule(100, 1.0); // storage TTL 6,060 s
+        for round in 0..3 {
+            take(&store, &format!("short-{round}"), &short, 1).await;
+            take(&store, &format!("long-{round}"), &long, 50).await;
+            // Through the several-limits path (Shard::write) as well.
+            let (a, b) = (
+                key(&format!("short-all-{round}")),
+                key(&format!("long-all-{round}")),
+            );
+            let requests = [
+                BucketRequest::new(&a, &short).with_cost(1),
+                BucketRequest::new(&b, &long).with_cost(50),
+            ];
+            store.check_and_consume_all(&requests).await.unwrap();
+        }
+        clock.advance(Duration::from_secs(121));
+        store.sweep_expired();
+        assert_eq!(
+            store.bucket_count(),
+            6,
+            "only the short rule's buckets expire"
+        );
+        for round in 0..3 {
+            // 50 left, and 2 refilled in 121 s.
+            assert_eq!(remaining(&store, &format!("long-{round}"), &long).await, 52);
+            assert_eq!(
+                remaining(&store, &format!("long-all-{round}"), &long).await,
+                52
+            );
+        }
+        clock.advance(Duration::from_secs(6_000));
+        store.sweep_expired();
+        assert_eq!(store.bucket_count(), 0);
     }
 
     /// A store of one shard, so that a test knows which buckets compete for room.
