@@ -380,20 +380,45 @@ impl Digits {
     }
 }
 
-/// The decimal digits of `n`, without the formatting machinery of `write!`.
+/// The two-digit numbers `00` to `99`, back to back.
+const PAIRS: [u8; 200] = {
+    let mut pairs = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        // `i / 10` and `i % 10` are single digits.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            pairs[2 * i] = b'0' + (i / 10) as u8;
+            pairs[2 * i + 1] = b'0' + (i % 10) as u8;
+        }
+        i += 1;
+    }
+    pairs
+};
+
+/// The decimal digits of `n`, two at a time, without the formatting machinery of `write!`.
 fn digits(mut n: u64) -> Digits {
     let mut buffer = [0u8; 20];
     let mut start = buffer.len();
-    loop {
+    let pair = |n: u64| {
+        // `n` is below 100.
+        let i = 2 * usize::try_from(n).unwrap_or(0);
+        [PAIRS[i], PAIRS[i + 1]]
+    };
+    while n >= 100 {
+        start -= 2;
+        buffer[start..start + 2].copy_from_slice(&pair(n % 100));
+        n /= 100;
+    }
+    if n >= 10 {
+        start -= 2;
+        buffer[start..start + 2].copy_from_slice(&pair(n));
+    } else {
         start -= 1;
-        // `n % 10` is a single digit.
+        // `n` is a single digit.
         #[allow(clippy::cast_possible_truncation)]
         {
-            buffer[start] = b'0' + (n % 10) as u8;
-        }
-        n /= 10;
-        if n == 0 {
-            break;
+            buffer[start] = b'0' + n as u8;
         }
     }
     Digits { buffer, start }
@@ -516,7 +541,12 @@ mod tests {
             u64::from(u32::MAX),
             u64::MAX - 1,
             u64::MAX,
-        ] {
+        ]
+        .into_iter()
+        .chain(0..=10_100)
+        .chain((1..20).map(|e| 10u64.pow(e) - 1))
+        .chain((1..20).map(|e| 10u64.pow(e)))
+        {
             assert_eq!(digits(n).as_bytes(), n.to_string().as_bytes());
             assert_eq!(number(n), HeaderValue::from(n));
         }
