@@ -26,9 +26,10 @@
 //! Then **the Redis split** (unless `--no-redis`): on a throwaway `redis-server`, the same route
 //! behind the layer on the Redis store as the example server wires it with `--redis-url`
 //! (default Redis settings, on-path metrics, no event subscriber), against no layer and against
-//! the store's own round trip: raw `EVALSHA`s of the token-bucket script (the two-key layout's,
-//! one bucket, a limit nobody reaches) from as many tasks as there are connections, over one
-//! multiplexed connection, in the same rotating rounds, at 1 and 32 connections
+//! the adapter's check on the same store settings called without HTTP, and the store's own round
+//! trip: raw `EVALSHA`s of the token-bucket script (the two-key layout's, one bucket, a limit
+//! nobody reaches) from as many tasks as there are connections, over one multiplexed
+//! connection, in the same rotating rounds, at 1 and 32 connections
 //! (`--redis-connections`). What the layer adds to a request's latency (its p50 minus no
 //! layer's) is set against that round trip's p50.
 
@@ -155,11 +156,15 @@ pub(crate) fn run(args: &HttpArgs) -> BoxResult<()> {
 }
 
 /// The contenders of the Redis split, in the order of its report.
-const REDIS_NAMES: [&str; 3] = [
+const REDIS_NAMES: [&str; 4] = [
     "no layer",
     "ratelimit-http, Redis store",
+    "adapter check, no HTTP",
     "raw EVALSHA (store round trip)",
 ];
+
+/// The index of the raw round trip in [`REDIS_NAMES`].
+const RAW: usize = 3;
 
 /// The token-bucket script's capacity and refill rate in the raw round trip: the layer's rule.
 const RAW_MAX_TOKENS: u64 = 1 << 40;
@@ -195,6 +200,19 @@ fn redis_split(
         BoxResult::Ok(addr)
     })?;
     let raw = load.block_on(RawRoundTrip::connect(&url))?;
+    // The adapter the layer calls, on the same store settings, called straight from the load
+    // runtime (its connections live there, as the raw one's do): the store's path without HTTP.
+    let adapter = load.block_on(async {
+        let rules = RuleSet::try_from_rules([(
+            ENDPOINT,
+            RateLimitRule::new(RateLimitScope::Ip, RAW_MAX_TOKENS, RAW_REFILL_RATE)?,
+        )])?;
+        let container =
+            Container::build(ContainerConfig::redis(&url, rules).with_event_logging(false)).await?;
+        let adapter = container.adapter().clone();
+        std::mem::forget(container);
+        BoxResult::Ok(adapter)
+    })?;
     println!(
         "\nRedis split: the layer on a Redis store (redis-server on loopback) against the store's own round trip, {} rounds of {:.1} s",
         args.rounds,
@@ -213,12 +231,18 @@ fn redis_split(
             .collect::<BoxResult<_>>()?;
         load.block_on(drive(layered, connections, Duration::from_millis(300)))?;
         load.block_on(raw.drive(connections, Duration::from_millis(300)))?;
+        load.block_on(drive_adapter(
+            &adapter,
+            connections,
+            Duration::from_millis(300),
+        ))?;
         for r in 0..args.rounds {
             for i in 0..REDIS_NAMES.len() {
                 let contender = (i + r) % REDIS_NAMES.len();
                 let (count, latency, errors) = match contender {
                     0 => load.block_on(drive(none, connections, round))?,
                     1 => load.block_on(drive(layered, connections, round))?,
+                    2 => load.block_on(drive_adapter(&adapter, connections, round))?,
                     _ => load.block_on(raw.drive(connections, round))?,
                 };
                 let results = &mut results[contender];
@@ -256,7 +280,7 @@ fn print_redis_table(connections: usize, results: &[Results]) {
         micros
     };
     let added = p50(1) - p50(0);
-    let round_trip = p50(2);
+    let round_trip = p50(RAW);
     let rest = if added <= round_trip {
         format!("within the round trip of {round_trip:.0} µs")
     } else {
@@ -270,6 +294,11 @@ fn print_redis_table(connections: usize, results: &[Results]) {
         p50(1),
         p50(0),
         if added <= round_trip { "PASS" } else { "FAIL" },
+    );
+    println!(
+        "the adapter's check on Redis alone (no HTTP): p50 {:.0} µs, {:.0} µs over the raw round trip",
+        p50(2),
+        p50(2) - round_trip,
     );
     let rate = |i: usize| median(&results[i].rates);
     println!(
@@ -325,6 +354,52 @@ impl RawRoundTrip {
         }
         Ok((count, latency, errors))
     }
+}
+
+/// `tasks` tasks calling the adapter's check back to back for `length` (one identifier, as the
+/// HTTP load's one client address): the number of checks, their latencies and how many were
+/// not allowed by the store.
+async fn drive_adapter(
+    adapter: &Arc<ratelimit_adapter::TokenBucketAdapter>,
+    tasks: usize,
+    length: Duration,
+) -> BoxResult<(u64, Histogram<u64>, u64)> {
+    let deadline = Instant::now() + length;
+    let mut handles = Vec::with_capacity(tasks);
+    for _ in 0..tasks {
+        let adapter = adapter.clone();
+        handles.push(tokio::spawn(async move {
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let (mut count, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                let result = adapter
+                    .check_opts(
+                        ENDPOINT,
+                        "127.0.0.1",
+                        ratelimit_adapter::CheckOptions::default(),
+                    )
+                    .await?;
+                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                latency.saturating_record(micros.max(1));
+                count += 1;
+                if !result.allowed || result.source != ratelimit_adapter::DecisionSource::Store {
+                    errors += 1;
+                }
+            }
+            BoxResult::Ok((count, latency, errors))
+        }));
+    }
+    let mut count = 0;
+    let mut errors = 0;
+    let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    for handle in handles {
+        let (n, histogram, failed) = handle.await??;
+        count += n;
+        errors += failed;
+        latency.add(&histogram)?;
+    }
+    Ok((count, latency, errors))
 }
 
 /// One task of the raw round trip until `deadline`.
