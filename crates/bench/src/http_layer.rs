@@ -22,6 +22,16 @@
 //! the contenders. Requests/s is the median over rounds; p50/p99 are over every request of
 //! every round. Since the server thread is saturated, `1 / (requests/s)` is its CPU time per
 //! request, and the layer's extra CPU per request is the difference to no layer.
+//!
+//! Then **the Redis split** (unless `--no-redis`): on a throwaway `redis-server`, the same route
+//! behind the layer on the Redis store as the example server wires it with `--redis-url`
+//! (default Redis settings, on-path metrics, no event subscriber), against no layer and against
+//! the adapter's check on the same store settings called without HTTP, and the store's own round
+//! trip: raw `EVALSHA`s of the token-bucket script (the two-key layout's, one bucket, a limit
+//! nobody reaches) from as many tasks as there are connections, over one multiplexed
+//! connection, in the same rotating rounds, at 1 and 32 connections
+//! (`--redis-connections`). What the layer adds to a request's latency (its p50 minus no
+//! layer's) is set against that round trip's p50.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +63,13 @@ pub(crate) struct HttpArgs {
     /// Concurrent connections (one figure per value).
     #[arg(long, value_delimiter = ',', default_value = "32,64")]
     connections: Vec<usize>,
+    /// Concurrent connections of the Redis split (one figure per value): one shows the bare
+    /// round trips, more show them under load.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    redis_connections: Vec<usize>,
+    /// Skips the Redis split (which starts a throwaway redis-server).
+    #[arg(long)]
+    no_redis: bool,
 }
 
 /// The route's endpoint for the rate limiter.
@@ -131,8 +148,295 @@ pub(crate) fn run(args: &HttpArgs) -> BoxResult<()> {
         }
         print_table(connections, &results);
     }
+    if !args.no_redis {
+        redis_split(args, &servers, &load, addrs[0], round)?;
+    }
     drop(servers);
     Ok(())
+}
+
+/// The contenders of the Redis split, in the order of its report.
+const REDIS_NAMES: [&str; 4] = [
+    "no layer",
+    "ratelimit-http, Redis store",
+    "adapter check, no HTTP",
+    "raw EVALSHA (store round trip)",
+];
+
+/// The index of the raw round trip in [`REDIS_NAMES`].
+const RAW: usize = 3;
+
+/// The token-bucket script's capacity and refill rate in the raw round trip: the layer's rule.
+const RAW_MAX_TOKENS: u64 = 1 << 40;
+const RAW_REFILL_RATE: f64 = 1e12;
+
+/// The Redis split: what the layer on a Redis store adds to a request, against the store's own
+/// round trip at the same concurrency.
+fn redis_split(
+    args: &HttpArgs,
+    servers: &tokio::runtime::Runtime,
+    load: &tokio::runtime::Runtime,
+    none: SocketAddr,
+    round: Duration,
+) -> BoxResult<()> {
+    let redis = ratelimit_tests::redis_server::RedisServer::start();
+    let url = redis.url();
+    let layered = servers.block_on(async {
+        let rules = RuleSet::try_from_rules([(
+            ENDPOINT,
+            RateLimitRule::new(RateLimitScope::Ip, RAW_MAX_TOKENS, RAW_REFILL_RATE)?,
+        )])?;
+        let container =
+            Container::build(ContainerConfig::redis(&url, rules).with_event_logging(false)).await?;
+        let layer = RateLimitLayer::from_adapter(container.adapter().clone())
+            .metrics(&RateLimitMetrics::new());
+        let addr = serve(
+            Router::new()
+                .route("/hello", get(|| async { "ok" }))
+                .route_layer(layer),
+        )
+        .await?;
+        std::mem::forget(container);
+        BoxResult::Ok(addr)
+    })?;
+    let raw = load.block_on(RawRoundTrip::connect(&url))?;
+    // The adapter the layer calls, on the same store settings, called straight from the load
+    // runtime (its connections live there, as the raw one's do): the store's path without HTTP.
+    let adapter = load.block_on(async {
+        let rules = RuleSet::try_from_rules([(
+            ENDPOINT,
+            RateLimitRule::new(RateLimitScope::Ip, RAW_MAX_TOKENS, RAW_REFILL_RATE)?,
+        )])?;
+        let container =
+            Container::build(ContainerConfig::redis(&url, rules).with_event_logging(false)).await?;
+        let adapter = container.adapter().clone();
+        std::mem::forget(container);
+        BoxResult::Ok(adapter)
+    })?;
+    println!(
+        "\nRedis split: the layer on a Redis store (redis-server on loopback) against the store's own round trip, {} rounds of {:.1} s",
+        args.rounds,
+        round.as_secs_f64()
+    );
+    for &connections in &args.redis_connections {
+        let mut results: Vec<Results> = REDIS_NAMES
+            .iter()
+            .map(|_| -> BoxResult<Results> {
+                Ok(Results {
+                    rates: Vec::new(),
+                    latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+                    errors: 0,
+                })
+            })
+            .collect::<BoxResult<_>>()?;
+        load.block_on(drive(layered, connections, Duration::from_millis(300)))?;
+        load.block_on(raw.drive(connections, Duration::from_millis(300)))?;
+        load.block_on(drive_adapter(
+            &adapter,
+            connections,
+            Duration::from_millis(300),
+        ))?;
+        for r in 0..args.rounds {
+            for i in 0..REDIS_NAMES.len() {
+                let contender = (i + r) % REDIS_NAMES.len();
+                let (count, latency, errors) = match contender {
+                    0 => load.block_on(drive(none, connections, round))?,
+                    1 => load.block_on(drive(layered, connections, round))?,
+                    2 => load.block_on(drive_adapter(&adapter, connections, round))?,
+                    _ => load.block_on(raw.drive(connections, round))?,
+                };
+                let results = &mut results[contender];
+                #[allow(clippy::cast_precision_loss)] // request counts are far below 2^52
+                results.rates.push(count as f64 / round.as_secs_f64());
+                results.latency.add(&latency)?;
+                results.errors += errors;
+            }
+        }
+        print_redis_table(connections, &results);
+    }
+    drop(redis);
+    Ok(())
+}
+
+fn print_redis_table(connections: usize, results: &[Results]) {
+    println!("\n{connections} connections (raw EVALSHA: {connections} tasks)");
+    println!(
+        "{:<32} {:>10} {:>8} {:>8} {:>7}",
+        "contender", "req/s", "p50 µs", "p99 µs", "errors"
+    );
+    for (name, result) in REDIS_NAMES.iter().zip(results) {
+        println!(
+            "{:<32} {:>10.0} {:>8} {:>8} {:>7}",
+            name,
+            median(&result.rates),
+            result.latency.value_at_quantile(0.5),
+            result.latency.value_at_quantile(0.99),
+            result.errors,
+        );
+    }
+    let p50 = |i: usize| {
+        #[allow(clippy::cast_precision_loss)] // microseconds, far below 2^52
+        let micros = results[i].latency.value_at_quantile(0.5) as f64;
+        micros
+    };
+    let added = p50(1) - p50(0);
+    let round_trip = p50(RAW);
+    let rest = if added <= round_trip {
+        format!("within the round trip of {round_trip:.0} µs")
+    } else {
+        format!(
+            "the round trip of {round_trip:.0} µs and {:.0} µs more",
+            added - round_trip
+        )
+    };
+    println!(
+        "split at p50: {:.0} µs with the layer on Redis, {:.0} µs without: the layer adds {added:.0} µs, {rest} (target: adds ≤ the round trip: {})",
+        p50(1),
+        p50(0),
+        if added <= round_trip { "PASS" } else { "FAIL" },
+    );
+    println!(
+        "the adapter's check on Redis alone (no HTTP): p50 {:.0} µs, {:.0} µs over the raw round trip",
+        p50(2),
+        p50(2) - round_trip,
+    );
+    let rate = |i: usize| median(&results[i].rates);
+    println!(
+        "server thread time per request: {:.2} µs with the layer on Redis, {:.2} µs without ({:.2} µs more: the layer, the Redis client and its connection's task share the server's one thread; a true CPU figure only when that thread is saturated)",
+        1e6 / rate(1),
+        1e6 / rate(0),
+        1e6 / rate(1) - 1e6 / rate(0),
+    );
+}
+
+/// Raw `EVALSHA`s of the token-bucket script over one multiplexed connection: the store's own
+/// round trip, with nothing of the limiter around it.
+#[derive(Debug)]
+struct RawRoundTrip {
+    conn: redis::aio::MultiplexedConnection,
+    sha: Arc<str>,
+}
+
+impl RawRoundTrip {
+    async fn connect(url: &str) -> BoxResult<Self> {
+        let mut conn = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(ratelimit_redis::TOKEN_BUCKET_SCRIPT)
+            .query_async(&mut conn)
+            .await?;
+        Ok(Self {
+            conn,
+            sha: sha.into(),
+        })
+    }
+
+    /// `tasks` tasks sending `EVALSHA`s back to back for `length`: the number of replies, their
+    /// latencies and how many were not an allowed decision.
+    async fn drive(&self, tasks: usize, length: Duration) -> BoxResult<(u64, Histogram<u64>, u64)> {
+        let deadline = Instant::now() + length;
+        let mut handles = Vec::with_capacity(tasks);
+        for _ in 0..tasks {
+            let conn = self.conn.clone();
+            let sha = self.sha.clone();
+            handles.push(tokio::spawn(raw_task(conn, sha, deadline)));
+        }
+        let mut count = 0;
+        let mut errors = 0;
+        let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+        for handle in handles {
+            let (n, histogram, failed) = handle.await??;
+            count += n;
+            errors += failed;
+            latency.add(&histogram)?;
+        }
+        Ok((count, latency, errors))
+    }
+}
+
+/// `tasks` tasks calling the adapter's check back to back for `length` (one identifier, as the
+/// HTTP load's one client address): the number of checks, their latencies and how many were
+/// not allowed by the store.
+async fn drive_adapter(
+    adapter: &Arc<ratelimit_adapter::TokenBucketAdapter>,
+    tasks: usize,
+    length: Duration,
+) -> BoxResult<(u64, Histogram<u64>, u64)> {
+    let deadline = Instant::now() + length;
+    let mut handles = Vec::with_capacity(tasks);
+    for _ in 0..tasks {
+        let adapter = adapter.clone();
+        handles.push(tokio::spawn(async move {
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let (mut count, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                let result = adapter
+                    .check_opts(
+                        ENDPOINT,
+                        "127.0.0.1",
+                        ratelimit_adapter::CheckOptions::default(),
+                    )
+                    .await?;
+                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                latency.saturating_record(micros.max(1));
+                count += 1;
+                if !result.allowed || result.source != ratelimit_adapter::DecisionSource::Store {
+                    errors += 1;
+                }
+            }
+            BoxResult::Ok((count, latency, errors))
+        }));
+    }
+    let mut count = 0;
+    let mut errors = 0;
+    let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    for handle in handles {
+        let (n, histogram, failed) = handle.await??;
+        count += n;
+        errors += failed;
+        latency.add(&histogram)?;
+    }
+    Ok((count, latency, errors))
+}
+
+/// One task of the raw round trip until `deadline`.
+async fn raw_task(
+    mut conn: redis::aio::MultiplexedConnection,
+    sha: Arc<str>,
+    deadline: Instant,
+) -> BoxResult<(u64, Histogram<u64>, u64)> {
+    let base = format!("rate_limit:ip:raw-round-trip:{ENDPOINT}");
+    let mut command = redis::cmd("EVALSHA");
+    command
+        .arg(&*sha)
+        .arg(2)
+        .arg(format!("{base}:tokens"))
+        .arg(format!("{base}:time"))
+        .arg(RAW_MAX_TOKENS)
+        .arg(RAW_REFILL_RATE)
+        .arg(1)
+        .arg("");
+    let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    let mut count = 0;
+    let mut errors = 0;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        let reply: redis::Value = command.query_async(&mut conn).await?;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        latency.saturating_record(micros.max(1));
+        count += 1;
+        let allowed = matches!(
+            &reply,
+            redis::Value::Array(items) if matches!(items.first(), Some(redis::Value::Int(1)))
+        );
+        if !allowed {
+            errors += 1;
+        }
+    }
+    Ok((count, latency, errors))
 }
 
 /// Starts the servers; their addresses in the order of [`NAMES`].

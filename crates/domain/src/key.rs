@@ -50,6 +50,12 @@ impl BucketKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The key's string, for instance to reuse its allocation as the buffer of the next key
+    /// ([`KeyBuilder::key_in`]).
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 impl fmt::Display for BucketKey {
@@ -133,15 +139,38 @@ impl KeyBuilder {
     /// # Errors
     /// [`ErrorCode::InvalidInput`] when the scope uses identifiers and `identifier` is empty.
     pub fn key(&self, identifier: &str) -> Result<BucketKey> {
+        self.key_in(identifier, String::new())
+    }
+
+    /// The key of `identifier`'s bucket, as [`key`](Self::key) builds it, written into `buffer`
+    /// (cleared first) so that a caller building one key per request can reuse one allocation
+    /// ([`BucketKey::into_string`] gives it back).
+    ///
+    /// ```
+    /// use ratelimit_domain::{KeyBuilder, RateLimitScope};
+    ///
+    /// let keys = KeyBuilder::new(KeyBuilder::DEFAULT_PREFIX, RateLimitScope::Ip, "GET /x")?;
+    /// let first = keys.key_in("203.0.113.9", String::new())?;
+    /// let second = keys.key_in("198.51.100.7", first.into_string())?;
+    /// assert_eq!(second, keys.key("198.51.100.7")?);
+    /// # Ok::<(), ratelimit_domain::RateLimitError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`key`](Self::key).
+    pub fn key_in(&self, identifier: &str, mut buffer: String) -> Result<BucketKey> {
+        buffer.clear();
         if !self.scope.uses_identifier() {
-            return Ok(BucketKey(self.head.clone()));
+            buffer.push_str(&self.head);
+            return Ok(BucketKey(buffer));
         }
         if identifier.is_empty() {
             return Err(
                 invalid("identifier must not be empty").with_detail("scope", self.scope.as_str())
             );
         }
-        let mut key = String::with_capacity(self.head.len() + identifier.len() + self.tail.len());
+        let mut key = buffer;
+        key.reserve_exact(self.head.len() + identifier.len() + self.tail.len());
         key.push_str(&self.head);
         if identifier.len() > MAX_IDENTIFIER_BYTES {
             key.push_str("%H");
@@ -165,8 +194,18 @@ fn needs_escape(c: char, escape_colon: bool) -> bool {
     matches!(c, '%' | '{' | '}') || c.is_control() || (escape_colon && c == ':')
 }
 
+/// Whether `text` is ASCII without a character to escape: checked byte by byte, the common case
+/// (addresses, user ids) without decoding characters.
+fn plain_ascii(text: &str, escape_colon: bool) -> bool {
+    text.bytes().all(|b| {
+        (b' '..=b'~').contains(&b)
+            && !matches!(b, b'%' | b'{' | b'}')
+            && !(escape_colon && b == b':')
+    })
+}
+
 fn encode_into(out: &mut String, text: &str, escape_colon: bool) {
-    if !text.chars().any(|c| needs_escape(c, escape_colon)) {
+    if plain_ascii(text, escape_colon) || !text.chars().any(|c| needs_escape(c, escape_colon)) {
         out.push_str(text);
         return;
     }
@@ -357,6 +396,56 @@ mod tests {
             }
         }
         assert!(seen.len() > 40_000, "{} keys", seen.len());
+    }
+
+    #[test]
+    fn keys_built_in_a_reused_buffer_are_the_keys_built_afresh() {
+        let ids = [
+            "203.0.113.9",
+            "x",
+            "2001:db8::1",
+            "a%b{c}",
+            "tab\there",
+            "Zoë",
+            "\u{85}next-line",
+            "",
+            &"long".repeat(100),
+        ];
+        for scope in [Ip, User, UserProvider, Global] {
+            let keys = KeyBuilder::new("rate_limit", scope, "GET /a:b").unwrap();
+            // A buffer that held a longer key first, then shorter ones: nothing of it remains.
+            let mut buffer = "left over from an earlier key".repeat(4);
+            for id in ids {
+                let fresh = keys.key(id);
+                let reused = keys.key_in(id, buffer.clone());
+                match (fresh, reused) {
+                    (Ok(fresh), Ok(reused)) => {
+                        assert_eq!(fresh, reused, "{scope:?} {id:?}");
+                        buffer = reused.into_string();
+                    }
+                    (Err(fresh), Err(reused)) => {
+                        assert_eq!(fresh.code(), reused.code(), "{scope:?} {id:?}");
+                    }
+                    (fresh, reused) => panic!("{scope:?} {id:?}: {fresh:?} vs {reused:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_ascii_shortcut_agrees_with_the_character_check() {
+        let mut texts: Vec<String> = (0u8..=127).map(|b| char::from(b).to_string()).collect();
+        texts.extend(["é", "\u{80}", "\u{9f}", "\u{a0}", "ab:cd", "a b", "~"].map(String::from));
+        for text in &texts {
+            for escape_colon in [false, true] {
+                if plain_ascii(text, escape_colon) {
+                    assert!(
+                        !text.chars().any(|c| needs_escape(c, escape_colon)),
+                        "{text:?} {escape_colon}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,13 +6,17 @@
 //! valgrind --tool=callgrind target/release/examples/profile_layer layer 20000
 //! ```
 //!
-//! Modes: `none` (the bare route), `layer` (the layer as the example server wires it) and
-//! `quiet` (the layer with nobody listening to the event bus). It prints the time per request;
-//! under callgrind, compare the instruction counts of two modes and divide by `N`.
+//! Modes: `none` (the bare route); `quiet` (the layer as the example server wires it by
+//! default: on-path metrics, nobody listening to the event bus); `layer` (the same with the
+//! example server's `--events`: the event logger and the event-derived metrics subscribed);
+//! `governor` (`tower_governor`'s `GovernorLayer` keyed by peer IP, configured as
+//! `just bench-http` configures it). It prints the time per request; under callgrind, compare
+//! the instruction counts of two modes and divide by `N`.
 
 #![allow(clippy::print_stdout)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -24,6 +28,8 @@ use ratelimit_adapter::{RateLimitRule, RateLimitScope, RuleSet};
 use ratelimit_container::{Container, ContainerConfig};
 use ratelimit_http::{RateLimitLayer, RateLimitMetrics};
 use tower::{Service, ServiceExt};
+use tower_governor::GovernorLayer;
+use tower_governor::governor::GovernorConfigBuilder;
 
 fn rules() -> RuleSet {
     RuleSet::try_from_rules([(
@@ -59,6 +65,14 @@ async fn main() {
             let layer = RateLimitLayer::from_adapter(container.adapter().clone()).metrics(&metrics);
             keep.push(container);
             route.route_layer(layer)
+        }
+        "governor" => {
+            let config = GovernorConfigBuilder::default()
+                .per_nanosecond(1)
+                .burst_size(u32::MAX)
+                .finish()
+                .expect("a valid tower_governor configuration");
+            route.layer(GovernorLayer::new(Arc::new(config)))
         }
         other => panic!("unknown mode {other:?}"),
     };

@@ -3,6 +3,7 @@
 //! The IETF fields follow draft-ietf-httpapi-ratelimit-headers-11 (see `docs/http.md` for how a
 //! token bucket maps onto `q`, `w`, `r` and `t`).
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -143,6 +144,8 @@ pub struct EndpointHeaders {
     policy: Option<HeaderValue>,
     /// Each item's quota as a header value (`X-RateLimit-Limit`), built once.
     quotas: Vec<HeaderValue>,
+    /// Each item's start of a `RateLimit` item, `"<policy>";r=`, built once.
+    prefixes: Vec<Box<[u8]>>,
 }
 
 impl EndpointHeaders {
@@ -183,10 +186,23 @@ impl EndpointHeaders {
             .ok()
             .filter(|_| !items.is_empty());
         let quotas = items.iter().map(|item| number(item.quota)).collect();
+        let prefixes = items.iter().map(item_prefix).collect();
         Self {
             items,
             policy,
             quotas,
+            prefixes,
+        }
+    }
+
+    /// The index of the item of the limit called `name`: found by pointer when the result came
+    /// from the same rules (the usual case, where the names are shared), by its text otherwise,
+    /// trying the item at `hint` (the outcome's own position) first.
+    fn index_of(&self, name: &Arc<str>, hint: usize) -> Option<usize> {
+        let same = |item: &PolicyItem| Arc::ptr_eq(&item.limit, name) || *item.limit == **name;
+        match self.items.get(hint) {
+            Some(item) if same(item) => Some(hint),
+            _ => self.items.iter().position(same),
         }
     }
 
@@ -248,37 +264,14 @@ impl EndpointHeaders {
         headers: &mut HeaderMap,
     ) {
         let fallback;
-        let item_of = |outcome: &LimitOutcome| -> Option<&PolicyItem> { self.item(&outcome.name) };
         // At most five fields: room for them at once, instead of growing the map per insert.
         headers.reserve(5);
         if style.ietf() {
             if let Some(policy) = &self.policy {
                 headers.insert(RATELIMIT_POLICY, policy.clone());
             }
-            let mut value = String::with_capacity(32 * result.limits.len());
-            for (i, outcome) in result.limits.iter().enumerate() {
-                let owned;
-                let item = match item_of(outcome) {
-                    Some(item) => item,
-                    None => {
-                        owned = PolicyItem::from_outcome(outcome, cost.unwrap_or(1));
-                        &owned
-                    }
-                };
-                if i > 0 {
-                    value.push_str(", ");
-                }
-                push_quoted(&mut value, &item.policy);
-                value.push_str(";r=");
-                push_u64(&mut value, outcome.remaining);
-                if let Some(reset) = item.reset(outcome, cost.unwrap_or(item.cost)) {
-                    value.push_str(";t=");
-                    push_u64(&mut value, reset);
-                }
-            }
-            // Takes the string's buffer as it is, without copying it.
-            if let Ok(value) = HeaderValue::try_from(value)
-                && !result.limits.is_empty()
+            if !result.limits.is_empty()
+                && let Some(value) = self.ratelimit_value(result, cost)
             {
                 headers.insert(RATELIMIT, value);
             }
@@ -286,10 +279,7 @@ impl EndpointHeaders {
         if style.legacy()
             && let Some(deciding) = result.deciding()
         {
-            let known = self
-                .items
-                .iter()
-                .position(|item| *item.limit == *deciding.name);
+            let known = self.index_of(&deciding.name, 0);
             let item = match known {
                 Some(i) => &self.items[i],
                 None => {
@@ -317,35 +307,121 @@ impl EndpointHeaders {
     }
 }
 
+impl EndpointHeaders {
+    /// The `RateLimit` value of `result` (which lists at least one limit), written into a
+    /// buffer the thread keeps, then copied once into the value's own exact-size allocation.
+    fn ratelimit_value(&self, result: &RateLimitResult, cost: Option<u64>) -> Option<HeaderValue> {
+        thread_local! {
+            static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        BUFFER.with_borrow_mut(|value| {
+            value.clear();
+            for (i, outcome) in result.limits.iter().enumerate() {
+                if i > 0 {
+                    value.extend_from_slice(b", ");
+                }
+                let owned;
+                let item = match self.index_of(&outcome.name, i) {
+                    Some(known) => {
+                        value.extend_from_slice(&self.prefixes[known]);
+                        &self.items[known]
+                    }
+                    None => {
+                        owned = PolicyItem::from_outcome(outcome, cost.unwrap_or(1));
+                        value.extend_from_slice(&item_prefix(&owned));
+                        &owned
+                    }
+                };
+                value.extend_from_slice(digits(outcome.remaining).as_bytes());
+                if let Some(reset) = item.reset(outcome, cost.unwrap_or(item.cost)) {
+                    value.extend_from_slice(b";t=");
+                    value.extend_from_slice(digits(reset).as_bytes());
+                }
+            }
+            // sf-strings and integers are visible ASCII, always a valid header value.
+            let header = HeaderValue::from_bytes(value).ok();
+            // A buffer grown by an unusually long value is not kept.
+            if value.capacity() > 4096 {
+                *value = Vec::new();
+            }
+            header
+        })
+    }
+}
+
+/// The start of an item's entry in `RateLimit`: `"<policy>";r=`.
+fn item_prefix(item: &PolicyItem) -> Box<[u8]> {
+    let mut prefix = String::with_capacity(item.policy.len() + 5);
+    push_quoted(&mut prefix, &item.policy);
+    prefix.push_str(";r=");
+    prefix.into_bytes().into_boxed_slice()
+}
+
 /// The header value of `n`; the small numbers every response repeats (a reset of 0, a
-/// remaining of a few tokens) without allocating.
+/// remaining of a few tokens) without allocating, the others in one exact-size allocation.
 fn number(n: u64) -> HeaderValue {
     const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
     match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
         Some(digits) => HeaderValue::from_static(digits),
-        None => HeaderValue::from(n),
+        // Decimal digits are always a valid header value; the fallback is never taken.
+        None => HeaderValue::from_bytes(digits(n).as_bytes()).unwrap_or_else(|_| n.into()),
     }
 }
 
-/// Appends the decimal digits of `n`, without the formatting machinery of `write!`.
-fn push_u64(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        // `n % 10` is a single digit.
+/// The decimal digits of a number, on the stack.
+struct Digits {
+    buffer: [u8; 20],
+    start: usize,
+}
+
+impl Digits {
+    fn as_bytes(&self) -> &[u8] {
+        &self.buffer[self.start..]
+    }
+}
+
+/// The two-digit numbers `00` to `99`, back to back.
+const PAIRS: [u8; 200] = {
+    let mut pairs = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        // `i / 10` and `i % 10` are single digits.
         #[allow(clippy::cast_possible_truncation)]
         {
-            digits[start] = b'0' + (n % 10) as u8;
+            pairs[2 * i] = b'0' + (i / 10) as u8;
+            pairs[2 * i + 1] = b'0' + (i % 10) as u8;
         }
-        n /= 10;
-        if n == 0 {
-            break;
+        i += 1;
+    }
+    pairs
+};
+
+/// The decimal digits of `n`, two at a time, without the formatting machinery of `write!`.
+fn digits(mut n: u64) -> Digits {
+    let mut buffer = [0u8; 20];
+    let mut start = buffer.len();
+    let pair = |n: u64| {
+        // `n` is below 100.
+        let i = 2 * usize::try_from(n).unwrap_or(0);
+        [PAIRS[i], PAIRS[i + 1]]
+    };
+    while n >= 100 {
+        start -= 2;
+        buffer[start..start + 2].copy_from_slice(&pair(n % 100));
+        n /= 100;
+    }
+    if n >= 10 {
+        start -= 2;
+        buffer[start..start + 2].copy_from_slice(&pair(n));
+    } else {
+        start -= 1;
+        // `n` is a single digit.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            buffer[start] = b'0' + n as u8;
         }
     }
-    for &digit in &digits[start..] {
-        out.push(char::from(digit));
-    }
+    Digits { buffer, start }
 }
 
 /// `text` with `%`, control characters and non-ASCII characters percent-encoded as their
@@ -465,10 +541,13 @@ mod tests {
             u64::from(u32::MAX),
             u64::MAX - 1,
             u64::MAX,
-        ] {
-            let mut out = String::from("x");
-            push_u64(&mut out, n);
-            assert_eq!(out, format!("x{n}"));
+        ]
+        .into_iter()
+        .chain(0..=10_100)
+        .chain((1..20).map(|e| 10u64.pow(e) - 1))
+        .chain((1..20).map(|e| 10u64.pow(e)))
+        {
+            assert_eq!(digits(n).as_bytes(), n.to_string().as_bytes());
             assert_eq!(number(n), HeaderValue::from(n));
         }
     }
@@ -688,6 +767,42 @@ mod tests {
         assert!(written.contains(&("retry-after".into(), "6".into())));
         assert!(written.contains(&("x-ratelimit-limit".into(), "10".into())));
         assert_eq!(headers.violated_policies(&both), ["per-client", "everyone"]);
+    }
+
+    #[test]
+    fn limits_are_found_by_name_whatever_their_order_and_origin() {
+        // The result comes from limits built apart from the headers' (no shared names) and
+        // lists them in the other order.
+        let headers = EndpointHeaders::new("GET /search", &two_limits(), None);
+        let reversed = EndpointLimits::new(vec![
+            Limit::named(
+                "everyone",
+                RateLimitRule::new(RateLimitScope::Global, 15, 15.0).unwrap(),
+            )
+            .unwrap(),
+            Limit::named("per-client", rule(10, 10.0)).unwrap(),
+        ])
+        .unwrap();
+        let allowed = result(
+            &reversed,
+            &[
+                decision(true, Duration::ZERO, 12),
+                decision(true, Duration::ZERO, 0),
+            ],
+        );
+        assert_eq!(
+            write(&headers, &allowed, HeaderStyle::Both),
+            owned(&[
+                (
+                    "ratelimit-policy",
+                    "\"per-client\";q=10;w=60, \"everyone\";q=15;w=60"
+                ),
+                ("ratelimit", "\"everyone\";r=12;t=0, \"per-client\";r=0;t=6"),
+                ("x-ratelimit-limit", "10"),
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "6"),
+            ])
+        );
     }
 
     #[test]
