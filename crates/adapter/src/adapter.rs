@@ -503,8 +503,12 @@ impl TokenBucketAdapter {
         requests: &[BucketRequest<'_>],
     ) -> RateLimitResult {
         let answer = if let [one] = requests {
-            // One limit: no vector of decisions.
-            self.store.check_and_consume(one).await.map(|decision| {
+            // One limit: no vector of decisions; an in-process store answers without a future.
+            let decision = match self.store.check_now(one) {
+                Some(decision) => decision,
+                None => self.store.check_and_consume(one).await,
+            };
+            decision.map(|decision| {
                 RateLimitResult::from_decisions(limits.iter().copied(), &[decision])
             })
         } else {
@@ -786,6 +790,14 @@ mod tests {
     use mockall::Sequence;
     use ratelimit_domain::{MockBucketStore, MockEventBus, RateLimitRule, RateLimiterExt};
 
+    /// A mock store that, as a network store, never answers at once (`check_now` is `None`),
+    /// so that checks reach the expectations set on `check_and_consume`.
+    fn mock_store() -> MockBucketStore {
+        let mut store = MockBucketStore::new();
+        store.expect_check_now().returning(|_| None);
+        store
+    }
+
     use super::*;
 
     const LOGIN: &str = "POST /api/v1/sessions";
@@ -847,8 +859,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_bus_nobody_listens_to_gets_no_events_and_the_check_still_decides() {
+    async fn a_store_that_answers_at_once_is_not_awaited_and_its_error_meets_the_policy() {
         let mut store = MockBucketStore::new();
+        let mut answers = vec![Err(unavailable()), Ok(allowed(3))];
+        store
+            .expect_check_now()
+            .withf(|request| request.key.as_str().ends_with(":POST /api/v1/sessions"))
+            .times(2)
+            .returning(move |_| answers.pop());
+        store.expect_check_and_consume().never();
+        let mut bus = MockEventBus::new();
+        bus.expect_is_listening().return_const(false);
+        let limiter = TokenBucketAdapter::builder(Arc::new(store), rules())
+            .events(Arc::new(bus))
+            .build()
+            .unwrap();
+        let result = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
+        assert!(result.allowed);
+        assert_eq!(result.remaining, 3);
+        assert_eq!(result.source, DecisionSource::Store);
+        let failed_open = limiter.is_allowed(LOGIN, "192.168.1.1").await.unwrap();
+        assert_eq!(failed_open.source, DecisionSource::FailOpen);
+    }
+
+    #[tokio::test]
+    async fn a_bus_nobody_listens_to_gets_no_events_and_the_check_still_decides() {
+        let mut store = mock_store();
         store
             .expect_check_and_consume()
             .times(2)
@@ -876,7 +912,7 @@ mod tests {
 
     #[tokio::test]
     async fn allowed_check_publishes_attempted_then_allowed_with_the_key_of_the_scope() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store
             .expect_check_and_consume()
             .withf(|request| {
@@ -927,7 +963,7 @@ mod tests {
 
     #[tokio::test]
     async fn denied_check_publishes_denied_with_retry_after() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store.expect_check_and_consume().returning(|_| {
             Ok(BucketDecision {
                 allowed: false,
@@ -960,7 +996,7 @@ mod tests {
 
     #[tokio::test]
     async fn explicit_cost_overrides_the_rule_and_zero_means_the_rule() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         let mut order = Sequence::new();
         for cost in [7, 3, 3] {
             store
@@ -996,7 +1032,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_endpoint_is_allowed_without_store_or_events() {
         // Mocks with no expectations fail the test if called.
-        let limiter = adapter(MockBucketStore::new(), MockEventBus::new());
+        let limiter = adapter(mock_store(), MockEventBus::new());
         let result = limiter.is_allowed("GET /unknown", "1.2.3.4").await.unwrap();
         assert!(result.allowed);
         assert_eq!(
@@ -1016,7 +1052,7 @@ mod tests {
 
     #[tokio::test]
     async fn disabled_rule_is_allowed_with_a_full_bucket() {
-        let limiter = adapter(MockBucketStore::new(), MockEventBus::new());
+        let limiter = adapter(mock_store(), MockEventBus::new());
         let result = limiter.is_allowed("GET /off", "1.2.3.4").await.unwrap();
         assert!(result.allowed);
         assert_eq!((result.remaining, result.limit), (7, 7));
@@ -1029,7 +1065,7 @@ mod tests {
 
     #[tokio::test]
     async fn failing_store_fails_open_and_says_so_in_the_result_and_the_event() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store
             .expect_check_and_consume()
             .returning(|_| Err(unavailable()));
@@ -1055,7 +1091,7 @@ mod tests {
 
     #[tokio::test]
     async fn failing_event_bus_does_not_change_the_decision() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store.expect_check_and_consume().times(1).returning(|_| {
             Ok(BucketDecision {
                 allowed: false,
@@ -1084,7 +1120,7 @@ mod tests {
 
     #[tokio::test]
     async fn reset_reports_real_errors() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store
             .expect_reset()
             .times(1)
@@ -1098,7 +1134,7 @@ mod tests {
 
     #[tokio::test]
     async fn reset_and_get_remaining_use_the_bucket_key() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store
             .expect_reset()
             .withf(|key, _| key.as_str() == "rate_limit:user:alice:POST /export")
@@ -1124,7 +1160,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_identifier_is_a_clear_error_and_touches_nothing() {
-        let limiter = adapter(MockBucketStore::new(), MockEventBus::new());
+        let limiter = adapter(mock_store(), MockEventBus::new());
         let err = limiter.is_allowed(LOGIN, "").await.unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidInput);
         assert_eq!(
@@ -1135,7 +1171,7 @@ mod tests {
 
     #[tokio::test]
     async fn custom_key_prefix() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store
             .expect_check_and_consume()
             .withf(|request| request.key.as_str() == "svc_a:ip:1.2.3.4:POST /api/v1/sessions")
@@ -1146,7 +1182,7 @@ mod tests {
             .unwrap();
         assert!(limiter.is_allowed(LOGIN, "1.2.3.4").await.unwrap().allowed);
         assert!(
-            TokenBucketAdapter::builder(Arc::new(MockBucketStore::new()), rules())
+            TokenBucketAdapter::builder(Arc::new(mock_store()), rules())
                 .key_prefix("")
                 .build()
                 .is_err()
@@ -1154,7 +1190,7 @@ mod tests {
     }
 
     fn down_store() -> MockBucketStore {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store
             .expect_check_and_consume()
             .returning(|_| Err(unavailable()));
@@ -1216,7 +1252,7 @@ mod tests {
 
     #[tokio::test]
     async fn local_policy_needs_a_fallback_store() {
-        let err = TokenBucketAdapter::builder(Arc::new(MockBucketStore::new()), rules())
+        let err = TokenBucketAdapter::builder(Arc::new(mock_store()), rules())
             .failure_policy(FailurePolicy::Local)
             .build()
             .unwrap_err();
@@ -1396,7 +1432,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_store_call_per_check_whatever_the_number_of_limits() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store.expect_check_and_consume().never();
         store
             .expect_check_and_consume_all()
@@ -1444,7 +1480,7 @@ mod tests {
     #[tokio::test]
     async fn the_failure_policies_answer_for_every_limit() {
         let failing = || {
-            let mut store = MockBucketStore::new();
+            let mut store = mock_store();
             store
                 .expect_check_and_consume_all()
                 .returning(|_| Err(unavailable()));

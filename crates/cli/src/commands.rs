@@ -607,6 +607,14 @@ mod tests {
     use super::*;
     use crate::error::{ErrorKind, Exit};
 
+    /// A mock store that, as a network store, never answers at once (`check_now` is `None`),
+    /// so that checks reach the expectations set on `check_and_consume`.
+    fn mock_store() -> MockBucketStore {
+        let mut store = MockBucketStore::new();
+        store.expect_check_now().returning(|_| None);
+        store
+    }
+
     fn rule(scope: RateLimitScope) -> RateLimitRule {
         RateLimitRule::new(scope, 5, 5.0).unwrap()
     }
@@ -651,7 +659,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_fail_open_check_is_a_redis_error_with_the_real_cause() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store
             .expect_check_and_consume()
             .returning(|_| Err(unavailable()));
@@ -670,7 +678,7 @@ mod tests {
 
     #[tokio::test]
     async fn remaining_and_reset_report_store_errors() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store
             .expect_get_remaining()
             .returning(|_, _, _| Err(unavailable()));
@@ -686,7 +694,7 @@ mod tests {
 
     #[tokio::test]
     async fn checks_use_the_service_key_and_the_given_cost() {
-        let mut store = MockBucketStore::new();
+        let mut store = mock_store();
         store
             .expect_check_and_consume()
             .withf(|request| {
@@ -719,7 +727,7 @@ mod tests {
     fn missing_or_empty_identifiers_are_usage_errors() {
         let rules = RuleSet::try_from_rules([("GET /x", rule(RateLimitScope::User))]).unwrap();
         let missing = Bucket::with_store(
-            MockBucketStore::new(),
+            mock_store(),
             rules.clone(),
             &args("GET /x", None),
             "rate_limit",
@@ -733,7 +741,7 @@ mod tests {
             missing.message
         );
         let empty = Bucket::with_store(
-            MockBucketStore::new(),
+            mock_store(),
             rules.clone(),
             &args("GET /x", Some("")),
             "rate_limit",
@@ -742,7 +750,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(empty.exit(), Exit::Usage);
         let prefix = Bucket::with_store(
-            MockBucketStore::new(),
+            mock_store(),
             rules,
             &args("GET /x", Some("a")),
             "",
@@ -758,17 +766,12 @@ mod tests {
     fn ip_identifiers_are_grouped_as_the_service_groups_them() {
         let key_of = |args: &BucketArgs, scope: RateLimitScope| {
             let rules = RuleSet::try_from_rules([("GET /x", rule(scope))]).unwrap();
-            Bucket::with_store(
-                MockBucketStore::new(),
-                rules,
-                args,
-                "rate_limit",
-                Selection::All,
+            Bucket::with_store(mock_store(), rules, args, "rate_limit", Selection::All).map(
+                |bucket| {
+                    let key = bucket.keys[0].as_ref().map(|key| key.as_str().to_owned());
+                    (key.unwrap_or_default(), bucket.target.identifier)
+                },
             )
-            .map(|bucket| {
-                let key = bucket.keys[0].as_ref().map(|key| key.as_str().to_owned());
-                (key.unwrap_or_default(), bucket.target.identifier)
-            })
         };
         for (typed, identifier) in [
             ("::1", "::/64"),
@@ -822,7 +825,7 @@ mod tests {
     #[tokio::test]
     async fn reset_says_whether_there_was_a_bucket() {
         for existed in [true, false] {
-            let mut store = MockBucketStore::new();
+            let mut store = mock_store();
             store
                 .expect_reset()
                 .withf(|key, _| key.as_str() == "rate_limit:ip:::/64:GET /x")

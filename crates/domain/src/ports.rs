@@ -172,6 +172,20 @@ pub trait BucketStore: Send + Sync + Debug + 'static {
     /// zero only reads.
     async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision>;
 
+    /// [`check_and_consume`](Self::check_and_consume) answered at once, for a store that never
+    /// waits (an in-process one): `Some` with exactly what `check_and_consume` would answer,
+    /// having done exactly what it would do; `None` when the store has to wait (a network
+    /// store, or a layer that adds its own behaviour), and then the caller awaits
+    /// `check_and_consume` instead.
+    ///
+    /// It spares the request path the boxed future of an async port method (a heap allocation
+    /// and its release per check). The default answers `None`, which is always correct: a
+    /// store or layer implements it only where its answer is the same as the async method's.
+    fn check_now<'a>(&self, request: &BucketRequest<'a>) -> Option<Result<BucketDecision>> {
+        let _ = request;
+        None
+    }
+
     /// One all-or-nothing check over several buckets (the limits of one request): takes each
     /// request's cost from its bucket if **every** bucket holds its cost, otherwise takes
     /// nothing. Answers one decision per request, in order, exactly as

@@ -686,6 +686,11 @@ impl BucketStore for MemoryStorage {
         self.check(request)
     }
 
+    /// Always `Some`: the memory store never waits.
+    fn check_now<'a>(&self, request: &BucketRequest<'a>) -> Option<Result<BucketDecision>> {
+        Some(self.check(request))
+    }
+
     /// Locks the shards of every key, in ascending order (so that concurrent checks never
     /// wait on each other in a cycle), steps all buckets with
     /// [`token_bucket::step_all`], and writes what it says before releasing any lock: atomic.
