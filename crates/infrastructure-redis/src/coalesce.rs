@@ -16,8 +16,10 @@
 //!
 //! # What each check keeps
 //! - **Its deadline.** A queued check waits at most the check deadline for its answer, however
-//!   slow its batch; the batch itself runs under the check deadline too (taking a connection
-//!   included), and a connection abandoned at that deadline is dropped from the pool as usual.
+//!   slow its batch. It has no timer of its own: everything in flight when it queued ends by
+//!   its deadline, and its batch runs until the deadline of its last check (taking a
+//!   connection included; a connection abandoned then is dropped from the pool as usual) and
+//!   answers an earlier check at that check's deadline from one timer per batch.
 //! - **Its own failure.** A key of another type fails only its own entry (the script reads with
 //!   `redis.pcall`); a failed batch (connection lost, timeout) fails only the checks in it, each
 //!   with the error it would have had alone, which the circuit breaker above the store counts per
@@ -35,7 +37,7 @@ use std::collections::VecDeque;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ratelimit_domain::token_bucket::validate_now;
 use ratelimit_domain::{
@@ -66,6 +68,10 @@ pub const MAX_BATCH: usize = 128;
 /// Script calls of one store on their way at once. Two keep Redis busy while the client reads
 /// one batch's replies and builds the next (measured: docs/performance.md, "Coalesced checks").
 pub const MAX_IN_FLIGHT: usize = 2;
+
+/// How late a tokio timer may fire: entries of a batch whose deadlines are this close to the
+/// call's own get their timeout from the call's.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
 /// The operation name in errors, as the single-check path names it.
 const OPERATION: &str = "check_and_consume";
@@ -114,7 +120,60 @@ struct State {
 struct Entry {
     key: BucketKey,
     args: BatchArgs,
-    reply: oneshot::Sender<Result<BucketDecision>>,
+    reply: ReplyTo,
+    /// When its caller's check deadline passes: its batch answers it by then.
+    deadline: Instant,
+}
+
+/// Where a queued check's answer goes: answered once, by whichever comes first of its batch's
+/// reply and its deadline (while the batch call, which borrows the batch, is on its way).
+struct ReplyTo(Mutex<Option<oneshot::Sender<Result<BucketDecision>>>>);
+
+impl ReplyTo {
+    /// Answers the check, unless it has had its answer already or its caller has gone;
+    /// whether the answer went.
+    fn send(&self, answer: Result<BucketDecision>) -> bool {
+        let sender = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        sender.is_some_and(|sender| sender.send(answer).is_ok())
+    }
+
+    /// Whether nobody waits for the answer any more: the caller gone, or already answered.
+    fn is_closed(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(oneshot::Sender::is_closed)
+    }
+}
+
+/// How a check goes to Redis ([`Coalescer::enter`]).
+pub(crate) enum Turn<'a> {
+    /// Alone, by the single-check script, holding a call slot until this is dropped.
+    Alone(Slot<'a>),
+    /// In a batch: the answer comes here.
+    Queued(Answer),
+}
+
+/// The answer of a queued check ([`Turn::Queued`]).
+pub(crate) struct Answer(oneshot::Receiver<Result<BucketDecision>>);
+
+impl Answer {
+    /// Waits for the check's batch. No timer per check: the batch answers every entry by its
+    /// deadline (see [`Shared::send`]).
+    ///
+    /// # Errors
+    /// The check's error, as a single check would have it; `StorageError` if its batch was
+    /// dropped unanswered (the runtime shutting down).
+    pub(crate) async fn wait(self) -> Result<BucketDecision> {
+        self.0.await.unwrap_or_else(|_| {
+            Err(RateLimitError::new(
+                ErrorCode::StorageError,
+                "the batch of this check was dropped unanswered",
+            )
+            .with_detail("operation", OPERATION))
+        })
+    }
 }
 
 impl Coalescer {
@@ -158,56 +217,49 @@ impl Coalescer {
         }
     }
 
-    /// Decides `request`: by `alone` (the single-check script) when fewer than
-    /// [`MAX_IN_FLIGHT`] calls are on their way, else in the next batch.
+    /// How `request` goes to Redis: alone (the caller runs the single-check script, holding
+    /// the returned slot until its call ends) when fewer than [`MAX_IN_FLIGHT`] calls are on
+    /// their way, else queued for the next batch.
+    ///
+    /// Split from the wait so that the caller's future holds either the single call or the
+    /// small queued wait, never both (the future of a check is boxed and moved per check).
     ///
     /// # Errors
-    /// As a single check: `InvalidInput` for a bad `now`, the store's errors, `StorageTimeout`
-    /// past the check deadline.
-    pub(crate) async fn check<F>(
-        &self,
-        request: &BucketRequest<'_>,
-        alone: F,
-    ) -> Result<BucketDecision>
-    where
-        F: Future<Output = Result<BucketDecision>>,
-    {
-        let waiting = {
-            let mut state = self.shared.lock();
-            if state.in_flight < MAX_IN_FLIGHT {
-                state.in_flight += 1;
-                None
-            } else {
-                let args = BatchArgs::of(request)?;
-                let (reply, answer) = oneshot::channel();
-                state.queue.push_back(Entry {
-                    key: request.key.clone(),
-                    args,
-                    reply,
-                });
-                Some(answer)
-            }
-        };
-        let Some(answer) = waiting else {
-            // Released when the call ends or the caller gives up; either way whatever queued
-            // meanwhile is sent.
-            let _slot = Slot(&self.shared);
-            return alone.await;
-        };
-        match tokio::time::timeout(self.shared.timeout, answer).await {
-            Ok(Ok(decision)) => decision,
-            Ok(Err(_)) => Err(RateLimitError::new(
-                ErrorCode::StorageError,
-                "the batch of this check was dropped unanswered",
-            )
-            .with_detail("operation", OPERATION)),
-            Err(_) => Err(deadline(OPERATION, self.shared.timeout)),
+    /// `InvalidInput` for a bad `now` (before anything is queued).
+    pub(crate) fn enter(&self, request: &BucketRequest<'_>) -> Result<Turn<'_>> {
+        let mut state = self.shared.lock();
+        if state.in_flight < MAX_IN_FLIGHT {
+            state.in_flight += 1;
+            drop(state);
+            // Released when the call ends or the caller gives up; either way whatever
+            // queued meanwhile is sent.
+            return Ok(Turn::Alone(Slot(&self.shared)));
         }
+        drop(state);
+        // Built outside the lock; the queue is taken only to push.
+        let args = BatchArgs::of(request)?;
+        let (reply, answer) = oneshot::channel();
+        let entry = Entry {
+            key: request.key.clone(),
+            args,
+            reply: ReplyTo(Mutex::new(Some(reply))),
+            deadline: Instant::now() + self.shared.timeout,
+        };
+        let mut state = self.shared.lock();
+        if state.in_flight < MAX_IN_FLIGHT {
+            // Every call ended meanwhile (and found the queue empty): go alone after all, or
+            // the entry would wait for a call that is not coming.
+            state.in_flight += 1;
+            drop(state);
+            return Ok(Turn::Alone(Slot(&self.shared)));
+        }
+        state.queue.push_back(entry);
+        Ok(Turn::Queued(Answer(answer)))
     }
 }
 
 /// A call slot held by a check running alone; frees it, or hands it to a batch of what queued.
-struct Slot<'a>(&'a Arc<Shared>);
+pub(crate) struct Slot<'a>(&'a Arc<Shared>);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
@@ -262,7 +314,13 @@ impl Shared {
         }
     }
 
-    /// One batch script call, and every entry's answer.
+    /// One batch script call, and every entry's answer, each by its entry's deadline.
+    ///
+    /// Entries are queued in order, so their deadlines only grow along the batch. The call
+    /// runs until the last one's deadline (the connection is dropped from the pool if it is
+    /// abandoned then); an earlier entry whose deadline passes first gets its timeout at its
+    /// deadline from a timer of the batch, so a check waits no longer than alone, with one
+    /// timer per batch instead of one per check.
     async fn send(&self, batch: Vec<Entry>) {
         // A caller that has gone would never learn what its check took.
         let before = batch.len();
@@ -282,12 +340,39 @@ impl Shared {
             shared: self,
             batch: &batch,
         };
-        let reply = self
-            .connections
-            .run(OPERATION, self.timeout, |conn| {
-                self.script.eval(conn, &call)
-            })
-            .await;
+        let last = batch
+            .last()
+            .map_or_else(Instant::now, |entry| entry.deadline);
+        // The call (and its borrow of the batch) ends before the answers go.
+        let reply = {
+            let reply = self
+                .connections
+                .run_until(OPERATION, last, self.timeout, |conn| {
+                    self.script.eval(conn, &call)
+                });
+            let mut reply = std::pin::pin!(reply);
+            // Entries before `due` have had their timeout.
+            let mut due = 0;
+            loop {
+                let next = batch[due..].first().map_or(last, |entry| entry.deadline);
+                // Within the timer's resolution of the call's own deadline: that one answers.
+                if next + TIMER_RESOLUTION >= last {
+                    break reply.await;
+                }
+                tokio::select! {
+                    biased;
+                    reply = &mut reply => break reply,
+                    () = tokio::time::sleep_until(next.into()) => {
+                        let now = Instant::now();
+                        while let Some(entry) = batch.get(due).filter(|entry| entry.deadline <= now) {
+                            // Left in the batch (the call is on its way); its caller hears now.
+                            let _ = entry.reply.send(Err(deadline(OPERATION, self.timeout)));
+                            due += 1;
+                        }
+                    }
+                }
+            }
+        };
         match reply {
             Ok(Value::Array(replies)) if replies.len() == batch.len() => {
                 for (entry, reply) in batch.into_iter().zip(&replies) {
