@@ -30,8 +30,9 @@
 //! - **Lost scripts.** The batch script is sent by its SHA and resent with `EVAL` after a
 //!   `NOSCRIPT`, as the single script is.
 //!
-//! Not used on a Redis Cluster, where one script call may only touch keys of one slot: there
-//! every check runs alone (see `docs/lua.md`, "Coalesced checks").
+//! On a Redis Cluster, where one script call may only touch keys of one hash slot, a batch goes
+//! as one call per slot of its checks, all at once (each bucket's keys share their slot through
+//! the hash tag); the cluster connection follows `MOVED` and `ASK` as for a single check.
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -43,6 +44,7 @@ use ratelimit_domain::token_bucket::validate_now;
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketRequest, ErrorCode, RateLimitError, Result,
 };
+use redis::cluster_routing::Slot as HashSlot;
 use redis::{Cmd, Value};
 use tokio::sync::oneshot;
 
@@ -306,12 +308,37 @@ impl Shared {
     /// Sends batches until nothing is queued, then frees the slot.
     async fn drive(this: Arc<Self>, mut batch: Vec<Entry>) {
         loop {
-            this.send(batch).await;
+            this.send_per_slot(batch).await;
             match this.next_batch() {
                 Some(next) => batch = next,
                 None => return,
             }
         }
+    }
+
+    /// A batch as one call, or on a Redis Cluster (where one script call may only touch keys of
+    /// one hash slot) as one call per slot, all on their way at once. Entries keep their order
+    /// within a slot, so a bucket repeated in the batch is still stepped in order.
+    async fn send_per_slot(&self, batch: Vec<Entry>) {
+        if !self.hash_tag {
+            return self.send(batch).await;
+        }
+        let mut groups: Vec<(HashSlot, Vec<Entry>)> = Vec::new();
+        for entry in batch {
+            // The slot of the hash tag, which every key of the bucket carries.
+            let slot = HashSlot::for_key(format!("{{{}}}", entry.key.as_str()));
+            match groups.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, group)) => group.push(entry),
+                None => groups.push((slot, vec![entry])),
+            }
+        }
+        if groups.len() == 1 {
+            if let Some((_, group)) = groups.pop() {
+                self.send(group).await;
+            }
+            return;
+        }
+        futures_util::future::join_all(groups.into_iter().map(|(_, group)| self.send(group))).await;
     }
 
     /// One batch script call, and every entry's answer, each by its entry's deadline.

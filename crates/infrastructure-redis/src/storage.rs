@@ -43,7 +43,7 @@ pub struct RedisStorage {
     /// How often the reset listener pings its subscription.
     reset_ping_interval: Duration,
     /// Checks that wait while calls are in flight go to Redis together (`None`: coalescing
-    /// off, or a cluster).
+    /// off).
     coalescer: Option<Coalescer>,
 }
 
@@ -72,7 +72,7 @@ impl RedisStorage {
         // process already chose one.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let connections = Connections::new(config)?;
-        let coalescer = (config.coalescing && !config.is_cluster()).then(|| {
+        let coalescer = config.coalescing.then(|| {
             Coalescer::new(
                 connections.clone(),
                 config.layout,
