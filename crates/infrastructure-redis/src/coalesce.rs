@@ -122,19 +122,24 @@ struct State {
 struct Entry {
     key: BucketKey,
     args: BatchArgs,
-    reply: ReplyTo,
+    reply: ReplyTo<Result<BucketDecision>>,
     /// When its caller's check deadline passes: its batch answers it by then.
     deadline: Instant,
 }
 
 /// Where a queued check's answer goes: answered once, by whichever comes first of its batch's
 /// reply and its deadline (while the batch call, which borrows the batch, is on its way).
-struct ReplyTo(Mutex<Option<oneshot::Sender<Result<BucketDecision>>>>);
+struct ReplyTo<T>(Mutex<Option<oneshot::Sender<T>>>);
 
-impl ReplyTo {
+impl<T> ReplyTo<T> {
+    /// Where `sender`'s receiver waits.
+    fn new(sender: oneshot::Sender<T>) -> Self {
+        Self(Mutex::new(Some(sender)))
+    }
+
     /// Answers the check, unless it has had its answer already or its caller has gone;
     /// whether the answer went.
-    fn send(&self, answer: Result<BucketDecision>) -> bool {
+    fn send(&self, answer: T) -> bool {
         let sender = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
         sender.is_some_and(|sender| sender.send(answer).is_ok())
     }
@@ -244,7 +249,7 @@ impl Coalescer {
         let entry = Entry {
             key: request.key.clone(),
             args,
-            reply: ReplyTo(Mutex::new(Some(reply))),
+            reply: ReplyTo::new(reply),
             deadline: Instant::now() + self.shared.timeout,
         };
         let mut state = self.shared.lock();
