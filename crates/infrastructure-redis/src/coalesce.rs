@@ -19,7 +19,11 @@
 //!   slow its batch. It has no timer of its own: everything in flight when it queued ends by
 //!   its deadline, and its batch runs until the deadline of its last check (taking a
 //!   connection included; a connection abandoned then is dropped from the pool as usual) and
-//!   answers an earlier check at that check's deadline from one timer per batch.
+//!   answers an earlier check at that check's deadline from one timer per batch. One caveat:
+//!   a check that runs alone releases its call slot when its caller's future ends or is dropped,
+//!   so a caller that keeps such a future without polling it holds the slot, and the checks
+//!   queued behind it wait for it past their deadline (they had a timer each before; a timer
+//!   per queue would restore the bound).
 //! - **Its own failure.** A key of another type fails only its own entry (the script reads with
 //!   `redis.pcall`); a failed batch (connection lost, timeout) fails only the checks in it, each
 //!   with the error it would have had alone, which the circuit breaker above the store counts per
