@@ -1,6 +1,7 @@
-//! Deadlines of coalesced checks: a queued check has no timer of its own (its batch answers it
-//! by its deadline), so a check queued early in a batch must still fail at its own deadline,
-//! not at the deadline of the batch's last check.
+//! Deadlines of coalesced checks: a check queued early in a batch must fail at its own deadline,
+//! not at the deadline of the batch's last check; and a queued check whose batch is never sent
+//! (every call slot held by a check whose caller keeps its future without polling it) must
+//! still answer by its deadline.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -80,4 +81,68 @@ async fn an_early_check_in_a_batch_fails_at_its_own_deadline_not_the_last_ones()
         let stats = store.coalescing_stats();
         assert!(stats.batches >= 1, "{layout:?}: {stats:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_check_behind_futures_nobody_polls_still_answers_by_its_deadline() {
+    let timeout = Duration::from_millis(300);
+    let server = RedisServer::start();
+    let config = RedisConfig::new(server.url())
+        .with_check_timeout(timeout)
+        .with_coalescing(true);
+    let store = RedisStorage::new(&config).unwrap();
+    let prefix = unique_prefix();
+    let rule = rule(5, 5.0);
+    let buckets: Vec<_> = (0..=MAX_IN_FLIGHT)
+        .map(|i| key(&prefix, &format!("held-{i}"), "GET /held"))
+        .collect();
+    store
+        .check_and_consume(&BucketRequest::new(&buckets[0], &rule))
+        .await
+        .unwrap();
+    // Every call slot taken by a check polled once, then kept without being polled again:
+    // its slot is released only when its future ends or is dropped.
+    let requests: Vec<_> = buckets[..MAX_IN_FLIGHT]
+        .iter()
+        .map(|bucket| BucketRequest::new(bucket, &rule))
+        .collect();
+    let mut held = Vec::new();
+    for request in &requests {
+        // A check that is answered within its first poll frees its slot at once: try again
+        // until this one is pending (it holds its slot then).
+        for attempt in 0.. {
+            assert!(attempt < 20, "no check stayed pending after its first poll");
+            let mut future = store.check_and_consume(request);
+            let first =
+                std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await;
+            if first.is_pending() {
+                held.push(future);
+                break;
+            }
+        }
+    }
+    let started = Instant::now();
+    // Without a timer of its own, this check would wait for as long as the futures are held.
+    let queued = tokio::time::timeout(
+        timeout * 10,
+        store.check_and_consume(&BucketRequest::new(&buckets[MAX_IN_FLIGHT], &rule)),
+    )
+    .await
+    .expect("the queued check outlived ten times its deadline");
+    let elapsed = started.elapsed();
+    let err = queued.unwrap_err();
+    assert_eq!(err.code(), ErrorCode::StorageTimeout, "{err}");
+    assert!(
+        elapsed >= timeout - Duration::from_millis(5) && elapsed < timeout * 3,
+        "failed after {elapsed:?}, deadline {timeout:?}"
+    );
+    drop(held);
+    // The store still works once the slots are free.
+    assert!(
+        store
+            .check_and_consume(&BucketRequest::new(&buckets[MAX_IN_FLIGHT], &rule))
+            .await
+            .unwrap()
+            .allowed
+    );
 }
