@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use ratelimit_domain::token_bucket::validate_now;
+use ratelimit_domain::token_bucket::{self, validate_now};
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketRequest, ErrorCode, RateLimitError, Result,
 };
@@ -46,9 +46,8 @@ use tokio::sync::oneshot;
 
 use crate::KeyLayout;
 use crate::connection::Connections;
-use crate::error::{deadline, name_corrupt_bucket};
+use crate::error::{bad_reply, deadline, name_corrupt_bucket};
 use crate::keys::BucketKeys;
-use crate::reply::parse_reply;
 use crate::script::{BuildCmd, TokenBucketScript};
 
 /// The batch script of the two-key layout ([`KeyLayout::TwoKeys`]): several independent
@@ -326,7 +325,9 @@ impl Shared {
             16 + sha.map_or(text.len(), str::len)
                 + batch
                     .iter()
-                    .map(|entry| keys_per_entry * (entry.key.as_str().len() + 10) + entry.args.len)
+                    .map(|entry| {
+                        keys_per_entry * (entry.key.as_str().len() + 10) + BatchArgs::ENTRY
+                    })
                     .sum::<usize>(),
         );
         match sha {
@@ -341,10 +342,7 @@ impl Shared {
                 cmd.arg(second);
             }
         }
-        let mut packed = Vec::with_capacity(batch.iter().map(|e| e.args.len).sum());
-        for entry in batch {
-            packed.extend_from_slice(entry.args.as_bytes());
-        }
+        let packed = pack_batch(batch.iter().map(|entry| &entry.args));
         cmd.arg(packed);
         cmd
     }
@@ -370,7 +368,9 @@ fn reply_len(reply: &Value) -> usize {
     }
 }
 
-/// One entry's reply: a decision, or `{-1, error}` for a key that could not be read.
+/// One entry's reply: the bare remaining count when allowed, `{0, retry_after, remaining}`
+/// when denied (`retry_after` the little-endian double itself), or `{-1, error}` for a key that
+/// could not be read.
 fn entry_decision(reply: &Value, key: &BucketKey) -> Result<BucketDecision> {
     if let Value::Array(items) = reply
         && let [Value::Int(-1), message, ..] = items.as_slice()
@@ -393,7 +393,40 @@ fn entry_decision(reply: &Value, key: &BucketKey) -> Result<BucketDecision> {
                 .with_detail("key", key.as_str()),
         );
     }
-    parse_reply(reply).map_err(|err| name_corrupt_bucket(err, key))
+    batch_decision(reply).map_err(|err| name_corrupt_bucket(err, key))
+}
+
+/// A decision as the batch scripts answer it (see [`entry_decision`]).
+fn batch_decision(reply: &Value) -> Result<BucketDecision> {
+    let bad = || bad_reply(format!("{reply:?}"));
+    match reply {
+        Value::Int(remaining) => Ok(BucketDecision {
+            allowed: true,
+            retry_after: Duration::ZERO,
+            remaining: u64::try_from(*remaining).map_err(|_| bad())?,
+        }),
+        Value::Array(items) => match items.as_slice() {
+            [
+                Value::Int(0),
+                Value::BulkString(retry),
+                Value::Int(remaining),
+            ] => {
+                let retry: [u8; 8] = retry.as_slice().try_into().map_err(|_| bad())?;
+                let retry = f64::from_le_bytes(retry);
+                // +inf is a wait for ever; NaN or a negative wait is no answer.
+                if retry.is_nan() || retry < 0.0 {
+                    return Err(bad());
+                }
+                Ok(BucketDecision {
+                    allowed: false,
+                    retry_after: token_bucket::seconds(retry),
+                    remaining: u64::try_from(*remaining).map_err(|_| bad())?,
+                })
+            }
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
 }
 
 /// The same error for another check of the failed batch.
@@ -404,19 +437,21 @@ fn copy_error(err: &RateLimitError) -> RateLimitError {
     )
 }
 
-/// One entry of a batch, as the batch scripts read it: `struct.pack('<ddddBc0', max_tokens,
-/// refill_rate, cost, now, #ttl, ttl)`. `cost` is `+inf` above capacity (decided here, on the
-/// integers, as for the compact script), `now` is `-1` for Redis's `TIME`, and `ttl` is the key
-/// lifetime in decimal digits. Built on the stack.
-#[derive(Clone, Copy)]
+/// One check of a batch, as the batch scripts read it: its rule's numbers and lifetime, the
+/// cost (`+inf` above capacity, decided here on the integers, as for the compact script) and
+/// `now` (`-1` for Redis's `TIME`). [`pack_batch`] writes a batch of them.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct BatchArgs {
-    bytes: [u8; BatchArgs::CAPACITY],
-    len: usize,
+    max_tokens: f64,
+    refill_rate: f64,
+    ttl: u64,
+    cost: f64,
+    now: f64,
 }
 
 impl BatchArgs {
-    /// Four doubles, the length byte and at most 20 digits.
-    const CAPACITY: usize = 32 + 1 + 20;
+    /// Bytes of one single entry: `struct.pack('<BHdd', kind, rule, cost, now)`.
+    const ENTRY: usize = 1 + 2 + 8 + 8;
 
     /// The entry of `request`.
     ///
@@ -432,28 +467,62 @@ impl BatchArgs {
         } else {
             cost as f64
         };
-        let mut bytes = [0_u8; Self::CAPACITY];
-        for (chunk, number) in
-            bytes[..32]
-                .chunks_exact_mut(8)
-                .zip([max_tokens as f64, rule.refill_rate(), cost, now])
-        {
-            chunk.copy_from_slice(&number.to_le_bytes());
-        }
-        let mut digits = &mut bytes[33..];
-        // 20 bytes hold any u64, so the write cannot fail.
-        let _ = write!(digits, "{}", rule.storage_ttl_seconds());
-        let ttl_len = Self::CAPACITY - 33 - digits.len();
-        bytes[32] = u8::try_from(ttl_len).unwrap_or(u8::MAX);
         Ok(Self {
-            bytes,
-            len: 33 + ttl_len,
+            max_tokens: max_tokens as f64,
+            refill_rate: rule.refill_rate(),
+            ttl: rule.storage_ttl_seconds(),
+            cost,
+            now,
         })
     }
 
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
+    /// Whether `other` has the same rule (numbers and lifetime).
+    fn same_rule(&self, other: &Self) -> bool {
+        self.max_tokens.to_bits() == other.max_tokens.to_bits()
+            && self.refill_rate.to_bits() == other.refill_rate.to_bits()
+            && self.ttl == other.ttl
     }
+}
+
+/// The batch scripts' `ARGV[1]` for `entries` (lua/token_bucket_compact_batch.lua has the
+/// layout): each distinct rule once, then one record per entry naming its rule.
+fn pack_batch<'a, I>(entries: I) -> Vec<u8>
+where
+    I: Iterator<Item = &'a BatchArgs> + Clone,
+{
+    let mut rules: Vec<&BatchArgs> = Vec::new();
+    let mut indexes: Vec<u16> = Vec::new();
+    for entry in entries.clone() {
+        let index = match rules.iter().position(|rule| rule.same_rule(entry)) {
+            Some(index) => index,
+            None => {
+                rules.push(entry);
+                rules.len() - 1
+            }
+        };
+        // At most MAX_BATCH entries, so the index fits.
+        indexes.push(u16::try_from(index + 1).unwrap_or(u16::MAX));
+    }
+    let mut packed = Vec::with_capacity(2 + rules.len() * 40 + indexes.len() * BatchArgs::ENTRY);
+    packed.extend_from_slice(&u16::try_from(rules.len()).unwrap_or(u16::MAX).to_le_bytes());
+    for rule in &rules {
+        packed.extend_from_slice(&rule.max_tokens.to_le_bytes());
+        packed.extend_from_slice(&rule.refill_rate.to_le_bytes());
+        let mut digits = [0_u8; 20];
+        let mut free = &mut digits[..];
+        // 20 bytes hold any u64, so the write cannot fail.
+        let _ = write!(free, "{}", rule.ttl);
+        let len = 20 - free.len();
+        packed.push(u8::try_from(len).unwrap_or(u8::MAX));
+        packed.extend_from_slice(&digits[..len]);
+    }
+    for (entry, index) in entries.zip(indexes) {
+        packed.push(0);
+        packed.extend_from_slice(&index.to_le_bytes());
+        packed.extend_from_slice(&entry.cost.to_le_bytes());
+        packed.extend_from_slice(&entry.now.to_le_bytes());
+    }
+    packed
 }
 
 #[cfg(test)]
@@ -462,27 +531,79 @@ mod tests {
 
     use super::*;
 
+    fn double(bytes: &[u8], at: usize) -> f64 {
+        let mut chunk = [0_u8; 8];
+        chunk.copy_from_slice(&bytes[at..at + 8]);
+        f64::from_le_bytes(chunk)
+    }
+
     #[test]
-    fn entries_pack_the_numbers_and_the_lifetime() {
+    fn a_batch_packs_each_rule_once_and_every_entry() {
         let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "GET /x").unwrap();
         let rule = RateLimitRule::new(RateLimitScope::Ip, 10, 0.1).unwrap();
-        let number = |args: &BatchArgs, i: usize| {
-            let mut chunk = [0_u8; 8];
-            chunk.copy_from_slice(&args.as_bytes()[i * 8..i * 8 + 8]);
-            f64::from_le_bytes(chunk)
+        let other = RateLimitRule::new(RateLimitScope::Ip, 10, 0.2).unwrap();
+        let entries = [
+            BatchArgs::of(&BucketRequest::new(&key, &rule).with_cost(3)).unwrap(),
+            BatchArgs::of(&BucketRequest::new(&key, &other).with_cost(11).at(1.5)).unwrap(),
+            BatchArgs::of(&BucketRequest::new(&key, &rule)).unwrap(),
+        ];
+        let packed = pack_batch(entries.iter());
+        // Two rules: 10, 0.1, "6060" and 10, 0.2, "3060".
+        assert_eq!(&packed[..2], &[2, 0]);
+        assert_eq!([double(&packed, 2), double(&packed, 10)], [10.0, 0.1]);
+        assert_eq!(&packed[18..23], b"\x046060");
+        assert_eq!([double(&packed, 23), double(&packed, 31)], [10.0, 0.2]);
+        assert_eq!(&packed[39..44], b"\x043060");
+        let records = &packed[44..];
+        assert_eq!(records.len(), 3 * BatchArgs::ENTRY);
+        let record = |i: usize| {
+            let r = &records[i * BatchArgs::ENTRY..];
+            (
+                r[0],
+                u16::from_le_bytes([r[1], r[2]]),
+                double(r, 3),
+                double(r, 11),
+            )
         };
-        let args = BatchArgs::of(&BucketRequest::new(&key, &rule).with_cost(3)).unwrap();
-        assert_eq!(
-            [0, 1, 2, 3].map(|i| number(&args, i)),
-            [10.0, 0.1, 3.0, -1.0]
-        );
-        assert_eq!(args.as_bytes()[32], 4);
-        assert_eq!(&args.as_bytes()[33..], b"6060");
-        let at = BatchArgs::of(&BucketRequest::new(&key, &rule).with_cost(11).at(1.5)).unwrap();
-        assert_eq!(number(&at, 2), f64::INFINITY);
-        assert_eq!(number(&at, 3), 1.5);
+        assert_eq!(record(0), (0, 1, 3.0, -1.0));
+        // A cost above capacity goes as +inf.
+        assert_eq!(record(1), (0, 2, f64::INFINITY, 1.5));
+        assert_eq!(record(2), (0, 1, 1.0, -1.0));
         let bad = BatchArgs::of(&BucketRequest::new(&key, &rule).at(f64::NAN));
         assert_eq!(bad.err().map(|e| e.code()), Some(ErrorCode::InvalidInput));
+    }
+
+    #[test]
+    fn denied_entries_carry_their_wait_as_a_double() {
+        let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "GET /x").unwrap();
+        let denied = |retry: f64| {
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(retry.to_le_bytes().to_vec()),
+                Value::Int(2),
+            ])
+        };
+        let d = entry_decision(&denied(0.1 + 0.2), &key).unwrap();
+        assert!(!d.allowed && d.remaining == 2);
+        assert_eq!(d.retry_after, token_bucket::seconds(0.1 + 0.2));
+        assert!(
+            entry_decision(&denied(f64::INFINITY), &key)
+                .unwrap()
+                .is_never()
+        );
+        for bad in [
+            denied(f64::NAN),
+            denied(-1.0),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(b"1.5".to_vec()),
+                Value::Int(2),
+            ]),
+            Value::Int(-3),
+        ] {
+            let err = entry_decision(&bad, &key).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::CorruptBucket, "{bad:?}");
+        }
     }
 
     #[test]

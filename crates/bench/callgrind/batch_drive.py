@@ -1,0 +1,47 @@
+# Driver of batch.sh: sends single or batched compact checks to a Redis on 127.0.0.1.
+import hashlib, socket, struct, sys, time
+def enc(args):
+    out=[b"*%d\r\n"%len(args)]
+    for a in args:
+        if isinstance(a,str): a=a.encode()
+        out.append(b"$%d\r\n%s\r\n"%(len(a),a))
+    return b"".join(out)
+def read1(s):
+    line=s.readline(); k=line[:1]
+    if k in (b"+",b":"): return line
+    if k==b"-": raise RuntimeError(line)
+    if k==b"$":
+        n=int(line[1:-2])
+        if n>=0: return s.read(n+2)
+        return None
+    if k==b"*":
+        return [read1(s) for _ in range(int(line[1:-2]))]
+    raise RuntimeError(line)
+port=int(sys.argv[1]); mode=sys.argv[2]; script=sys.argv[3]; calls=int(sys.argv[4]); keys=sys.argv[5]; B=int(sys.argv[6])
+src=open(script).read(); sha=hashlib.sha1(src.encode()).hexdigest()
+sock=socket.create_connection(("127.0.0.1",port)); s=sock.makefile("rb")
+sock.sendall(enc(["SCRIPT","LOAD",src])); read1(s)
+tag=str(time.time_ns())
+def key(i):
+    if keys=="fresh": return "f%s:%d:tb"%(tag,i)
+    if keys=="hot": return "hot:tb"
+    return "e:%d:tb"%(i%int(keys))
+single=struct.pack("<ddd",1e9,1e9,1.0)+b"120"
+v1=struct.pack("<ddddB",1e9,1e9,1.0,-1.0,3)+b"120"
+def packed(n):
+    if mode=="v1": return v1*n
+    if mode=="v2":  # rules once: R, rules '<ddB'+ttl ; entries '<BHd' flags,rule,cost
+        return struct.pack("<H",1)+struct.pack("<ddB",1e9,1e9,3)+b"120"+struct.pack("<BHdd",0,1,1.0,-1.0)*n
+    raise SystemExit(mode)
+i=0
+while i<calls:
+    if mode=="single":
+        buf=[enc(["EVALSHA",sha,"1",key(i+j),single]) for j in range(B)]
+        sock.sendall(b"".join(buf))
+        for _ in range(B):
+            r=read1(s)
+    else:
+        ks=[key(i+j) for j in range(B)]
+        sock.sendall(enc(["EVALSHA",sha,str(B)]+ks+[packed(B)])); r=read1(s)
+        if i==0 and len(sys.argv)>7: print(r[:4])
+    i+=B
