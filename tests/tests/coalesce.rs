@@ -485,3 +485,69 @@ async fn a_key_repeated_in_a_batch_is_stepped_in_order() {
         assert_eq!(denied, 3, "{layout:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_repeated_in_a_batch_fails_every_entry_and_is_left_alone() {
+    // The batch script reads every key with one MGET, which answers nil for a key of another
+    // type as for a missing one: the entries that would create it (SET NX) and those that
+    // write nothing (cost 0) must still fail, each, and the key must keep its value.
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, Duration::from_secs(5)).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        let bad = key(&prefix, "bad", "GET /typed-twice");
+        let first_key = if layout == KeyLayout::Compact {
+            format!("{}:tb", bad.as_str())
+        } else {
+            format!("{}:time", bad.as_str())
+        };
+        server.cmd(redis::cmd("HSET").arg(&first_key).arg("tokens").arg("0"));
+        let before = store.coalescing_stats();
+        server.pause();
+        let mut set = JoinSet::new();
+        for i in 0..MAX_IN_FLIGHT {
+            spawn_check(
+                &mut set,
+                &store,
+                key(&prefix, &format!("first-{i}"), "GET /typed-twice"),
+                &rule,
+            )
+            .await;
+        }
+        let mut reads = JoinSet::new();
+        for i in 0..6 {
+            if i == 3 {
+                let (store, rule, bad) = (Arc::clone(&store), rule.clone(), bad.clone());
+                reads.spawn(async move {
+                    store
+                        .check_and_consume(&BucketRequest::new(&bad, &rule).with_cost(0))
+                        .await
+                });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            spawn_check(&mut set, &store, bad.clone(), &rule).await;
+        }
+        server.resume();
+        for (bucket, _, result) in join_all(set).await {
+            if bucket == bad {
+                let err = result.unwrap_err();
+                assert_eq!(err.code(), ErrorCode::CorruptBucket, "{layout:?}: {err}");
+            } else {
+                assert!(result.unwrap().allowed);
+            }
+        }
+        for result in join_all(reads).await {
+            let err = result.unwrap_err();
+            assert_eq!(err.code(), ErrorCode::CorruptBucket, "{layout:?}: {err}");
+        }
+        let after = store.coalescing_stats();
+        assert_eq!(after.batches - before.batches, 1, "{layout:?}: {after:?}");
+        assert_eq!(after.batched_checks - before.batched_checks, 7);
+        let kind: String =
+            redis::from_redis_value(server.cmd(redis::cmd("TYPE").arg(&first_key))).unwrap();
+        assert_eq!(kind, "hash", "{layout:?}");
+        let value: Vec<String> =
+            redis::from_redis_value(server.cmd(redis::cmd("HGETALL").arg(&first_key))).unwrap();
+        assert_eq!(value, ["tokens", "0"], "{layout:?}");
+    }
+}
