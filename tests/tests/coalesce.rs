@@ -551,3 +551,22 @@ async fn a_key_of_another_type_repeated_in_a_batch_fails_every_entry_and_is_left
         assert_eq!(value, ["tokens", "0"], "{layout:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_multi_limit_contract_holds_through_batches_in_both_layouts() {
+    let redis = TestRedis::get();
+    for layout in LAYOUTS {
+        let store = patient(&redis.url, layout);
+        let mut set = JoinSet::new();
+        for _ in 0..24 {
+            let store = Arc::clone(&store);
+            set.spawn(async move { contract::run_multi(&*store, &unique_prefix()).await });
+        }
+        join_all(set).await;
+        let stats = store.coalescing_stats();
+        assert!(
+            stats.batched_groups > 100,
+            "{layout:?}: too few multi-limit checks went through a batch: {stats:?}"
+        );
+    }
+}

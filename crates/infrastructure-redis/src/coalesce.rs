@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use ratelimit_domain::token_bucket::{self, validate_now};
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketRequest, ErrorCode, RateLimitError, Result,
+    BucketDecision, BucketKey, BucketRequest, ErrorCode, RateLimitError, RateLimitRule, Result,
 };
 use redis::{Cmd, Value};
 use tokio::sync::oneshot;
@@ -48,6 +48,7 @@ use crate::KeyLayout;
 use crate::connection::Connections;
 use crate::error::{bad_reply, deadline, name_corrupt_bucket};
 use crate::keys::BucketKeys;
+use crate::multi::bucket_index;
 use crate::script::{BuildCmd, TokenBucketScript};
 
 /// The batch script of the two-key layout ([`KeyLayout::TwoKeys`]): several independent
@@ -79,6 +80,8 @@ pub struct CoalescingStats {
     pub batched_checks: u64,
     /// Checks left out of a batch because their caller had gone (deadline or cancellation).
     pub abandoned: u64,
+    /// Of the checks sent in batches, those of several limits (group entries).
+    pub batched_groups: u64,
 }
 
 /// The coalescer of one store. See the [module docs](self).
@@ -99,6 +102,7 @@ struct Shared {
     batches: AtomicU64,
     batched_checks: AtomicU64,
     abandoned: AtomicU64,
+    batched_groups: AtomicU64,
 }
 
 #[derive(Default)]
@@ -108,12 +112,75 @@ struct State {
     queue: VecDeque<Entry>,
 }
 
-/// One queued check: its bucket, its numbers packed for the batch script, and where its
-/// answer goes.
+/// One queued check: its bucket, its numbers for the batch script, and where its answer goes.
+/// A group (the limits of one request, all or nothing) has its first bucket here and the others
+/// in its [`Reply::Group`].
 struct Entry {
     key: BucketKey,
     args: BatchArgs,
-    reply: oneshot::Sender<Result<BucketDecision>>,
+    reply: Reply,
+}
+
+/// Where a queued entry's answer goes.
+enum Reply {
+    /// A single check.
+    One(oneshot::Sender<Result<BucketDecision>>),
+    /// A group of buckets decided all or nothing, as `token_bucket::step_all`.
+    Group(Box<Group>),
+}
+
+/// The buckets of a group after its first, and where its decisions go.
+struct Group {
+    rest: Vec<(BucketKey, BatchArgs)>,
+    reply: oneshot::Sender<Result<Vec<BucketDecision>>>,
+}
+
+impl Reply {
+    /// Whether the caller has gone.
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::One(reply) => reply.is_closed(),
+            Self::Group(group) => group.reply.is_closed(),
+        }
+    }
+
+    /// Answers `error` (one copy per caller).
+    fn fail(self, error: RateLimitError) {
+        match self {
+            Self::One(reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Self::Group(group) => {
+                let _ = group.reply.send(Err(error));
+            }
+        }
+    }
+}
+
+impl Entry {
+    /// The buckets of the entry, in order: one, or every bucket of a group.
+    fn buckets(&self) -> impl Iterator<Item = (&BucketKey, &BatchArgs)> + Clone {
+        let rest: &[(BucketKey, BatchArgs)] = match &self.reply {
+            Reply::One(_) => &[],
+            Reply::Group(group) => &group.rest,
+        };
+        std::iter::once((&self.key, &self.args)).chain(rest.iter().map(|(key, args)| (key, args)))
+    }
+
+    /// Answers the entry from its element of the batch reply.
+    fn answer(self, reply: &Value) {
+        match self.reply {
+            Reply::One(sender) => {
+                let _ = sender.send(entry_decision(reply, &self.key));
+            }
+            Reply::Group(group) => {
+                let keys: Vec<&BucketKey> = std::iter::once(&self.key)
+                    .chain(group.rest.iter().map(|(key, _)| key))
+                    .collect();
+                let _ = group.reply.send(group_decisions(reply, &keys));
+            }
+        }
+    }
 }
 
 impl Coalescer {
@@ -139,6 +206,7 @@ impl Coalescer {
                 batches: AtomicU64::new(0),
                 batched_checks: AtomicU64::new(0),
                 abandoned: AtomicU64::new(0),
+                batched_groups: AtomicU64::new(0),
             }),
         }
     }
@@ -154,6 +222,7 @@ impl Coalescer {
             batches: self.shared.batches.load(Ordering::Relaxed),
             batched_checks: self.shared.batched_checks.load(Ordering::Relaxed),
             abandoned: self.shared.abandoned.load(Ordering::Relaxed),
+            batched_groups: self.shared.batched_groups.load(Ordering::Relaxed),
         }
     }
 
@@ -182,7 +251,7 @@ impl Coalescer {
                 state.queue.push_back(Entry {
                     key: request.key.clone(),
                     args,
-                    reply,
+                    reply: Reply::One(reply),
                 });
                 Some(answer)
             }
@@ -277,6 +346,12 @@ impl Shared {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.batched_checks
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let groups = batch
+            .iter()
+            .filter(|entry| matches!(entry.reply, Reply::Group(_)))
+            .count();
+        self.batched_groups
+            .fetch_add(groups as u64, Ordering::Relaxed);
         let call = BatchCall {
             shared: self,
             batch: &batch,
@@ -290,24 +365,25 @@ impl Shared {
         match reply {
             Ok(Value::Array(replies)) if replies.len() == batch.len() => {
                 for (entry, reply) in batch.into_iter().zip(&replies) {
-                    let decision = entry_decision(reply, &entry.key);
-                    let _ = entry.reply.send(decision);
+                    entry.answer(reply);
                 }
             }
             Ok(other) => {
                 let detail = format!("{} replies for {} checks", reply_len(&other), batch.len());
                 for entry in batch {
-                    let _ = entry.reply.send(Err(RateLimitError::new(
-                        ErrorCode::StorageError,
-                        "unusable reply from the batch script",
-                    )
-                    .with_detail("operation", OPERATION)
-                    .with_detail("reply", detail.clone())));
+                    entry.reply.fail(
+                        RateLimitError::new(
+                            ErrorCode::StorageError,
+                            "unusable reply from the batch script",
+                        )
+                        .with_detail("operation", OPERATION)
+                        .with_detail("reply", detail.clone()),
+                    );
                 }
             }
             Err(err) => {
                 for entry in batch {
-                    let _ = entry.reply.send(Err(copy_error(&err)));
+                    entry.reply.fail(copy_error(&err));
                 }
             }
         }
@@ -315,35 +391,34 @@ impl Shared {
 
     /// `EVALSHA sha <n> <keys…> <packed numbers>`, or `EVAL` with the text.
     fn cmd(&self, batch: &[Entry], sha: Option<&str>, text: &str) -> Cmd {
-        let keys_per_entry = if self.layout == KeyLayout::Compact {
+        let keys_per_bucket = if self.layout == KeyLayout::Compact {
             1
         } else {
             2
         };
+        let buckets: usize = batch.iter().map(|entry| entry.buckets().count()).sum();
         let mut cmd = Cmd::with_capacity(
-            4 + keys_per_entry * batch.len(),
+            4 + keys_per_bucket * buckets,
             16 + sha.map_or(text.len(), str::len)
                 + batch
                     .iter()
-                    .map(|entry| {
-                        keys_per_entry * (entry.key.as_str().len() + 10) + BatchArgs::ENTRY
-                    })
+                    .flat_map(Entry::buckets)
+                    .map(|(key, _)| keys_per_bucket * (key.as_str().len() + 10) + 11)
                     .sum::<usize>(),
         );
         match sha {
             Some(sha) => cmd.arg("EVALSHA").arg(sha),
             None => cmd.arg("EVAL").arg(text),
         };
-        cmd.arg(keys_per_entry * batch.len());
-        for entry in batch {
-            let keys = BucketKeys::of(&entry.key, self.hash_tag, self.layout);
+        cmd.arg(keys_per_bucket * buckets);
+        for (key, _) in batch.iter().flat_map(Entry::buckets) {
+            let keys = BucketKeys::of(key, self.hash_tag, self.layout);
             cmd.arg(keys.first);
             if let Some(second) = keys.second {
                 cmd.arg(second);
             }
         }
-        let packed = pack_batch(batch.iter().map(|entry| &entry.args));
-        cmd.arg(packed);
+        cmd.arg(pack_batch(batch));
         cmd
     }
 }
@@ -358,6 +433,120 @@ impl BuildCmd for BatchCall<'_> {
     fn cmd(&self, sha: Option<&str>, script: &str) -> Cmd {
         self.shared.cmd(self.batch, sha, script)
     }
+}
+
+/// Groups with more buckets than this run alone.
+const MAX_GROUP: usize = MAX_BATCH;
+
+/// The operation name in the errors of a group.
+const GROUP_OPERATION: &str = "check_and_consume_all";
+
+impl Coalescer {
+    /// Decides the buckets of `requests` all or nothing (`token_bucket::step_all`, at `now`, the
+    /// check's validated clock): by `alone` (the multi-bucket script) when fewer than
+    /// [`MAX_IN_FLIGHT`] calls are on their way, else as one group entry of the next batch,
+    /// queued, answered and bounded by the check deadline as a single check is
+    /// ([`check`](Self::check)).
+    ///
+    /// # Errors
+    /// As `alone`: the store's errors, `CorruptBucket` naming the key of another type,
+    /// `StorageTimeout` past the check deadline.
+    pub(crate) async fn check_all<F>(
+        &self,
+        requests: &[BucketRequest<'_>],
+        now: Option<f64>,
+        alone: F,
+    ) -> Result<Vec<BucketDecision>>
+    where
+        F: Future<Output = Result<Vec<BucketDecision>>>,
+    {
+        let Some((first, rest)) = requests.split_first() else {
+            return alone.await;
+        };
+        if requests.len() > MAX_GROUP {
+            return alone.await;
+        }
+        let waiting = {
+            let mut state = self.shared.lock();
+            if state.in_flight < MAX_IN_FLIGHT {
+                state.in_flight += 1;
+                None
+            } else {
+                let (reply, answer) = oneshot::channel();
+                let rest = rest
+                    .iter()
+                    .map(|request| {
+                        (
+                            request.key.clone(),
+                            BatchArgs::new(request.rule, request.cost, now),
+                        )
+                    })
+                    .collect();
+                state.queue.push_back(Entry {
+                    key: first.key.clone(),
+                    args: BatchArgs::new(first.rule, first.cost, now),
+                    reply: Reply::Group(Box::new(Group { rest, reply })),
+                });
+                Some(answer)
+            }
+        };
+        let Some(answer) = waiting else {
+            let _slot = Slot(&self.shared);
+            return alone.await;
+        };
+        match tokio::time::timeout(self.shared.timeout, answer).await {
+            Ok(Ok(decisions)) => decisions,
+            Ok(Err(_)) => Err(RateLimitError::new(
+                ErrorCode::StorageError,
+                "the batch of this check was dropped unanswered",
+            )
+            .with_detail("operation", GROUP_OPERATION)),
+            Err(_) => Err(deadline(GROUP_OPERATION, self.shared.timeout)),
+        }
+    }
+}
+
+/// A group's element of the batch reply: one decision per bucket, each as [`entry_decision`]
+/// reads a single one, or `{-1, "WRONGTYPE bucket <i>: …"}` for a bucket of another type, which
+/// fails the whole group (nothing of it was written).
+fn group_decisions(reply: &Value, keys: &[&BucketKey]) -> Result<Vec<BucketDecision>> {
+    let items = match reply {
+        Value::Array(items) => items,
+        _ => return Err(bad_reply(format!("{reply:?}"))),
+    };
+    if let [Value::Int(-1), Value::BulkString(message)] = items.as_slice() {
+        let message = String::from_utf8_lossy(message);
+        let code = if message.contains("WRONGTYPE") {
+            ErrorCode::CorruptBucket
+        } else {
+            ErrorCode::StorageError
+        };
+        let err = RateLimitError::new(code, format!("redis {GROUP_OPERATION} failed: {message}"))
+            .with_detail("operation", GROUP_OPERATION);
+        let key = bucket_index(&message)
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| keys.get(i));
+        return Err(match key {
+            Some(key) => err.with_detail("key", key.as_str()),
+            None => err,
+        });
+    }
+    if items.len() != keys.len() {
+        return Err(bad_reply(format!("{reply:?}")));
+    }
+    items
+        .iter()
+        .map(batch_decision)
+        .collect::<Result<Vec<_>>>()
+        .map_err(|err| {
+            err.with_detail(
+                "keys",
+                keys.iter()
+                    .map(|key| key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+        })
 }
 
 /// The number of elements of a reply that is not the expected array.
@@ -457,23 +646,28 @@ impl BatchArgs {
     ///
     /// # Errors
     /// `InvalidInput` for a `now` that is not a usable time.
-    #[allow(clippy::cast_precision_loss)] // exact: cost <= max_tokens <= 2^53
     pub(crate) fn of(request: &BucketRequest<'_>) -> Result<Self> {
-        let rule = request.rule;
-        let now = request.now.map(validate_now).transpose()?.unwrap_or(-1.0);
-        let (max_tokens, cost) = (rule.max_tokens(), request.cost);
+        let now = request.now.map(validate_now).transpose()?;
+        Ok(Self::new(request.rule, request.cost, now))
+    }
+
+    /// The entry of `cost` tokens of a bucket of `rule` at `now` (validated; `None` for
+    /// Redis's `TIME`).
+    #[allow(clippy::cast_precision_loss)] // exact: cost <= max_tokens <= 2^53
+    fn new(rule: &RateLimitRule, cost: u64, now: Option<f64>) -> Self {
+        let max_tokens = rule.max_tokens();
         let cost = if cost > max_tokens {
             f64::INFINITY
         } else {
             cost as f64
         };
-        Ok(Self {
+        Self {
             max_tokens: max_tokens as f64,
             refill_rate: rule.refill_rate(),
             ttl: rule.storage_ttl_seconds(),
             cost,
-            now,
-        })
+            now: now.unwrap_or(-1.0),
+        }
     }
 
     /// Whether `other` has the same rule (numbers and lifetime).
@@ -484,23 +678,21 @@ impl BatchArgs {
     }
 }
 
-/// The batch scripts' `ARGV[1]` for `entries` (lua/token_bucket_compact_batch.lua has the
-/// layout): each distinct rule once, then one record per entry naming its rule.
-fn pack_batch<'a, I>(entries: I) -> Vec<u8>
-where
-    I: Iterator<Item = &'a BatchArgs> + Clone,
-{
+/// The batch scripts' `ARGV[1]` for `batch` (lua/token_bucket_compact_batch.lua has the
+/// layout): each distinct rule once, then one record per entry naming its rule, a group's
+/// record followed by one per bucket.
+fn pack_batch(batch: &[Entry]) -> Vec<u8> {
     let mut rules: Vec<&BatchArgs> = Vec::new();
     let mut indexes: Vec<u16> = Vec::new();
-    for entry in entries.clone() {
-        let index = match rules.iter().position(|rule| rule.same_rule(entry)) {
+    for (_, args) in batch.iter().flat_map(Entry::buckets) {
+        let index = match rules.iter().position(|rule| rule.same_rule(args)) {
             Some(index) => index,
             None => {
-                rules.push(entry);
+                rules.push(args);
                 rules.len() - 1
             }
         };
-        // At most MAX_BATCH entries, so the index fits.
+        // At most one rule per bucket, and a group has at most MAX_GROUP of them.
         indexes.push(u16::try_from(index + 1).unwrap_or(u16::MAX));
     }
     let mut packed = Vec::with_capacity(2 + rules.len() * 40 + indexes.len() * BatchArgs::ENTRY);
@@ -516,11 +708,27 @@ where
         packed.push(u8::try_from(len).unwrap_or(u8::MAX));
         packed.extend_from_slice(&digits[..len]);
     }
-    for (entry, index) in entries.zip(indexes) {
-        packed.push(0);
-        packed.extend_from_slice(&index.to_le_bytes());
-        packed.extend_from_slice(&entry.cost.to_le_bytes());
-        packed.extend_from_slice(&entry.now.to_le_bytes());
+    let mut indexes = indexes.into_iter();
+    for entry in batch {
+        match &entry.reply {
+            Reply::One(_) => {
+                packed.push(0);
+                packed.extend_from_slice(&indexes.next().unwrap_or(0).to_le_bytes());
+                packed.extend_from_slice(&entry.args.cost.to_le_bytes());
+                packed.extend_from_slice(&entry.args.now.to_le_bytes());
+            }
+            Reply::Group(group) => {
+                packed.push(1);
+                let count = u16::try_from(1 + group.rest.len()).unwrap_or(u16::MAX);
+                packed.extend_from_slice(&count.to_le_bytes());
+                packed.extend_from_slice(&0.0_f64.to_le_bytes());
+                packed.extend_from_slice(&entry.args.now.to_le_bytes());
+                for (_, args) in entry.buckets() {
+                    packed.extend_from_slice(&indexes.next().unwrap_or(0).to_le_bytes());
+                    packed.extend_from_slice(&args.cost.to_le_bytes());
+                }
+            }
+        }
     }
     packed
 }
@@ -542,12 +750,17 @@ mod tests {
         let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "GET /x").unwrap();
         let rule = RateLimitRule::new(RateLimitScope::Ip, 10, 0.1).unwrap();
         let other = RateLimitRule::new(RateLimitScope::Ip, 10, 0.2).unwrap();
-        let entries = [
-            BatchArgs::of(&BucketRequest::new(&key, &rule).with_cost(3)).unwrap(),
-            BatchArgs::of(&BucketRequest::new(&key, &other).with_cost(11).at(1.5)).unwrap(),
-            BatchArgs::of(&BucketRequest::new(&key, &rule)).unwrap(),
+        let one = |args: BatchArgs| Entry {
+            key: key.clone(),
+            args,
+            reply: Reply::One(oneshot::channel().0),
+        };
+        let mut entries = vec![
+            one(BatchArgs::of(&BucketRequest::new(&key, &rule).with_cost(3)).unwrap()),
+            one(BatchArgs::of(&BucketRequest::new(&key, &other).with_cost(11).at(1.5)).unwrap()),
+            one(BatchArgs::of(&BucketRequest::new(&key, &rule)).unwrap()),
         ];
-        let packed = pack_batch(entries.iter());
+        let packed = pack_batch(&entries);
         // Two rules: 10, 0.1, "6060" and 10, 0.2, "3060".
         assert_eq!(&packed[..2], &[2, 0]);
         assert_eq!([double(&packed, 2), double(&packed, 10)], [10.0, 0.1]);
@@ -556,8 +769,7 @@ mod tests {
         assert_eq!(&packed[39..44], b"\x043060");
         let records = &packed[44..];
         assert_eq!(records.len(), 3 * BatchArgs::ENTRY);
-        let record = |i: usize| {
-            let r = &records[i * BatchArgs::ENTRY..];
+        let record = |r: &[u8]| {
             (
                 r[0],
                 u16::from_le_bytes([r[1], r[2]]),
@@ -565,10 +777,37 @@ mod tests {
                 double(r, 11),
             )
         };
-        assert_eq!(record(0), (0, 1, 3.0, -1.0));
+        assert_eq!(record(records), (0, 1, 3.0, -1.0));
         // A cost above capacity goes as +inf.
-        assert_eq!(record(1), (0, 2, f64::INFINITY, 1.5));
-        assert_eq!(record(2), (0, 1, 1.0, -1.0));
+        assert_eq!(record(&records[19..]), (0, 2, f64::INFINITY, 1.5));
+        assert_eq!(record(&records[38..]), (0, 1, 1.0, -1.0));
+
+        // A group: its record (kind 1, its bucket count, its clock), then (rule, cost) per bucket.
+        let third = RateLimitRule::new(RateLimitScope::Ip, 4, 1.0).unwrap();
+        entries.truncate(1);
+        entries.push(Entry {
+            key: key.clone(),
+            args: BatchArgs::new(&other, 2, Some(7.0)),
+            reply: Reply::Group(Box::new(Group {
+                rest: vec![
+                    (key.clone(), BatchArgs::new(&third, 5, Some(7.0))),
+                    (key.clone(), BatchArgs::new(&rule, 0, Some(7.0))),
+                ],
+                reply: oneshot::channel().0,
+            })),
+        });
+        let packed = pack_batch(&entries);
+        assert_eq!(&packed[..2], &[3, 0]);
+        // Rules of 21, 21 and 20 bytes (lifetimes "6060", "3060", "300").
+        let records = &packed[2 + 21 + 21 + 20..];
+        assert_eq!(record(records), (0, 1, 3.0, -1.0));
+        assert_eq!(record(&records[19..]), (1, 3, 0.0, 7.0));
+        let bucket = |r: &[u8]| (u16::from_le_bytes([r[0], r[1]]), double(r, 2));
+        let buckets = &records[38..];
+        assert_eq!(buckets.len(), 3 * 10);
+        assert_eq!(bucket(buckets), (2, 2.0));
+        assert_eq!(bucket(&buckets[10..]), (3, f64::INFINITY));
+        assert_eq!(bucket(&buckets[20..]), (1, 0.0));
         let bad = BatchArgs::of(&BucketRequest::new(&key, &rule).at(f64::NAN));
         assert_eq!(bad.err().map(|e| e.code()), Some(ErrorCode::InvalidInput));
     }
@@ -602,6 +841,40 @@ mod tests {
             Value::Int(-3),
         ] {
             let err = entry_decision(&bad, &key).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::CorruptBucket, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_group_answers_every_bucket_or_names_the_one_of_another_type() {
+        let a = BucketKey::new(RateLimitScope::Ip, "a", "GET /x").unwrap();
+        let b = BucketKey::new(RateLimitScope::Global, "", "GET /x").unwrap();
+        let keys = [&a, &b];
+        let reply = Value::Array(vec![
+            Value::Int(4),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(1.5_f64.to_le_bytes().to_vec()),
+                Value::Int(0),
+            ]),
+        ]);
+        let decisions = group_decisions(&reply, &keys).unwrap();
+        assert!(decisions[0].allowed && decisions[0].remaining == 4);
+        assert!(!decisions[1].allowed);
+        assert_eq!(decisions[1].retry_after, Duration::from_millis(1_500));
+        let wrong = Value::Array(vec![
+            Value::Int(-1),
+            Value::BulkString(b"WRONGTYPE bucket 2: WRONGTYPE Operation".to_vec()),
+        ]);
+        let err = group_decisions(&wrong, &keys).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::CorruptBucket);
+        assert_eq!(
+            err.details().get("key").map(String::as_str),
+            Some(b.as_str())
+        );
+        // One answer short, or not an array: unusable.
+        for bad in [Value::Array(vec![Value::Int(4)]), Value::Int(4)] {
+            let err = group_decisions(&bad, &keys).unwrap_err();
             assert_eq!(err.code(), ErrorCode::CorruptBucket, "{bad:?}");
         }
     }
