@@ -21,8 +21,8 @@ use ratelimit_redis::{
     TOKEN_BUCKET_COMPACT_BATCH_SCRIPT,
 };
 use ratelimit_tests::contract::{
-    self, GarbageValue, T0, key, random_workload, reference_decisions, rule, store_decisions,
-    stored_garbage,
+    self, GarbageValue, Sequence, T0, key, random_workload, reference_decisions, rule,
+    store_decisions, stored_garbage,
 };
 use ratelimit_tests::redis_server::{RedisServer, TestRedis, unique_prefix};
 use tokio::task::JoinSet;
@@ -568,5 +568,282 @@ async fn the_multi_limit_contract_holds_through_batches_in_both_layouts() {
             stats.batched_groups > 100,
             "{layout:?}: too few multi-limit checks went through a batch: {stats:?}"
         );
+    }
+}
+
+/// One operation of a mixed workload: a single check of one bucket, or a multi-limit check of
+/// several, each bucket with its cost; all at `now`.
+#[derive(Debug, Clone)]
+struct Op {
+    buckets: Vec<(usize, u64)>,
+    now: f64,
+}
+
+/// A random mix of single and multi-limit checks over `keys` buckets of capacity `max`: costs
+/// 0 to 3 (now and then above capacity), a clock that mostly stands or moves on, sometimes
+/// back.
+#[allow(clippy::cast_possible_truncation)] // below(n) < n, a usize
+fn mixed_workload(seed: u64, len: usize, keys: usize, max: &[u64]) -> Vec<Op> {
+    let mut rng = Sequence::new(seed);
+    let mut now = T0;
+    (0..len)
+        .map(|_| {
+            now += match rng.below(6) {
+                0..=2 => 0.0,
+                3 | 4 => rng.below(900) as f64 / 1_000.0,
+                _ => -(rng.below(400) as f64 / 1_000.0),
+            };
+            let mut chosen: Vec<usize> = (0..keys).collect();
+            // One bucket (a single check) or two or more, in a random order.
+            let size = 1 + rng.below(keys as u64) as usize;
+            for i in 0..keys {
+                let j = i + rng.below((keys - i) as u64) as usize;
+                chosen.swap(i, j);
+            }
+            chosen.truncate(size);
+            let buckets = chosen
+                .into_iter()
+                .map(|k| {
+                    let cost = match rng.below(30) {
+                        0 => 0,
+                        1 => max[k] + 1,
+                        _ => 1 + rng.below(3),
+                    };
+                    (k, cost)
+                })
+                .collect();
+            Op { buckets, now }
+        })
+        .collect()
+}
+
+/// The decisions of `ops` by the reference (`step` for one bucket, `step_all` for several).
+fn reference_mixed(
+    ops: &[Op],
+    rules: &[ratelimit_domain::RateLimitRule],
+) -> Vec<Vec<BucketDecision>> {
+    let mut states: Vec<Option<BucketState>> = vec![None; rules.len()];
+    ops.iter()
+        .map(|op| {
+            let inputs: Vec<token_bucket::StepInput> = op
+                .buckets
+                .iter()
+                .map(|&(k, cost)| token_bucket::StepInput {
+                    stored: states[k],
+                    max_tokens: rules[k].max_tokens(),
+                    refill_rate: rules[k].refill_rate(),
+                    cost,
+                })
+                .collect();
+            let steps = token_bucket::step_all(&inputs, op.now);
+            for (&(k, _), step) in op.buckets.iter().zip(&steps) {
+                if let Some(state) = step.store {
+                    states[k] = Some(state);
+                }
+            }
+            steps.into_iter().map(|step| step.decision).collect()
+        })
+        .collect()
+}
+
+/// `op` through the store: `check_and_consume` for one bucket, `check_and_consume_all` for
+/// several.
+async fn run_op(
+    store: &RedisStorage,
+    keys: &[BucketKey],
+    rules: &[ratelimit_domain::RateLimitRule],
+    op: &Op,
+) -> ratelimit_domain::Result<Vec<BucketDecision>> {
+    let requests: Vec<BucketRequest<'_>> = op
+        .buckets
+        .iter()
+        .map(|&(k, cost)| {
+            BucketRequest::new(&keys[k], &rules[k])
+                .with_cost(cost)
+                .at(op.now)
+        })
+        .collect();
+    match requests.as_slice() {
+        [one] => store.check_and_consume(one).await.map(|d| vec![d]),
+        _ => store.check_and_consume_all(&requests).await,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_single_and_multi_limit_workloads_match_the_reference() {
+    // 24 lanes at once, each on its own three buckets: within a lane every check waits for
+    // the previous one (so its decisions are fixed) and single and multi-limit checks share
+    // the buckets; the lanes' checks share batches.
+    let redis = TestRedis::get();
+    let rules = vec![rule(6, 37.0), rule(9, 23.5), rule(4, 11.0)];
+    let max: Vec<u64> = rules.iter().map(|r| r.max_tokens()).collect();
+    for layout in LAYOUTS {
+        let store = patient(&redis.url, layout);
+        let prefix = unique_prefix();
+        let mut set = JoinSet::new();
+        for lane in 0..24_u64 {
+            let (store, rules, max) = (Arc::clone(&store), rules.clone(), max.clone());
+            let keys: Vec<BucketKey> = (0..rules.len())
+                .map(|k| key(&prefix, &format!("lane-{lane}-{k}"), "GET /mixed"))
+                .collect();
+            set.spawn(async move {
+                let seed = 0x5EED_0000 + lane;
+                let ops = mixed_workload(seed, 200, rules.len(), &max);
+                let expected = reference_mixed(&ops, &rules);
+                for (n, op) in ops.iter().enumerate() {
+                    let got = run_op(&store, &keys, &rules, op)
+                        .await
+                        .unwrap_or_else(|err| panic!("{layout:?} seed {seed:#x} op {n}: {err}"));
+                    assert_eq!(
+                        got, expected[n],
+                        "{layout:?}: diverged at op {n} ({op:?}) of seed {seed:#x}"
+                    );
+                }
+            });
+        }
+        join_all(set).await;
+        let stats = store.coalescing_stats();
+        assert!(
+            stats.batched_groups > 200 && stats.batched_checks > stats.batched_groups + 200,
+            "{layout:?}: {stats:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_and_multi_limit_checks_on_shared_buckets_in_one_batch_run_in_order() {
+    // Redis frozen while the call slots are taken: the checks sent next queue, in the order
+    // they are sent, into one batch, where single and group entries step the same buckets.
+    let rules = vec![rule(5, 6.0), rule(3, 2.0), rule(8, 60.0)];
+    let max: Vec<u64> = rules.iter().map(|r| r.max_tokens()).collect();
+    for layout in LAYOUTS {
+        for seed in [1_u64, 2, 3] {
+            let (server, store) = own_server(layout, Duration::from_secs(5)).await;
+            let prefix = unique_prefix();
+            let keys: Vec<BucketKey> = (0..rules.len())
+                .map(|k| key(&prefix, &format!("shared-{k}"), "GET /one-batch"))
+                .collect();
+            // Mostly explicit times that stand still, so that buckets run dry within the batch.
+            let ops: Vec<Op> = mixed_workload(0xBA7C_0000 + seed, 24, rules.len(), &max)
+                .into_iter()
+                .map(|op| Op {
+                    now: T0 + (op.now - T0).round(),
+                    ..op
+                })
+                .collect();
+            let expected = reference_mixed(&ops, &rules);
+            let before = store.coalescing_stats();
+            server.pause();
+            let mut slots = JoinSet::new();
+            for i in 0..MAX_IN_FLIGHT {
+                spawn_check(
+                    &mut slots,
+                    &store,
+                    key(&prefix, &format!("slot-{i}"), "GET /one-batch"),
+                    &rules[0],
+                )
+                .await;
+            }
+            let mut set = JoinSet::new();
+            for (n, op) in ops.iter().enumerate() {
+                let (store, keys, rules, op) =
+                    (Arc::clone(&store), keys.clone(), rules.clone(), op.clone());
+                set.spawn(async move { (n, run_op(&store, &keys, &rules, &op).await) });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            server.resume();
+            join_all(slots).await;
+            for (n, got) in join_all(set).await {
+                let got = got.unwrap_or_else(|err| panic!("{layout:?} op {n}: {err}"));
+                assert_eq!(
+                    got, expected[n],
+                    "{layout:?} seed {seed}: op {n} ({:?})",
+                    ops[n]
+                );
+            }
+            let after = store.coalescing_stats();
+            assert_eq!(after.batches - before.batches, 1, "{layout:?}: {after:?}");
+            assert_eq!(
+                after.batched_checks - before.batched_checks,
+                ops.len() as u64
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_a_key_of_another_type_fails_alone_and_writes_nothing() {
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, Duration::from_secs(5)).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        let (a, bad, b) = (
+            key(&prefix, "a", "GET /group"),
+            key(&prefix, "bad", "GET /group"),
+            key(&prefix, "b", "GET /group"),
+        );
+        let names = |k: &BucketKey| -> Vec<String> {
+            match layout {
+                KeyLayout::Compact => vec![format!("{}:tb", k.as_str())],
+                _ => vec![
+                    format!("{}:tokens", k.as_str()),
+                    format!("{}:time", k.as_str()),
+                ],
+            }
+        };
+        let hash_at = names(&bad).pop().unwrap();
+        server.cmd(redis::cmd("HSET").arg(&hash_at).arg("x").arg("1"));
+        let before = store.coalescing_stats();
+        server.pause();
+        let mut slots = JoinSet::new();
+        for i in 0..MAX_IN_FLIGHT {
+            spawn_check(
+                &mut slots,
+                &store,
+                key(&prefix, &format!("slot-{i}"), "GET /group"),
+                &rule,
+            )
+            .await;
+        }
+        let group = {
+            let (store, rule, keys) = (
+                Arc::clone(&store),
+                rule.clone(),
+                [a.clone(), bad.clone(), b.clone()],
+            );
+            tokio::spawn(async move {
+                let requests: Vec<BucketRequest<'_>> =
+                    keys.iter().map(|k| BucketRequest::new(k, &rule)).collect();
+                store.check_and_consume_all(&requests).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // A single check of another bucket in the same batch is decided as usual.
+        let other = key(&prefix, "other", "GET /group");
+        let mut singles = JoinSet::new();
+        spawn_check(&mut singles, &store, other.clone(), &rule).await;
+        server.resume();
+        join_all(slots).await;
+        let err = group.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), ErrorCode::CorruptBucket, "{layout:?}: {err}");
+        assert_eq!(
+            err.details().get("key").map(String::as_str),
+            Some(bad.as_str()),
+            "{layout:?}: {err}"
+        );
+        for (_, _, result) in join_all(singles).await {
+            let d = result.unwrap();
+            assert!(d.allowed && d.remaining == 4, "{layout:?}: {d:?}");
+        }
+        for k in [&a, &b] {
+            for name in names(k) {
+                let exists: i64 =
+                    redis::from_redis_value(server.cmd(redis::cmd("EXISTS").arg(&name))).unwrap();
+                assert_eq!(exists, 0, "{layout:?}: {name} was written");
+            }
+        }
+        let after = store.coalescing_stats();
+        assert_eq!(after.batches - before.batches, 1, "{layout:?}: {after:?}");
+        assert_eq!(after.batched_groups - before.batched_groups, 1);
     }
 }
