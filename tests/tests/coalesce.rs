@@ -224,6 +224,24 @@ async fn own_server(layout: KeyLayout, timeout: Duration) -> (RedisServer, Arc<R
     (server, store)
 }
 
+/// Asserts that every key of `bucket` exists with a lifetime of at most `ttl` seconds.
+fn assert_lives(server: &RedisServer, bucket: &BucketKey, layout: KeyLayout, ttl: u64) {
+    let names = match layout {
+        KeyLayout::Compact => vec![format!("{}:tb", bucket.as_str())],
+        _ => vec![
+            format!("{}:tokens", bucket.as_str()),
+            format!("{}:time", bucket.as_str()),
+        ],
+    };
+    for name in names {
+        let left: i64 = redis::from_redis_value(server.cmd(redis::cmd("TTL").arg(&name))).unwrap();
+        assert!(
+            left > 0 && left.unsigned_abs() <= ttl,
+            "{layout:?}: {name} has TTL {left}, lifetime {ttl}"
+        );
+    }
+}
+
 /// A spawned check: its bucket, how long it took, what it answered.
 type Checked = (
     BucketKey,
@@ -483,6 +501,10 @@ async fn a_key_repeated_in_a_batch_is_stepped_in_order() {
         remaining.sort_unstable();
         assert_eq!(remaining, [0, 1, 2, 3, 4], "{layout:?}");
         assert_eq!(denied, 3, "{layout:?}");
+        // Written many times in one batch (the compact script defers all but the first write
+        // to the end of the batch): the bucket holds its last state and still expires.
+        assert_eq!(store.get_remaining(&shared, &rule, None).await.unwrap(), 0);
+        assert_lives(&server, &shared, layout, rule.storage_ttl_seconds());
     }
 }
 
@@ -767,6 +789,14 @@ async fn single_and_multi_limit_checks_on_shared_buckets_in_one_batch_run_in_ord
                 after.batched_checks - before.batched_checks,
                 ops.len() as u64
             );
+            for (k, bucket) in keys.iter().enumerate() {
+                if ops
+                    .iter()
+                    .any(|op| op.buckets.iter().any(|&(b, c)| b == k && c > 0))
+                {
+                    assert_lives(&server, bucket, layout, rules[k].storage_ttl_seconds());
+                }
+            }
         }
     }
 }
