@@ -22,26 +22,33 @@ src=open(script).read(); sha=hashlib.sha1(src.encode()).hexdigest()
 sock=socket.create_connection(("127.0.0.1",port)); s=sock.makefile("rb")
 sock.sendall(enc(["SCRIPT","LOAD",src])); read1(s)
 tag=str(time.time_ns())
+TWO = mode in ("spec", "v2k")
 def key(i):
-    if keys=="fresh": return "f%s:%d:tb"%(tag,i)
-    if keys=="hot": return "hot:tb"
-    return "e:%d:tb"%(i%int(keys))
+    if keys=="fresh": base = "f%s:%d"%(tag,i)
+    elif keys=="hot": base = "hot"
+    else: base = "e:%d"%(i%int(keys))
+    return [base + ":tokens", base + ":time"] if TWO else [base + ":tb"]
 single=struct.pack("<ddd",1e9,1e9,1.0)+b"120"
 v1=struct.pack("<ddddB",1e9,1e9,1.0,-1.0,3)+b"120"
 def packed(n):
     if mode=="v1": return v1*n
-    if mode=="v2":  # rules once: R, rules '<ddB'+ttl ; entries '<BHd' flags,rule,cost
+    if mode in ("v2", "v2k"):  # rules once: R, rules '<ddB'+ttl ; entries '<BHd' flags,rule,cost
         return struct.pack("<H",1)+struct.pack("<ddB",1e9,1e9,3)+b"120"+struct.pack("<BHdd",0,1,1.0,-1.0)*n
     raise SystemExit(mode)
 i=0
 while i<calls:
-    if mode=="single":
-        buf=[enc(["EVALSHA",sha,"1",key(i+j),single]) for j in range(B)]
+    if mode=="spec":
+        buf=[enc(["EVALSHA",sha,"2"]+key(i+j)+["1000000000","1000000000","1",""]) for j in range(B)]
+        sock.sendall(b"".join(buf))
+        for _ in range(B):
+            r=read1(s)
+    elif mode=="single":
+        buf=[enc(["EVALSHA",sha,"1"]+key(i+j)+[single]) for j in range(B)]
         sock.sendall(b"".join(buf))
         for _ in range(B):
             r=read1(s)
     else:
-        ks=[key(i+j) for j in range(B)]
-        sock.sendall(enc(["EVALSHA",sha,str(B)]+ks+[packed(B)])); r=read1(s)
+        ks=[k for j in range(B) for k in key(i+j)]
+        sock.sendall(enc(["EVALSHA",sha,str(len(ks))]+ks+[packed(B)])); r=read1(s)
         if i==0 and len(sys.argv)>7: print(r[:4])
     i+=B
