@@ -8,9 +8,9 @@
 -- ARGV[1]  the batch, packed as for lua/token_bucket_compact_batch.lua (its header has the
 --          layout): each distinct rule once, struct.pack('<ddBc0', max_tokens, refill_rate,
 --          #ttl, ttl) with ttl = ceil(max_tokens / refill_rate * 60) + 60 as decimal text, then
---          struct.pack('<BHdd', 0, rule, cost, now) per entry: cost as a double, +inf above
---          capacity (decided by the caller on the integers), now < 0 for Redis TIME; a group
---          entry (kind 1) as there, its buckets' keys two by two.
+--          struct.pack('<BBHdd', 0, flags, rule, cost, now) per entry: cost as a double, +inf
+--          above capacity (decided by the caller on the integers), now < 0 for Redis TIME; a
+--          group entry (kind 1) and the flags as there, a group's buckets' keys two by two.
 --
 -- Reply: one element per entry, in order: the bare remaining count when allowed (as the
 -- compact script answers), { 0, retry_after, remaining } when denied, retry_after being the
@@ -57,8 +57,8 @@ local n = 0
 local b = 0
 local size = #data
 while pos <= size do
-  local kind, count, cost, now
-  kind, count, cost, now, pos = sunpack('<BHdd', data, pos)
+  local kind, flags, count, cost, now
+  kind, flags, count, cost, now, pos = sunpack('<BBHdd', data, pos)
   if now < 0 then
     now = clock
   end
@@ -69,7 +69,10 @@ while pos <= size do
     local time_key = KEYS[2 * b]
     local rule = rules[count]
     local max_tokens, refill_rate, ttl = rule[1], rule[2], rule[3]
-    local stored_tokens = written[tokens_key]
+    local stored_tokens
+    if flags % 2 == 1 then
+      stored_tokens = written[tokens_key]
+    end
     local again = stored_tokens ~= nil
     local stored_time
     if again then
@@ -157,8 +160,10 @@ while pos <= size do
       if not ok then
         replies[n] = { -1, WRONGTYPE }
       else
-        written[tokens_key] = left
-        written[time_key] = last
+        if again or flags >= 2 then
+          written[tokens_key] = left
+          written[time_key] = last
+        end
         if current >= cost then
           replies[n] = floor(left)
         else
@@ -174,14 +179,17 @@ while pos <= size do
     local all_had = true
     local failed
     for j = 1, count do
-      local r, bucket_cost
-      r, bucket_cost, pos = sunpack('<Hd', data, pos)
+      local bucket_flags, r, bucket_cost
+      bucket_flags, r, bucket_cost, pos = sunpack('<BHd', data, pos)
       local rule = rules[r]
       local max_tokens, refill_rate = rule[1], rule[2]
       local at = 2 * (b + j)
       local tokens_key = KEYS[at - 1]
       local time_key = KEYS[at]
-      local stored_tokens = written[tokens_key]
+      local stored_tokens
+      if bucket_flags % 2 == 1 then
+        stored_tokens = written[tokens_key]
+      end
       local again = stored_tokens ~= nil
       local stored_time
       if again then
@@ -218,7 +226,8 @@ while pos <= size do
       if not had then
         all_had = false
       end
-      buckets[j] = { rule, bucket_cost, current, last, had, never, tokens_key, time_key, again }
+      buckets[j] = { rule, bucket_cost, current, last, had, never, tokens_key, time_key, again,
+        bucket_flags >= 2 }
     end
     if failed then
       replies[n] = { -1, failed }
@@ -259,8 +268,10 @@ while pos <= size do
             call('SET', tokens_key, format('%.17g', left), 'EX', rule[3])
             call('SET', g[8], format('%.17g', last), 'EX', rule[3])
           end
-          written[tokens_key] = left
-          written[g[8]] = last
+          if g[9] or g[10] then
+            written[tokens_key] = left
+            written[g[8]] = last
+          end
         end
       end
       replies[n] = group

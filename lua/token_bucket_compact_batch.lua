@@ -11,11 +11,13 @@
 --            struct.pack('<H', rules), then per distinct rule
 --            struct.pack('<ddBc0', max_tokens, refill_rate, #ttl, ttl), ttl being the key
 --            lifetime in decimal digits, as lua/token_bucket_compact.lua's; then per entry
---            struct.pack('<BHdd', kind, n, cost, now):
+--            struct.pack('<BBHdd', kind, flags, n, cost, now):
 --              kind 0, a single check: n its rule (from 1), cost (+inf above capacity, decided
 --                by the caller on the integers);
---              kind 1, a group: n its buckets, cost unused, followed by
---                struct.pack('<Hd', rule, cost) per bucket;
+--              kind 1, a group: n its buckets, flags and cost unused, followed by
+--                struct.pack('<BHd', flags, rule, cost) per bucket;
+--            a bucket's flags (the caller knows the batch's keys, the script need not find out):
+--            1 when its key came earlier in the batch, plus 2 when it comes again later;
 --            now < 0 for Redis TIME (read once, first: every such entry is decided at that
 --            instant).
 --
@@ -69,7 +71,9 @@ local order, pending
 local deferred = 0
 local WRONGTYPE = 'WRONGTYPE Operation against a key holding the wrong kind of value'
 
-local replies = {}
+-- Sized once for every entry (a table grown one element at a time is rebuilt at every power
+-- of two); the elements past the last entry are cleared before the reply.
+local replies = { unpack(KEYS) }
 local n = 0
 local i = 0
 local size = #data
@@ -77,8 +81,8 @@ local size = #data
 -- for a group's buckets rather than shared through Lua functions: a closure per batch and a
 -- call per step cost Redis more than the arithmetic itself (crates/bench/callgrind/batch.sh).
 while pos <= size do
-  local kind, count, cost, now
-  kind, count, cost, now, pos = sunpack('<BHdd', data, pos)
+  local kind, flags, count, cost, now
+  kind, flags, count, cost, now, pos = sunpack('<BBHdd', data, pos)
   local explicit = now >= 0
   if not explicit then
     now = clock
@@ -88,7 +92,12 @@ while pos <= size do
     i = i + 1
     local rule = rules[count]
     local key = KEYS[i]
-    local stored = written[key]
+    -- Read from the batch's own writes when the key came earlier in the batch (flag 1) and was
+    -- written there; otherwise from the MGET.
+    local stored
+    if flags % 2 == 1 then
+      stored = written[key]
+    end
     local again = stored ~= nil
     if not again then
       stored = values[i]
@@ -169,7 +178,10 @@ while pos <= size do
       if not ok then
         replies[n] = { -1, WRONGTYPE }
       else
-        written[key] = value
+        -- Kept for the entries after it on the same key (flag 2), and for the deferred write.
+        if again or flags >= 2 then
+          written[key] = value
+        end
         if current >= cost then
           replies[n] = floor(left)
         else
@@ -184,11 +196,14 @@ while pos <= size do
     local all_had = true
     local failed
     for j = 1, count do
-      local r, bucket_cost
-      r, bucket_cost, pos = sunpack('<Hd', data, pos)
+      local bucket_flags, r, bucket_cost
+      bucket_flags, r, bucket_cost, pos = sunpack('<BHd', data, pos)
       local rule = rules[r]
       local key = KEYS[i + j]
-      local stored = written[key]
+      local stored
+      if bucket_flags % 2 == 1 then
+        stored = written[key]
+      end
       local again = stored ~= nil
       if not again then
         stored = values[i + j]
@@ -227,7 +242,8 @@ while pos <= size do
       if not had then
         all_had = false
       end
-      buckets[j] = { rule, bucket_cost, current, last, expires, again, had, never, key }
+      buckets[j] = { rule, bucket_cost, current, last, expires, again, had, never, key,
+        bucket_flags >= 2 }
     end
     if failed then
       replies[n] = { -1, failed }
@@ -256,15 +272,19 @@ while pos <= size do
         if left then
           local key = b[9]
           local renew = false
+          local value
           if not explicit and expires - last >= (rule[1] - left) / rule[3] + 30 then
-            written[key] = spack('<ddI4', left, last, expires)
+            value = spack('<ddI4', left, last, expires)
           else
             expires = 0
             if not explicit then
               expires = min(floor(now + rule[6]), 4294967295)
             end
-            written[key] = spack('<ddI4', left, last, expires)
+            value = spack('<ddI4', left, last, expires)
             renew = rule[5]
+          end
+          if b[6] or b[10] then
+            written[key] = value
           end
           if b[6] then
             -- Written earlier in this batch: as for a single entry.
@@ -281,9 +301,9 @@ while pos <= size do
             end
           elseif renew then
             -- A missing key was told apart from one of another type in phase 1.
-            call('SETEX', key, renew, written[key])
+            call('SETEX', key, renew, value)
           else
-            call('SETRANGE', key, '0', written[key])
+            call('SETRANGE', key, '0', value)
           end
         end
       end
@@ -306,4 +326,7 @@ for d = 1, deferred do
   end
 end
 
+for k = n + 1, #KEYS do
+  replies[k] = nil
+end
 return replies

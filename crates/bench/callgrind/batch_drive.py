@@ -30,10 +30,14 @@ def key(i):
     return [base + ":tokens", base + ":time"] if TWO else [base + ":tb"]
 single=struct.pack("<ddd",1e9,1e9,1.0)+b"120"
 v1=struct.pack("<ddddB",1e9,1e9,1.0,-1.0,3)+b"120"
+def flags(j):
+    # As the client marks them: 1 when the key came earlier in the batch, 2 when it comes later.
+    if keys != "hot": return 0
+    return (1 if j > 0 else 0) + (2 if j < B - 1 else 0)
 def packed(n):
     if mode=="v1": return v1*n
-    if mode in ("v2", "v2k"):  # rules once: R, rules '<ddB'+ttl ; entries '<BHd' flags,rule,cost
-        return struct.pack("<H",1)+struct.pack("<ddB",1e9,1e9,3)+b"120"+struct.pack("<BHdd",0,1,1.0,-1.0)*n
+    if mode in ("v2", "v2k"):  # rules once: R, rules '<ddB'+ttl; entries '<BBHdd'
+        return struct.pack("<H",1)+struct.pack("<ddB",1e9,1e9,3)+b"120"+b"".join(struct.pack("<BBHdd",0,flags(j),1,1.0,-1.0) for j in range(n))
     raise SystemExit(mode)
 i=0
 while i<calls:

@@ -31,7 +31,7 @@
 //! Not used on a Redis Cluster, where one script call may only touch keys of one slot: there
 //! every check runs alone (see `docs/lua.md`, "Coalesced checks").
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -639,8 +639,8 @@ pub(crate) struct BatchArgs {
 }
 
 impl BatchArgs {
-    /// Bytes of one single entry: `struct.pack('<BHdd', kind, rule, cost, now)`.
-    const ENTRY: usize = 1 + 2 + 8 + 8;
+    /// Bytes of one single entry: `struct.pack('<BBHdd', kind, flags, rule, cost, now)`.
+    const ENTRY: usize = 1 + 1 + 2 + 8 + 8;
 
     /// The entry of `request`.
     ///
@@ -678,13 +678,27 @@ impl BatchArgs {
     }
 }
 
+/// A bucket's key came earlier in the batch (its flags, in a batch record).
+const EARLIER: u8 = 1;
+/// A bucket's key comes again later in the batch.
+const LATER: u8 = 2;
+
 /// The batch scripts' `ARGV[1]` for `batch` (lua/token_bucket_compact_batch.lua has the
 /// layout): each distinct rule once, then one record per entry naming its rule, a group's
-/// record followed by one per bucket.
+/// record followed by one per bucket; each bucket flagged when its key came earlier in the
+/// batch or comes again later, so that the script keeps track only of those keys.
 fn pack_batch(batch: &[Entry]) -> Vec<u8> {
     let mut rules: Vec<&BatchArgs> = Vec::new();
     let mut indexes: Vec<u16> = Vec::new();
-    for (_, args) in batch.iter().flat_map(Entry::buckets) {
+    let mut flags: Vec<u8> = Vec::new();
+    let mut last_seen: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+    for (key, args) in batch.iter().flat_map(Entry::buckets) {
+        let at = flags.len();
+        flags.push(0);
+        if let Some(earlier) = last_seen.insert(key.as_str(), at) {
+            flags[at] |= EARLIER;
+            flags[earlier] |= LATER;
+        }
         let index = match rules.iter().position(|rule| rule.same_rule(args)) {
             Some(index) => index,
             None => {
@@ -708,23 +722,28 @@ fn pack_batch(batch: &[Entry]) -> Vec<u8> {
         packed.push(u8::try_from(len).unwrap_or(u8::MAX));
         packed.extend_from_slice(&digits[..len]);
     }
-    let mut indexes = indexes.into_iter();
+    let mut indexes = indexes.into_iter().zip(flags);
     for entry in batch {
         match &entry.reply {
             Reply::One(_) => {
+                let (index, flags) = indexes.next().unwrap_or_default();
                 packed.push(0);
-                packed.extend_from_slice(&indexes.next().unwrap_or(0).to_le_bytes());
+                packed.push(flags);
+                packed.extend_from_slice(&index.to_le_bytes());
                 packed.extend_from_slice(&entry.args.cost.to_le_bytes());
                 packed.extend_from_slice(&entry.args.now.to_le_bytes());
             }
             Reply::Group(group) => {
                 packed.push(1);
+                packed.push(0);
                 let count = u16::try_from(1 + group.rest.len()).unwrap_or(u16::MAX);
                 packed.extend_from_slice(&count.to_le_bytes());
                 packed.extend_from_slice(&0.0_f64.to_le_bytes());
                 packed.extend_from_slice(&entry.args.now.to_le_bytes());
                 for (_, args) in entry.buckets() {
-                    packed.extend_from_slice(&indexes.next().unwrap_or(0).to_le_bytes());
+                    let (index, flags) = indexes.next().unwrap_or_default();
+                    packed.push(flags);
+                    packed.extend_from_slice(&index.to_le_bytes());
                     packed.extend_from_slice(&args.cost.to_le_bytes());
                 }
             }
@@ -769,20 +788,27 @@ mod tests {
         assert_eq!(&packed[39..44], b"\x043060");
         let records = &packed[44..];
         assert_eq!(records.len(), 3 * BatchArgs::ENTRY);
+        // (kind, flags, rule or bucket count, cost, now)
         let record = |r: &[u8]| {
             (
                 r[0],
-                u16::from_le_bytes([r[1], r[2]]),
-                double(r, 3),
-                double(r, 11),
+                r[1],
+                u16::from_le_bytes([r[2], r[3]]),
+                double(r, 4),
+                double(r, 12),
             )
         };
-        assert_eq!(record(records), (0, 1, 3.0, -1.0));
+        // The same key three times: seen again later, earlier and later, earlier.
+        assert_eq!(record(records), (0, LATER, 1, 3.0, -1.0));
         // A cost above capacity goes as +inf.
-        assert_eq!(record(&records[19..]), (0, 2, f64::INFINITY, 1.5));
-        assert_eq!(record(&records[38..]), (0, 1, 1.0, -1.0));
+        assert_eq!(
+            record(&records[20..]),
+            (0, EARLIER | LATER, 2, f64::INFINITY, 1.5)
+        );
+        assert_eq!(record(&records[40..]), (0, EARLIER, 1, 1.0, -1.0));
 
-        // A group: its record (kind 1, its bucket count, its clock), then (rule, cost) per bucket.
+        // A group: its record (kind 1, its bucket count, its clock), then (flags, rule, cost) per
+        // bucket.
         let third = RateLimitRule::new(RateLimitScope::Ip, 4, 1.0).unwrap();
         entries.truncate(1);
         entries.push(Entry {
@@ -800,14 +826,28 @@ mod tests {
         assert_eq!(&packed[..2], &[3, 0]);
         // Rules of 21, 21 and 20 bytes (lifetimes "6060", "3060", "300").
         let records = &packed[2 + 21 + 21 + 20..];
-        assert_eq!(record(records), (0, 1, 3.0, -1.0));
-        assert_eq!(record(&records[19..]), (1, 3, 0.0, 7.0));
-        let bucket = |r: &[u8]| (u16::from_le_bytes([r[0], r[1]]), double(r, 2));
-        let buckets = &records[38..];
-        assert_eq!(buckets.len(), 3 * 10);
-        assert_eq!(bucket(buckets), (2, 2.0));
-        assert_eq!(bucket(&buckets[10..]), (3, f64::INFINITY));
-        assert_eq!(bucket(&buckets[20..]), (1, 0.0));
+        assert_eq!(record(records), (0, LATER, 1, 3.0, -1.0));
+        assert_eq!(record(&records[20..]), (1, 0, 3, 0.0, 7.0));
+        let bucket = |r: &[u8]| (r[0], u16::from_le_bytes([r[1], r[2]]), double(r, 3));
+        let buckets = &records[40..];
+        assert_eq!(buckets.len(), 3 * 11);
+        assert_eq!(bucket(buckets), (EARLIER | LATER, 2, 2.0));
+        assert_eq!(bucket(&buckets[11..]), (EARLIER | LATER, 3, f64::INFINITY));
+        assert_eq!(bucket(&buckets[22..]), (EARLIER, 1, 0.0));
+
+        // Distinct keys: no flags.
+        let other = BucketKey::new(RateLimitScope::Ip, "198.51.100.7", "GET /x").unwrap();
+        let distinct = [
+            one(BatchArgs::of(&BucketRequest::new(&key, &rule)).unwrap()),
+            Entry {
+                key: other,
+                ..one(BatchArgs::of(&BucketRequest::new(&key, &rule)).unwrap())
+            },
+        ];
+        let packed = pack_batch(&distinct);
+        let records = &packed[2 + 21..];
+        assert_eq!(record(records).1, 0);
+        assert_eq!(record(&records[20..]).1, 0);
         let bad = BatchArgs::of(&BucketRequest::new(&key, &rule).at(f64::NAN));
         assert_eq!(bad.err().map(|e| e.code()), Some(ErrorCode::InvalidInput));
     }
