@@ -884,3 +884,200 @@ async fn a_group_with_a_key_of_another_type_fails_alone_and_writes_nothing() {
         assert_eq!(after.batched_groups - before.batched_groups, 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_multi_limit_check_keeps_its_deadline_and_a_cancelled_one_takes_nothing() {
+    let timeout = Duration::from_millis(300);
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, timeout).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        let pair = |name: &str| {
+            [
+                key(&prefix, &format!("{name}-a"), "GET /late-group"),
+                key(&prefix, &format!("{name}-b"), "GET /late-group"),
+            ]
+        };
+        let (gone, late) = (pair("cancelled"), pair("late"));
+        let spawn_group = |store: &Arc<RedisStorage>, keys: &[BucketKey; 2]| {
+            let (store, rule, keys) = (Arc::clone(store), rule.clone(), keys.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let requests: Vec<BucketRequest<'_>> =
+                    keys.iter().map(|k| BucketRequest::new(k, &rule)).collect();
+                let result = store.check_and_consume_all(&requests).await;
+                (started.elapsed(), result)
+            })
+        };
+        server.pause();
+        let mut slots = JoinSet::new();
+        for i in 0..MAX_IN_FLIGHT {
+            spawn_check(
+                &mut slots,
+                &store,
+                key(&prefix, &format!("slot-{i}"), "GET /late-group"),
+                &rule,
+            )
+            .await;
+        }
+        let cancelled = spawn_group(&store, &gone);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let waiting = spawn_group(&store, &late);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        cancelled.abort();
+        let (elapsed, result) = waiting.await.unwrap();
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::StorageTimeout, "{layout:?}: {err}");
+        assert!(
+            elapsed >= timeout - Duration::from_millis(5)
+                && elapsed < timeout + Duration::from_millis(150),
+            "{layout:?}: failed after {elapsed:?}, deadline {timeout:?}"
+        );
+        join_all(slots).await;
+        server.resume();
+        assert!(store.coalescing_stats().abandoned >= 1, "{layout:?}");
+        // Redis is back: the cancelled group took nothing.
+        for bucket in &gone {
+            let mut remaining = None;
+            for _ in 0..50 {
+                match store.get_remaining(bucket, &rule, None).await {
+                    Ok(left) => {
+                        remaining = Some(left);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            assert_eq!(remaining, Some(5), "{layout:?}: {bucket} lost tokens");
+        }
+    }
+}
+
+/// Not a test: a probe that measures what a check costs a Redis that something else watches
+/// (`crates/bench/callgrind/store.sh` runs it under callgrind). Sends `RCPU_PROBE_CHECKS`
+/// checks per task from 64 tasks over 20,000 existing buckets, through the coalescing store
+/// (`RCPU_PROBE_MODE=coalesced`) or as one `EVALSHA` of the compact script per check over one
+/// multiplexed connection (`raw`), to the Redis at `RCPU_PROBE_PORT`, and prints that Redis's
+/// CPU per check (`INFO cpu`) and the batches. With `RCPU_PROBE_CALLGRIND=<pid>` it resets
+/// callgrind's counts of that process before the measured checks and dumps them after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measuring probe, run by crates/bench/callgrind/store.sh"]
+async fn probe_redis_cost_per_check() {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+    let url = format!("redis://127.0.0.1:{}", var("RCPU_PROBE_PORT"));
+    let raw = var("RCPU_PROBE_MODE") == "raw";
+    let per_task: u64 = var("RCPU_PROBE_CHECKS").parse().unwrap();
+    let callgrind = std::env::var("RCPU_PROBE_CALLGRIND").ok();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut admin = client.get_connection().unwrap();
+    let cpu = |conn: &mut redis::Connection| -> (f64, f64) {
+        let text: String = redis::cmd("INFO").arg("cpu").query(conn).unwrap();
+        let field = |name: &str| -> f64 {
+            text.lines()
+                .filter_map(|line| line.trim().split_once(':'))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.parse().unwrap())
+                .unwrap()
+        };
+        (field("used_cpu_user"), field("used_cpu_sys"))
+    };
+    let store = store(&url, KeyLayout::Compact, Duration::from_secs(60));
+    let rule = rule(1_000_000_000, 1e9);
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(ratelimit_redis::TOKEN_BUCKET_COMPACT_SCRIPT)
+        .query(&mut admin)
+        .unwrap();
+    // The compact script's packed argument: max_tokens, refill_rate, cost, then the lifetime.
+    let mut packed = Vec::new();
+    for number in [1e9_f64, 1e9, 1.0] {
+        packed.extend_from_slice(&number.to_le_bytes());
+    }
+    packed.extend_from_slice(b"120");
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let bucket = |task: u64, i: u64| {
+        key(
+            "probe",
+            &format!("e{}", (task * 7_919 + i * 31) % 20_000),
+            "GET /x",
+        )
+    };
+    // Every bucket created first.
+    let mut set = JoinSet::new();
+    for task in 0..64_u64 {
+        let (store, rule) = (Arc::clone(&store), rule.clone());
+        set.spawn(async move {
+            for i in 0..700 {
+                let k = key(
+                    "probe",
+                    &format!("e{}", (task * 313 + i) % 20_000),
+                    "GET /x",
+                );
+                store
+                    .check_and_consume(&BucketRequest::new(&k, &rule))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    join_all(set).await;
+    let before = store.coalescing_stats();
+    if let Some(pid) = &callgrind {
+        std::process::Command::new("callgrind_control")
+            .arg("-z")
+            .arg(pid)
+            .status()
+            .unwrap();
+    }
+    let (user, sys) = cpu(&mut admin);
+    let mut set = JoinSet::new();
+    for task in 0..64_u64 {
+        let (store, rule, mut conn, sha, packed) = (
+            Arc::clone(&store),
+            rule.clone(),
+            conn.clone(),
+            sha.clone(),
+            packed.clone(),
+        );
+        set.spawn(async move {
+            for i in 0..per_task {
+                let k = bucket(task, i);
+                if raw {
+                    let _: redis::Value = redis::cmd("EVALSHA")
+                        .arg(&sha)
+                        .arg(1)
+                        .arg(format!("{}:tb", k.as_str()))
+                        .arg(&packed)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                } else {
+                    store
+                        .check_and_consume(&BucketRequest::new(&k, &rule))
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+    }
+    join_all(set).await;
+    let (user_after, sys_after) = cpu(&mut admin);
+    if let Some(pid) = &callgrind {
+        std::process::Command::new("callgrind_control")
+            .arg("-d")
+            .arg(pid)
+            .status()
+            .unwrap();
+    }
+    let after = store.coalescing_stats();
+    let checks = (64 * per_task) as f64;
+    println!(
+        "{}: {checks} checks, Redis CPU {:.2} us per check (user {:.2}, system {:.2}); {} checks in {} batches",
+        if raw { "raw" } else { "coalesced" },
+        (user_after + sys_after - user - sys) * 1e6 / checks,
+        (user_after - user) * 1e6 / checks,
+        (sys_after - sys) * 1e6 / checks,
+        after.batched_checks - before.batched_checks,
+        after.batches - before.batches,
+    );
+}
