@@ -6,7 +6,8 @@
 # Usage: batch.sh MODE SCRIPT KEYS B [CALLS]   (PORT=6611 by default; KEEP=<file> keeps the profile)
 #   MODE    single (lua/token_bucket_compact.lua) | spec (lua/token_bucket.lua, two keys) | v1 (the
 #           batch format before 2026-11-30: struct.pack("<ddddBc0") per entry) | v2 (rules once,
-#           "<BBHdd" per entry, flagged as the client flags repeated keys) | v2k (the same for lua/token_bucket_batch.lua, two keys each)
+#           "<BBHdd" per entry, flagged as the client flags repeated keys) | v1k, v2k (the same
+#           for lua/token_bucket_batch.lua, two keys each)
 #   KEYS    N (calls over N buckets created first) | fresh (a new bucket per call) | hot (one)
 # Example: batch.sh v2 lua/token_bucket_compact_batch.lua 2000 64 10240
 set -euo pipefail

@@ -22,7 +22,7 @@ src=open(script).read(); sha=hashlib.sha1(src.encode()).hexdigest()
 sock=socket.create_connection(("127.0.0.1",port)); s=sock.makefile("rb")
 sock.sendall(enc(["SCRIPT","LOAD",src])); read1(s)
 tag=str(time.time_ns())
-TWO = mode in ("spec", "v2k")
+TWO = mode in ("spec", "v1k", "v2k")
 def key(i):
     if keys=="fresh": base = "f%s:%d"%(tag,i)
     elif keys=="hot": base = "hot"
@@ -35,7 +35,7 @@ def flags(j):
     if keys != "hot": return 0
     return (1 if j > 0 else 0) + (2 if j < B - 1 else 0)
 def packed(n):
-    if mode=="v1": return v1*n
+    if mode in ("v1", "v1k"): return v1*n
     if mode in ("v2", "v2k"):  # rules once: R, rules '<ddB'+ttl; entries '<BBHdd'
         return struct.pack("<H",1)+struct.pack("<ddB",1e9,1e9,3)+b"120"+b"".join(struct.pack("<BBHdd",0,flags(j),1,1.0,-1.0) for j in range(n))
     raise SystemExit(mode)
