@@ -16,8 +16,14 @@
 //!
 //! # What each check keeps
 //! - **Its deadline.** A queued check waits at most the check deadline for its answer, however
-//!   slow its batch; the batch itself runs under the check deadline too (taking a connection
-//!   included), and a connection abandoned at that deadline is dropped from the pool as usual.
+//!   slow its batch. It has no timer of its own: everything in flight when it queued ends by
+//!   its deadline, and its batch runs until the deadline of its last check (taking a
+//!   connection included; a connection abandoned then is dropped from the pool as usual) and
+//!   answers an earlier check at that check's deadline from one timer per batch. One caveat:
+//!   a check that runs alone releases its call slot when its caller's future ends or is dropped,
+//!   so a caller that keeps such a future without polling it holds the slot, and the checks
+//!   queued behind it wait for it past their deadline (they had a timer each before; a timer
+//!   per queue would restore the bound).
 //! - **Its own failure.** A key of another type fails only its own entry (the script reads with
 //!   `redis.pcall`); a failed batch (connection lost, timeout) fails only the checks in it, each
 //!   with the error it would have had alone, which the circuit breaker above the store counts per
@@ -28,19 +34,21 @@
 //! - **Lost scripts.** The batch script is sent by its SHA and resent with `EVAL` after a
 //!   `NOSCRIPT`, as the single script is.
 //!
-//! Not used on a Redis Cluster, where one script call may only touch keys of one slot: there
-//! every check runs alone (see `docs/lua.md`, "Coalesced checks").
+//! On a Redis Cluster, where one script call may only touch keys of one hash slot, a batch goes
+//! as one call per slot of its checks, all at once (each bucket's keys share their slot through
+//! the hash tag); the cluster connection follows `MOVED` and `ASK` as for a single check.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ratelimit_domain::token_bucket::{self, validate_now};
 use ratelimit_domain::{
     BucketDecision, BucketKey, BucketRequest, ErrorCode, RateLimitError, RateLimitRule, Result,
 };
+use redis::cluster_routing::Slot as HashSlot;
 use redis::{Cmd, Value};
 use tokio::sync::oneshot;
 
@@ -66,6 +74,10 @@ pub const MAX_BATCH: usize = 128;
 /// Script calls of one store on their way at once. Two keep Redis busy while the client reads
 /// one batch's replies and builds the next (measured: docs/performance.md, "Coalesced checks").
 pub const MAX_IN_FLIGHT: usize = 2;
+
+/// How late a tokio timer may fire: entries of a batch whose deadlines are this close to the
+/// call's own get their timeout from the call's.
+const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
 
 /// The operation name in errors, as the single-check path names it.
 const OPERATION: &str = "check_and_consume";
@@ -119,12 +131,14 @@ struct Entry {
     key: BucketKey,
     args: BatchArgs,
     reply: Reply,
+    /// When its caller's check deadline passes: its batch answers it by then.
+    deadline: Instant,
 }
 
 /// Where a queued entry's answer goes.
 enum Reply {
     /// A single check.
-    One(oneshot::Sender<Result<BucketDecision>>),
+    One(ReplyTo<Result<BucketDecision>>),
     /// A group of buckets decided all or nothing, as `token_bucket::step_all`.
     Group(Box<Group>),
 }
@@ -132,7 +146,7 @@ enum Reply {
 /// The buckets of a group after its first, and where its decisions go.
 struct Group {
     rest: Vec<(BucketKey, BatchArgs)>,
-    reply: oneshot::Sender<Result<Vec<BucketDecision>>>,
+    reply: ReplyTo<Result<Vec<BucketDecision>>>,
 }
 
 impl Reply {
@@ -144,15 +158,11 @@ impl Reply {
         }
     }
 
-    /// Answers `error` (one copy per caller).
-    fn fail(self, error: RateLimitError) {
+    /// Answers `error`, unless the entry has had its answer; whether the answer went.
+    fn fail(&self, error: RateLimitError) -> bool {
         match self {
-            Self::One(reply) => {
-                let _ = reply.send(Err(error));
-            }
-            Self::Group(group) => {
-                let _ = group.reply.send(Err(error));
-            }
+            Self::One(reply) => reply.send(Err(error)),
+            Self::Group(group) => group.reply.send(Err(error)),
         }
     }
 }
@@ -171,15 +181,71 @@ impl Entry {
     fn answer(self, reply: &Value) {
         match self.reply {
             Reply::One(sender) => {
-                let _ = sender.send(entry_decision(reply, &self.key));
+                sender.send(entry_decision(reply, &self.key));
             }
             Reply::Group(group) => {
                 let keys: Vec<&BucketKey> = std::iter::once(&self.key)
                     .chain(group.rest.iter().map(|(key, _)| key))
                     .collect();
-                let _ = group.reply.send(group_decisions(reply, &keys));
+                group.reply.send(group_decisions(reply, &keys));
             }
         }
+    }
+}
+
+/// Where a queued check's answer goes: answered once, by whichever comes first of its batch's
+/// reply and its deadline (while the batch call, which borrows the batch, is on its way).
+struct ReplyTo<T>(Mutex<Option<oneshot::Sender<T>>>);
+
+impl<T> ReplyTo<T> {
+    /// Where `sender`'s receiver waits.
+    fn new(sender: oneshot::Sender<T>) -> Self {
+        Self(Mutex::new(Some(sender)))
+    }
+
+    /// Answers the check, unless it has had its answer already or its caller has gone;
+    /// whether the answer went.
+    fn send(&self, answer: T) -> bool {
+        let sender = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+        sender.is_some_and(|sender| sender.send(answer).is_ok())
+    }
+
+    /// Whether nobody waits for the answer any more: the caller gone, or already answered.
+    fn is_closed(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_none_or(oneshot::Sender::is_closed)
+    }
+}
+
+/// How a check goes to Redis ([`Coalescer::enter`]).
+pub(crate) enum Turn<'a> {
+    /// Alone, by the single-check script, holding a call slot until this is dropped.
+    Alone(Slot<'a>),
+    /// In a batch: the answer comes here.
+    Queued(Answer),
+}
+
+/// The answer of a queued check ([`Turn::Queued`]).
+pub(crate) struct Answer(oneshot::Receiver<Result<BucketDecision>>);
+
+impl Answer {
+    /// Waits for the check's batch. No timer per check: the batch answers every entry by its
+    /// deadline (see [`Shared::send`]).
+    ///
+    /// # Errors
+    /// The check's error, as a single check would have it; `StorageError` if its batch was
+    /// dropped unanswered (the runtime shutting down).
+    pub(crate) async fn wait(self) -> Result<BucketDecision> {
+        self.0.await.unwrap_or_else(|_| {
+            Err(RateLimitError::new(
+                ErrorCode::StorageError,
+                "the batch of this check was dropped unanswered",
+            )
+            .with_detail("operation", OPERATION))
+        })
     }
 }
 
@@ -226,56 +292,49 @@ impl Coalescer {
         }
     }
 
-    /// Decides `request`: by `alone` (the single-check script) when fewer than
-    /// [`MAX_IN_FLIGHT`] calls are on their way, else in the next batch.
+    /// How `request` goes to Redis: alone (the caller runs the single-check script, holding
+    /// the returned slot until its call ends) when fewer than [`MAX_IN_FLIGHT`] calls are on
+    /// their way, else queued for the next batch.
+    ///
+    /// Split from the wait so that the caller's future holds either the single call or the
+    /// small queued wait, never both (the future of a check is boxed and moved per check).
     ///
     /// # Errors
-    /// As a single check: `InvalidInput` for a bad `now`, the store's errors, `StorageTimeout`
-    /// past the check deadline.
-    pub(crate) async fn check<F>(
-        &self,
-        request: &BucketRequest<'_>,
-        alone: F,
-    ) -> Result<BucketDecision>
-    where
-        F: Future<Output = Result<BucketDecision>>,
-    {
-        let waiting = {
-            let mut state = self.shared.lock();
-            if state.in_flight < MAX_IN_FLIGHT {
-                state.in_flight += 1;
-                None
-            } else {
-                let args = BatchArgs::of(request)?;
-                let (reply, answer) = oneshot::channel();
-                state.queue.push_back(Entry {
-                    key: request.key.clone(),
-                    args,
-                    reply: Reply::One(reply),
-                });
-                Some(answer)
-            }
-        };
-        let Some(answer) = waiting else {
-            // Released when the call ends or the caller gives up; either way whatever queued
-            // meanwhile is sent.
-            let _slot = Slot(&self.shared);
-            return alone.await;
-        };
-        match tokio::time::timeout(self.shared.timeout, answer).await {
-            Ok(Ok(decision)) => decision,
-            Ok(Err(_)) => Err(RateLimitError::new(
-                ErrorCode::StorageError,
-                "the batch of this check was dropped unanswered",
-            )
-            .with_detail("operation", OPERATION)),
-            Err(_) => Err(deadline(OPERATION, self.shared.timeout)),
+    /// `InvalidInput` for a bad `now` (before anything is queued).
+    pub(crate) fn enter(&self, request: &BucketRequest<'_>) -> Result<Turn<'_>> {
+        let mut state = self.shared.lock();
+        if state.in_flight < MAX_IN_FLIGHT {
+            state.in_flight += 1;
+            drop(state);
+            // Released when the call ends or the caller gives up; either way whatever
+            // queued meanwhile is sent.
+            return Ok(Turn::Alone(Slot(&self.shared)));
         }
+        drop(state);
+        // Built outside the lock; the queue is taken only to push.
+        let args = BatchArgs::of(request)?;
+        let (reply, answer) = oneshot::channel();
+        let entry = Entry {
+            key: request.key.clone(),
+            args,
+            reply: Reply::One(ReplyTo::new(reply)),
+            deadline: Instant::now() + self.shared.timeout,
+        };
+        let mut state = self.shared.lock();
+        if state.in_flight < MAX_IN_FLIGHT {
+            // Every call ended meanwhile (and found the queue empty): go alone after all, or
+            // the entry would wait for a call that is not coming.
+            state.in_flight += 1;
+            drop(state);
+            return Ok(Turn::Alone(Slot(&self.shared)));
+        }
+        state.queue.push_back(entry);
+        Ok(Turn::Queued(Answer(answer)))
     }
 }
 
 /// A call slot held by a check running alone; frees it, or hands it to a batch of what queued.
-struct Slot<'a>(&'a Arc<Shared>);
+pub(crate) struct Slot<'a>(&'a Arc<Shared>);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
@@ -322,7 +381,7 @@ impl Shared {
     /// Sends batches until nothing is queued, then frees the slot.
     async fn drive(this: Arc<Self>, mut batch: Vec<Entry>) {
         loop {
-            this.send(batch).await;
+            this.send_per_slot(batch).await;
             match this.next_batch() {
                 Some(next) => batch = next,
                 None => return,
@@ -330,7 +389,38 @@ impl Shared {
         }
     }
 
-    /// One batch script call, and every entry's answer.
+    /// A batch as one call, or on a Redis Cluster (where one script call may only touch keys of
+    /// one hash slot) as one call per slot, all on their way at once. Entries keep their order
+    /// within a slot, so a bucket repeated in the batch is still stepped in order.
+    async fn send_per_slot(&self, batch: Vec<Entry>) {
+        if !self.hash_tag {
+            return self.send(batch).await;
+        }
+        let mut groups: Vec<(HashSlot, Vec<Entry>)> = Vec::new();
+        for entry in batch {
+            // The slot of the hash tag, which every key of the bucket carries.
+            let slot = HashSlot::for_key(format!("{{{}}}", entry.key.as_str()));
+            match groups.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, group)) => group.push(entry),
+                None => groups.push((slot, vec![entry])),
+            }
+        }
+        if groups.len() == 1 {
+            if let Some((_, group)) = groups.pop() {
+                self.send(group).await;
+            }
+            return;
+        }
+        futures_util::future::join_all(groups.into_iter().map(|(_, group)| self.send(group))).await;
+    }
+
+    /// One batch script call, and every entry's answer, each by its entry's deadline.
+    ///
+    /// Entries are queued in order, so their deadlines only grow along the batch. The call
+    /// runs until the last one's deadline (the connection is dropped from the pool if it is
+    /// abandoned then); an earlier entry whose deadline passes first gets its timeout at its
+    /// deadline from a timer of the batch, so a check waits no longer than alone, with one
+    /// timer per batch instead of one per check.
     async fn send(&self, batch: Vec<Entry>) {
         // A caller that has gone would never learn what its check took.
         let before = batch.len();
@@ -356,12 +446,39 @@ impl Shared {
             shared: self,
             batch: &batch,
         };
-        let reply = self
-            .connections
-            .run(OPERATION, self.timeout, |conn| {
-                self.script.eval(conn, &call)
-            })
-            .await;
+        let last = batch
+            .last()
+            .map_or_else(Instant::now, |entry| entry.deadline);
+        // The call (and its borrow of the batch) ends before the answers go.
+        let reply = {
+            let reply = self
+                .connections
+                .run_until(OPERATION, last, self.timeout, |conn| {
+                    self.script.eval(conn, &call)
+                });
+            let mut reply = std::pin::pin!(reply);
+            // Entries before `due` have had their timeout.
+            let mut due = 0;
+            loop {
+                let next = batch[due..].first().map_or(last, |entry| entry.deadline);
+                // Within the timer's resolution of the call's own deadline: that one answers.
+                if next + TIMER_RESOLUTION >= last {
+                    break reply.await;
+                }
+                tokio::select! {
+                    biased;
+                    reply = &mut reply => break reply,
+                    () = tokio::time::sleep_until(next.into()) => {
+                        let now = Instant::now();
+                        while let Some(entry) = batch.get(due).filter(|entry| entry.deadline <= now) {
+                            // Left in the batch (the call is on its way); its caller hears now.
+                            let _ = entry.reply.fail(deadline(OPERATION, self.timeout));
+                            due += 1;
+                        }
+                    }
+                }
+            }
+        };
         match reply {
             Ok(Value::Array(replies)) if replies.len() == batch.len() => {
                 for (entry, reply) in batch.into_iter().zip(&replies) {
@@ -485,7 +602,11 @@ impl Coalescer {
                 state.queue.push_back(Entry {
                     key: first.key.clone(),
                     args: BatchArgs::new(first.rule, first.cost, now),
-                    reply: Reply::Group(Box::new(Group { rest, reply })),
+                    reply: Reply::Group(Box::new(Group {
+                        rest,
+                        reply: ReplyTo::new(reply),
+                    })),
+                    deadline: Instant::now() + self.shared.timeout,
                 });
                 Some(answer)
             }
@@ -772,7 +893,8 @@ mod tests {
         let one = |args: BatchArgs| Entry {
             key: key.clone(),
             args,
-            reply: Reply::One(oneshot::channel().0),
+            reply: Reply::One(ReplyTo::new(oneshot::channel().0)),
+            deadline: Instant::now(),
         };
         let mut entries = vec![
             one(BatchArgs::of(&BucketRequest::new(&key, &rule).with_cost(3)).unwrap()),
@@ -819,8 +941,9 @@ mod tests {
                     (key.clone(), BatchArgs::new(&third, 5, Some(7.0))),
                     (key.clone(), BatchArgs::new(&rule, 0, Some(7.0))),
                 ],
-                reply: oneshot::channel().0,
+                reply: ReplyTo::new(oneshot::channel().0),
             })),
+            deadline: Instant::now(),
         });
         let packed = pack_batch(&entries);
         assert_eq!(&packed[..2], &[3, 0]);

@@ -87,8 +87,8 @@ pub struct RedisConfig {
     /// Coalesced checks: checks that arrive while script calls are in flight go to Redis
     /// together, as one call of the layout's batch script (default:
     /// [`DEFAULT_COALESCING`](Self::DEFAULT_COALESCING)). Each check is still its own atomic
-    /// step, decided as it would be alone. Ignored on a Redis Cluster, where every check runs
-    /// alone. See docs/lua.md, "Coalesced checks".
+    /// step, decided as it would be alone. On a Redis Cluster a batch goes as one call per hash
+    /// slot. See docs/lua.md, "Coalesced checks".
     pub coalescing: bool,
 }
 

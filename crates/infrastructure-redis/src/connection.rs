@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bb8_redis::bb8::{ManageConnection, Pool, PooledConnection, State};
 use ratelimit_domain::{ErrorCode, RateLimitError, Result};
@@ -73,6 +73,23 @@ impl Connections {
         F: FnOnce(RedisConn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        self.run_until(operation, Instant::now() + timeout, timeout, f)
+            .await
+    }
+
+    /// [`run`](Self::run) until `deadline` rather than for a duration; `timeout` is the deadline
+    /// the error names (the batch of coalesced checks runs until its last check's deadline).
+    pub(crate) async fn run_until<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        deadline_at: Instant,
+        timeout: Duration,
+        f: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(RedisConn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         // The pool hands out a connection only to clone its handle: the guard goes back at
         // once, so any number of concurrent checks share the pool's multiplexed connections
         // (pipelining on the socket) instead of queueing for one each.
@@ -106,7 +123,7 @@ impl Connections {
                 }
             }
         };
-        let outcome = tokio::time::timeout(timeout, operation_future).await;
+        let outcome = tokio::time::timeout_at(deadline_at.into(), operation_future).await;
         outcome.unwrap_or_else(|_| {
             if let Some(broken) = &in_flight {
                 // A reply may still arrive late on this socket; do not trust it any more.

@@ -10,8 +10,8 @@
 //! connections and pipeline their commands). With coalescing on, checks that arrive while
 //! [`MAX_IN_FLIGHT`] calls are on their way are coalesced: they go to Redis together in one call of the layout's batch
 //! script ([`TOKEN_BUCKET_COMPACT_BATCH_SCRIPT`], [`TOKEN_BUCKET_BATCH_SCRIPT`]), each still its
-//! own atomic step (off by default: [`RedisConfig::with_coalescing`]; never on a Redis
-//! Cluster). The script reads and writes the bucket's keys atomically and, unless the caller
+//! own atomic step (off by default: [`RedisConfig::with_coalescing`]; on a Redis Cluster, one
+//! call per hash slot). The script reads and writes the bucket's keys atomically and, unless the caller
 //! passes an explicit `now`, takes the time from Redis's own `TIME`, so every host limits on one
 //! clock.
 //!

@@ -1,6 +1,8 @@
 //! The Redis bucket store: [`RedisStorage`] and its [`BucketStore`] implementation.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,7 +11,7 @@ use ratelimit_domain::{
 };
 use redis::{RedisResult, Value};
 
-use crate::coalesce::{Coalescer, CoalescingStats};
+use crate::coalesce::{Coalescer, CoalescingStats, Turn};
 use crate::connection::{Connections, Manager};
 use crate::error::name_corrupt_bucket;
 use crate::keys::BucketKeys;
@@ -41,7 +43,7 @@ pub struct RedisStorage {
     /// How often the reset listener pings its subscription.
     reset_ping_interval: Duration,
     /// Checks that wait while calls are in flight go to Redis together (`None`: coalescing
-    /// off, or a cluster).
+    /// off).
     coalescer: Option<Coalescer>,
 }
 
@@ -70,7 +72,7 @@ impl RedisStorage {
         // process already chose one.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let connections = Connections::new(config)?;
-        let coalescer = (config.coalescing && !config.is_cluster()).then(|| {
+        let coalescer = config.coalescing.then(|| {
             Coalescer::new(
                 connections.clone(),
                 config.layout,
@@ -257,12 +259,43 @@ impl RedisStorage {
     }
 }
 
+impl RedisStorage {
+    /// One check through the coalescer: alone while few calls are in flight, else in a batch.
+    async fn check_coalesced(
+        &self,
+        coalescer: &Coalescer,
+        request: &BucketRequest<'_>,
+    ) -> Result<BucketDecision> {
+        match coalescer.enter(request)? {
+            Turn::Alone(slot) => {
+                // Boxed: only this branch pays for the single call's (large) future.
+                let decision = Box::pin(self.check_alone(request)).await;
+                drop(slot);
+                decision
+            }
+            Turn::Queued(answer) => answer.wait().await,
+        }
+    }
+}
+
 #[async_trait]
 impl BucketStore for RedisStorage {
-    async fn check_and_consume<'a>(&self, request: &BucketRequest<'a>) -> Result<BucketDecision> {
+    // Written as `#[async_trait]` expands it, to box the future of the path taken only: the
+    // single call's future is large, a queued check's small, and every check's future is
+    // allocated and moved once.
+    fn check_and_consume<'a, 'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        request: &'life1 BucketRequest<'a>,
+    ) -> Pin<Box<dyn Future<Output = Result<BucketDecision>> + Send + 'async_trait>>
+    where
+        'a: 'async_trait,
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
         match &self.coalescer {
-            Some(coalescer) => coalescer.check(request, self.check_alone(request)).await,
-            None => self.check_alone(request).await,
+            None => Box::pin(self.check_alone(request)),
+            Some(coalescer) => Box::pin(self.check_coalesced(coalescer, request)),
         }
     }
 
