@@ -21,8 +21,8 @@ use ratelimit_redis::{
     TOKEN_BUCKET_COMPACT_BATCH_SCRIPT,
 };
 use ratelimit_tests::contract::{
-    self, GarbageValue, T0, key, random_workload, reference_decisions, rule, store_decisions,
-    stored_garbage,
+    self, GarbageValue, Sequence, T0, key, random_workload, reference_decisions, rule,
+    store_decisions, stored_garbage,
 };
 use ratelimit_tests::redis_server::{RedisServer, TestRedis, unique_prefix};
 use tokio::task::JoinSet;
@@ -222,6 +222,24 @@ async fn own_server(layout: KeyLayout, timeout: Duration) -> (RedisServer, Arc<R
     }
     join_all(set).await;
     (server, store)
+}
+
+/// Asserts that every key of `bucket` exists with a lifetime of at most `ttl` seconds.
+fn assert_lives(server: &RedisServer, bucket: &BucketKey, layout: KeyLayout, ttl: u64) {
+    let names = match layout {
+        KeyLayout::Compact => vec![format!("{}:tb", bucket.as_str())],
+        _ => vec![
+            format!("{}:tokens", bucket.as_str()),
+            format!("{}:time", bucket.as_str()),
+        ],
+    };
+    for name in names {
+        let left: i64 = redis::from_redis_value(server.cmd(redis::cmd("TTL").arg(&name))).unwrap();
+        assert!(
+            left > 0 && left.unsigned_abs() <= ttl,
+            "{layout:?}: {name} has TTL {left}, lifetime {ttl}"
+        );
+    }
 }
 
 /// A spawned check: its bucket, how long it took, what it answered.
@@ -483,5 +501,583 @@ async fn a_key_repeated_in_a_batch_is_stepped_in_order() {
         remaining.sort_unstable();
         assert_eq!(remaining, [0, 1, 2, 3, 4], "{layout:?}");
         assert_eq!(denied, 3, "{layout:?}");
+        // Written many times in one batch (the compact script defers all but the first write
+        // to the end of the batch): the bucket holds its last state and still expires.
+        assert_eq!(store.get_remaining(&shared, &rule, None).await.unwrap(), 0);
+        assert_lives(&server, &shared, layout, rule.storage_ttl_seconds());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_repeated_in_a_batch_fails_every_entry_and_is_left_alone() {
+    // The batch script reads every key with one MGET, which answers nil for a key of another
+    // type as for a missing one: the entries that would create it (SET NX) and those that
+    // write nothing (cost 0) must still fail, each, and the key must keep its value.
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, Duration::from_secs(5)).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        let bad = key(&prefix, "bad", "GET /typed-twice");
+        let first_key = if layout == KeyLayout::Compact {
+            format!("{}:tb", bad.as_str())
+        } else {
+            format!("{}:time", bad.as_str())
+        };
+        server.cmd(redis::cmd("HSET").arg(&first_key).arg("tokens").arg("0"));
+        let before = store.coalescing_stats();
+        server.pause();
+        let mut set = JoinSet::new();
+        for i in 0..MAX_IN_FLIGHT {
+            spawn_check(
+                &mut set,
+                &store,
+                key(&prefix, &format!("first-{i}"), "GET /typed-twice"),
+                &rule,
+            )
+            .await;
+        }
+        let mut reads = JoinSet::new();
+        for i in 0..6 {
+            if i == 3 {
+                let (store, rule, bad) = (Arc::clone(&store), rule.clone(), bad.clone());
+                reads.spawn(async move {
+                    store
+                        .check_and_consume(&BucketRequest::new(&bad, &rule).with_cost(0))
+                        .await
+                });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            spawn_check(&mut set, &store, bad.clone(), &rule).await;
+        }
+        server.resume();
+        for (bucket, _, result) in join_all(set).await {
+            if bucket == bad {
+                let err = result.unwrap_err();
+                assert_eq!(err.code(), ErrorCode::CorruptBucket, "{layout:?}: {err}");
+            } else {
+                assert!(result.unwrap().allowed);
+            }
+        }
+        for result in join_all(reads).await {
+            let err = result.unwrap_err();
+            assert_eq!(err.code(), ErrorCode::CorruptBucket, "{layout:?}: {err}");
+        }
+        let after = store.coalescing_stats();
+        assert_eq!(after.batches - before.batches, 1, "{layout:?}: {after:?}");
+        assert_eq!(after.batched_checks - before.batched_checks, 7);
+        let kind: String =
+            redis::from_redis_value(server.cmd(redis::cmd("TYPE").arg(&first_key))).unwrap();
+        assert_eq!(kind, "hash", "{layout:?}");
+        let value: Vec<String> =
+            redis::from_redis_value(server.cmd(redis::cmd("HGETALL").arg(&first_key))).unwrap();
+        assert_eq!(value, ["tokens", "0"], "{layout:?}");
+        if layout == KeyLayout::TwoKeys {
+            // The tokens key, missing, was not left behind by the entries that failed.
+            let tokens = format!("{}:tokens", bad.as_str());
+            let exists: i64 =
+                redis::from_redis_value(server.cmd(redis::cmd("EXISTS").arg(&tokens))).unwrap();
+            assert_eq!(exists, 0, "{tokens} was written");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_multi_limit_contract_holds_through_batches_in_both_layouts() {
+    let redis = TestRedis::get();
+    for layout in LAYOUTS {
+        let store = patient(&redis.url, layout);
+        let mut set = JoinSet::new();
+        for _ in 0..24 {
+            let store = Arc::clone(&store);
+            set.spawn(async move { contract::run_multi(&*store, &unique_prefix()).await });
+        }
+        join_all(set).await;
+        let stats = store.coalescing_stats();
+        assert!(
+            stats.batched_groups > 100,
+            "{layout:?}: too few multi-limit checks went through a batch: {stats:?}"
+        );
+    }
+}
+
+/// One operation of a mixed workload: a single check of one bucket, or a multi-limit check of
+/// several, each bucket with its cost; all at `now`.
+#[derive(Debug, Clone)]
+struct Op {
+    buckets: Vec<(usize, u64)>,
+    now: f64,
+}
+
+/// A random mix of single and multi-limit checks over `keys` buckets of capacity `max`: costs
+/// 0 to 3 (now and then above capacity), a clock that mostly stands or moves on, sometimes
+/// back.
+#[allow(clippy::cast_possible_truncation)] // below(n) < n, a usize
+fn mixed_workload(seed: u64, len: usize, keys: usize, max: &[u64]) -> Vec<Op> {
+    let mut rng = Sequence::new(seed);
+    let mut now = T0;
+    (0..len)
+        .map(|_| {
+            now += match rng.below(6) {
+                0..=2 => 0.0,
+                3 | 4 => rng.below(900) as f64 / 1_000.0,
+                _ => -(rng.below(400) as f64 / 1_000.0),
+            };
+            let mut chosen: Vec<usize> = (0..keys).collect();
+            // One bucket (a single check) or two or more, in a random order.
+            let size = 1 + rng.below(keys as u64) as usize;
+            for i in 0..keys {
+                let j = i + rng.below((keys - i) as u64) as usize;
+                chosen.swap(i, j);
+            }
+            chosen.truncate(size);
+            let buckets = chosen
+                .into_iter()
+                .map(|k| {
+                    let cost = match rng.below(30) {
+                        0 => 0,
+                        1 => max[k] + 1,
+                        _ => 1 + rng.below(3),
+                    };
+                    (k, cost)
+                })
+                .collect();
+            Op { buckets, now }
+        })
+        .collect()
+}
+
+/// The decisions of `ops` by the reference (`step` for one bucket, `step_all` for several).
+fn reference_mixed(
+    ops: &[Op],
+    rules: &[ratelimit_domain::RateLimitRule],
+) -> Vec<Vec<BucketDecision>> {
+    let mut states: Vec<Option<BucketState>> = vec![None; rules.len()];
+    ops.iter()
+        .map(|op| {
+            let inputs: Vec<token_bucket::StepInput> = op
+                .buckets
+                .iter()
+                .map(|&(k, cost)| token_bucket::StepInput {
+                    stored: states[k],
+                    max_tokens: rules[k].max_tokens(),
+                    refill_rate: rules[k].refill_rate(),
+                    cost,
+                })
+                .collect();
+            let steps = token_bucket::step_all(&inputs, op.now);
+            for (&(k, _), step) in op.buckets.iter().zip(&steps) {
+                if let Some(state) = step.store {
+                    states[k] = Some(state);
+                }
+            }
+            steps.into_iter().map(|step| step.decision).collect()
+        })
+        .collect()
+}
+
+/// `op` through the store: `check_and_consume` for one bucket, `check_and_consume_all` for
+/// several.
+async fn run_op(
+    store: &RedisStorage,
+    keys: &[BucketKey],
+    rules: &[ratelimit_domain::RateLimitRule],
+    op: &Op,
+) -> ratelimit_domain::Result<Vec<BucketDecision>> {
+    let requests: Vec<BucketRequest<'_>> = op
+        .buckets
+        .iter()
+        .map(|&(k, cost)| {
+            BucketRequest::new(&keys[k], &rules[k])
+                .with_cost(cost)
+                .at(op.now)
+        })
+        .collect();
+    match requests.as_slice() {
+        [one] => store.check_and_consume(one).await.map(|d| vec![d]),
+        _ => store.check_and_consume_all(&requests).await,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_single_and_multi_limit_workloads_match_the_reference() {
+    // 24 lanes at once, each on its own three buckets: within a lane every check waits for
+    // the previous one (so its decisions are fixed) and single and multi-limit checks share
+    // the buckets; the lanes' checks share batches.
+    let redis = TestRedis::get();
+    let rules = vec![rule(6, 37.0), rule(9, 23.5), rule(4, 11.0)];
+    let max: Vec<u64> = rules.iter().map(|r| r.max_tokens()).collect();
+    for layout in LAYOUTS {
+        let store = patient(&redis.url, layout);
+        let prefix = unique_prefix();
+        let mut set = JoinSet::new();
+        for lane in 0..24_u64 {
+            let (store, rules, max) = (Arc::clone(&store), rules.clone(), max.clone());
+            let keys: Vec<BucketKey> = (0..rules.len())
+                .map(|k| key(&prefix, &format!("lane-{lane}-{k}"), "GET /mixed"))
+                .collect();
+            set.spawn(async move {
+                let seed = 0x5EED_0000 + lane;
+                let ops = mixed_workload(seed, 200, rules.len(), &max);
+                let expected = reference_mixed(&ops, &rules);
+                for (n, op) in ops.iter().enumerate() {
+                    let got = run_op(&store, &keys, &rules, op)
+                        .await
+                        .unwrap_or_else(|err| panic!("{layout:?} seed {seed:#x} op {n}: {err}"));
+                    assert_eq!(
+                        got, expected[n],
+                        "{layout:?}: diverged at op {n} ({op:?}) of seed {seed:#x}"
+                    );
+                }
+            });
+        }
+        join_all(set).await;
+        let stats = store.coalescing_stats();
+        assert!(
+            stats.batched_groups > 200 && stats.batched_checks > stats.batched_groups + 200,
+            "{layout:?}: {stats:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_and_multi_limit_checks_on_shared_buckets_in_one_batch_run_in_order() {
+    // Redis frozen while the call slots are taken: the checks sent next queue, in the order
+    // they are sent, into one batch, where single and group entries step the same buckets.
+    let rules = vec![rule(5, 6.0), rule(3, 2.0), rule(8, 60.0)];
+    let max: Vec<u64> = rules.iter().map(|r| r.max_tokens()).collect();
+    for layout in LAYOUTS {
+        for seed in [1_u64, 2, 3] {
+            let (server, store) = own_server(layout, Duration::from_secs(5)).await;
+            let prefix = unique_prefix();
+            let keys: Vec<BucketKey> = (0..rules.len())
+                .map(|k| key(&prefix, &format!("shared-{k}"), "GET /one-batch"))
+                .collect();
+            // Mostly explicit times that stand still, so that buckets run dry within the batch.
+            let ops: Vec<Op> = mixed_workload(0xBA7C_0000 + seed, 24, rules.len(), &max)
+                .into_iter()
+                .map(|op| Op {
+                    now: T0 + (op.now - T0).round(),
+                    ..op
+                })
+                .collect();
+            let expected = reference_mixed(&ops, &rules);
+            let before = store.coalescing_stats();
+            server.pause();
+            let mut slots = JoinSet::new();
+            for i in 0..MAX_IN_FLIGHT {
+                spawn_check(
+                    &mut slots,
+                    &store,
+                    key(&prefix, &format!("slot-{i}"), "GET /one-batch"),
+                    &rules[0],
+                )
+                .await;
+            }
+            let mut set = JoinSet::new();
+            for (n, op) in ops.iter().enumerate() {
+                let (store, keys, rules, op) =
+                    (Arc::clone(&store), keys.clone(), rules.clone(), op.clone());
+                set.spawn(async move { (n, run_op(&store, &keys, &rules, &op).await) });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            server.resume();
+            join_all(slots).await;
+            for (n, got) in join_all(set).await {
+                let got = got.unwrap_or_else(|err| panic!("{layout:?} op {n}: {err}"));
+                assert_eq!(
+                    got, expected[n],
+                    "{layout:?} seed {seed}: op {n} ({:?})",
+                    ops[n]
+                );
+            }
+            let after = store.coalescing_stats();
+            assert_eq!(after.batches - before.batches, 1, "{layout:?}: {after:?}");
+            assert_eq!(
+                after.batched_checks - before.batched_checks,
+                ops.len() as u64
+            );
+            for (k, bucket) in keys.iter().enumerate() {
+                if ops
+                    .iter()
+                    .any(|op| op.buckets.iter().any(|&(b, c)| b == k && c > 0))
+                {
+                    assert_lives(&server, bucket, layout, rules[k].storage_ttl_seconds());
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_a_key_of_another_type_fails_alone_and_writes_nothing() {
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, Duration::from_secs(5)).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        let (a, bad, b) = (
+            key(&prefix, "a", "GET /group"),
+            key(&prefix, "bad", "GET /group"),
+            key(&prefix, "b", "GET /group"),
+        );
+        let names = |k: &BucketKey| -> Vec<String> {
+            match layout {
+                KeyLayout::Compact => vec![format!("{}:tb", k.as_str())],
+                _ => vec![
+                    format!("{}:tokens", k.as_str()),
+                    format!("{}:time", k.as_str()),
+                ],
+            }
+        };
+        let hash_at = names(&bad).pop().unwrap();
+        server.cmd(redis::cmd("HSET").arg(&hash_at).arg("x").arg("1"));
+        let before = store.coalescing_stats();
+        server.pause();
+        let mut slots = JoinSet::new();
+        for i in 0..MAX_IN_FLIGHT {
+            spawn_check(
+                &mut slots,
+                &store,
+                key(&prefix, &format!("slot-{i}"), "GET /group"),
+                &rule,
+            )
+            .await;
+        }
+        let group = {
+            let (store, rule, keys) = (
+                Arc::clone(&store),
+                rule.clone(),
+                [a.clone(), bad.clone(), b.clone()],
+            );
+            tokio::spawn(async move {
+                let requests: Vec<BucketRequest<'_>> =
+                    keys.iter().map(|k| BucketRequest::new(k, &rule)).collect();
+                store.check_and_consume_all(&requests).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // A single check of another bucket in the same batch is decided as usual.
+        let other = key(&prefix, "other", "GET /group");
+        let mut singles = JoinSet::new();
+        spawn_check(&mut singles, &store, other.clone(), &rule).await;
+        server.resume();
+        join_all(slots).await;
+        let err = group.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), ErrorCode::CorruptBucket, "{layout:?}: {err}");
+        assert_eq!(
+            err.details().get("key").map(String::as_str),
+            Some(bad.as_str()),
+            "{layout:?}: {err}"
+        );
+        for (_, _, result) in join_all(singles).await {
+            let d = result.unwrap();
+            assert!(d.allowed && d.remaining == 4, "{layout:?}: {d:?}");
+        }
+        for k in [&a, &b] {
+            for name in names(k) {
+                let exists: i64 =
+                    redis::from_redis_value(server.cmd(redis::cmd("EXISTS").arg(&name))).unwrap();
+                assert_eq!(exists, 0, "{layout:?}: {name} was written");
+            }
+        }
+        let after = store.coalescing_stats();
+        assert_eq!(after.batches - before.batches, 1, "{layout:?}: {after:?}");
+        assert_eq!(after.batched_groups - before.batched_groups, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_multi_limit_check_keeps_its_deadline_and_a_cancelled_one_takes_nothing() {
+    let timeout = Duration::from_millis(300);
+    for layout in LAYOUTS {
+        let (server, store) = own_server(layout, timeout).await;
+        let prefix = unique_prefix();
+        let rule = rule(5, 5.0);
+        let pair = |name: &str| {
+            [
+                key(&prefix, &format!("{name}-a"), "GET /late-group"),
+                key(&prefix, &format!("{name}-b"), "GET /late-group"),
+            ]
+        };
+        let (gone, late) = (pair("cancelled"), pair("late"));
+        let spawn_group = |store: &Arc<RedisStorage>, keys: &[BucketKey; 2]| {
+            let (store, rule, keys) = (Arc::clone(store), rule.clone(), keys.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let requests: Vec<BucketRequest<'_>> =
+                    keys.iter().map(|k| BucketRequest::new(k, &rule)).collect();
+                let result = store.check_and_consume_all(&requests).await;
+                (started.elapsed(), result)
+            })
+        };
+        server.pause();
+        let mut slots = JoinSet::new();
+        for i in 0..MAX_IN_FLIGHT {
+            spawn_check(
+                &mut slots,
+                &store,
+                key(&prefix, &format!("slot-{i}"), "GET /late-group"),
+                &rule,
+            )
+            .await;
+        }
+        let cancelled = spawn_group(&store, &gone);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let waiting = spawn_group(&store, &late);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        cancelled.abort();
+        let (elapsed, result) = waiting.await.unwrap();
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::StorageTimeout, "{layout:?}: {err}");
+        assert!(
+            elapsed >= timeout - Duration::from_millis(5)
+                && elapsed < timeout + Duration::from_millis(150),
+            "{layout:?}: failed after {elapsed:?}, deadline {timeout:?}"
+        );
+        join_all(slots).await;
+        server.resume();
+        assert!(store.coalescing_stats().abandoned >= 1, "{layout:?}");
+        // Redis is back: the cancelled group took nothing.
+        for bucket in &gone {
+            let mut remaining = None;
+            for _ in 0..50 {
+                match store.get_remaining(bucket, &rule, None).await {
+                    Ok(left) => {
+                        remaining = Some(left);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            assert_eq!(remaining, Some(5), "{layout:?}: {bucket} lost tokens");
+        }
+    }
+}
+
+/// Not a test: a probe that measures what a check costs a Redis that something else watches
+/// (`crates/bench/callgrind/store.sh` runs it under callgrind). Sends `RCPU_PROBE_CHECKS`
+/// checks per task from 64 tasks over 20,000 existing buckets, through the coalescing store
+/// (`RCPU_PROBE_MODE=coalesced`) or as one `EVALSHA` of the compact script per check over one
+/// multiplexed connection (`raw`), to the Redis at `RCPU_PROBE_PORT`, and prints that Redis's
+/// CPU per check (`INFO cpu`) and the batches. With `RCPU_PROBE_CALLGRIND=<pid>` it resets
+/// callgrind's counts of that process before the measured checks and dumps them after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measuring probe, run by crates/bench/callgrind/store.sh"]
+async fn probe_redis_cost_per_check() {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+    let url = format!("redis://127.0.0.1:{}", var("RCPU_PROBE_PORT"));
+    let raw = var("RCPU_PROBE_MODE") == "raw";
+    let per_task: u64 = var("RCPU_PROBE_CHECKS").parse().unwrap();
+    let callgrind = std::env::var("RCPU_PROBE_CALLGRIND").ok();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut admin = client.get_connection().unwrap();
+    let cpu = |conn: &mut redis::Connection| -> (f64, f64) {
+        let text: String = redis::cmd("INFO").arg("cpu").query(conn).unwrap();
+        let field = |name: &str| -> f64 {
+            text.lines()
+                .filter_map(|line| line.trim().split_once(':'))
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.parse().unwrap())
+                .unwrap()
+        };
+        (field("used_cpu_user"), field("used_cpu_sys"))
+    };
+    let store = store(&url, KeyLayout::Compact, Duration::from_secs(60));
+    let rule = rule(1_000_000_000, 1e9);
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(ratelimit_redis::TOKEN_BUCKET_COMPACT_SCRIPT)
+        .query(&mut admin)
+        .unwrap();
+    // The compact script's packed argument: max_tokens, refill_rate, cost, then the lifetime.
+    let mut packed = Vec::new();
+    for number in [1e9_f64, 1e9, 1.0] {
+        packed.extend_from_slice(&number.to_le_bytes());
+    }
+    packed.extend_from_slice(b"120");
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let bucket = |task: u64, i: u64| {
+        key(
+            "probe",
+            &format!("e{}", (task * 7_919 + i * 31) % 20_000),
+            "GET /x",
+        )
+    };
+    // Every bucket created first.
+    let mut set = JoinSet::new();
+    for task in 0..64_u64 {
+        let (store, rule) = (Arc::clone(&store), rule.clone());
+        set.spawn(async move {
+            for i in 0..700 {
+                let k = key(
+                    "probe",
+                    &format!("e{}", (task * 313 + i) % 20_000),
+                    "GET /x",
+                );
+                store
+                    .check_and_consume(&BucketRequest::new(&k, &rule))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    join_all(set).await;
+    let before = store.coalescing_stats();
+    if let Some(pid) = &callgrind {
+        std::process::Command::new("callgrind_control")
+            .arg("-z")
+            .arg(pid)
+            .status()
+            .unwrap();
+    }
+    let (user, sys) = cpu(&mut admin);
+    let mut set = JoinSet::new();
+    for task in 0..64_u64 {
+        let (store, rule, mut conn, sha, packed) = (
+            Arc::clone(&store),
+            rule.clone(),
+            conn.clone(),
+            sha.clone(),
+            packed.clone(),
+        );
+        set.spawn(async move {
+            for i in 0..per_task {
+                let k = bucket(task, i);
+                if raw {
+                    let _: redis::Value = redis::cmd("EVALSHA")
+                        .arg(&sha)
+                        .arg(1)
+                        .arg(format!("{}:tb", k.as_str()))
+                        .arg(&packed)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                } else {
+                    store
+                        .check_and_consume(&BucketRequest::new(&k, &rule))
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+    }
+    join_all(set).await;
+    let (user_after, sys_after) = cpu(&mut admin);
+    if let Some(pid) = &callgrind {
+        std::process::Command::new("callgrind_control")
+            .arg("-d")
+            .arg(pid)
+            .status()
+            .unwrap();
+    }
+    let after = store.coalescing_stats();
+    let checks = (64 * per_task) as f64;
+    println!(
+        "{}: {checks} checks, Redis CPU {:.2} us per check (user {:.2}, system {:.2}); {} checks in {} batches",
+        if raw { "raw" } else { "coalesced" },
+        (user_after + sys_after - user - sys) * 1e6 / checks,
+        (user_after - user) * 1e6 / checks,
+        (sys_after - sys) * 1e6 / checks,
+        after.batched_checks - before.batched_checks,
+        after.batches - before.batches,
+    );
 }

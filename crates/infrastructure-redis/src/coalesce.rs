@@ -38,15 +38,15 @@
 //! as one call per slot of its checks, all at once (each bucket's keys share their slot through
 //! the hash tag); the cluster connection follows `MOVED` and `ASK` as for a single check.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use ratelimit_domain::token_bucket::validate_now;
+use ratelimit_domain::token_bucket::{self, validate_now};
 use ratelimit_domain::{
-    BucketDecision, BucketKey, BucketRequest, ErrorCode, RateLimitError, Result,
+    BucketDecision, BucketKey, BucketRequest, ErrorCode, RateLimitError, RateLimitRule, Result,
 };
 use redis::cluster_routing::Slot as HashSlot;
 use redis::{Cmd, Value};
@@ -54,9 +54,9 @@ use tokio::sync::oneshot;
 
 use crate::KeyLayout;
 use crate::connection::Connections;
-use crate::error::{deadline, name_corrupt_bucket};
+use crate::error::{bad_reply, deadline, name_corrupt_bucket};
 use crate::keys::BucketKeys;
-use crate::reply::parse_reply;
+use crate::multi::bucket_index;
 use crate::script::{BuildCmd, TokenBucketScript};
 
 /// The batch script of the two-key layout ([`KeyLayout::TwoKeys`]): several independent
@@ -92,6 +92,8 @@ pub struct CoalescingStats {
     pub batched_checks: u64,
     /// Checks left out of a batch because their caller had gone (deadline or cancellation).
     pub abandoned: u64,
+    /// Of the checks sent in batches, those of several limits (group entries).
+    pub batched_groups: u64,
 }
 
 /// The coalescer of one store. See the [module docs](self).
@@ -112,6 +114,7 @@ struct Shared {
     batches: AtomicU64,
     batched_checks: AtomicU64,
     abandoned: AtomicU64,
+    batched_groups: AtomicU64,
 }
 
 #[derive(Default)]
@@ -121,14 +124,73 @@ struct State {
     queue: VecDeque<Entry>,
 }
 
-/// One queued check: its bucket, its numbers packed for the batch script, and where its
-/// answer goes.
+/// One queued check: its bucket, its numbers for the batch script, and where its answer goes.
+/// A group (the limits of one request, all or nothing) has its first bucket here and the others
+/// in its [`Reply::Group`].
 struct Entry {
     key: BucketKey,
     args: BatchArgs,
-    reply: ReplyTo<Result<BucketDecision>>,
+    reply: Reply,
     /// When its caller's check deadline passes: its batch answers it by then.
     deadline: Instant,
+}
+
+/// Where a queued entry's answer goes.
+enum Reply {
+    /// A single check.
+    One(ReplyTo<Result<BucketDecision>>),
+    /// A group of buckets decided all or nothing, as `token_bucket::step_all`.
+    Group(Box<Group>),
+}
+
+/// The buckets of a group after its first, and where its decisions go.
+struct Group {
+    rest: Vec<(BucketKey, BatchArgs)>,
+    reply: ReplyTo<Result<Vec<BucketDecision>>>,
+}
+
+impl Reply {
+    /// Whether the caller has gone.
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::One(reply) => reply.is_closed(),
+            Self::Group(group) => group.reply.is_closed(),
+        }
+    }
+
+    /// Answers `error`, unless the entry has had its answer; whether the answer went.
+    fn fail(&self, error: RateLimitError) -> bool {
+        match self {
+            Self::One(reply) => reply.send(Err(error)),
+            Self::Group(group) => group.reply.send(Err(error)),
+        }
+    }
+}
+
+impl Entry {
+    /// The buckets of the entry, in order: one, or every bucket of a group.
+    fn buckets(&self) -> impl Iterator<Item = (&BucketKey, &BatchArgs)> + Clone {
+        let rest: &[(BucketKey, BatchArgs)] = match &self.reply {
+            Reply::One(_) => &[],
+            Reply::Group(group) => &group.rest,
+        };
+        std::iter::once((&self.key, &self.args)).chain(rest.iter().map(|(key, args)| (key, args)))
+    }
+
+    /// Answers the entry from its element of the batch reply.
+    fn answer(self, reply: &Value) {
+        match self.reply {
+            Reply::One(sender) => {
+                sender.send(entry_decision(reply, &self.key));
+            }
+            Reply::Group(group) => {
+                let keys: Vec<&BucketKey> = std::iter::once(&self.key)
+                    .chain(group.rest.iter().map(|(key, _)| key))
+                    .collect();
+                group.reply.send(group_decisions(reply, &keys));
+            }
+        }
+    }
 }
 
 /// Where a queued check's answer goes: answered once, by whichever comes first of its batch's
@@ -218,6 +280,7 @@ impl Coalescer {
                 batches: AtomicU64::new(0),
                 batched_checks: AtomicU64::new(0),
                 abandoned: AtomicU64::new(0),
+                batched_groups: AtomicU64::new(0),
             }),
         }
     }
@@ -233,6 +296,7 @@ impl Coalescer {
             batches: self.shared.batches.load(Ordering::Relaxed),
             batched_checks: self.shared.batched_checks.load(Ordering::Relaxed),
             abandoned: self.shared.abandoned.load(Ordering::Relaxed),
+            batched_groups: self.shared.batched_groups.load(Ordering::Relaxed),
         }
     }
 
@@ -262,7 +326,7 @@ impl Coalescer {
         let entry = Entry {
             key: request.key.clone(),
             args,
-            reply: ReplyTo::new(reply),
+            reply: Reply::One(ReplyTo::new(reply)),
             deadline,
         };
         let mut state = self.shared.lock();
@@ -385,6 +449,12 @@ impl Shared {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.batched_checks
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let groups = batch
+            .iter()
+            .filter(|entry| matches!(entry.reply, Reply::Group(_)))
+            .count();
+        self.batched_groups
+            .fetch_add(groups as u64, Ordering::Relaxed);
         let call = BatchCall {
             shared: self,
             batch: &batch,
@@ -415,7 +485,7 @@ impl Shared {
                         let now = Instant::now();
                         while let Some(entry) = batch.get(due).filter(|entry| entry.deadline <= now) {
                             // Left in the batch (the call is on its way); its caller hears now.
-                            let _ = entry.reply.send(Err(deadline(OPERATION, self.timeout)));
+                            let _ = entry.reply.fail(deadline(OPERATION, self.timeout));
                             due += 1;
                         }
                     }
@@ -425,24 +495,25 @@ impl Shared {
         match reply {
             Ok(Value::Array(replies)) if replies.len() == batch.len() => {
                 for (entry, reply) in batch.into_iter().zip(&replies) {
-                    let decision = entry_decision(reply, &entry.key);
-                    let _ = entry.reply.send(decision);
+                    entry.answer(reply);
                 }
             }
             Ok(other) => {
                 let detail = format!("{} replies for {} checks", reply_len(&other), batch.len());
                 for entry in batch {
-                    let _ = entry.reply.send(Err(RateLimitError::new(
-                        ErrorCode::StorageError,
-                        "unusable reply from the batch script",
-                    )
-                    .with_detail("operation", OPERATION)
-                    .with_detail("reply", detail.clone())));
+                    entry.reply.fail(
+                        RateLimitError::new(
+                            ErrorCode::StorageError,
+                            "unusable reply from the batch script",
+                        )
+                        .with_detail("operation", OPERATION)
+                        .with_detail("reply", detail.clone()),
+                    );
                 }
             }
             Err(err) => {
                 for entry in batch {
-                    let _ = entry.reply.send(Err(copy_error(&err)));
+                    entry.reply.fail(copy_error(&err));
                 }
             }
         }
@@ -450,36 +521,34 @@ impl Shared {
 
     /// `EVALSHA sha <n> <keys…> <packed numbers>`, or `EVAL` with the text.
     fn cmd(&self, batch: &[Entry], sha: Option<&str>, text: &str) -> Cmd {
-        let keys_per_entry = if self.layout == KeyLayout::Compact {
+        let keys_per_bucket = if self.layout == KeyLayout::Compact {
             1
         } else {
             2
         };
+        let buckets: usize = batch.iter().map(|entry| entry.buckets().count()).sum();
         let mut cmd = Cmd::with_capacity(
-            4 + keys_per_entry * batch.len(),
+            4 + keys_per_bucket * buckets,
             16 + sha.map_or(text.len(), str::len)
                 + batch
                     .iter()
-                    .map(|entry| keys_per_entry * (entry.key.as_str().len() + 10) + entry.args.len)
+                    .flat_map(Entry::buckets)
+                    .map(|(key, _)| keys_per_bucket * (key.as_str().len() + 10) + 11)
                     .sum::<usize>(),
         );
         match sha {
             Some(sha) => cmd.arg("EVALSHA").arg(sha),
             None => cmd.arg("EVAL").arg(text),
         };
-        cmd.arg(keys_per_entry * batch.len());
-        for entry in batch {
-            let keys = BucketKeys::of(&entry.key, self.hash_tag, self.layout);
+        cmd.arg(keys_per_bucket * buckets);
+        for (key, _) in batch.iter().flat_map(Entry::buckets) {
+            let keys = BucketKeys::of(key, self.hash_tag, self.layout);
             cmd.arg(keys.first);
             if let Some(second) = keys.second {
                 cmd.arg(second);
             }
         }
-        let mut packed = Vec::with_capacity(batch.iter().map(|e| e.args.len).sum());
-        for entry in batch {
-            packed.extend_from_slice(entry.args.as_bytes());
-        }
-        cmd.arg(packed);
+        cmd.arg(pack_batch(batch));
         cmd
     }
 }
@@ -496,6 +565,124 @@ impl BuildCmd for BatchCall<'_> {
     }
 }
 
+/// Groups with more buckets than this run alone.
+const MAX_GROUP: usize = MAX_BATCH;
+
+/// The operation name in the errors of a group.
+const GROUP_OPERATION: &str = "check_and_consume_all";
+
+impl Coalescer {
+    /// Decides the buckets of `requests` all or nothing (`token_bucket::step_all`, at `now`, the
+    /// check's validated clock): by `alone` (the multi-bucket script) when fewer than
+    /// [`MAX_IN_FLIGHT`] calls are on their way, else as one group entry of the next batch,
+    /// queued, answered and bounded by the check deadline as a single check is
+    /// ([`check`](Self::check)).
+    ///
+    /// # Errors
+    /// As `alone`: the store's errors, `CorruptBucket` naming the key of another type,
+    /// `StorageTimeout` past the check deadline.
+    pub(crate) async fn check_all<F>(
+        &self,
+        requests: &[BucketRequest<'_>],
+        now: Option<f64>,
+        alone: F,
+    ) -> Result<Vec<BucketDecision>>
+    where
+        F: Future<Output = Result<Vec<BucketDecision>>>,
+    {
+        let Some((first, rest)) = requests.split_first() else {
+            return alone.await;
+        };
+        if requests.len() > MAX_GROUP {
+            return alone.await;
+        }
+        let waiting = {
+            let mut state = self.shared.lock();
+            if state.in_flight < MAX_IN_FLIGHT {
+                state.in_flight += 1;
+                None
+            } else {
+                let (reply, answer) = oneshot::channel();
+                let rest = rest
+                    .iter()
+                    .map(|request| {
+                        (
+                            request.key.clone(),
+                            BatchArgs::new(request.rule, request.cost, now),
+                        )
+                    })
+                    .collect();
+                state.queue.push_back(Entry {
+                    key: first.key.clone(),
+                    args: BatchArgs::new(first.rule, first.cost, now),
+                    reply: Reply::Group(Box::new(Group {
+                        rest,
+                        reply: ReplyTo::new(reply),
+                    })),
+                    deadline: Instant::now() + self.shared.timeout,
+                });
+                Some(answer)
+            }
+        };
+        let Some(answer) = waiting else {
+            let _slot = Slot(&self.shared);
+            return alone.await;
+        };
+        match tokio::time::timeout(self.shared.timeout, answer).await {
+            Ok(Ok(decisions)) => decisions,
+            Ok(Err(_)) => Err(RateLimitError::new(
+                ErrorCode::StorageError,
+                "the batch of this check was dropped unanswered",
+            )
+            .with_detail("operation", GROUP_OPERATION)),
+            Err(_) => Err(deadline(GROUP_OPERATION, self.shared.timeout)),
+        }
+    }
+}
+
+/// A group's element of the batch reply: one decision per bucket, each as [`entry_decision`]
+/// reads a single one, or `{-1, "WRONGTYPE bucket <i>: …"}` for a bucket of another type, which
+/// fails the whole group (nothing of it was written).
+fn group_decisions(reply: &Value, keys: &[&BucketKey]) -> Result<Vec<BucketDecision>> {
+    let items = match reply {
+        Value::Array(items) => items,
+        _ => return Err(bad_reply(format!("{reply:?}"))),
+    };
+    if let [Value::Int(-1), Value::BulkString(message)] = items.as_slice() {
+        let message = String::from_utf8_lossy(message);
+        let code = if message.contains("WRONGTYPE") {
+            ErrorCode::CorruptBucket
+        } else {
+            ErrorCode::StorageError
+        };
+        let err = RateLimitError::new(code, format!("redis {GROUP_OPERATION} failed: {message}"))
+            .with_detail("operation", GROUP_OPERATION);
+        let key = bucket_index(&message)
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| keys.get(i));
+        return Err(match key {
+            Some(key) => err.with_detail("key", key.as_str()),
+            None => err,
+        });
+    }
+    if items.len() != keys.len() {
+        return Err(bad_reply(format!("{reply:?}")));
+    }
+    items
+        .iter()
+        .map(batch_decision)
+        .collect::<Result<Vec<_>>>()
+        .map_err(|err| {
+            err.with_detail(
+                "keys",
+                keys.iter()
+                    .map(|key| key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+        })
+}
+
 /// The number of elements of a reply that is not the expected array.
 fn reply_len(reply: &Value) -> usize {
     match reply {
@@ -504,7 +691,9 @@ fn reply_len(reply: &Value) -> usize {
     }
 }
 
-/// One entry's reply: a decision, or `{-1, error}` for a key that could not be read.
+/// One entry's reply: the bare remaining count when allowed, `{0, retry_after, remaining}`
+/// when denied (`retry_after` the little-endian double itself), or `{-1, error}` for a key that
+/// could not be read.
 fn entry_decision(reply: &Value, key: &BucketKey) -> Result<BucketDecision> {
     if let Value::Array(items) = reply
         && let [Value::Int(-1), message, ..] = items.as_slice()
@@ -527,7 +716,40 @@ fn entry_decision(reply: &Value, key: &BucketKey) -> Result<BucketDecision> {
                 .with_detail("key", key.as_str()),
         );
     }
-    parse_reply(reply).map_err(|err| name_corrupt_bucket(err, key))
+    batch_decision(reply).map_err(|err| name_corrupt_bucket(err, key))
+}
+
+/// A decision as the batch scripts answer it (see [`entry_decision`]).
+fn batch_decision(reply: &Value) -> Result<BucketDecision> {
+    let bad = || bad_reply(format!("{reply:?}"));
+    match reply {
+        Value::Int(remaining) => Ok(BucketDecision {
+            allowed: true,
+            retry_after: Duration::ZERO,
+            remaining: u64::try_from(*remaining).map_err(|_| bad())?,
+        }),
+        Value::Array(items) => match items.as_slice() {
+            [
+                Value::Int(0),
+                Value::BulkString(retry),
+                Value::Int(remaining),
+            ] => {
+                let retry: [u8; 8] = retry.as_slice().try_into().map_err(|_| bad())?;
+                let retry = f64::from_le_bytes(retry);
+                // +inf is a wait for ever; NaN or a negative wait is no answer.
+                if retry.is_nan() || retry < 0.0 {
+                    return Err(bad());
+                }
+                Ok(BucketDecision {
+                    allowed: false,
+                    retry_after: token_bucket::seconds(retry),
+                    remaining: u64::try_from(*remaining).map_err(|_| bad())?,
+                })
+            }
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
 }
 
 /// The same error for another check of the failed batch.
@@ -538,56 +760,130 @@ fn copy_error(err: &RateLimitError) -> RateLimitError {
     )
 }
 
-/// One entry of a batch, as the batch scripts read it: `struct.pack('<ddddBc0', max_tokens,
-/// refill_rate, cost, now, #ttl, ttl)`. `cost` is `+inf` above capacity (decided here, on the
-/// integers, as for the compact script), `now` is `-1` for Redis's `TIME`, and `ttl` is the key
-/// lifetime in decimal digits. Built on the stack.
-#[derive(Clone, Copy)]
+/// One check of a batch, as the batch scripts read it: its rule's numbers and lifetime, the
+/// cost (`+inf` above capacity, decided here on the integers, as for the compact script) and
+/// `now` (`-1` for Redis's `TIME`). [`pack_batch`] writes a batch of them.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct BatchArgs {
-    bytes: [u8; BatchArgs::CAPACITY],
-    len: usize,
+    max_tokens: f64,
+    refill_rate: f64,
+    ttl: u64,
+    cost: f64,
+    now: f64,
 }
 
 impl BatchArgs {
-    /// Four doubles, the length byte and at most 20 digits.
-    const CAPACITY: usize = 32 + 1 + 20;
+    /// Bytes of one single entry: `struct.pack('<BBHdd', kind, flags, rule, cost, now)`.
+    const ENTRY: usize = 1 + 1 + 2 + 8 + 8;
 
     /// The entry of `request`.
     ///
     /// # Errors
     /// `InvalidInput` for a `now` that is not a usable time.
-    #[allow(clippy::cast_precision_loss)] // exact: cost <= max_tokens <= 2^53
     pub(crate) fn of(request: &BucketRequest<'_>) -> Result<Self> {
-        let rule = request.rule;
-        let now = request.now.map(validate_now).transpose()?.unwrap_or(-1.0);
-        let (max_tokens, cost) = (rule.max_tokens(), request.cost);
+        let now = request.now.map(validate_now).transpose()?;
+        Ok(Self::new(request.rule, request.cost, now))
+    }
+
+    /// The entry of `cost` tokens of a bucket of `rule` at `now` (validated; `None` for
+    /// Redis's `TIME`).
+    #[allow(clippy::cast_precision_loss)] // exact: cost <= max_tokens <= 2^53
+    fn new(rule: &RateLimitRule, cost: u64, now: Option<f64>) -> Self {
+        let max_tokens = rule.max_tokens();
         let cost = if cost > max_tokens {
             f64::INFINITY
         } else {
             cost as f64
         };
-        let mut bytes = [0_u8; Self::CAPACITY];
-        for (chunk, number) in
-            bytes[..32]
-                .chunks_exact_mut(8)
-                .zip([max_tokens as f64, rule.refill_rate(), cost, now])
-        {
-            chunk.copy_from_slice(&number.to_le_bytes());
+        Self {
+            max_tokens: max_tokens as f64,
+            refill_rate: rule.refill_rate(),
+            ttl: rule.storage_ttl_seconds(),
+            cost,
+            now: now.unwrap_or(-1.0),
         }
-        let mut digits = &mut bytes[33..];
-        // 20 bytes hold any u64, so the write cannot fail.
-        let _ = write!(digits, "{}", rule.storage_ttl_seconds());
-        let ttl_len = Self::CAPACITY - 33 - digits.len();
-        bytes[32] = u8::try_from(ttl_len).unwrap_or(u8::MAX);
-        Ok(Self {
-            bytes,
-            len: 33 + ttl_len,
-        })
     }
 
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
+    /// Whether `other` has the same rule (numbers and lifetime).
+    fn same_rule(&self, other: &Self) -> bool {
+        self.max_tokens.to_bits() == other.max_tokens.to_bits()
+            && self.refill_rate.to_bits() == other.refill_rate.to_bits()
+            && self.ttl == other.ttl
     }
+}
+
+/// A bucket's key came earlier in the batch (its flags, in a batch record).
+const EARLIER: u8 = 1;
+/// A bucket's key comes again later in the batch.
+const LATER: u8 = 2;
+
+/// The batch scripts' `ARGV[1]` for `batch` (lua/token_bucket_compact_batch.lua has the
+/// layout): each distinct rule once, then one record per entry naming its rule, a group's
+/// record followed by one per bucket; each bucket flagged when its key came earlier in the
+/// batch or comes again later, so that the script keeps track only of those keys.
+fn pack_batch(batch: &[Entry]) -> Vec<u8> {
+    let mut rules: Vec<&BatchArgs> = Vec::new();
+    let mut indexes: Vec<u16> = Vec::new();
+    let mut flags: Vec<u8> = Vec::new();
+    let mut last_seen: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+    for (key, args) in batch.iter().flat_map(Entry::buckets) {
+        let at = flags.len();
+        flags.push(0);
+        if let Some(earlier) = last_seen.insert(key.as_str(), at) {
+            flags[at] |= EARLIER;
+            flags[earlier] |= LATER;
+        }
+        let index = match rules.iter().position(|rule| rule.same_rule(args)) {
+            Some(index) => index,
+            None => {
+                rules.push(args);
+                rules.len() - 1
+            }
+        };
+        // At most one rule per bucket, and a group has at most MAX_GROUP of them.
+        indexes.push(u16::try_from(index + 1).unwrap_or(u16::MAX));
+    }
+    let mut packed = Vec::with_capacity(2 + rules.len() * 40 + indexes.len() * BatchArgs::ENTRY);
+    packed.extend_from_slice(&u16::try_from(rules.len()).unwrap_or(u16::MAX).to_le_bytes());
+    for rule in &rules {
+        packed.extend_from_slice(&rule.max_tokens.to_le_bytes());
+        packed.extend_from_slice(&rule.refill_rate.to_le_bytes());
+        let mut digits = [0_u8; 20];
+        let mut free = &mut digits[..];
+        // 20 bytes hold any u64, so the write cannot fail.
+        let _ = write!(free, "{}", rule.ttl);
+        let len = 20 - free.len();
+        packed.push(u8::try_from(len).unwrap_or(u8::MAX));
+        packed.extend_from_slice(&digits[..len]);
+    }
+    let mut indexes = indexes.into_iter().zip(flags);
+    for entry in batch {
+        match &entry.reply {
+            Reply::One(_) => {
+                let (index, flags) = indexes.next().unwrap_or_default();
+                packed.push(0);
+                packed.push(flags);
+                packed.extend_from_slice(&index.to_le_bytes());
+                packed.extend_from_slice(&entry.args.cost.to_le_bytes());
+                packed.extend_from_slice(&entry.args.now.to_le_bytes());
+            }
+            Reply::Group(group) => {
+                packed.push(1);
+                packed.push(0);
+                let count = u16::try_from(1 + group.rest.len()).unwrap_or(u16::MAX);
+                packed.extend_from_slice(&count.to_le_bytes());
+                packed.extend_from_slice(&0.0_f64.to_le_bytes());
+                packed.extend_from_slice(&entry.args.now.to_le_bytes());
+                for (_, args) in entry.buckets() {
+                    let (index, flags) = indexes.next().unwrap_or_default();
+                    packed.push(flags);
+                    packed.extend_from_slice(&index.to_le_bytes());
+                    packed.extend_from_slice(&args.cost.to_le_bytes());
+                }
+            }
+        }
+    }
+    packed
 }
 
 #[cfg(test)]
@@ -596,27 +892,167 @@ mod tests {
 
     use super::*;
 
+    fn double(bytes: &[u8], at: usize) -> f64 {
+        let mut chunk = [0_u8; 8];
+        chunk.copy_from_slice(&bytes[at..at + 8]);
+        f64::from_le_bytes(chunk)
+    }
+
     #[test]
-    fn entries_pack_the_numbers_and_the_lifetime() {
+    fn a_batch_packs_each_rule_once_and_every_entry() {
         let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "GET /x").unwrap();
         let rule = RateLimitRule::new(RateLimitScope::Ip, 10, 0.1).unwrap();
-        let number = |args: &BatchArgs, i: usize| {
-            let mut chunk = [0_u8; 8];
-            chunk.copy_from_slice(&args.as_bytes()[i * 8..i * 8 + 8]);
-            f64::from_le_bytes(chunk)
+        let other = RateLimitRule::new(RateLimitScope::Ip, 10, 0.2).unwrap();
+        let one = |args: BatchArgs| Entry {
+            key: key.clone(),
+            args,
+            reply: Reply::One(ReplyTo::new(oneshot::channel().0)),
+            deadline: Instant::now(),
         };
-        let args = BatchArgs::of(&BucketRequest::new(&key, &rule).with_cost(3)).unwrap();
+        let mut entries = vec![
+            one(BatchArgs::of(&BucketRequest::new(&key, &rule).with_cost(3)).unwrap()),
+            one(BatchArgs::of(&BucketRequest::new(&key, &other).with_cost(11).at(1.5)).unwrap()),
+            one(BatchArgs::of(&BucketRequest::new(&key, &rule)).unwrap()),
+        ];
+        let packed = pack_batch(&entries);
+        // Two rules: 10, 0.1, "6060" and 10, 0.2, "3060".
+        assert_eq!(&packed[..2], &[2, 0]);
+        assert_eq!([double(&packed, 2), double(&packed, 10)], [10.0, 0.1]);
+        assert_eq!(&packed[18..23], b"\x046060");
+        assert_eq!([double(&packed, 23), double(&packed, 31)], [10.0, 0.2]);
+        assert_eq!(&packed[39..44], b"\x043060");
+        let records = &packed[44..];
+        assert_eq!(records.len(), 3 * BatchArgs::ENTRY);
+        // (kind, flags, rule or bucket count, cost, now)
+        let record = |r: &[u8]| {
+            (
+                r[0],
+                r[1],
+                u16::from_le_bytes([r[2], r[3]]),
+                double(r, 4),
+                double(r, 12),
+            )
+        };
+        // The same key three times: seen again later, earlier and later, earlier.
+        assert_eq!(record(records), (0, LATER, 1, 3.0, -1.0));
+        // A cost above capacity goes as +inf.
         assert_eq!(
-            [0, 1, 2, 3].map(|i| number(&args, i)),
-            [10.0, 0.1, 3.0, -1.0]
+            record(&records[20..]),
+            (0, EARLIER | LATER, 2, f64::INFINITY, 1.5)
         );
-        assert_eq!(args.as_bytes()[32], 4);
-        assert_eq!(&args.as_bytes()[33..], b"6060");
-        let at = BatchArgs::of(&BucketRequest::new(&key, &rule).with_cost(11).at(1.5)).unwrap();
-        assert_eq!(number(&at, 2), f64::INFINITY);
-        assert_eq!(number(&at, 3), 1.5);
+        assert_eq!(record(&records[40..]), (0, EARLIER, 1, 1.0, -1.0));
+
+        // A group: its record (kind 1, its bucket count, its clock), then (flags, rule, cost) per
+        // bucket.
+        let third = RateLimitRule::new(RateLimitScope::Ip, 4, 1.0).unwrap();
+        entries.truncate(1);
+        entries.push(Entry {
+            key: key.clone(),
+            args: BatchArgs::new(&other, 2, Some(7.0)),
+            reply: Reply::Group(Box::new(Group {
+                rest: vec![
+                    (key.clone(), BatchArgs::new(&third, 5, Some(7.0))),
+                    (key.clone(), BatchArgs::new(&rule, 0, Some(7.0))),
+                ],
+                reply: ReplyTo::new(oneshot::channel().0),
+            })),
+            deadline: Instant::now(),
+        });
+        let packed = pack_batch(&entries);
+        assert_eq!(&packed[..2], &[3, 0]);
+        // Rules of 21, 21 and 20 bytes (lifetimes "6060", "3060", "300").
+        let records = &packed[2 + 21 + 21 + 20..];
+        assert_eq!(record(records), (0, LATER, 1, 3.0, -1.0));
+        assert_eq!(record(&records[20..]), (1, 0, 3, 0.0, 7.0));
+        let bucket = |r: &[u8]| (r[0], u16::from_le_bytes([r[1], r[2]]), double(r, 3));
+        let buckets = &records[40..];
+        assert_eq!(buckets.len(), 3 * 11);
+        assert_eq!(bucket(buckets), (EARLIER | LATER, 2, 2.0));
+        assert_eq!(bucket(&buckets[11..]), (EARLIER | LATER, 3, f64::INFINITY));
+        assert_eq!(bucket(&buckets[22..]), (EARLIER, 1, 0.0));
+
+        // Distinct keys: no flags.
+        let other = BucketKey::new(RateLimitScope::Ip, "198.51.100.7", "GET /x").unwrap();
+        let distinct = [
+            one(BatchArgs::of(&BucketRequest::new(&key, &rule)).unwrap()),
+            Entry {
+                key: other,
+                ..one(BatchArgs::of(&BucketRequest::new(&key, &rule)).unwrap())
+            },
+        ];
+        let packed = pack_batch(&distinct);
+        let records = &packed[2 + 21..];
+        assert_eq!(record(records).1, 0);
+        assert_eq!(record(&records[20..]).1, 0);
         let bad = BatchArgs::of(&BucketRequest::new(&key, &rule).at(f64::NAN));
         assert_eq!(bad.err().map(|e| e.code()), Some(ErrorCode::InvalidInput));
+    }
+
+    #[test]
+    fn denied_entries_carry_their_wait_as_a_double() {
+        let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "GET /x").unwrap();
+        let denied = |retry: f64| {
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(retry.to_le_bytes().to_vec()),
+                Value::Int(2),
+            ])
+        };
+        let d = entry_decision(&denied(0.1 + 0.2), &key).unwrap();
+        assert!(!d.allowed && d.remaining == 2);
+        assert_eq!(d.retry_after, token_bucket::seconds(0.1 + 0.2));
+        assert!(
+            entry_decision(&denied(f64::INFINITY), &key)
+                .unwrap()
+                .is_never()
+        );
+        for bad in [
+            denied(f64::NAN),
+            denied(-1.0),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(b"1.5".to_vec()),
+                Value::Int(2),
+            ]),
+            Value::Int(-3),
+        ] {
+            let err = entry_decision(&bad, &key).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::CorruptBucket, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_group_answers_every_bucket_or_names_the_one_of_another_type() {
+        let a = BucketKey::new(RateLimitScope::Ip, "a", "GET /x").unwrap();
+        let b = BucketKey::new(RateLimitScope::Global, "", "GET /x").unwrap();
+        let keys = [&a, &b];
+        let reply = Value::Array(vec![
+            Value::Int(4),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::BulkString(1.5_f64.to_le_bytes().to_vec()),
+                Value::Int(0),
+            ]),
+        ]);
+        let decisions = group_decisions(&reply, &keys).unwrap();
+        assert!(decisions[0].allowed && decisions[0].remaining == 4);
+        assert!(!decisions[1].allowed);
+        assert_eq!(decisions[1].retry_after, Duration::from_millis(1_500));
+        let wrong = Value::Array(vec![
+            Value::Int(-1),
+            Value::BulkString(b"WRONGTYPE bucket 2: WRONGTYPE Operation".to_vec()),
+        ]);
+        let err = group_decisions(&wrong, &keys).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::CorruptBucket);
+        assert_eq!(
+            err.details().get("key").map(String::as_str),
+            Some(b.as_str())
+        );
+        // One answer short, or not an array: unusable.
+        for bad in [Value::Array(vec![Value::Int(4)]), Value::Int(4)] {
+            let err = group_decisions(&bad, &keys).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::CorruptBucket, "{bad:?}");
+        }
     }
 
     #[test]

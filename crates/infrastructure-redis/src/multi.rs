@@ -176,7 +176,7 @@ pub(crate) fn name_corrupt_bucket_of(err: RateLimitError, keys: &[&BucketKey]) -
 
 /// `<i>` of a `bucket <i>: …` error detail (Redis 7), or of a wrapped one (`… WRONGTYPE bucket
 /// <i>: …`, Redis 5 and 6).
-fn bucket_index(detail: &str) -> Option<usize> {
+pub(crate) fn bucket_index(detail: &str) -> Option<usize> {
     let rest = &detail[detail.find("bucket ")? + "bucket ".len()..];
     let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
     digits.parse().ok()

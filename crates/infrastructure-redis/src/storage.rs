@@ -312,7 +312,14 @@ impl BucketStore for RedisStorage {
         let check = MultiCheck::new(requests, self.layout, self.hash_tag)?;
         let groups = check.groups(self.hash_tag);
         match groups.as_slice() {
-            [group] => self.check_group(&check, group).await,
+            [group] => match &self.coalescer {
+                Some(coalescer) => {
+                    coalescer
+                        .check_all(requests, check.now, self.check_group(&check, group))
+                        .await
+                }
+                None => self.check_group(&check, group).await,
+            },
             _ => self.check_groups(&check, &groups).await,
         }
     }
