@@ -275,6 +275,7 @@ async fn connect_works_for_a_user_not_allowed_to_read_info() {
         "+evalsha",
         "+eval",
         "+get",
+        "+mget",
         "+set",
         "+setex",
         "+setrange",

@@ -171,6 +171,7 @@ fn acl_args(prefix: &str) -> Vec<String> {
                 "+ping",
                 "+info",
                 "+get",
+                "+mget",
                 "+set",
                 "+setex",
                 "+setrange",
