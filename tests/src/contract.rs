@@ -69,6 +69,7 @@ pub async fn run_all(store: &dyn BucketStore, prefix: &str) {
     a_cost_above_two_to_the_53_is_denied_for_ever(store, prefix).await;
     retry_after_keeps_sub_second_precision(store, prefix).await;
     invalid_now_is_rejected(store, prefix).await;
+    an_answer_at_once_is_the_answer_of_the_async_check(store, prefix).await;
 }
 
 /// A new bucket is full: the first request leaves 4 of 5.
@@ -279,6 +280,45 @@ pub async fn invalid_now_is_rejected(store: &dyn BucketStore, prefix: &str) {
             "now = {bad}"
         );
     }
+}
+
+/// `check_now`, where a store answers it, decides and takes exactly as `check_and_consume`:
+/// two buckets of the same rule, one driven through each, see the same decisions; a bad `now`
+/// is refused the same way. (A store that always waits answers `None`, and the adapter then
+/// awaits `check_and_consume`.)
+pub async fn an_answer_at_once_is_the_answer_of_the_async_check(
+    store: &dyn BucketStore,
+    prefix: &str,
+) {
+    let rule = login_rule();
+    let (by_future, at_once) = (
+        key(prefix, "10.0.0.15", "GET /now"),
+        key(prefix, "10.0.0.16", "GET /now"),
+    );
+    let mut sequence = Sequence::new(0x5EED_0015);
+    let mut now = 1_000.0;
+    for step in 0..40 {
+        now += (sequence.next_u64() % 4_000) as f64 / 1_000.0;
+        let cost = 1 + sequence.next_u64() % 3;
+        let expected = take(store, &by_future, &rule, cost, now).await;
+        let request = BucketRequest::new(&at_once, &rule).with_cost(cost).at(now);
+        let Some(answer) = store.check_now(&request) else {
+            return;
+        };
+        let answer = answer.unwrap_or_else(|err| panic!("check_now failed: {err}"));
+        assert_eq!(answer, expected, "step {step}, cost {cost}, now {now}");
+    }
+    let bad = BucketRequest::new(&at_once, &rule)
+        .with_cost(1)
+        .at(f64::NAN);
+    let refused = store
+        .check_now(&bad)
+        .map(|answer| answer.err().map(|e| e.code()));
+    assert_eq!(
+        refused,
+        Some(Some(ratelimit_domain::ErrorCode::InvalidInput)),
+        "now = NaN"
+    );
 }
 
 /// A deterministic pseudo-random sequence (xorshift64*), so failures can be replayed.
