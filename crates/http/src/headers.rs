@@ -23,6 +23,16 @@ pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelim
 /// `X-RateLimit-Reset` (conventional).
 pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
+/// The fields a response gets room for before [`EndpointHeaders::write`] inserts its own: the
+/// six it may write and the `content-length` a server adds after them (axum does).
+///
+/// `HeaderMap::reserve(n)` grows the map only when `len + n` exceeds its raw index capacity
+/// (8 for a map holding the usual one `content-type`), not the 6 entries that capacity holds:
+/// reserving just the fields written here is a no-op, and the map then grows when the server
+/// inserts `content-length`, moving every entry. Reserving this many grows it at once, while it
+/// holds one entry, to a capacity that fits them all.
+pub(crate) const RESERVE: usize = 7;
+
 /// Which informational headers responses carry. `Retry-After` is sent on every 429 whose
 /// wait is finite, whatever the style.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -264,8 +274,7 @@ impl EndpointHeaders {
         headers: &mut HeaderMap,
     ) {
         let fallback;
-        // At most five fields: room for them at once, instead of growing the map per insert.
-        headers.reserve(5);
+        headers.reserve(RESERVE);
         if style.ietf() {
             if let Some(policy) = &self.policy {
                 headers.insert(RATELIMIT_POLICY, policy.clone());
@@ -584,6 +593,25 @@ mod tests {
                 ("retry-after", "12"),
             ])
         );
+    }
+
+    #[test]
+    fn the_map_grows_once_before_the_fields_and_not_for_content_length() {
+        let r = rule(5, 5.0);
+        let limits = single(&r);
+        let headers = EndpointHeaders::new("GET /x", &limits, Some("login"));
+        let allowed = result(&limits, &[decision(true, Duration::ZERO, 3)]);
+        // A handler's response: one `content-type`.
+        let mut map = HeaderMap::new();
+        map.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        headers.write(&allowed, None, HeaderStyle::Both, &mut map);
+        assert_eq!(map.len(), 6);
+        let capacity = map.capacity();
+        map.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        assert_eq!(map.capacity(), capacity);
     }
 
     #[test]
