@@ -76,7 +76,9 @@ async fn main() {
         }
         other => panic!("unknown mode {other:?}"),
     };
-    let mut service = app.into_service::<Body>();
+    // As `axum::serve` runs a router (`into_make_service*` call `with_state`): each route built
+    // once, with its layers, rather than per request.
+    let mut service = app.with_state::<()>(()).into_service::<Body>();
     let peer: SocketAddr = "127.0.0.1:40000".parse().expect("an address");
     let started = Instant::now();
     for _ in 0..n {

@@ -23,6 +23,16 @@ pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelim
 /// `X-RateLimit-Reset` (conventional).
 pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
+/// The fields a response gets room for before [`EndpointHeaders::write`] inserts its own: the
+/// six it may write and the `content-length` a server adds after them (axum does).
+///
+/// `HeaderMap::reserve(n)` grows the map only when `len + n` exceeds its raw index capacity
+/// (8 for a map holding the usual one `content-type`), not the 6 entries that capacity holds:
+/// reserving just the fields written here is a no-op, and the map then grows when the server
+/// inserts `content-length`, moving every entry. Reserving this many grows it at once, while it
+/// holds one entry, to a capacity that fits them all.
+pub(crate) const RESERVE: usize = 7;
+
 /// Which informational headers responses carry. `Retry-After` is sent on every 429 whose
 /// wait is finite, whatever the style.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -264,8 +274,7 @@ impl EndpointHeaders {
         headers: &mut HeaderMap,
     ) {
         let fallback;
-        // At most five fields: room for them at once, instead of growing the map per insert.
-        headers.reserve(5);
+        headers.reserve(RESERVE);
         if style.ietf() {
             if let Some(policy) = &self.policy {
                 headers.insert(RATELIMIT_POLICY, policy.clone());
@@ -357,15 +366,53 @@ fn item_prefix(item: &PolicyItem) -> Box<[u8]> {
     prefix.into_bytes().into_boxed_slice()
 }
 
-/// The header value of `n`; the small numbers every response repeats (a reset of 0, a
-/// remaining of a few tokens) without allocating, the others in one exact-size allocation.
+/// The header value of `n`; the numbers below [`SMALL`] (those responses repeat: resets, the
+/// remaining tokens of most limits) without allocating, as static text, the others in one
+/// exact-size allocation.
 fn number(n: u64) -> HeaderValue {
-    const SMALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
-    match usize::try_from(n).ok().and_then(|i| SMALL.get(i)) {
+    match small_digits(n) {
         Some(digits) => HeaderValue::from_static(digits),
         // Decimal digits are always a valid header value; the fallback is never taken.
         None => HeaderValue::from_bytes(digits(n).as_bytes()).unwrap_or_else(|_| n.into()),
     }
+}
+
+/// The numbers [`number`] writes without allocating.
+const SMALL: usize = 10_000;
+
+/// The numbers below [`SMALL`] as four zero-padded digits each, back to back (`0000` to
+/// `9999`): a number's digits are the end of its four.
+static SMALL_DIGITS: [u8; 4 * SMALL] = {
+    let mut all = [0u8; 4 * SMALL];
+    let mut n = 0;
+    while n < SMALL {
+        let mut rest = n;
+        let mut i = 4;
+        while i > 0 {
+            i -= 1;
+            // A single digit.
+            #[allow(clippy::cast_possible_truncation)]
+            {
+                all[4 * n + i] = b'0' + (rest % 10) as u8;
+            }
+            rest /= 10;
+        }
+        n += 1;
+    }
+    all
+};
+
+/// The decimal digits of `n` as static text, if `n` is below [`SMALL`].
+fn small_digits(n: u64) -> Option<&'static str> {
+    let i = usize::try_from(n).ok().filter(|&i| i < SMALL)?;
+    let len = match i {
+        0..10 => 1,
+        10..100 => 2,
+        100..1000 => 3,
+        _ => 4,
+    };
+    let end = 4 * i + 4;
+    std::str::from_utf8(SMALL_DIGITS.get(end - len..end)?).ok()
 }
 
 /// The decimal digits of a number, on the stack.
@@ -549,6 +596,11 @@ mod tests {
         {
             assert_eq!(digits(n).as_bytes(), n.to_string().as_bytes());
             assert_eq!(number(n), HeaderValue::from(n));
+            if n < 10_000 {
+                assert_eq!(small_digits(n), Some(&*n.to_string()));
+            } else {
+                assert_eq!(small_digits(n), None);
+            }
         }
     }
 
@@ -584,6 +636,25 @@ mod tests {
                 ("retry-after", "12"),
             ])
         );
+    }
+
+    #[test]
+    fn the_map_grows_once_before_the_fields_and_not_for_content_length() {
+        let r = rule(5, 5.0);
+        let limits = single(&r);
+        let headers = EndpointHeaders::new("GET /x", &limits, Some("login"));
+        let allowed = result(&limits, &[decision(true, Duration::ZERO, 3)]);
+        // A handler's response: one `content-type`.
+        let mut map = HeaderMap::new();
+        map.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        headers.write(&allowed, None, HeaderStyle::Both, &mut map);
+        assert_eq!(map.len(), 6);
+        let capacity = map.capacity();
+        map.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        assert_eq!(map.capacity(), capacity);
     }
 
     #[test]

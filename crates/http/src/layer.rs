@@ -896,16 +896,20 @@ fn plan<B: From<String>>(
     Plan::Respond(response)
 }
 
+/// A JSON response whose header map is allocated once, with room for `content-type` and `room`
+/// more fields (those the caller adds, and the `content-length` the server adds): it never
+/// grows.
 fn json_response<B: From<String>>(
     status: StatusCode,
     content_type: &'static str,
     body: &serde_json::Value,
+    room: usize,
 ) -> Response<B> {
     let mut response = Response::new(B::from(body.to_string()));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    let headers = response.headers_mut();
+    headers.reserve(1 + room);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -914,6 +918,8 @@ fn rejection_response<B: From<String>>(rejection: &Rejection) -> Response<B> {
         rejection.status(),
         "application/json",
         &serde_json::json!({ "error": rejection.code(), "message": rejection.message() }),
+        // `content-length`, and `Retry-After` or `RateLimit-Policy`.
+        2,
     )
 }
 
@@ -955,6 +961,7 @@ fn too_many_requests<B: From<String>>(
             "remaining": result.remaining,
             "retry_after": retry_after,
         }),
+        crate::headers::RESERVE,
     )
 }
 
@@ -979,5 +986,6 @@ fn quota_exceeded<B: From<String>>(
             "detail": denial_message(retry_after),
             "violated-policies": endpoint.headers.violated_policies(result),
         }),
+        crate::headers::RESERVE,
     )
 }
