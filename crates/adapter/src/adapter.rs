@@ -1,7 +1,6 @@
 //! The token-bucket orchestration.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -75,53 +74,7 @@ pub struct TokenBucketAdapter {
     /// What a check answers when the store fails.
     on_failure: OnFailure,
     /// Endpoint → prepared limits; one hash lookup per check.
-    rules: HashMap<Box<str>, PreparedEndpoint, BuildHasherDefault<Fnv>>,
-}
-
-/// FNV-1a for the rules table: its keys are the rules' endpoints, fixed at start-up, and a
-/// check only looks them up (nothing a caller sends is ever inserted), so SipHash's protection
-/// against chosen keys buys nothing here and costs more than the rest of the lookup.
-#[derive(Debug, Clone, Copy)]
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    // Integers (a `str`'s terminator, an enum's discriminant) in one step rather than byte by
-    // byte: fewer instructions, and the same spread for these few keys.
-    fn write_u8(&mut self, n: u8) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x0100_0000_01b3);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-
-    fn write_isize(&mut self, n: isize) {
-        self.write_usize(n.cast_unsigned());
-    }
+    rules: HashMap<Box<str>, PreparedEndpoint, crate::fnv::FnvBuildHasher>,
 }
 
 /// What a check answers when its store fails: the [`FailurePolicy`], with the store that the

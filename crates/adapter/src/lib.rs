@@ -46,10 +46,12 @@
 
 mod adapter;
 mod events;
+mod fnv;
 pub mod layers;
 
 pub use adapter::{BucketCheck, LimitKeys, TokenBucketAdapter, TokenBucketAdapterBuilder};
 pub use events::{BroadcastEventBus, spawn_event_logger};
+pub use fnv::{FnvBuildHasher, FnvHasher};
 pub use layers::{
     CircuitBreakerConfig, CircuitBreakerStore, CircuitState, DenyCacheStore, ErrorCaptureStore,
 };
