@@ -248,6 +248,37 @@ type Checked = (
     Duration,
     ratelimit_domain::Result<BucketDecision>,
 );
+/// Takes every call slot of `store` with a check of its own (each hangs while Redis is paused),
+/// so that everything checked after them queues for one batch.
+async fn take_the_call_slots(
+    set: &mut JoinSet<Checked>,
+    store: &Arc<RedisStorage>,
+    prefix: &str,
+    endpoint: &str,
+    rule: &ratelimit_domain::RateLimitRule,
+) {
+    for i in 0..MAX_IN_FLIGHT {
+        spawn_check(
+            set,
+            store,
+            key(prefix, &format!("slot-{i}"), endpoint),
+            rule,
+        )
+        .await;
+    }
+}
+
+/// Writes a hash under the first key of `bucket` in `layout` (a key of another type, which no
+/// script can read as a bucket) and answers that key.
+fn plant_foreign_key(server: &RedisServer, bucket: &BucketKey, layout: KeyLayout) -> String {
+    let first_key = if layout == KeyLayout::Compact {
+        format!("{}:tb", bucket.as_str())
+    } else {
+        format!("{}:time", bucket.as_str())
+    };
+    server.cmd(redis::cmd("HSET").arg(&first_key).arg("tokens").arg("0"));
+    first_key
+}
 
 /// Spawns one check of `bucket` and gives it time to be sent or queued.
 async fn spawn_check(
@@ -274,25 +305,12 @@ async fn a_key_of_another_type_fails_only_its_own_check_in_a_batch() {
         let prefix = unique_prefix();
         let rule = rule(5, 5.0);
         let bad = key(&prefix, "bad", "GET /typed");
-        let first_key = if layout == KeyLayout::Compact {
-            format!("{}:tb", bad.as_str())
-        } else {
-            format!("{}:time", bad.as_str())
-        };
-        server.cmd(redis::cmd("HSET").arg(&first_key).arg("tokens").arg("0"));
+        plant_foreign_key(&server, &bad, layout);
         let before = store.coalescing_stats();
         server.pause();
         let mut set = JoinSet::new();
         // These take the call slots; everything after them queues for one batch.
-        for i in 0..MAX_IN_FLIGHT {
-            spawn_check(
-                &mut set,
-                &store,
-                key(&prefix, &format!("first-{i}"), "GET /typed"),
-                &rule,
-            )
-            .await;
-        }
+        take_the_call_slots(&mut set, &store, &prefix, "GET /typed", &rule).await;
         for i in 0..20 {
             let bucket = if i == 7 {
                 bad.clone()
@@ -334,15 +352,7 @@ async fn each_check_keeps_its_own_deadline_and_a_cancelled_one_takes_nothing() {
         let rule = rule(5, 5.0);
         server.pause();
         let mut set = JoinSet::new();
-        for i in 0..MAX_IN_FLIGHT {
-            spawn_check(
-                &mut set,
-                &store,
-                key(&prefix, &format!("first-{i}"), "GET /late"),
-                &rule,
-            )
-            .await;
-        }
+        take_the_call_slots(&mut set, &store, &prefix, "GET /late", &rule).await;
         // A queued caller that gives up before its batch is sent.
         let cancelled = key(&prefix, "cancelled", "GET /late");
         let handle = {
@@ -472,15 +482,7 @@ async fn a_key_repeated_in_a_batch_is_stepped_in_order() {
         let shared = key(&prefix, "shared", "GET /repeat");
         server.pause();
         let mut set = JoinSet::new();
-        for i in 0..MAX_IN_FLIGHT {
-            spawn_check(
-                &mut set,
-                &store,
-                key(&prefix, &format!("first-{i}"), "GET /repeat"),
-                &rule,
-            )
-            .await;
-        }
+        take_the_call_slots(&mut set, &store, &prefix, "GET /repeat", &rule).await;
         for _ in 0..8 {
             spawn_check(&mut set, &store, shared.clone(), &rule).await;
         }
@@ -518,24 +520,11 @@ async fn a_key_of_another_type_repeated_in_a_batch_fails_every_entry_and_is_left
         let prefix = unique_prefix();
         let rule = rule(5, 5.0);
         let bad = key(&prefix, "bad", "GET /typed-twice");
-        let first_key = if layout == KeyLayout::Compact {
-            format!("{}:tb", bad.as_str())
-        } else {
-            format!("{}:time", bad.as_str())
-        };
-        server.cmd(redis::cmd("HSET").arg(&first_key).arg("tokens").arg("0"));
+        let first_key = plant_foreign_key(&server, &bad, layout);
         let before = store.coalescing_stats();
         server.pause();
         let mut set = JoinSet::new();
-        for i in 0..MAX_IN_FLIGHT {
-            spawn_check(
-                &mut set,
-                &store,
-                key(&prefix, &format!("first-{i}"), "GET /typed-twice"),
-                &rule,
-            )
-            .await;
-        }
+        take_the_call_slots(&mut set, &store, &prefix, "GET /typed-twice", &rule).await;
         let mut reads = JoinSet::new();
         for i in 0..6 {
             if i == 3 {
@@ -833,15 +822,7 @@ async fn a_group_with_a_key_of_another_type_fails_alone_and_writes_nothing() {
         let before = store.coalescing_stats();
         server.pause();
         let mut slots = JoinSet::new();
-        for i in 0..MAX_IN_FLIGHT {
-            spawn_check(
-                &mut slots,
-                &store,
-                key(&prefix, &format!("slot-{i}"), "GET /group"),
-                &rule,
-            )
-            .await;
-        }
+        take_the_call_slots(&mut slots, &store, &prefix, "GET /group", &rule).await;
         let group = {
             let (store, rule, keys) = (
                 Arc::clone(&store),
@@ -911,15 +892,7 @@ async fn a_queued_multi_limit_check_keeps_its_deadline_and_a_cancelled_one_takes
         };
         server.pause();
         let mut slots = JoinSet::new();
-        for i in 0..MAX_IN_FLIGHT {
-            spawn_check(
-                &mut slots,
-                &store,
-                key(&prefix, &format!("slot-{i}"), "GET /late-group"),
-                &rule,
-            )
-            .await;
-        }
+        take_the_call_slots(&mut slots, &store, &prefix, "GET /late-group", &rule).await;
         let cancelled = spawn_group(&store, &gone);
         tokio::time::sleep(Duration::from_millis(5)).await;
         let waiting = spawn_group(&store, &late);
