@@ -48,6 +48,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
 
+use crate::load::{self, Checker, Identifiers, Outcome};
 use crate::stats::median;
 use crate::{BoxError, BoxResult};
 
@@ -334,109 +335,106 @@ impl RawRoundTrip {
     }
 
     /// `tasks` tasks sending `EVALSHA`s back to back for `length`: the number of replies, their
-    /// latencies and how many were not an allowed decision.
+    /// latencies (µs) and how many were not an allowed decision.
     async fn drive(&self, tasks: usize, length: Duration) -> BoxResult<(u64, Histogram<u64>, u64)> {
-        let deadline = Instant::now() + length;
-        let mut handles = Vec::with_capacity(tasks);
-        for _ in 0..tasks {
-            let conn = self.conn.clone();
-            let sha = self.sha.clone();
-            handles.push(tokio::spawn(raw_task(conn, sha, deadline)));
-        }
-        let mut count = 0;
-        let mut errors = 0;
-        let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
-        for handle in handles {
-            let (n, histogram, failed) = handle.await??;
-            count += n;
-            errors += failed;
-            latency.add(&histogram)?;
-        }
-        Ok((count, latency, errors))
+        let checker = RawChecker {
+            conn: self.conn.clone(),
+            sha: self.sha.clone(),
+        };
+        drive_checker(&checker, tasks, length).await
     }
 }
 
 /// `tasks` tasks calling the adapter's check back to back for `length` (one identifier, as the
-/// HTTP load's one client address): the number of checks, their latencies and how many were
-/// not allowed by the store.
+/// HTTP load's one client address): the number of checks, their latencies (µs) and how many
+/// were not allowed by the store.
 async fn drive_adapter(
     adapter: &Arc<ratelimit_adapter::TokenBucketAdapter>,
     tasks: usize,
     length: Duration,
 ) -> BoxResult<(u64, Histogram<u64>, u64)> {
-    let deadline = Instant::now() + length;
-    let mut handles = Vec::with_capacity(tasks);
-    for _ in 0..tasks {
-        let adapter = adapter.clone();
-        handles.push(tokio::spawn(async move {
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            let (mut count, mut errors) = (0u64, 0u64);
-            while Instant::now() < deadline {
-                let started = Instant::now();
-                let result = adapter
-                    .check_opts(
-                        ENDPOINT,
-                        "127.0.0.1",
-                        ratelimit_adapter::CheckOptions::default(),
-                    )
-                    .await?;
-                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                latency.saturating_record(micros.max(1));
-                count += 1;
-                if !result.allowed || result.source != ratelimit_adapter::DecisionSource::Store {
-                    errors += 1;
-                }
-            }
-            BoxResult::Ok((count, latency, errors))
-        }));
-    }
-    let mut count = 0;
-    let mut errors = 0;
-    let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
-    for handle in handles {
-        let (n, histogram, failed) = handle.await??;
-        count += n;
-        errors += failed;
-        latency.add(&histogram)?;
-    }
-    Ok((count, latency, errors))
+    drive_checker(&AdapterChecker(Arc::clone(adapter)), tasks, length).await
 }
 
-/// One task of the raw round trip until `deadline`.
-async fn raw_task(
-    mut conn: redis::aio::MultiplexedConnection,
-    sha: Arc<str>,
-    deadline: Instant,
+/// `checker` driven by the benchmark's closed-loop load generator (`load::run`) on the HTTP
+/// load's one client address: checks, their latencies in µs, and the checks not allowed by
+/// the store.
+async fn drive_checker<C: Checker>(
+    checker: &C,
+    tasks: usize,
+    length: Duration,
 ) -> BoxResult<(u64, Histogram<u64>, u64)> {
-    let base = format!("rate_limit:ip:raw-round-trip:{ENDPOINT}");
-    let mut command = redis::cmd("EVALSHA");
-    command
-        .arg(&*sha)
-        .arg(2)
-        .arg(format!("{base}:tokens"))
-        .arg(format!("{base}:time"))
-        .arg(RAW_MAX_TOKENS)
-        .arg(RAW_REFILL_RATE)
-        .arg(1)
-        .arg("");
-    let mut latency = Histogram::new_with_bounds(1, 60_000_000, 3)?;
-    let mut count = 0;
-    let mut errors = 0;
-    while Instant::now() < deadline {
-        let started = Instant::now();
-        let reply: redis::Value = command.query_async(&mut conn).await?;
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        latency.saturating_record(micros.max(1));
-        count += 1;
+    let run = load::run(
+        checker,
+        tasks,
+        length,
+        &Identifiers::Fixed("127.0.0.1".to_owned()),
+        1,
+    )
+    .await?;
+    let mut micros = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    for value in run.latency.iter_recorded() {
+        micros.saturating_record_n(
+            (value.value_iterated_to() / 1_000).max(1),
+            value.count_at_value(),
+        );
+    }
+    Ok((run.checks, micros, run.denied + run.failed_open))
+}
+
+/// The adapter's check, as the layer makes it.
+#[derive(Debug, Clone)]
+struct AdapterChecker(Arc<ratelimit_adapter::TokenBucketAdapter>);
+
+impl Checker for AdapterChecker {
+    async fn check(&self, identifier: &str) -> BoxResult<Outcome> {
+        let result = self
+            .0
+            .check_opts(
+                ENDPOINT,
+                identifier,
+                ratelimit_adapter::CheckOptions::default(),
+            )
+            .await?;
+        Ok(match (result.allowed, result.source) {
+            (_, ratelimit_adapter::DecisionSource::FailOpen) => Outcome::FailOpen,
+            (true, ratelimit_adapter::DecisionSource::Store) => Outcome::Allowed,
+            _ => Outcome::Denied,
+        })
+    }
+}
+
+/// One raw `EVALSHA` of the two-key script on one bucket: the store's round trip alone.
+#[derive(Debug, Clone)]
+struct RawChecker {
+    conn: redis::aio::MultiplexedConnection,
+    sha: Arc<str>,
+}
+
+impl Checker for RawChecker {
+    async fn check(&self, _identifier: &str) -> BoxResult<Outcome> {
+        let base = format!("rate_limit:ip:raw-round-trip:{ENDPOINT}");
+        let reply: redis::Value = redis::cmd("EVALSHA")
+            .arg(&*self.sha)
+            .arg(2)
+            .arg(format!("{base}:tokens"))
+            .arg(format!("{base}:time"))
+            .arg(RAW_MAX_TOKENS)
+            .arg(RAW_REFILL_RATE)
+            .arg(1)
+            .arg("")
+            .query_async(&mut self.conn.clone())
+            .await?;
         let allowed = matches!(
             &reply,
             redis::Value::Array(items) if matches!(items.first(), Some(redis::Value::Int(1)))
         );
-        if !allowed {
-            errors += 1;
-        }
+        Ok(if allowed {
+            Outcome::Allowed
+        } else {
+            Outcome::Denied
+        })
     }
-    Ok((count, latency, errors))
 }
 
 /// Starts the servers; their addresses in the order of [`NAMES`].
