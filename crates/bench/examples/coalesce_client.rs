@@ -112,8 +112,9 @@ async fn run(url: String, tasks: usize, seconds: f64, mode: String) -> BoxResult
         stats.batched_checks as f64 / stats.batches.max(1) as f64,
     );
     println!(
-        "{n} checks, {rate:.0}/s, {} batches of {per_batch:.1} checks on average",
-        stats.batches
+        "{n} checks, {rate:.0}/s, {} batches of {per_batch:.1} checks on average, {} checks alone",
+        stats.batches,
+        n.saturating_sub(stats.batched_checks)
     );
     Ok(())
 }

@@ -2,14 +2,18 @@
 //! together as one call of the layout's batch script.
 //!
 //! # How
-//! - A check finds the store idle (fewer than [`MAX_IN_FLIGHT`] calls on their way): it runs
-//!   the layout's single-check script itself, exactly as without coalescing. Nothing is added at
-//!   low concurrency: no timer, no extra task, no wait.
+//! - A check finds the store idle (fewer than [`MAX_IN_FLIGHT`] calls on their way, none of
+//!   them a batch): it runs the layout's single-check script itself, exactly as without
+//!   coalescing. Nothing is added at low concurrency: no timer, no extra task, no wait.
 //! - Otherwise it queues its check and waits for the answer. When a call in flight finishes,
 //!   whoever held its slot takes up to [`MAX_BATCH`] queued checks and hands them to a spawned
 //!   task, which sends them as one `EVALSHA` of the batch script and keeps taking what queued
 //!   meanwhile until the queue is empty. The batch's size is therefore whatever arrived during
-//!   one round trip: natural batching.
+//!   one round trip: natural batching. Before taking the next batch the task yields once, so
+//!   that the callers it has just answered, who check again at once, join it rather than the
+//!   one after; and while a batch is on its way, a second one takes the other call slot only
+//!   once `MIN_SECOND_BATCH` checks wait (fewer wait for the first to return). Without both,
+//!   batches alternated between dozens of checks and one or two, each costing Redis a call.
 //! - The batch script runs each entry as one step of the single-check script, in order (a key
 //!   repeated in a batch sees the previous entry's write), and answers one reply per entry.
 //!   Entries are independent: each is decided and written on its own, never all or nothing.
@@ -75,6 +79,11 @@ pub const MAX_BATCH: usize = 128;
 /// one batch's replies and builds the next (measured: docs/performance.md, "Coalesced checks").
 pub const MAX_IN_FLIGHT: usize = 2;
 
+/// Queued checks that make a second batch worth its call while another batch is on its way;
+/// fewer wait for that batch to return. Every call has a fixed cost on Redis of about one to
+/// two checks alone (docs/performance.md, "Dispatch policy").
+const MIN_SECOND_BATCH: usize = 16;
+
 /// How late a tokio timer may fire: entries of a batch whose deadlines are this close to the
 /// call's own get their timeout from the call's.
 const TIMER_RESOLUTION: Duration = Duration::from_millis(1);
@@ -121,7 +130,37 @@ struct Shared {
 struct State {
     /// Calls on their way (single checks and batches), at most [`MAX_IN_FLIGHT`].
     in_flight: usize,
+    /// Of those, batch tasks ([`Shared::drive`]).
+    batches: usize,
     queue: VecDeque<Entry>,
+}
+
+impl State {
+    /// Whether a check may run alone now, taking a call slot if so: only while no batch is on
+    /// its way. Once one is, checks queue for it, so that a check arriving just after a batch
+    /// returned does not take the free slot alone (a full call on Redis and the client for one
+    /// check).
+    fn take_alone(&mut self) -> bool {
+        if self.in_flight < MAX_IN_FLIGHT && self.batches == 0 {
+            self.in_flight += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// After a push: a second batch for a free call slot once [`MIN_SECOND_BATCH`] checks
+    /// wait, taking the slot.
+    fn start_batch(&mut self) -> Option<Vec<Entry>> {
+        if self.in_flight < MAX_IN_FLIGHT && self.queue.len() >= MIN_SECOND_BATCH {
+            self.in_flight += 1;
+            self.batches += 1;
+            let n = self.queue.len().min(MAX_BATCH);
+            Some(self.queue.drain(..n).collect())
+        } else {
+            None
+        }
+    }
 }
 
 /// One queued check: its bucket, its numbers for the batch script, and where its answer goes.
@@ -311,8 +350,7 @@ impl Coalescer {
     /// `InvalidInput` for a bad `now` (before anything is queued).
     pub(crate) fn enter(&self, request: &BucketRequest<'_>) -> Result<Turn<'_>> {
         let mut state = self.shared.lock();
-        if state.in_flight < MAX_IN_FLIGHT {
-            state.in_flight += 1;
+        if state.take_alone() {
             drop(state);
             // Released when the call ends or the caller gives up; either way whatever
             // queued meanwhile is sent.
@@ -330,14 +368,18 @@ impl Coalescer {
             deadline,
         };
         let mut state = self.shared.lock();
-        if state.in_flight < MAX_IN_FLIGHT {
+        if state.take_alone() {
             // Every call ended meanwhile (and found the queue empty): go alone after all, or
             // the entry would wait for a call that is not coming.
-            state.in_flight += 1;
             drop(state);
             return Ok(Turn::Alone(Slot(&self.shared)));
         }
         state.queue.push_back(entry);
+        let start = state.start_batch();
+        drop(state);
+        if let Some(batch) = start {
+            Shared::start(&self.shared, batch);
+        }
         Ok(Turn::Queued(Answer {
             receiver: answer,
             deadline,
@@ -363,9 +405,14 @@ impl Shared {
 
     /// A call has ended: the next batch gets its slot, or the slot is freed.
     fn release(this: &Arc<Self>) {
-        let Some(batch) = this.next_batch() else {
+        let Some(batch) = this.next_batch(false) else {
             return;
         };
+        Self::start(this, batch);
+    }
+
+    /// Sends `batch` from a task of its own, which holds a slot counted in `batches`.
+    fn start(this: &Arc<Self>, batch: Vec<Entry>) {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(Self::drive(Arc::clone(this), batch));
@@ -374,18 +421,29 @@ impl Shared {
                 // No runtime to send it from (the process is shutting down): the queued
                 // checks get an error, and the slot is freed.
                 drop(batch);
-                this.lock().in_flight -= 1;
+                let mut state = this.lock();
+                state.in_flight -= 1;
+                state.batches -= 1;
             }
         }
     }
 
     /// Up to [`MAX_BATCH`] queued checks, keeping the slot; `None` (and the slot freed) when
     /// nothing is queued.
-    fn next_batch(&self) -> Option<Vec<Entry>> {
+    fn next_batch(&self, from_batch: bool) -> Option<Vec<Entry>> {
         let mut state = self.lock();
-        if state.queue.is_empty() {
+        // With another batch on its way, a few queued checks go with that one.
+        if state.queue.is_empty()
+            || (from_batch && state.batches >= 2 && state.queue.len() < MIN_SECOND_BATCH)
+        {
             state.in_flight -= 1;
+            if from_batch {
+                state.batches -= 1;
+            }
             return None;
+        }
+        if !from_batch {
+            state.batches += 1;
         }
         let n = state.queue.len().min(MAX_BATCH);
         Some(state.queue.drain(..n).collect())
@@ -395,7 +453,11 @@ impl Shared {
     async fn drive(this: Arc<Self>, mut batch: Vec<Entry>) {
         loop {
             this.send_per_slot(batch).await;
-            match this.next_batch() {
+            // The callers just answered are about to check again: let them queue first, or
+            // the next batch is the one or two checks that came meanwhile, and the rest wait
+            // for another round trip (measured: docs/performance.md, "Coalesced checks").
+            tokio::task::yield_now().await;
+            match this.next_batch(true) {
                 Some(next) => batch = next,
                 None => return,
             }
@@ -574,7 +636,7 @@ const GROUP_OPERATION: &str = "check_and_consume_all";
 impl Coalescer {
     /// Decides the buckets of `requests` all or nothing (`token_bucket::step_all`, at `now`, the
     /// check's validated clock): by `alone` (the multi-bucket script) when fewer than
-    /// [`MAX_IN_FLIGHT`] calls are on their way, else as one group entry of the next batch,
+    /// [`MAX_IN_FLIGHT`] calls and no batch are on their way, else as one group entry of a batch,
     /// queued, answered and bounded by the check deadline as a single check is
     /// ([`check`](Self::check)).
     ///
@@ -598,8 +660,7 @@ impl Coalescer {
         }
         let waiting = {
             let mut state = self.shared.lock();
-            if state.in_flight < MAX_IN_FLIGHT {
-                state.in_flight += 1;
+            if state.take_alone() {
                 None
             } else {
                 let (reply, answer) = oneshot::channel();
@@ -621,6 +682,11 @@ impl Coalescer {
                     })),
                     deadline: Instant::now() + self.shared.timeout,
                 });
+                let start = state.start_batch();
+                drop(state);
+                if let Some(batch) = start {
+                    Shared::start(&self.shared, batch);
+                }
                 Some(answer)
             }
         };
