@@ -159,25 +159,33 @@ fn seed(conn: &mut redis::Connection, key: &BucketKey, value: &GarbageValue) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_stored_values_decide_as_the_reference_step_through_batches() {
-    let redis = TestRedis::get();
-    let client = redis::Client::open(redis.url.as_str()).unwrap();
+    // A server of its own, paused while the checks are sent: the first checks take the call
+    // slots and hang, so that the rest queue and go through batches whatever the scheduler
+    // does.
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_connection().unwrap();
     let stores = [
-        patient(&redis.url, KeyLayout::TwoKeys),
-        patient(&redis.url, KeyLayout::Compact),
+        patient(&server.url(), KeyLayout::TwoKeys),
+        patient(&server.url(), KeyLayout::Compact),
     ];
     let prefix = unique_prefix();
     let rule = rule(5, 5.0);
     let (max, rate) = (rule.max_tokens(), rule.refill_rate());
-    let mut set = JoinSet::new();
+    let mut cases = Vec::new();
     for (n, garbage) in stored_garbage(max, rate, T0, 0x0BA7_C4ED)
         .into_iter()
         .enumerate()
     {
-        let compact = matches!(garbage.value, GarbageValue::Compact(_));
-        let store = Arc::clone(&stores[usize::from(compact)]);
         let bucket = key(&prefix, &format!("garbage-{n}"), "GET /garbage");
         seed(&mut conn, &bucket, &garbage.value);
+        cases.push((bucket, garbage));
+    }
+    server.pause();
+    let mut set = JoinSet::new();
+    for (bucket, garbage) in cases {
+        let compact = matches!(garbage.value, GarbageValue::Compact(_));
+        let store = Arc::clone(&stores[usize::from(compact)]);
         let rule = rule.clone();
         set.spawn(async move {
             // Two checks in a row: the first decides from the garbage, the second from what
@@ -194,6 +202,8 @@ async fn hostile_stored_values_decide_as_the_reference_step_through_batches() {
             }
         });
     }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.resume();
     let cases = join_all(set).await.len();
     assert!(cases > 300, "only {cases} cases");
     for store in &stores {
@@ -762,17 +772,27 @@ async fn single_and_multi_limit_checks_on_shared_buckets_in_one_batch_run_in_ord
                 )
                 .await;
             }
-            let mut set = JoinSet::new();
+            // Each op is polled once here, which queues it, before the next is made: the queue
+            // holds them in this order whatever the scheduler does (spawned tasks a few
+            // milliseconds apart can start out of order on a loaded machine).
+            let mut queued = Vec::new();
             for (n, op) in ops.iter().enumerate() {
-                let (store, keys, rules, op) =
-                    (Arc::clone(&store), keys.clone(), rules.clone(), op.clone());
-                set.spawn(async move { (n, run_op(&store, &keys, &rules, &op).await) });
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                let mut future = Box::pin(run_op(&store, &keys, &rules, op));
+                let first =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx)))
+                        .await;
+                assert!(
+                    first.is_pending(),
+                    "{layout:?} op {n} answered while Redis slept"
+                );
+                queued.push(future);
             }
             server.resume();
             join_all(slots).await;
-            for (n, got) in join_all(set).await {
-                let got = got.unwrap_or_else(|err| panic!("{layout:?} op {n}: {err}"));
+            for (n, future) in queued.into_iter().enumerate() {
+                let got = future
+                    .await
+                    .unwrap_or_else(|err| panic!("{layout:?} op {n}: {err}"));
                 assert_eq!(
                     got, expected[n],
                     "{layout:?} seed {seed}: op {n} ({:?})",
