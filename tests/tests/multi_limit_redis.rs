@@ -497,7 +497,6 @@ async fn on_a_cluster_slots_refuse_separately_and_give_back_what_they_took() {
         let total: u64 = admitted.iter().sum();
         assert!(total <= 15, "{layout}: {admitted:?}");
         assert!(admitted.iter().all(|&a| a <= 10), "{layout}: {admitted:?}");
-        assert!(total > 0, "{layout}: nothing admitted");
         // Every refused check gave back what it held: the tokens taken are the admitted.
         for (key, taken) in client_keys.iter().zip(&admitted) {
             let left = store
@@ -511,6 +510,22 @@ async fn on_a_cluster_slots_refuse_separately_and_give_back_what_they_took() {
             .await
             .unwrap();
         assert_eq!(left, 15 - total, "{layout}");
+        // Under this contention every check may have been refused (a check that took on one
+        // slot holds its tokens for a round trip before giving them back: docs/lua.md), but
+        // nothing is lost to it: with tokens left in both buckets, a check alone is admitted.
+        if let Some(c) = admitted.iter().position(|&a| a < 10)
+            && total < 15
+        {
+            let alone = [
+                BucketRequest::new(&client_keys[c], &per_client).at(T0),
+                BucketRequest::new(&shared_key, &shared).at(T0),
+            ];
+            let decisions = store.check_and_consume_all(&alone).await.unwrap();
+            assert!(
+                decisions.iter().all(|d| d.allowed),
+                "{layout}: {admitted:?}, {decisions:?}"
+            );
+        }
     }
 }
 
