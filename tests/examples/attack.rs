@@ -944,8 +944,9 @@ fn redis_now(ctx: &Ctx) -> f64 {
     }
 }
 
-/// The specification layout's keys of `identifier`'s login bucket (what the example server
-/// uses: the default `RedisConfig`, prefix `rate_limit`).
+/// The two-key (specification) layout's keys of `identifier`'s login bucket, prefix
+/// `rate_limit`: what the example server reads with `--layout two-keys` (the attacks that plant
+/// them start it so; its default is the compact layout, whose garbage has rows of its own).
 fn login_keys(identifier: &str) -> (String, String) {
     let key = format!("rate_limit:ip:{identifier}:{LOGIN}");
     (format!("{key}:tokens"), format!("{key}:time"))
@@ -971,7 +972,12 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
     ];
     for (name, values) in cases {
         eprintln!("[attack] stored garbage: {name}");
-        let server = Server::start(ctx, Backend::Redis, "127.0.0.1:0", &[])?;
+        let server = Server::start(
+            ctx,
+            Backend::Redis,
+            "127.0.0.1:0",
+            &["--layout", "two-keys"],
+        )?;
         let rss_before = server.rss_kib();
         let (tokens, time) = values(redis_now(ctx));
         ctx.redis
@@ -984,7 +990,7 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
         // Unusable data is a missing bucket, that is a full one: a client must get its logins.
         let verdict = Verdict::between(allowed, MAX_TOKENS_WHOLE, most);
         rows.push(Row {
-            attack: format!("d. stored garbage: {name}"),
+            attack: format!("d. stored garbage, two-key layout (`--layout two-keys`): {name}"),
             backend: "redis",
             sent: SPOOF_REQUESTS,
             allowed,
@@ -999,7 +1005,12 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
     // A Redis whose clock is 10 s behind the stored time (a failover).
     {
         eprintln!("[attack] stored garbage: clock 10 s behind");
-        let server = Server::start(ctx, Backend::Redis, "127.0.0.1:0", &[])?;
+        let server = Server::start(
+            ctx,
+            Backend::Redis,
+            "127.0.0.1:0",
+            &["--layout", "two-keys"],
+        )?;
         let rss_before = server.rss_kib();
         let now = redis_now(ctx);
         ctx.redis.cmd(redis::cmd("SET").arg(&tokens_key).arg("0"));
@@ -1019,7 +1030,7 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
             _ => Verdict::Broken,
         };
         rows.push(Row {
-            attack: "d. clocks: the stored `:time` 10 s ahead of Redis's clock (`:tokens` 0)"
+            attack: "d. clocks, two-key layout (`--layout two-keys`): the stored `:time` 10 s ahead of Redis's clock (`:tokens` 0)"
                 .to_owned(),
             backend: "redis",
             sent: 1,
@@ -1039,7 +1050,12 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
     // WRONGTYPE at one key: that client, interleaved with another whose key is sound.
     {
         eprintln!("[attack] stored garbage: WRONGTYPE");
-        let server = Server::start(ctx, Backend::Redis, "127.0.0.1:0", &[])?;
+        let server = Server::start(
+            ctx,
+            Backend::Redis,
+            "127.0.0.1:0",
+            &["--layout", "two-keys"],
+        )?;
         let rss_before = server.rss_kib();
         ctx.redis
             .cmd(redis::cmd("HSET").arg(&tokens_key).arg("f").arg("v"));
@@ -1063,7 +1079,7 @@ async fn stored_garbage(ctx: &Ctx) -> Res<Vec<Row>> {
         let most = most_allowed(started.elapsed(), 1);
         let rss_after = server.rss_kib();
         rows.push(Row {
-            attack: "d. WRONGTYPE (a hash) at `:tokens` of 127.0.0.1: that client".to_owned(),
+            attack: "d. WRONGTYPE (a hash) at `:tokens` of 127.0.0.1, two-key layout (`--layout two-keys`): that client".to_owned(),
             backend: "redis",
             sent: SPOOF_REQUESTS * WRONGTYPE_RUN,
             allowed: corrupt_allowed,
