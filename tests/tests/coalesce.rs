@@ -212,6 +212,90 @@ async fn hostile_stored_values_decide_as_the_reference_step_through_batches() {
 }
 
 /// A store on a server of its own, warmed up (connection open, both scripts loaded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_stored_values_in_a_group_decide_as_step_all_through_batches() {
+    // The group entry of a multi-limit check reads its buckets from the batch's one MGET:
+    // garbage planted in one bucket of a group must be read exactly as the reference reads it,
+    // and decide the whole group with the clean bucket beside it, as `step_all` does.
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let stores = [
+        patient(&server.url(), KeyLayout::TwoKeys),
+        patient(&server.url(), KeyLayout::Compact),
+    ];
+    let prefix = unique_prefix();
+    let (planted_rule, clean_rule) = (rule(5, 5.0), rule(3, 60.0));
+    let (max, rate) = (planted_rule.max_tokens(), planted_rule.refill_rate());
+    let mut cases = Vec::new();
+    for (n, garbage) in stored_garbage(max, rate, T0, 0x6A2B_A6E5)
+        .into_iter()
+        .enumerate()
+    {
+        let planted = key(&prefix, &format!("planted-{n}"), "GET /group-garbage");
+        let clean = key(&prefix, &format!("clean-{n}"), "GET /group-garbage");
+        seed(&mut conn, &planted, &garbage.value);
+        cases.push((planted, clean, garbage));
+    }
+    // Paused while the checks are sent: the first take the call slots, the rest queue, so the
+    // groups go through batches whatever the scheduler does.
+    server.pause();
+    let mut set = JoinSet::new();
+    for (planted, clean, garbage) in cases {
+        let compact = matches!(garbage.value, GarbageValue::Compact(_));
+        let store = Arc::clone(&stores[usize::from(compact)]);
+        let (planted_rule, clean_rule) = (planted_rule.clone(), clean_rule.clone());
+        set.spawn(async move {
+            // Two group checks in a row: the second sees what the first wrote, or the
+            // garbage (and a missing clean bucket) where it wrote nothing.
+            let mut states = [garbage.reads_as, None];
+            for now in [T0, T0 + 1.0] {
+                let inputs = [
+                    token_bucket::StepInput {
+                        stored: states[0],
+                        max_tokens: planted_rule.max_tokens(),
+                        refill_rate: planted_rule.refill_rate(),
+                        cost: 1,
+                    },
+                    token_bucket::StepInput {
+                        stored: states[1],
+                        max_tokens: clean_rule.max_tokens(),
+                        refill_rate: clean_rule.refill_rate(),
+                        cost: 1,
+                    },
+                ];
+                let steps = token_bucket::step_all(&inputs, now);
+                let requests = [
+                    BucketRequest::new(&planted, &planted_rule).at(now),
+                    BucketRequest::new(&clean, &clean_rule).at(now),
+                ];
+                let got = store
+                    .check_and_consume_all(&requests)
+                    .await
+                    .unwrap_or_else(|err| panic!("{}: {err}", garbage.name));
+                let expected: Vec<BucketDecision> = steps.iter().map(|s| s.decision).collect();
+                assert_eq!(got, expected, "{} at {now}", garbage.name);
+                for (state, step) in states.iter_mut().zip(&steps) {
+                    if let Some(written) = step.store {
+                        *state = Some(written);
+                    }
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.resume();
+    let cases = join_all(set).await.len();
+    assert!(cases > 300, "only {cases} cases");
+    for store in &stores {
+        assert!(
+            store.coalescing_stats().batched_groups > 0,
+            "no group went through a batch: {:?}",
+            store.coalescing_stats()
+        );
+    }
+}
+
 async fn own_server(layout: KeyLayout, timeout: Duration) -> (RedisServer, Arc<RedisStorage>) {
     let server = RedisServer::start();
     let store = store(&server.url(), layout, timeout);
