@@ -97,6 +97,22 @@ struct Results {
     errors: u64,
 }
 
+impl Results {
+    /// Empty results, one per contender.
+    fn for_each(contenders: &[&str]) -> BoxResult<Vec<Self>> {
+        contenders
+            .iter()
+            .map(|_| {
+                Ok(Self {
+                    rates: Vec::new(),
+                    latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+                    errors: 0,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Runs the comparison and prints its table.
 pub(crate) fn run(args: &HttpArgs) -> BoxResult<()> {
     // The example server logs at INFO through a fmt subscriber; so does this one, into a sink.
@@ -121,16 +137,7 @@ pub(crate) fn run(args: &HttpArgs) -> BoxResult<()> {
         round.as_secs_f64()
     );
     for &connections in &args.connections {
-        let mut results: Vec<Results> = NAMES
-            .iter()
-            .map(|_| -> BoxResult<Results> {
-                Ok(Results {
-                    rates: Vec::new(),
-                    latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-                    errors: 0,
-                })
-            })
-            .collect::<BoxResult<_>>()?;
+        let mut results = Results::for_each(&NAMES)?;
         // A short warm-up of each, not counted.
         for &addr in &addrs {
             load.block_on(drive(addr, connections, Duration::from_millis(300)))?;
@@ -220,16 +227,7 @@ fn redis_split(
         round.as_secs_f64()
     );
     for &connections in &args.redis_connections {
-        let mut results: Vec<Results> = REDIS_NAMES
-            .iter()
-            .map(|_| -> BoxResult<Results> {
-                Ok(Results {
-                    rates: Vec::new(),
-                    latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-                    errors: 0,
-                })
-            })
-            .collect::<BoxResult<_>>()?;
+        let mut results = Results::for_each(&REDIS_NAMES)?;
         load.block_on(drive(layered, connections, Duration::from_millis(300)))?;
         load.block_on(raw.drive(connections, Duration::from_millis(300)))?;
         load.block_on(drive_adapter(
