@@ -344,7 +344,7 @@ impl TokenBucketAdapter {
         if let [index] = prepared.active[..] {
             // One limit: no vectors of keys, and the key in the thread's reused buffer.
             let one = &prepared.all[index];
-            let key = one.keys.key_in(identifier, key_buffer::take())?;
+            let key = one.keys.key_in(identifier, KEY_BUFFER.take())?;
             let request = BucketRequest::new(&key, one.limit.rule()).with_cost(cost_of(&one.limit));
             let result = self
                 .observed(
@@ -356,7 +356,7 @@ impl TokenBucketAdapter {
                     span,
                 )
                 .await;
-            key_buffer::give_back(key);
+            KEY_BUFFER.give_back(key.into_string());
             return result;
         }
         let keys = prepared
@@ -596,35 +596,13 @@ impl TokenBucketAdapter {
     }
 }
 
-/// The buffer a single-limit check builds its bucket key in, kept per thread between checks so
-/// that a check allocates no key. It is taken out for the check's whole duration (a check may
-/// resume on another thread), so concurrent checks on one thread each have their own: one
-/// that finds none allocates, as without the buffer.
-mod key_buffer {
-    use std::cell::Cell;
-
-    use ratelimit_domain::BucketKey;
-
-    /// Keys longer than this are not kept (an identifier is at most a few hundred bytes).
-    const KEEP_AT_MOST: usize = 1024;
-
-    thread_local! {
-        static BUFFER: Cell<String> = const { Cell::new(String::new()) };
-    }
-
-    /// The thread's buffer (empty if another check has it).
-    pub(super) fn take() -> String {
-        BUFFER.with(Cell::take)
-    }
-
-    /// Keeps `key`'s allocation for the thread's next check.
-    pub(super) fn give_back(key: BucketKey) {
-        let buffer = key.into_string();
-        if buffer.capacity() <= KEEP_AT_MOST {
-            BUFFER.with(|cell| cell.set(buffer));
-        }
-    }
+thread_local! {
+    static KEY_CELL: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
 }
+
+/// The buffer a one-limit check builds its bucket key in, kept per thread between checks so
+/// that a check allocates no key.
+static KEY_BUFFER: crate::SpareString = crate::SpareString::new(&KEY_CELL);
 
 /// One store call: the single-bucket call for one request, the all-or-nothing one otherwise.
 async fn ask(

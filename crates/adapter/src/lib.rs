@@ -48,6 +48,7 @@ mod adapter;
 mod events;
 mod fnv;
 pub mod layers;
+mod spare;
 
 pub use adapter::{BucketCheck, LimitKeys, TokenBucketAdapter, TokenBucketAdapterBuilder};
 pub use events::{BroadcastEventBus, spawn_event_logger};
@@ -55,6 +56,7 @@ pub use fnv::{FnvBuildHasher, FnvHasher};
 pub use layers::{
     CircuitBreakerConfig, CircuitBreakerStore, CircuitState, DenyCacheStore, ErrorCaptureStore,
 };
+pub use spare::SpareString;
 
 pub use ratelimit_domain as domain;
 pub use ratelimit_domain::{

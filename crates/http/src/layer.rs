@@ -585,14 +585,14 @@ where
     let result = match checked {
         Ok(result) => result,
         Err(err) => {
-            identifier_buffer::recycle(identifier);
+            recycle(identifier);
             endpoint.count(&shared, Outcome::Error);
             let rejection = span.in_scope(|| check_error(&span, &endpoint.name, &err));
             return Ok(rejection_response(&rejection));
         }
     };
     let plan = span.in_scope(|| plan(&shared, endpoint, &identifier, cost, &result, &span));
-    identifier_buffer::recycle(identifier);
+    recycle(identifier);
     match plan {
         Plan::Respond(response) => Ok(response),
         Plan::Pass { headers } => {
@@ -671,7 +671,7 @@ fn prepare<B: From<String>>(
         // A global limit keys no identifier: nothing to allocate.
         return Ok((Cow::Borrowed(GLOBAL_IDENTIFIER), cost));
     }
-    let mut identifier = identifier_buffer::take();
+    let mut identifier = IDENTIFIER_BUFFER.take();
     let request = IdentifyRequest {
         parts,
         endpoint: &endpoint.name,
@@ -680,46 +680,26 @@ fn prepare<B: From<String>>(
     match shared.extractor.identify_into(&request, &mut identifier) {
         Ok(()) => Ok((Cow::Owned(identifier), cost)),
         Err(rejection) => {
-            identifier_buffer::give_back(identifier);
+            IDENTIFIER_BUFFER.give_back(identifier);
             Err(rejected(span, &endpoint.name, &rejection))
         }
     }
 }
 
+thread_local! {
+    static IDENTIFIER_CELL: std::cell::Cell<String> =
+        const { std::cell::Cell::new(String::new()) };
+}
+
 /// The buffer the extractor writes a request's identifier into, kept per thread between
-/// requests so that identifying a request allocates nothing. It is taken out until the check
-/// is decided (a request may resume on another thread), so requests in flight on one thread at
-/// once each have their own: one that finds none allocates, as without the buffer.
-mod identifier_buffer {
-    use std::borrow::Cow;
-    use std::cell::Cell;
+/// requests so that identifying a request allocates nothing.
+static IDENTIFIER_BUFFER: ratelimit_adapter::SpareString =
+    ratelimit_adapter::SpareString::new(&IDENTIFIER_CELL);
 
-    /// Identifiers longer than this are not kept.
-    const KEEP_AT_MOST: usize = 1024;
-
-    thread_local! {
-        static BUFFER: Cell<String> = const { Cell::new(String::new()) };
-    }
-
-    /// The thread's buffer, empty (or a new one if another request has it).
-    pub(super) fn take() -> String {
-        let mut buffer = BUFFER.with(Cell::take);
-        buffer.clear();
-        buffer
-    }
-
-    /// Keeps `buffer`'s allocation for the thread's next request.
-    pub(super) fn give_back(buffer: String) {
-        if buffer.capacity() <= KEEP_AT_MOST {
-            BUFFER.with(|cell| cell.set(buffer));
-        }
-    }
-
-    /// Gives back the identifier's buffer, if it has one.
-    pub(super) fn recycle(identifier: Cow<'static, str>) {
-        if let Cow::Owned(buffer) = identifier {
-            give_back(buffer);
-        }
+/// Gives back the identifier's buffer, if it has one.
+fn recycle(identifier: Cow<'static, str>) {
+    if let Cow::Owned(buffer) = identifier {
+        IDENTIFIER_BUFFER.give_back(buffer);
     }
 }
 
