@@ -204,8 +204,7 @@ impl TokenBucketAdapter {
         options: CheckOptions,
     ) -> Result<RateLimitResult> {
         let Some(prepared) = self.rules.get(endpoint) else {
-            tracing::debug!(endpoint, "no rate-limit rule for endpoint; allowing");
-            return Ok(RateLimitResult::no_rule());
+            return self.no_rule(endpoint);
         };
         let Some(&first) = prepared.active.first() else {
             return Ok(RateLimitResult::disabled(prepared.limits.limits()));
@@ -224,6 +223,75 @@ impl TokenBucketAdapter {
                 .instrument(span.clone())
                 .await
         }
+    }
+
+    /// [`check_opts`](Self::check_opts) decided without waiting, when it can be: `Some` with
+    /// exactly what `check_opts` would answer, having done exactly what it would do; `None`
+    /// when the check has to wait, and then the caller awaits `check_opts` instead (nothing
+    /// was consumed).
+    ///
+    /// A check is decided at once when the endpoint has no rule or no enabled limit, or when
+    /// it has one enabled limit, the store answers [`BucketStore::check_now`] (an in-process
+    /// store), nobody listens to the event bus (publishing may wait), the check's tracing span
+    /// is disabled (nothing to instrument) and, should the store fail, the failure policy is
+    /// open or closed (the local fallback is asked through its async port). It spares the
+    /// request path of a layer the future of the async method, for the HTTP layer a boxed
+    /// one per request.
+    ///
+    /// # Errors
+    /// As [`RateLimiter::is_allowed_opts`].
+    pub fn try_check_now(
+        &self,
+        endpoint: &str,
+        identifier: &str,
+        options: CheckOptions,
+    ) -> Option<Result<RateLimitResult>> {
+        let Some(prepared) = self.rules.get(endpoint) else {
+            return Some(self.no_rule(endpoint));
+        };
+        let [index] = prepared.active[..] else {
+            return prepared
+                .active
+                .is_empty()
+                .then(|| Ok(RateLimitResult::disabled(prepared.limits.limits())));
+        };
+        if self.events.is_listening() {
+            return None;
+        }
+        let one = &prepared.all[index];
+        let span = tracing::debug_span!(
+            "rate_limit_check",
+            endpoint = &*prepared.endpoint,
+            scope = one.limit.rule().scope().as_str(),
+            outcome = field::Empty,
+        );
+        if !span.is_disabled() {
+            return None;
+        }
+        let key = match one.keys.key_in(identifier, KEY_BUFFER.take()) {
+            Ok(key) => key,
+            Err(err) => return Some(Err(err)),
+        };
+        let cost = options
+            .cost
+            .filter(|&cost| cost > 0)
+            .unwrap_or(one.limit.rule().cost());
+        let request = BucketRequest::new(&key, one.limit.rule()).with_cost(cost);
+        let limits = [&one.limit];
+        let result = match self.store.check_now(&request) {
+            None => None,
+            Some(Ok(decision)) => Some(RateLimitResult::from_decisions(limits, &[decision])),
+            Some(Err(err)) => self.on_failure_now(&err, &prepared.endpoint, &limits),
+        };
+        KEY_BUFFER.give_back(key.into_string());
+        result.map(Ok)
+    }
+
+    /// The answer to an endpoint without a rule.
+    fn no_rule(&self, endpoint: &str) -> Result<RateLimitResult> {
+        let _ = self;
+        tracing::debug!(endpoint, "no rate-limit rule for endpoint; allowing");
+        Ok(RateLimitResult::no_rule())
     }
 
     /// A builder over `store` with `rules`.
@@ -486,28 +554,46 @@ impl TokenBucketAdapter {
         limits: &[&Limit],
         requests: &[BucketRequest<'_>],
     ) -> RateLimitResult {
+        let OnFailure::Local(fallback) = &self.on_failure else {
+            return self
+                .on_failure_now(err, endpoint, limits)
+                .unwrap_or_else(|| RateLimitResult::fail_open(limits.iter().copied()));
+        };
+        let code = err.code().as_str();
+        let limits = limits.iter().copied();
+        match ask(fallback, requests).await {
+            Ok(decisions) => {
+                tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; deciding with the local fallback store");
+                RateLimitResult::from_decisions(limits, &decisions)
+                    .with_source(DecisionSource::LocalFallback)
+            }
+            Err(local) => {
+                tracing::warn!(error = %err, local_error = %local, code, endpoint, "rate-limit store and local fallback failed; allowing the request (fail-open)");
+                RateLimitResult::fail_open(limits)
+            }
+        }
+    }
+
+    /// The failure policy's answer to a check whose store failed, when it needs no store:
+    /// `None` for the local fallback, which is asked through its async port.
+    fn on_failure_now(
+        &self,
+        err: &RateLimitError,
+        endpoint: &str,
+        limits: &[&Limit],
+    ) -> Option<RateLimitResult> {
         let code = err.code().as_str();
         let limits = limits.iter().copied();
         match &self.on_failure {
             OnFailure::Closed => {
                 tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; denying the request (fail-closed)");
-                RateLimitResult::fail_closed(limits)
+                Some(RateLimitResult::fail_closed(limits))
             }
-            OnFailure::Local(fallback) => match ask(fallback, requests).await {
-                Ok(decisions) => {
-                    tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; deciding with the local fallback store");
-                    RateLimitResult::from_decisions(limits, &decisions)
-                        .with_source(DecisionSource::LocalFallback)
-                }
-                Err(local) => {
-                    tracing::warn!(error = %err, local_error = %local, code, endpoint, "rate-limit store and local fallback failed; allowing the request (fail-open)");
-                    RateLimitResult::fail_open(limits)
-                }
-            },
             OnFailure::Open => {
                 tracing::warn!(error = %err, code, endpoint, "rate-limit store failed; allowing the request (fail-open)");
-                RateLimitResult::fail_open(limits)
+                Some(RateLimitResult::fail_open(limits))
             }
+            OnFailure::Local(_) => None,
         }
     }
 
@@ -1518,5 +1604,148 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again.remaining, 2);
+    }
+
+    /// Twin limiters over twin in-process stores whose clocks move together.
+    fn twins() -> (
+        ratelimit_domain::ManualClock,
+        TokenBucketAdapter,
+        TokenBucketAdapter,
+    ) {
+        let clock = ratelimit_domain::ManualClock::new(1_000.0);
+        let twin = || {
+            let store = ratelimit_memory::MemoryStorage::with_clock(clock.clone());
+            TokenBucketAdapter::builder(Arc::new(store), rules())
+                .build()
+                .unwrap()
+        };
+        let (now, later) = (twin(), twin());
+        (clock, now, later)
+    }
+
+    #[tokio::test]
+    async fn a_check_decided_at_once_answers_as_the_awaited_check() {
+        let (clock, now, later) = twins();
+        // Endpoints with one limit, a disabled one, an unknown one; identifiers of two clients
+        // and a hostile one; the rule's cost and explicit ones (zero meaning the rule's).
+        let endpoints = [LOGIN, "POST /export", "GET /off", "GET /unknown"];
+        let identifiers = ["192.0.2.1", "2001:db8::1", "a\nb", ""];
+        let mut seed = 0x2545_f491_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            usize::try_from(seed % 1_000_003).unwrap() % n
+        };
+        let mut decided = 0;
+        for step in 0..400 {
+            let endpoint = endpoints[next(4)];
+            let identifier = identifiers[next(4)];
+            let options = match next(3) {
+                0 => CheckOptions::default(),
+                1 => CheckOptions::with_cost(0),
+                _ => CheckOptions::with_cost(1 + next(4) as u64),
+            };
+            let at_once = now.try_check_now(endpoint, identifier, options);
+            let awaited = later.check_opts(endpoint, identifier, options).await;
+            match (at_once, awaited) {
+                (Some(Ok(a)), Ok(b)) => {
+                    assert_eq!(a, b, "step {step}: {endpoint} {identifier:?} {options:?}");
+                    decided += usize::from(a.source == DecisionSource::Store);
+                }
+                (Some(Err(a)), Err(b)) => assert_eq!(a.code(), b.code(), "step {step}"),
+                (a, b) => panic!("step {step}: at once {a:?}, awaited {b:?}"),
+            }
+            if next(4) == 0 {
+                clock.advance(Duration::from_millis(next(5_000) as u64));
+            }
+        }
+        assert!(decided > 100, "only {decided} checks reached the store");
+    }
+
+    #[tokio::test]
+    async fn a_check_that_has_to_wait_is_left_to_the_awaited_method_having_taken_nothing() {
+        // A network store (no answer at once).
+        let limiter = TokenBucketAdapter::builder(Arc::new(mock_store()), rules())
+            .build()
+            .unwrap();
+        assert!(
+            limiter
+                .try_check_now(LOGIN, "1.2.3.4", CheckOptions::default())
+                .is_none()
+        );
+
+        // Someone listens to the events: publishing them may wait.
+        let (bus, seen) = recording_bus();
+        let clock = ratelimit_domain::ManualClock::new(1_000.0);
+        let store = Arc::new(ratelimit_memory::MemoryStorage::with_clock(clock.clone()));
+        let listened = TokenBucketAdapter::builder(store.clone(), rules())
+            .events(Arc::new(bus))
+            .build()
+            .unwrap();
+        assert!(
+            listened
+                .try_check_now(LOGIN, "1.2.3.4", CheckOptions::default())
+                .is_none()
+        );
+        assert!(seen.lock().unwrap().is_empty());
+
+        // Several limits: one store call over all of them, through the async port.
+        let several = TokenBucketAdapter::builder(store.clone(), search_rules())
+            .build()
+            .unwrap();
+        assert!(
+            several
+                .try_check_now(SEARCH, "1.2.3.4", CheckOptions::default())
+                .is_none()
+        );
+        assert_eq!(
+            several.get_remaining(SEARCH, "1.2.3.4").await.unwrap(),
+            10,
+            "nothing was taken"
+        );
+
+        // A store that fails at once, under the local policy: the fallback is asked later.
+        let mut failing = MockBucketStore::new();
+        failing
+            .expect_check_now()
+            .returning(|_| Some(Err(unavailable())));
+        let fallback = Arc::new(ratelimit_memory::MemoryStorage::with_clock(clock));
+        let local = TokenBucketAdapter::builder(Arc::new(failing), rules())
+            .failure_policy(FailurePolicy::Local)
+            .local_fallback(fallback.clone())
+            .build()
+            .unwrap();
+        assert!(
+            local
+                .try_check_now(LOGIN, "1.2.3.4", CheckOptions::default())
+                .is_none()
+        );
+        let decided = local
+            .check_opts(LOGIN, "1.2.3.4", CheckOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(decided.source, DecisionSource::LocalFallback);
+        assert_eq!(decided.remaining, 4, "the fallback took one token, once");
+
+        // The same failure under the open and closed policies is decided at once.
+        for (policy, source) in [
+            (FailurePolicy::Open, DecisionSource::FailOpen),
+            (FailurePolicy::Closed, DecisionSource::FailClosed),
+        ] {
+            let mut failing = MockBucketStore::new();
+            failing
+                .expect_check_now()
+                .returning(|_| Some(Err(unavailable())));
+            let limiter = TokenBucketAdapter::builder(Arc::new(failing), rules())
+                .failure_policy(policy)
+                .build()
+                .unwrap();
+            let result = limiter
+                .try_check_now(LOGIN, "1.2.3.4", CheckOptions::default())
+                .unwrap()
+                .unwrap();
+            assert_eq!(result.source, source);
+        }
     }
 }

@@ -42,7 +42,9 @@ use ratelimit_config::load_rules_file;
 use ratelimit_container::{
     Backend, Container, ContainerConfig, FailurePolicy, KeyLayout, RedisConfig,
 };
-use ratelimit_http::{DefaultExtractor, ForwardedHeader, IpNet, RateLimitLayer, RateLimitMetrics};
+use ratelimit_http::{
+    DefaultExtractor, ForwardedHeader, HeaderStyle, IpNet, RateLimitLayer, RateLimitMetrics,
+};
 
 /// The example server's command line.
 #[derive(Debug, Parser)]
@@ -84,6 +86,36 @@ pub(crate) struct Args {
     /// nobody subscribed no event is built (about 2 µs less per request).
     #[arg(long)]
     pub(crate) events: bool,
+    /// The rate-limit headers of responses: `ietf` (the draft's `RateLimit-Policy` and
+    /// `RateLimit`, the default), `both` (also `X-RateLimit-Limit`, `-Remaining` and `-Reset`,
+    /// for clients written against those), `legacy` (only those) or `none`. `Retry-After` is
+    /// sent on every 429 whatever this says.
+    #[arg(long, value_enum, default_value_t = Headers::Ietf)]
+    pub(crate) headers: Headers,
+}
+
+/// The `--headers` choices, as [`HeaderStyle`] names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Headers {
+    /// `RateLimit-Policy` and `RateLimit`.
+    Ietf,
+    /// The IETF fields and `X-RateLimit-*`.
+    Both,
+    /// `X-RateLimit-*` only.
+    Legacy,
+    /// No informational header.
+    None,
+}
+
+impl From<Headers> for HeaderStyle {
+    fn from(headers: Headers) -> Self {
+        match headers {
+            Headers::Ietf => Self::Ietf,
+            Headers::Both => Self::Both,
+            Headers::Legacy => Self::Legacy,
+            Headers::None => Self::None,
+        }
+    }
 }
 
 /// The server's parts: the router, the container behind it, and the metrics.
@@ -133,6 +165,7 @@ pub(crate) async fn build(args: &Args) -> Result<App, Box<dyn Error>> {
     // event-derived counters (`--events`) also see checks made outside the layer.
     let layer = RateLimitLayer::from_adapter(container.adapter().clone())
         .extractor(extractor)
+        .header_style(args.headers.into())
         .metrics(&metrics);
 
     // Group the rules by path: one method router per path.

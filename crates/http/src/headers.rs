@@ -23,14 +23,9 @@ pub const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelim
 /// `X-RateLimit-Reset` (conventional).
 pub const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
-/// The fields a response gets room for before [`EndpointHeaders::write`] inserts its own: the
-/// six it may write and the `content-length` a server adds after them (axum does).
-///
-/// `HeaderMap::reserve(n)` grows the map only when `len + n` exceeds its raw index capacity
-/// (8 for a map holding the usual one `content-type`), not the 6 entries that capacity holds:
-/// reserving just the fields written here is a no-op, and the map then grows when the server
-/// inserts `content-length`, moving every entry. Reserving this many grows it at once, while it
-/// holds one entry, to a capacity that fits them all.
+/// The fields a response the layer writes itself (a 429) gets room for: the six the headers
+/// may take and the `content-length` a server adds after them (axum does), so that its map,
+/// allocated once, never grows.
 pub(crate) const RESERVE: usize = 7;
 
 /// Which informational headers responses carry. `Retry-After` is sent on every 429 whose
@@ -39,10 +34,10 @@ pub(crate) const RESERVE: usize = 7;
 #[non_exhaustive]
 pub enum HeaderStyle {
     /// The IETF draft's `RateLimit-Policy` and `RateLimit` **and** the conventional
-    /// `X-RateLimit-*` headers (the default).
-    #[default]
+    /// `X-RateLimit-*` headers, for clients written against those.
     Both,
-    /// Only `RateLimit-Policy` and `RateLimit`.
+    /// Only `RateLimit-Policy` and `RateLimit` (the default; `docs/http.md` says why).
+    #[default]
     Ietf,
     /// Only `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset`.
     Legacy,
@@ -273,21 +268,28 @@ impl EndpointHeaders {
         style: HeaderStyle,
         headers: &mut HeaderMap,
     ) {
-        let fallback;
-        headers.reserve(RESERVE);
+        self.values(result, cost, style).write(headers);
+    }
+
+    /// The fields [`write`](Self::write) writes for one decision, built before the response
+    /// exists (while the inner service runs, they wait in the layer's future).
+    pub(crate) fn values(
+        &self,
+        result: &RateLimitResult,
+        cost: Option<u64>,
+        style: HeaderStyle,
+    ) -> DecisionHeaders {
+        let mut values = DecisionHeaders::default();
         if style.ietf() {
-            if let Some(policy) = &self.policy {
-                headers.insert(RATELIMIT_POLICY, policy.clone());
-            }
-            if !result.limits.is_empty()
-                && let Some(value) = self.ratelimit_value(result, cost)
-            {
-                headers.insert(RATELIMIT, value);
+            values.policy.clone_from(&self.policy);
+            if !result.limits.is_empty() {
+                values.ratelimit = self.ratelimit_value(result, cost);
             }
         }
         if style.legacy()
             && let Some(deciding) = result.deciding()
         {
+            let fallback;
             let known = self.index_of(&deciding.name, 0);
             let item = match known {
                 Some(i) => &self.items[i],
@@ -298,21 +300,66 @@ impl EndpointHeaders {
             };
             // The quota's value, built once, unless the result says otherwise (rule sets out
             // of step).
-            let limit = match known {
+            values.limit = Some(match known {
                 Some(i) if item.quota == deciding.limit => self.quotas[i].clone(),
                 _ => number(deciding.limit),
-            };
-            headers.insert(X_RATELIMIT_LIMIT, limit);
-            headers.insert(X_RATELIMIT_REMAINING, number(deciding.remaining));
-            if let Some(reset) = item.reset(deciding, cost.unwrap_or(item.cost)) {
-                headers.insert(X_RATELIMIT_RESET, number(reset));
+            });
+            values.remaining = Some(number(deciding.remaining));
+            values.reset = item.reset(deciding, cost.unwrap_or(item.cost)).map(number);
+        }
+        if !result.allowed {
+            values.retry_after = result.retry_after_whole_seconds().map(number);
+        }
+        values
+    }
+}
+
+/// The header fields of one decision, waiting for the response they go into.
+#[derive(Debug, Default)]
+pub(crate) struct DecisionHeaders {
+    policy: Option<HeaderValue>,
+    ratelimit: Option<HeaderValue>,
+    limit: Option<HeaderValue>,
+    remaining: Option<HeaderValue>,
+    reset: Option<HeaderValue>,
+    retry_after: Option<HeaderValue>,
+}
+
+impl DecisionHeaders {
+    /// Writes the fields into `headers`, replacing any of the same name.
+    ///
+    /// `HeaderMap::reserve(n)` grows a map only when `len + n` (plus a third) exceeds its
+    /// index capacity: 8 for a handler's usual response, which holds 6 entries. Reserving
+    /// the fields written here plus one grows a map that could not hold them and the
+    /// `content-length` a server may add after them (axum does) at once, while it holds few
+    /// entries, instead of when `content-length` arrives; and leaves a map that can alone.
+    pub(crate) fn write(self, headers: &mut HeaderMap) {
+        let count = [
+            &self.policy,
+            &self.ratelimit,
+            &self.limit,
+            &self.remaining,
+            &self.reset,
+            &self.retry_after,
+        ]
+        .iter()
+        .filter(|value| value.is_some())
+        .count();
+        if count == 0 {
+            return;
+        }
+        headers.reserve(count + 1);
+        let mut insert = |name: HeaderName, value: Option<HeaderValue>| {
+            if let Some(value) = value {
+                headers.insert(name, value);
             }
-        }
-        if !result.allowed
-            && let Some(wait) = result.retry_after_whole_seconds()
-        {
-            headers.insert(RETRY_AFTER, number(wait));
-        }
+        };
+        insert(RATELIMIT_POLICY, self.policy);
+        insert(RATELIMIT, self.ratelimit);
+        insert(X_RATELIMIT_LIMIT, self.limit);
+        insert(X_RATELIMIT_REMAINING, self.remaining);
+        insert(X_RATELIMIT_RESET, self.reset);
+        insert(RETRY_AFTER, self.retry_after);
     }
 }
 

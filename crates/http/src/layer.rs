@@ -12,15 +12,16 @@ use axum::extract::MatchedPath;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
 use prometheus_client::metrics::counter::Counter;
 use ratelimit_adapter::{
-    CheckOptions, DecisionSource, DynRateLimiter, EndpointLimits, ErrorCode, RateLimitResult,
-    RateLimitScope, RuleSet, TokenBucketAdapter,
+    CheckOptions, DecisionSource, DynRateLimiter, EndpointLimits, ErrorCode, RateLimitError,
+    RateLimitResult, RateLimitScope, RuleSet, TokenBucketAdapter,
 };
 use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field};
 
-use crate::headers::{EndpointHeaders, HeaderStyle, RATELIMIT_POLICY};
+use crate::headers::{DecisionHeaders, EndpointHeaders, HeaderStyle, RATELIMIT_POLICY};
 use crate::identify::{
     DefaultExtractor, GLOBAL_IDENTIFIER, IdentifierExtractor, IdentifyRequest, Rejection,
 };
@@ -181,7 +182,9 @@ type FnvMap<K, V> = HashMap<K, V, ratelimit_adapter::FnvBuildHasher>;
 /// as they are, without building the `METHOD /path` string.
 #[derive(Debug, Default)]
 struct EndpointTable {
-    by_method: FnvMap<Method, FnvMap<Box<str>, Endpoint>>,
+    /// Route templates by method, each giving its endpoint's index in `endpoints`.
+    by_method: FnvMap<Method, FnvMap<Box<str>, usize>>,
+    endpoints: Vec<Endpoint>,
 }
 
 impl EndpointTable {
@@ -225,17 +228,24 @@ impl EndpointTable {
                 counters: metrics.map(|metrics| EndpointCounters::new(metrics, name, &headers)),
                 headers,
             };
+            let index = table.endpoints.len();
+            table.endpoints.push(endpoint);
             table
                 .by_method
                 .entry(method)
                 .or_default()
-                .insert(path.into(), endpoint);
+                .insert(path.into(), index);
         }
         table
     }
 
-    fn get(&self, method: &Method, path: &str) -> Option<&Endpoint> {
-        self.by_method.get(method)?.get(path)
+    /// The index of the endpoint of `method` and `path`.
+    fn find(&self, method: &Method, path: &str) -> Option<usize> {
+        self.by_method.get(method)?.get(path).copied()
+    }
+
+    fn at(&self, index: usize) -> Option<&Endpoint> {
+        self.endpoints.get(index)
     }
 }
 
@@ -377,7 +387,7 @@ impl RateLimitLayer {
         self.edit(|s| s.extractor = Arc::new(extractor))
     }
 
-    /// Chooses the informational headers (default [`HeaderStyle::Both`]).
+    /// Chooses the informational headers (default [`HeaderStyle::Ietf`]).
     pub fn header_style(self, style: HeaderStyle) -> Self {
         self.edit(|s| s.header_style = style)
     }
@@ -489,8 +499,92 @@ pub struct RateLimitService<S> {
     shared: Arc<Shared>,
 }
 
-/// The future of [`RateLimitService`].
-pub type ResponseFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+pin_project! {
+    /// The future of [`RateLimitService`]: the inner service's own future when the check was
+    /// decided at once (an in-process store, nothing to instrument), an answer of the layer's
+    /// own, or, when the check waits for its store, one boxed future for the check and the
+    /// inner service.
+    pub struct ResponseFuture<F, T, E> {
+        #[pin]
+        kind: Kind<F, T, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, T, E> {
+        /// The inner service's future, whose response gets `headers`.
+        Inner {
+            #[pin]
+            future: F,
+            headers: Option<DecisionHeaders>,
+        },
+        /// The layer's own answer.
+        Ready {
+            answer: std::future::Ready<Result<T, E>>,
+        },
+        /// A check that waits for its store, then the inner service.
+        Waiting {
+            future: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
+        },
+    }
+}
+
+impl<F, T, E> ResponseFuture<F, T, E> {
+    fn inner(future: F, headers: Option<DecisionHeaders>) -> Self {
+        Self {
+            kind: Kind::Inner { future, headers },
+        }
+    }
+
+    fn ready(response: T) -> Self {
+        Self {
+            kind: Kind::Ready {
+                answer: std::future::ready(Ok(response)),
+            },
+        }
+    }
+
+    fn waiting(future: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>) -> Self {
+        Self {
+            kind: Kind::Waiting { future },
+        }
+    }
+}
+
+impl<F, T, E> fmt::Debug for ResponseFuture<F, T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Inner { .. } => "inner",
+            Kind::Ready { .. } => "ready",
+            Kind::Waiting { .. } => "waiting",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, Response<B>, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Inner { future, headers } => {
+                let mut response = std::task::ready!(future.poll(cx))?;
+                if let Some(headers) = headers.take() {
+                    headers.write(response.headers_mut());
+                }
+                Poll::Ready(Ok(response))
+            }
+            KindProj::Ready { answer } => Pin::new(answer).poll(cx),
+            KindProj::Waiting { future } => future.as_mut().poll(cx),
+        }
+    }
+}
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimitService<S>
 where
@@ -502,7 +596,7 @@ where
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<Self::Response, Self::Error>;
+    type Future = ResponseFuture<S::Future, Self::Response, Self::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -511,14 +605,86 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         // The clone that was polled ready serves this request; a fresh clone waits for the next.
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let shared = self.shared.clone();
-        Box::pin(handle(shared, inner, request))
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = &self.shared;
+        let Some((index, endpoint)) = endpoint_of(shared, &request).filter(|(_, e)| e.enabled)
+        else {
+            return ResponseFuture::inner(inner.call(request), None);
+        };
+        // DEBUG, not INFO: at the usual INFO filter a disabled span costs one level check, and
+        // nothing is formatted; the INFO and WARN events below carry the endpoint themselves.
+        let span = tracing::debug_span!(
+            "rate_limit",
+            endpoint = %endpoint.name,
+            scope = endpoint.scope.as_str(),
+            outcome = field::Empty,
+            refused_by = field::Empty,
+        );
+        let (parts, body) = request.into_parts();
+        let prepared = span.in_scope(|| prepare(shared, endpoint, &parts, &span));
+        let request = Request::from_parts(parts, body);
+        let (identifier, cost) = match prepared {
+            Ok(prepared) => prepared,
+            Err(response) => {
+                endpoint.count(shared, Outcome::Rejected);
+                return ResponseFuture::ready(response);
+            }
+        };
+        let options = cost.map_or_else(CheckOptions::default, CheckOptions::with_cost);
+        // An in-process store decides at once: no future to box, the inner service's own
+        // future returned as it is. A disabled span has nothing to instrument.
+        if span.is_disabled()
+            && let Rules::Adapter(adapter) = &shared.rules
+            && let Some(checked) = adapter.try_check_now(&endpoint.name, &identifier, options)
+        {
+            return match decide(shared, endpoint, identifier, cost, checked, &span) {
+                Plan::Respond(response) => ResponseFuture::ready(response),
+                Plan::Pass { headers } => ResponseFuture::inner(inner.call(request), headers),
+            };
+        }
+        let shared = shared.clone();
+        ResponseFuture::waiting(Box::pin(async move {
+            let Some(endpoint) = shared.endpoints.at(index) else {
+                return inner.call(request).await;
+            };
+            // Not inside `span`: the adapter records its own `outcome` into the current span.
+            let checked = match &shared.rules {
+                // The layer's limiter is this adapter (`from_adapter`): its own method, without
+                // the port's boxed future.
+                Rules::Adapter(adapter) => {
+                    adapter
+                        .check_opts(&endpoint.name, &identifier, options)
+                        .await
+                }
+                Rules::Set(_) => {
+                    shared
+                        .limiter
+                        .is_allowed_opts(&endpoint.name, &identifier, options)
+                        .await
+                }
+            };
+            match decide(&shared, endpoint, identifier, cost, checked, &span) {
+                Plan::Respond(response) => Ok(response),
+                Plan::Pass { headers } => {
+                    // A disabled span (DEBUG under the usual INFO filter) is not entered around
+                    // every poll of the inner service.
+                    let mut response = if span.is_disabled() {
+                        inner.call(request).await?
+                    } else {
+                        inner.call(request).instrument(span).await?
+                    };
+                    if let Some(headers) = headers {
+                        headers.write(response.headers_mut());
+                    }
+                    Ok(response)
+                }
+            }
+        }))
     }
 }
 
-/// The endpoint of a request, if it has limits.
-fn endpoint_of<'a, B>(shared: &'a Shared, request: &Request<B>) -> Option<&'a Endpoint> {
+/// The endpoint of a request, with its index, if it has limits.
+fn endpoint_of<'a, B>(shared: &'a Shared, request: &Request<B>) -> Option<(usize, &'a Endpoint)> {
     let path = match request.extensions().get::<MatchedPath>() {
         Some(matched) => matched.as_str(),
         None => match shared.unmatched {
@@ -527,90 +693,35 @@ fn endpoint_of<'a, B>(shared: &'a Shared, request: &Request<B>) -> Option<&'a En
         },
     };
     let method = request.method();
-    match shared.endpoints.get(method, path) {
-        Some(endpoint) => Some(endpoint),
-        None if method == Method::HEAD => shared.endpoints.get(&Method::GET, path),
-        None => None,
-    }
+    let index = match shared.endpoints.find(method, path) {
+        Some(index) => index,
+        None if method == Method::HEAD => shared.endpoints.find(&Method::GET, path)?,
+        None => return None,
+    };
+    Some((index, shared.endpoints.at(index)?))
 }
 
-async fn handle<S, ReqBody, ResBody>(
-    shared: Arc<Shared>,
-    mut inner: S,
-    request: Request<ReqBody>,
-) -> Result<Response<ResBody>, S::Error>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<String>,
-{
-    let Some(endpoint) = endpoint_of(&shared, &request).filter(|e| e.enabled) else {
-        return inner.call(request).await;
-    };
-    // DEBUG, not INFO: at the usual INFO filter a disabled span costs one level check, and
-    // nothing is formatted; the INFO and WARN events below carry the endpoint themselves.
-    let span = tracing::debug_span!(
-        "rate_limit",
-        endpoint = %endpoint.name,
-        scope = endpoint.scope.as_str(),
-        outcome = field::Empty,
-        refused_by = field::Empty,
-    );
-    let (parts, body) = request.into_parts();
-    let prepared = span.in_scope(|| prepare(&shared, endpoint, &parts, &span));
-    let request = Request::from_parts(parts, body);
-    let (identifier, cost) = match prepared {
-        Ok(prepared) => prepared,
-        Err(response) => {
-            endpoint.count(&shared, Outcome::Rejected);
-            return Ok(response);
-        }
-    };
-    let options = cost.map_or_else(CheckOptions::default, CheckOptions::with_cost);
-    // Not inside `span`: the adapter records its own `outcome` into the current span.
-    let checked = match &shared.rules {
-        // The layer's limiter is this adapter (`from_adapter`): its own method, without the
-        // port's boxed future.
-        Rules::Adapter(adapter) => {
-            adapter
-                .check_opts(&endpoint.name, &identifier, options)
-                .await
-        }
-        Rules::Set(_) => {
-            shared
-                .limiter
-                .is_allowed_opts(&endpoint.name, &identifier, options)
-                .await
-        }
-    };
+/// Turns the check's answer into a plan, and gives back the identifier's buffer.
+fn decide<B: From<String>>(
+    shared: &Shared,
+    endpoint: &Endpoint,
+    identifier: Cow<'static, str>,
+    cost: Option<u64>,
+    checked: Result<RateLimitResult, RateLimitError>,
+    span: &Span,
+) -> Plan<B> {
     let result = match checked {
         Ok(result) => result,
         Err(err) => {
             recycle(identifier);
-            endpoint.count(&shared, Outcome::Error);
-            let rejection = span.in_scope(|| check_error(&span, &endpoint.name, &err));
-            return Ok(rejection_response(&rejection));
+            endpoint.count(shared, Outcome::Error);
+            let rejection = span.in_scope(|| check_error(span, &endpoint.name, &err));
+            return Plan::Respond(rejection_response(&rejection));
         }
     };
-    let plan = span.in_scope(|| plan(&shared, endpoint, &identifier, cost, &result, &span));
+    let plan = span.in_scope(|| plan(shared, endpoint, &identifier, cost, &result, span));
     recycle(identifier);
-    match plan {
-        Plan::Respond(response) => Ok(response),
-        Plan::Pass { headers } => {
-            // A disabled span (DEBUG under the usual INFO filter) is not entered around every
-            // poll of the inner service.
-            let mut response = if span.is_disabled() {
-                inner.call(request).await?
-            } else {
-                inner.call(request).instrument(span).await?
-            };
-            if headers {
-                endpoint
-                    .headers
-                    .write(&result, cost, shared.header_style, response.headers_mut());
-            }
-            Ok(response)
-        }
-    }
+    plan
 }
 
 /// The identifier of the request's buckets and its own cost, or the answer to send instead.
@@ -736,8 +847,8 @@ fn check_error(span: &Span, endpoint: &str, err: &ratelimit_adapter::RateLimitEr
 enum Plan<B> {
     /// Answer without calling the inner service.
     Respond(Response<B>),
-    /// Call the inner service, and add the rate-limit headers to its response if `headers`.
-    Pass { headers: bool },
+    /// Call the inner service, and add `headers` to its response.
+    Pass { headers: Option<DecisionHeaders> },
 }
 
 /// Turns a decision into a plan, recording and logging the outcome in the current span.
@@ -762,7 +873,7 @@ fn plan<B: From<String>>(
             );
             return match shared.fail_open {
                 FailOpenPolicy::ServiceUnavailable => Plan::Respond(unavailable(None)),
-                _ => Plan::Pass { headers: false },
+                _ => Plan::Pass { headers: None },
             };
         }
         DecisionSource::FailClosed => {
@@ -781,7 +892,7 @@ fn plan<B: From<String>>(
         _ => {
             endpoint.count(shared, Outcome::Allowed);
             span.record("outcome", "allowed");
-            return Plan::Pass { headers: false };
+            return Plan::Pass { headers: None };
         }
     }
     if result.allowed {
@@ -802,7 +913,9 @@ fn plan<B: From<String>>(
             remaining = result.remaining,
             "rate limit check allowed"
         );
-        return Plan::Pass { headers: true };
+        return Plan::Pass {
+            headers: Some(endpoint.headers.values(result, cost, shared.header_style)),
+        };
     }
     span.record("outcome", "denied");
     let refused_by = result.deciding().map(|limit| &*limit.name);

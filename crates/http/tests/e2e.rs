@@ -23,9 +23,13 @@ use ratelimit_tests::fixtures::LOGIN;
 use ratelimit_tests::logs::CapturedLogs;
 use reqwest::StatusCode;
 
-/// The layer the scenarios use: the container's adapter, `login` as the login policy's name.
+/// The layer the scenarios use: the container's adapter, `login` as the login policy's name,
+/// and every informational header (the IETF ones and `X-RateLimit-*`), so that the scenarios
+/// check both sets.
 fn layer(container: &Container) -> RateLimitLayer {
-    RateLimitLayer::from_adapter(container.adapter().clone()).policy_name(LOGIN, "login")
+    RateLimitLayer::from_adapter(container.adapter().clone())
+        .policy_name(LOGIN, "login")
+        .header_style(HeaderStyle::Both)
 }
 
 fn trusting(container: &Container, proxies: &[&str]) -> RateLimitLayer {
@@ -563,6 +567,16 @@ async fn header_styles_select_the_headers() {
             ]),
         ),
         (HeaderStyle::None, headers(&[])),
+        (
+            HeaderStyle::Both,
+            headers(&[
+                ("ratelimit-policy", "\"login\";q=5;w=60"),
+                ("ratelimit", "\"login\";r=4;t=0"),
+                ("x-ratelimit-limit", "5"),
+                ("x-ratelimit-remaining", "4"),
+                ("x-ratelimit-reset", "0"),
+            ]),
+        ),
     ];
     for (style, expected) in cases {
         let container = Store::memory().container().await;
@@ -570,6 +584,19 @@ async fn header_styles_select_the_headers() {
         let response = server.login(&[]).await;
         assert_eq!(limit_headers(&response), expected, "{style:?}");
     }
+    // The default: the IETF fields only.
+    assert_eq!(HeaderStyle::default(), HeaderStyle::Ietf);
+    let container = Store::memory().container().await;
+    let unstyled =
+        RateLimitLayer::from_adapter(container.adapter().clone()).policy_name(LOGIN, "login");
+    let server = serve(app(unstyled), "127.0.0.1:0").await;
+    assert_eq!(
+        limit_headers(&server.login(&[]).await),
+        headers(&[
+            ("ratelimit-policy", "\"login\";q=5;w=60"),
+            ("ratelimit", "\"login\";r=4;t=0"),
+        ])
+    );
 }
 
 #[tokio::test]

@@ -23,7 +23,7 @@ use ratelimit_adapter::{
 };
 use ratelimit_container::{Container, ContainerConfig};
 use ratelimit_http::{
-    DefaultExtractor, QUOTA_EXCEEDED_TYPE, RateLimitLayer, RateLimitMetrics, Rejection,
+    DefaultExtractor, HeaderStyle, QUOTA_EXCEEDED_TYPE, RateLimitLayer, RateLimitMetrics, Rejection,
 };
 use reqwest::StatusCode;
 
@@ -54,10 +54,12 @@ async fn container(clock: &ManualClock) -> Container {
         .unwrap()
 }
 
-/// The layer: clients are named by `X-Forwarded-For`, sent through the trusted loopback.
+/// The layer: clients are named by `X-Forwarded-For`, sent through the trusted loopback; every
+/// informational header, so that the tests see which limit `X-RateLimit-*` describes.
 fn layer(container: &Container) -> RateLimitLayer {
     RateLimitLayer::from_adapter(container.adapter().clone())
         .extractor(DefaultExtractor::new().trust_proxies(["127.0.0.1".parse().unwrap()]))
+        .header_style(HeaderStyle::Both)
 }
 
 async fn ok(request: Request) -> String {
