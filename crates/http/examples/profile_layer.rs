@@ -10,7 +10,7 @@
 //! default: on-path metrics, nobody listening to the event bus); `layer` (the same with the
 //! example server's `--events`: the event logger and the event-derived metrics subscribed);
 //! `governor` (`tower_governor`'s `GovernorLayer` keyed by peer IP, configured as
-//! `just bench-http` configures it). It prints the time per request; under callgrind, compare
+//! `just bench-http` configures it); `governor-headers` (the same with its `use_headers()`). It prints the time per request; under callgrind, compare
 //! the instruction counts of two modes and divide by `N`.
 
 #![allow(clippy::print_stdout)]
@@ -70,6 +70,15 @@ async fn main() {
             let config = GovernorConfigBuilder::default()
                 .per_nanosecond(1)
                 .burst_size(u32::MAX)
+                .finish()
+                .expect("a valid tower_governor configuration");
+            route.layer(GovernorLayer::new(Arc::new(config)))
+        }
+        "governor-headers" => {
+            let config = GovernorConfigBuilder::default()
+                .per_nanosecond(1)
+                .burst_size(u32::MAX)
+                .use_headers()
                 .finish()
                 .expect("a valid tower_governor configuration");
             route.layer(GovernorLayer::new(Arc::new(config)))
