@@ -231,7 +231,7 @@ impl TokenBucketAdapter {
     /// was consumed).
     ///
     /// A check is decided at once when the endpoint has no rule or no enabled limit, or when
-    /// it has one enabled limit, the store answers [`BucketStore::check_now`] (an in-process
+    /// it has one enabled limit, the store answers [`BucketStore::check_now`](ratelimit_domain::BucketStore::check_now) (an in-process
     /// store), nobody listens to the event bus (publishing may wait), the check's tracing span
     /// is disabled (nothing to instrument) and, should the store fail, the failure policy is
     /// open or closed (the local fallback is asked through its async port). It spares the
