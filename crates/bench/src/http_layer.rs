@@ -58,11 +58,12 @@ use crate::{BoxError, BoxResult};
 /// What `bench-http` measures.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct HttpArgs {
-    /// Rounds; each round measures every contender once, in a rotating order.
-    #[arg(long, default_value_t = 6)]
+    /// Rounds; each round measures every contender once, in a rotating order. Many short
+    /// rounds: the targets are paired within a round, whose contenders then run close together.
+    #[arg(long, default_value_t = 20)]
     rounds: usize,
     /// Seconds of load per contender per round.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 0.5)]
     seconds: f64,
     /// Concurrent connections (one figure per value).
     #[arg(long, value_delimiter = ',', default_value = "32,64")]

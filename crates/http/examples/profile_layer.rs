@@ -7,7 +7,9 @@
 //! ```
 //!
 //! Modes: `none` (the bare route); `quiet` (the layer as the example server wires it by
-//! default: on-path metrics, nobody listening to the event bus); `layer` (the same with the
+//! default: on-path metrics, nobody listening to the event bus; every request finds its bucket
+//! full, as `just bench-http`'s do); `draining` (the same, with a bucket one token emptier at
+//! each request, so that no `RateLimit` value repeats); `layer` (the same with the
 //! example server's `--events`: the event logger and the event-derived metrics subscribed);
 //! `governor` (`tower_governor`'s `GovernorLayer` keyed by peer IP, configured as
 //! `just bench-http` configures it); `governor-headers` (the same with its `use_headers()`). It prints the time per request; under callgrind, compare
@@ -31,10 +33,14 @@ use tower::{Service, ServiceExt};
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
 
-fn rules() -> RuleSet {
+/// One `ip` limit nobody reaches: refilled at once (every request finds its bucket full), or,
+/// with `draining`, refilled slowly (100 000 tokens a minute: nearly every request finds one
+/// token fewer).
+fn rules(draining: bool) -> RuleSet {
+    let refill_rate = if draining { 1e5 } else { 1e12 };
     RuleSet::try_from_rules([(
         "GET /hello",
-        RateLimitRule::new(RateLimitScope::Ip, 1 << 40, 1e12).expect("a valid rule"),
+        RateLimitRule::new(RateLimitScope::Ip, 1 << 40, refill_rate).expect("a valid rule"),
     )])
     .expect("valid rules")
 }
@@ -52,9 +58,10 @@ async fn main() {
     let mut keep = Vec::new();
     let app = match mode.as_str() {
         "none" => route,
-        "layer" | "quiet" => {
+        "layer" | "quiet" | "draining" => {
             let container = Container::build(
-                ContainerConfig::memory(rules()).with_event_logging(mode == "layer"),
+                ContainerConfig::memory(rules(mode == "draining"))
+                    .with_event_logging(mode == "layer"),
             )
             .await
             .expect("a container");

@@ -6,11 +6,14 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use ratelimit_adapter::domain::token_bucket::ceil_seconds;
-use ratelimit_adapter::{EndpointLimits, LimitOutcome, RateLimitResult};
+use ratelimit_adapter::{
+    BucketDecision, DecisionSource, EndpointLimits, LimitOutcome, RateLimitResult,
+};
 
 /// `RateLimit-Policy` (IETF draft).
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -151,6 +154,10 @@ pub struct EndpointHeaders {
     quotas: Vec<HeaderValue>,
     /// Each item's start of a `RateLimit` item, `"<policy>";r=`, built once.
     prefixes: Vec<Box<[u8]>>,
+    /// The `RateLimit` value of a request, at each limit's own cost, that found every bucket
+    /// full (each reports `r = q - cost`): built once, since that is what most responses say
+    /// when clients stay well within their limits.
+    full: Option<HeaderValue>,
 }
 
 impl EndpointHeaders {
@@ -192,12 +199,44 @@ impl EndpointHeaders {
             .filter(|_| !items.is_empty());
         let quotas = items.iter().map(|item| number(item.quota)).collect();
         let prefixes = items.iter().map(item_prefix).collect();
-        Self {
+        let mut headers = Self {
             items,
             policy,
             quotas,
             prefixes,
+            full: None,
+        };
+        // Built by the same code as any other value, from the outcomes of full buckets.
+        let full_buckets = limits.active().map(|limit| {
+            let rule = limit.rule();
+            let decision = BucketDecision {
+                allowed: true,
+                retry_after: Duration::ZERO,
+                remaining: rule.max_tokens().saturating_sub(rule.cost()),
+            };
+            LimitOutcome::from_decision(limit, decision)
+        });
+        let full = RateLimitResult::from_outcomes(full_buckets.collect(), DecisionSource::Store);
+        if !full.limits.is_empty() && full.allowed {
+            headers.full = headers.ratelimit_value(&full, None);
         }
+        headers
+    }
+
+    /// Whether `result`, checked at each limit's own cost, found every bucket full: its
+    /// `RateLimit` value is then [`full`](Self::full)'s. An allowed limit's `r` and `t`
+    /// depend only on the tokens left and the limit's own rule and cost.
+    fn found_full(&self, result: &RateLimitResult) -> bool {
+        result.limits.len() == self.items.len()
+            && result
+                .limits
+                .iter()
+                .zip(&self.items)
+                .all(|(outcome, item)| {
+                    outcome.allowed
+                        && Arc::ptr_eq(&outcome.name, &item.limit)
+                        && outcome.remaining == item.quota.saturating_sub(item.cost)
+                })
     }
 
     /// The index of the item of the limit called `name`: found by pointer when the result came
@@ -367,6 +406,12 @@ impl EndpointHeaders {
     /// The `RateLimit` value of `result` (which lists at least one limit), written into a
     /// buffer the thread keeps, then copied once into the value's own exact-size allocation.
     fn ratelimit_value(&self, result: &RateLimitResult, cost: Option<u64>) -> Option<HeaderValue> {
+        if cost.is_none()
+            && let Some(full) = &self.full
+            && self.found_full(result)
+        {
+            return Some(full.clone());
+        }
         thread_local! {
             static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }
@@ -567,9 +612,7 @@ pub fn sf_string(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use ratelimit_adapter::{BucketDecision, Limit, RateLimitRule, RateLimitScope};
+    use ratelimit_adapter::{Limit, RateLimitRule, RateLimitScope};
 
     use super::*;
 
@@ -954,5 +997,83 @@ mod tests {
         assert_eq!(headers.policy().unwrap(), "\"on\";q=10;w=60");
         let disabled = EndpointHeaders::new("GET /x", &limits.with_enabled(false), None);
         assert!(disabled.policy().is_none());
+    }
+
+    #[test]
+    fn a_full_bucket_answer_is_the_value_built_once_and_says_what_a_fresh_build_says() {
+        let two = EndpointLimits::new(vec![
+            Limit::named("per-client", rule(10, 10.0)).unwrap(),
+            Limit::named(
+                "everyone",
+                RateLimitRule::new(RateLimitScope::Global, 3, 1.0)
+                    .unwrap()
+                    .with_cost(2)
+                    .unwrap(),
+            )
+            .unwrap(),
+        ])
+        .unwrap();
+        // One limit; one whose cost is more than half its capacity (`t` is not 0 then); a
+        // cost equal to the capacity; two limits.
+        let cases = [
+            single(&rule(5, 5.0)),
+            single(&rule(3, 7.0).with_cost(2).unwrap()),
+            single(&rule(1, 1.0)),
+            two,
+        ];
+        for limits in &cases {
+            let headers = EndpointHeaders::new("GET /x", limits, Some("x"));
+            let full: Vec<_> = headers
+                .items()
+                .iter()
+                .map(|item| decision(true, Duration::ZERO, item.quota - item.cost))
+                .collect();
+            let first = headers
+                .ratelimit_value(&result(limits, &full), None)
+                .unwrap();
+            let again = headers
+                .ratelimit_value(&result(limits, &full), None)
+                .unwrap();
+            // Shared, not rebuilt: the same bytes in memory.
+            assert_eq!(first.as_bytes().as_ptr(), again.as_bytes().as_ptr());
+            // What the value would be built as, with the costs given explicitly (which never
+            // takes the shortcut).
+            let costs: Vec<_> = headers.items().iter().map(|item| item.cost).collect();
+            if costs.iter().all(|&cost| cost == costs[0]) {
+                let built = headers
+                    .ratelimit_value(&result(limits, &full), Some(costs[0]))
+                    .unwrap();
+                assert_eq!(first, built);
+                assert_ne!(first.as_bytes().as_ptr(), built.as_bytes().as_ptr());
+            }
+            // One token fewer (where a full bucket keeps one) is built afresh, with its own
+            // numbers.
+            let Some(i) = full.iter().position(|d| d.remaining > 0) else {
+                continue;
+            };
+            let mut fewer = full.clone();
+            fewer[i].remaining -= 1;
+            let other = headers
+                .ratelimit_value(&result(limits, &fewer), None)
+                .unwrap();
+            assert_ne!(first, other);
+            let r = format!(";r={}", fewer[i].remaining);
+            assert!(other.to_str().unwrap().contains(&r), "{other:?}");
+        }
+        // Both values of the single 5-token limit, as text.
+        let limits = single(&rule(5, 5.0));
+        let headers = EndpointHeaders::new("GET /x", &limits, Some("login"));
+        let full = result(&limits, &[decision(true, Duration::ZERO, 4)]);
+        assert_eq!(
+            headers.ratelimit_value(&full, None).unwrap(),
+            "\"login\";r=4;t=0"
+        );
+        // A result from other rules (names not shared) never takes the shortcut.
+        let twin = single(&rule(5, 5.0));
+        let theirs = result(&twin, &[decision(true, Duration::ZERO, 4)]);
+        let value = headers.ratelimit_value(&theirs, None).unwrap();
+        assert_eq!(value, "\"login\";r=4;t=0");
+        let ours = headers.ratelimit_value(&full, None).unwrap();
+        assert_ne!(value.as_bytes().as_ptr(), ours.as_bytes().as_ptr());
     }
 }
