@@ -12,8 +12,10 @@
 //!   one round trip: natural batching. Before taking the next batch the task yields once, so
 //!   that the callers it has just answered, who check again at once, join it rather than the
 //!   one after; and while a batch is on its way, a second one takes the other call slot only
-//!   once `MIN_SECOND_BATCH` checks wait (fewer wait for the first to return). Without both,
-//!   batches alternated between dozens of checks and one or two, each costing Redis a call.
+//!   once as many checks wait as that batch holds, and at least `MIN_SECOND_BATCH` (fewer wait
+//!   for the first to return), so that the two batches keep about the same size. Without
+//!   both, batches alternated between dozens of checks and one or two, each costing Redis a
+//!   call.
 //! - The batch script runs each entry as one step of the single-check script, in order (a key
 //!   repeated in a batch sees the previous entry's write), and answers one reply per entry.
 //!   Entries are independent: each is decided and written on its own, never all or nothing.
@@ -79,9 +81,11 @@ pub const MAX_BATCH: usize = 128;
 /// one batch's replies and builds the next (measured: docs/performance.md, "Coalesced checks").
 pub const MAX_IN_FLIGHT: usize = 2;
 
-/// Queued checks that make a second batch worth its call while another batch is on its way;
-/// fewer wait for that batch to return. Every call has a fixed cost on Redis of about one to
-/// two checks alone (docs/performance.md, "Dispatch policy").
+/// The fewest queued checks that make a second batch worth its call while another batch is
+/// on its way; fewer wait for that batch to return. Every call has a fixed cost on Redis of
+/// about one to two checks alone (docs/performance.md, "Dispatch policy"). A second batch also
+/// waits until it would hold as many checks as the batch on its way: two batches of equal size
+/// share each call's fixed cost best.
 const MIN_SECOND_BATCH: usize = 16;
 
 /// How late a tokio timer may fire: entries of a batch whose deadlines are this close to the
@@ -132,6 +136,8 @@ struct State {
     in_flight: usize,
     /// Of those, batch tasks ([`Shared::drive`]).
     batches: usize,
+    /// Checks in the batches on their way.
+    sending: usize,
     queue: VecDeque<Entry>,
 }
 
@@ -149,17 +155,29 @@ impl State {
         }
     }
 
-    /// After a push: a second batch for a free call slot once [`MIN_SECOND_BATCH`] checks
-    /// wait, taking the slot.
+    /// After a push: a second batch for a free call slot once [`second_batch`](Self::second_batch)
+    /// checks wait, taking the slot.
     fn start_batch(&mut self) -> Option<Vec<Entry>> {
-        if self.in_flight < MAX_IN_FLIGHT && self.queue.len() >= MIN_SECOND_BATCH {
+        if self.in_flight < MAX_IN_FLIGHT && self.queue.len() >= self.second_batch() {
             self.in_flight += 1;
             self.batches += 1;
-            let n = self.queue.len().min(MAX_BATCH);
-            Some(self.queue.drain(..n).collect())
+            Some(self.take())
         } else {
             None
         }
+    }
+
+    /// Queued checks that make a second batch while another is on its way: as many as that
+    /// one holds, at least [`MIN_SECOND_BATCH`].
+    fn second_batch(&self) -> usize {
+        self.sending.max(MIN_SECOND_BATCH)
+    }
+
+    /// Up to [`MAX_BATCH`] queued checks, counted as on their way.
+    fn take(&mut self) -> Vec<Entry> {
+        let n = self.queue.len().min(MAX_BATCH);
+        self.sending += n;
+        self.queue.drain(..n).collect()
     }
 }
 
@@ -420,10 +438,12 @@ impl Shared {
             Err(_) => {
                 // No runtime to send it from (the process is shutting down): the queued
                 // checks get an error, and the slot is freed.
+                let sent = batch.len();
                 drop(batch);
                 let mut state = this.lock();
                 state.in_flight -= 1;
                 state.batches -= 1;
+                state.sending -= sent;
             }
         }
     }
@@ -434,7 +454,7 @@ impl Shared {
         let mut state = self.lock();
         // With another batch on its way, a few queued checks go with that one.
         if state.queue.is_empty()
-            || (from_batch && state.batches >= 2 && state.queue.len() < MIN_SECOND_BATCH)
+            || (from_batch && state.batches >= 2 && state.queue.len() < state.second_batch())
         {
             state.in_flight -= 1;
             if from_batch {
@@ -445,14 +465,15 @@ impl Shared {
         if !from_batch {
             state.batches += 1;
         }
-        let n = state.queue.len().min(MAX_BATCH);
-        Some(state.queue.drain(..n).collect())
+        Some(state.take())
     }
 
     /// Sends batches until nothing is queued, then frees the slot.
     async fn drive(this: Arc<Self>, mut batch: Vec<Entry>) {
         loop {
+            let sent = batch.len();
             this.send_per_slot(batch).await;
+            this.lock().sending -= sent;
             // The callers just answered are about to check again: let them queue first, or
             // the next batch is the one or two checks that came meanwhile, and the rest wait
             // for another round trip (measured: docs/performance.md, "Coalesced checks").
@@ -962,6 +983,47 @@ mod tests {
         let mut chunk = [0_u8; 8];
         chunk.copy_from_slice(&bytes[at..at + 8]);
         f64::from_le_bytes(chunk)
+    }
+
+    #[test]
+    fn a_second_batch_waits_until_it_matches_the_one_on_its_way() {
+        let key = BucketKey::new(RateLimitScope::Ip, "203.0.113.9", "GET /x").unwrap();
+        let rule = RateLimitRule::new(RateLimitScope::Ip, 10, 0.1).unwrap();
+        let entry = || Entry {
+            key: key.clone(),
+            args: BatchArgs::of(&BucketRequest::new(&key, &rule)).unwrap(),
+            reply: Reply::One(ReplyTo::new(oneshot::channel().0)),
+            deadline: Instant::now(),
+        };
+        // A first batch of 40 on its way (as `Shared::next_batch` takes it).
+        let mut state = State {
+            in_flight: 1,
+            batches: 1,
+            ..State::default()
+        };
+        state.queue.extend((0..40).map(|_| entry()));
+        assert_eq!(state.take().len(), 40);
+        assert_eq!(state.sending, 40);
+        // A second one only once 40 wait, not at 16.
+        for queued in 1..40 {
+            state.queue.push_back(entry());
+            assert!(state.start_batch().is_none(), "started at {queued}");
+        }
+        state.queue.push_back(entry());
+        let second = state.start_batch().unwrap();
+        assert_eq!(second.len(), 40);
+        assert_eq!((state.in_flight, state.batches, state.sending), (2, 2, 80));
+        // A small batch on its way: at least 16 still make the second.
+        let mut small = State {
+            in_flight: 1,
+            batches: 1,
+            sending: 3,
+            ..State::default()
+        };
+        small.queue.extend((0..15).map(|_| entry()));
+        assert!(small.start_batch().is_none());
+        small.queue.push_back(entry());
+        assert_eq!(small.start_batch().unwrap().len(), 16);
     }
 
     #[test]
