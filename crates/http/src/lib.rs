@@ -7,16 +7,17 @@
 //! pass untouched. Denied requests get `429 Too Many Requests` with `Retry-After` (and, as an
 //! option, a problem-details body), and every limited response carries the IETF draft's
 //! `RateLimit-Policy` / `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers-11, one
-//! item per limit) and the conventional `X-RateLimit-*` ones for the deciding limit
-//! ([`HeaderStyle`]). An optional function gives requests a cost of their own
+//! item per limit); the conventional `X-RateLimit-*` ones for the deciding limit are one
+//! setting away ([`HeaderStyle::Both`]). An optional function gives requests a cost of their own
 //! ([`RateLimitLayer::request_cost`]).
 //!
 //! Whose bucket a request uses is decided by an [`IdentifierExtractor`]; the
 //! [`DefaultExtractor`] takes the client IP (trusting `X-Forwarded-For` / `Forwarded` only
 //! from configured proxies, grouping IPv6 clients by `/64`), the [`AuthenticatedUser`] an
 //! authentication layer put into the request extensions, or nothing for global rules.
-//! [`RateLimitMetrics`] counts allowed, denied and failed-open checks per endpoint from the
-//! adapter's events, in Prometheus text.
+//! [`RateLimitMetrics`] counts, in Prometheus text, every decision the layer makes, on the
+//! request path (exact), and, when subscribed to the adapter's events, every check per
+//! endpoint.
 //!
 //! # Mounting on axum
 //!
