@@ -1665,15 +1665,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_check_that_has_to_wait_is_left_to_the_awaited_method_having_taken_nothing() {
+        let waits = |limiter: &TokenBucketAdapter, endpoint: &str| {
+            limiter
+                .try_check_now(endpoint, "1.2.3.4", CheckOptions::default())
+                .is_none()
+        };
         // A network store (no answer at once).
         let limiter = TokenBucketAdapter::builder(Arc::new(mock_store()), rules())
             .build()
             .unwrap();
-        assert!(
-            limiter
-                .try_check_now(LOGIN, "1.2.3.4", CheckOptions::default())
-                .is_none()
-        );
+        assert!(waits(&limiter, LOGIN));
 
         // Someone listens to the events: publishing them may wait.
         let (bus, seen) = recording_bus();
@@ -1683,22 +1684,14 @@ mod tests {
             .events(Arc::new(bus))
             .build()
             .unwrap();
-        assert!(
-            listened
-                .try_check_now(LOGIN, "1.2.3.4", CheckOptions::default())
-                .is_none()
-        );
+        assert!(waits(&listened, LOGIN));
         assert!(seen.lock().unwrap().is_empty());
 
         // Several limits: one store call over all of them, through the async port.
         let several = TokenBucketAdapter::builder(store.clone(), search_rules())
             .build()
             .unwrap();
-        assert!(
-            several
-                .try_check_now(SEARCH, "1.2.3.4", CheckOptions::default())
-                .is_none()
-        );
+        assert!(waits(&several, SEARCH));
         assert_eq!(
             several.get_remaining(SEARCH, "1.2.3.4").await.unwrap(),
             10,
@@ -1716,11 +1709,7 @@ mod tests {
             .local_fallback(fallback.clone())
             .build()
             .unwrap();
-        assert!(
-            local
-                .try_check_now(LOGIN, "1.2.3.4", CheckOptions::default())
-                .is_none()
-        );
+        assert!(waits(&local, LOGIN));
         let decided = local
             .check_opts(LOGIN, "1.2.3.4", CheckOptions::default())
             .await
