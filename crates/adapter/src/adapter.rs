@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -75,6 +76,11 @@ pub struct TokenBucketAdapter {
     on_failure: OnFailure,
     /// Endpoint → prepared limits; one hash lookup per check.
     rules: HashMap<Box<str>, PreparedEndpoint, crate::fnv::FnvBuildHasher>,
+    /// Set once the store has not answered [`BucketStore::check_now`](ratelimit_domain::BucketStore::check_now)
+    /// (a network store): [`try_check_now`](Self::try_check_now) then answers `None` before
+    /// building the bucket key, rather than on every check of a store that never answers at
+    /// once. Only a shortcut: `None` is always a correct answer.
+    store_waits: AtomicBool,
 }
 
 /// What a check answers when its store fails: the [`FailurePolicy`], with the store that the
@@ -187,6 +193,7 @@ impl TokenBucketAdapterBuilder {
             events,
             on_failure,
             rules,
+            store_waits: AtomicBool::new(false),
         })
     }
 }
@@ -255,7 +262,7 @@ impl TokenBucketAdapter {
                 .is_empty()
                 .then(|| Ok(RateLimitResult::disabled(prepared.limits.limits())));
         };
-        if self.events.is_listening() {
+        if self.store_waits.load(Ordering::Relaxed) || self.events.is_listening() {
             return None;
         }
         let one = &prepared.all[index];
@@ -279,7 +286,10 @@ impl TokenBucketAdapter {
         let request = BucketRequest::new(&key, one.limit.rule()).with_cost(cost);
         let limits = [&one.limit];
         let result = match self.store.check_now(&request) {
-            None => None,
+            None => {
+                self.store_waits.store(true, Ordering::Relaxed);
+                None
+            }
             Some(Ok(decision)) => Some(RateLimitResult::from_decisions(limits, &[decision])),
             Some(Err(err)) => self.on_failure_now(&err, &prepared.endpoint, &limits),
         };
@@ -1670,11 +1680,15 @@ mod tests {
                 .try_check_now(endpoint, "1.2.3.4", CheckOptions::default())
                 .is_none()
         };
-        // A network store (no answer at once).
-        let limiter = TokenBucketAdapter::builder(Arc::new(mock_store()), rules())
+        // A network store (no answer at once): asked once, then not again.
+        let mut network = MockBucketStore::new();
+        network.expect_check_now().times(1).returning(|_| None);
+        let limiter = TokenBucketAdapter::builder(Arc::new(network), rules())
             .build()
             .unwrap();
         assert!(waits(&limiter, LOGIN));
+        assert!(waits(&limiter, LOGIN));
+        assert!(waits(&limiter, "POST /export"));
 
         // Someone listens to the events: publishing them may wait.
         let (bus, seen) = recording_bus();
