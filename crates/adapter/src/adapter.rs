@@ -279,11 +279,8 @@ impl TokenBucketAdapter {
             Ok(key) => key,
             Err(err) => return Some(Err(err)),
         };
-        let cost = options
-            .cost
-            .filter(|&cost| cost > 0)
-            .unwrap_or(one.limit.rule().cost());
-        let request = BucketRequest::new(&key, one.limit.rule()).with_cost(cost);
+        let request =
+            BucketRequest::new(&key, one.limit.rule()).with_cost(cost_of(options, &one.limit));
         let limits = [&one.limit];
         let result = match self.store.check_now(&request) {
             None => {
@@ -413,12 +410,7 @@ impl TokenBucketAdapter {
         options: CheckOptions,
         span: &Span,
     ) -> Result<RateLimitResult> {
-        let cost_of = |limit: &Limit| {
-            options
-                .cost
-                .filter(|&cost| cost > 0)
-                .unwrap_or(limit.rule().cost())
-        };
+        let cost_of = |limit: &Limit| cost_of(options, limit);
         if let [index] = prepared.active[..] {
             // One limit: no vectors of keys, and the key in the thread's reused buffer.
             let one = &prepared.all[index];
@@ -690,6 +682,15 @@ impl TokenBucketAdapter {
             }
         }
     }
+}
+
+/// What a check takes from `limit`: the explicit cost of `options`, or the limit's own when
+/// there is none (or it is zero).
+fn cost_of(options: CheckOptions, limit: &Limit) -> u64 {
+    options
+        .cost
+        .filter(|&cost| cost > 0)
+        .unwrap_or(limit.rule().cost())
 }
 
 thread_local! {

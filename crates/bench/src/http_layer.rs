@@ -107,6 +107,22 @@ struct Results {
 }
 
 impl Results {
+    /// One round of this contender: `count` responses in `round`, their latencies, and how
+    /// many were not `200`.
+    fn record(
+        &mut self,
+        count: u64,
+        latency: &Histogram<u64>,
+        errors: u64,
+        round: Duration,
+    ) -> BoxResult<()> {
+        #[allow(clippy::cast_precision_loss)] // request counts are far below 2^52
+        self.rates.push(count as f64 / round.as_secs_f64());
+        self.latency.add(latency)?;
+        self.errors += errors;
+        Ok(())
+    }
+
     /// Empty results, one per contender.
     fn for_each(contenders: &[&str]) -> BoxResult<Vec<Self>> {
         contenders
@@ -156,11 +172,7 @@ pub(crate) fn run(args: &HttpArgs) -> BoxResult<()> {
                 let contender = (i + r) % NAMES.len();
                 let (count, latency, errors) =
                     load.block_on(drive(addrs[contender], connections, round))?;
-                let results = &mut results[contender];
-                #[allow(clippy::cast_precision_loss)] // request counts are far below 2^52
-                results.rates.push(count as f64 / round.as_secs_f64());
-                results.latency.add(&latency)?;
-                results.errors += errors;
+                results[contender].record(count, &latency, errors, round)?;
             }
         }
         print_table(connections, &results);
@@ -253,11 +265,7 @@ fn redis_split(
                     2 => load.block_on(drive_adapter(&adapter, connections, round))?,
                     _ => load.block_on(raw.drive(connections, round))?,
                 };
-                let results = &mut results[contender];
-                #[allow(clippy::cast_precision_loss)] // request counts are far below 2^52
-                results.rates.push(count as f64 / round.as_secs_f64());
-                results.latency.add(&latency)?;
-                results.errors += errors;
+                results[contender].record(count, &latency, errors, round)?;
             }
         }
         print_redis_table(connections, &results);

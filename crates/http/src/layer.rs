@@ -1035,3 +1035,60 @@ fn quota_exceeded<B: From<String>>(
         crate::headers::RESERVE,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+    use std::convert::Infallible;
+
+    use axum::body::Body;
+    use ratelimit_adapter::RateLimitRule;
+    use ratelimit_container::{Container, ContainerConfig};
+    use tower::service_fn;
+
+    use super::*;
+
+    /// On the memory store with nobody listening to the events, the check is made in `call` and
+    /// the layer's future is the inner service's own; with a listener it waits in a boxed one.
+    /// Both answer the same.
+    #[tokio::test]
+    async fn an_in_process_check_returns_the_inner_future_without_a_box() {
+        for (events, kind) in [(false, "inner"), (true, "waiting")] {
+            let rules = RuleSet::try_from_rules([(
+                "GET /x",
+                RateLimitRule::new(RateLimitScope::Global, 5, 5.0).unwrap(),
+            )])
+            .unwrap();
+            let container =
+                Container::build(ContainerConfig::memory(rules).with_event_logging(events))
+                    .await
+                    .unwrap();
+            let layer = RateLimitLayer::from_adapter(container.adapter().clone());
+            let mut service = layer.layer(service_fn(|_: Request<Body>| async {
+                Ok::<_, Infallible>(Response::new(Body::empty()))
+            }));
+            for remaining in (0..5).rev() {
+                let request = Request::get("/x").body(Body::empty()).unwrap();
+                let future = service.call(request);
+                assert!(
+                    format!("{future:?}").contains(kind),
+                    "events {events}: {future:?}"
+                );
+                let response = future.await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                let t = if remaining == 0 { 12 } else { 0 };
+                assert_eq!(
+                    response.headers()["ratelimit"],
+                    format!("\"GET /x\";r={remaining};t={t}").as_str()
+                );
+            }
+            let refused = service
+                .call(Request::get("/x").body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(refused.headers()["retry-after"], "12");
+        }
+    }
+}
