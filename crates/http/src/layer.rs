@@ -603,13 +603,10 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        // The clone that was polled ready serves this request; a fresh clone waits for the next.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = &self.shared;
         let Some((index, endpoint)) = endpoint_of(shared, &request).filter(|(_, e)| e.enabled)
         else {
-            return ResponseFuture::inner(inner.call(request), None);
+            return ResponseFuture::inner(self.inner.call(request), None);
         };
         // DEBUG, not INFO: at the usual INFO filter a disabled span costs one level check, and
         // nothing is formatted; the INFO and WARN events below carry the endpoint themselves.
@@ -621,7 +618,7 @@ where
             refused_by = field::Empty,
         );
         let (parts, body) = request.into_parts();
-        let prepared = span.in_scope(|| prepare(shared, endpoint, &parts, &span));
+        let prepared = within(&span, || prepare(shared, endpoint, &parts, &span));
         let request = Request::from_parts(parts, body);
         let (identifier, cost) = match prepared {
             Ok(prepared) => prepared,
@@ -637,11 +634,17 @@ where
             && let Rules::Adapter(adapter) = &shared.rules
             && let Some(checked) = adapter.try_check_now(&endpoint.name, &identifier, options)
         {
+            // Decided here, so the service that was polled ready serves the request at once:
+            // no clone of it.
             return match decide(shared, endpoint, identifier, cost, checked, &span) {
                 Plan::Respond(response) => ResponseFuture::ready(response),
-                Plan::Pass { headers } => ResponseFuture::inner(inner.call(request), headers),
+                Plan::Pass { headers } => ResponseFuture::inner(self.inner.call(request), headers),
             };
         }
+        // The service that was polled ready serves this request from the boxed future; a fresh
+        // clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = shared.clone();
         ResponseFuture::waiting(Box::pin(async move {
             let Some(endpoint) = shared.endpoints.at(index) else {
@@ -719,7 +722,9 @@ fn decide<B: From<String>>(
             return Plan::Respond(rejection_response(&rejection));
         }
     };
-    let plan = span.in_scope(|| plan(shared, endpoint, &identifier, cost, &result, span));
+    let plan = within(span, || {
+        plan(shared, endpoint, &identifier, cost, &result, span)
+    });
     recycle(identifier);
     plan
 }
@@ -806,6 +811,16 @@ thread_local! {
 /// requests so that identifying a request allocates nothing.
 static IDENTIFIER_BUFFER: ratelimit_adapter::SpareString =
     ratelimit_adapter::SpareString::new(&IDENTIFIER_CELL);
+
+/// Runs `f` inside `span`, or simply runs it when the span is disabled (entering and leaving a
+/// disabled span still costs a few checks per request).
+fn within<R>(span: &Span, f: impl FnOnce() -> R) -> R {
+    if span.is_disabled() {
+        f()
+    } else {
+        span.in_scope(f)
+    }
+}
 
 /// Gives back the identifier's buffer, if it has one.
 fn recycle(identifier: Cow<'static, str>) {
