@@ -99,6 +99,11 @@ impl RedisConfig {
     /// connection"). Raise it when a single connection's task becomes the bottleneck on a
     /// many-core host.
     pub const DEFAULT_POOL_SIZE: u32 = 1;
+    /// Default pool size on a Redis Cluster ([`cluster`](Self::cluster)): four connections.
+    /// Each cluster connection carries at most 16 calls at once (a guard against a redis-rs
+    /// deadlock, docs/lua.md, "Redis Cluster"), which on one connection cost a third of the
+    /// checks/s at 64 concurrent checks; four connections regained them.
+    pub const DEFAULT_CLUSTER_POOL_SIZE: u32 = 4;
     /// Whether checks are coalesced unless [`with_coalescing`](Self::with_coalescing) says
     /// otherwise: not yet. On 2 shared cores coalescing gave 1.0x–1.5x the checks/s of one
     /// script call per check from 16 tasks on, short of the 2x its issue set as the condition for
@@ -128,11 +133,14 @@ impl RedisConfig {
     }
 
     /// Settings for a Redis Cluster reachable through `nodes` (at least one node's URL; the
-    /// others are discovered), with the default pool size and deadlines.
+    /// others are discovered), with the cluster's default pool size
+    /// ([`DEFAULT_CLUSTER_POOL_SIZE`](Self::DEFAULT_CLUSTER_POOL_SIZE)) and the default
+    /// deadlines.
     pub fn cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
         let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
         let mut config = Self::new(nodes.first().cloned().unwrap_or_default());
         config.cluster_nodes = nodes;
+        config.pool_size = Self::DEFAULT_CLUSTER_POOL_SIZE;
         config
     }
 
@@ -257,6 +265,14 @@ mod tests {
             let err = bad.parse::<KeyLayout>().unwrap_err();
             assert!(err.contains("two-keys or compact"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_cluster_gets_its_own_default_pool_size_which_settings_still_override() {
+        assert_eq!(RedisConfig::new("redis://h:1").pool_size, 1);
+        let cluster = RedisConfig::cluster(["redis://a:1", "redis://b:2"]);
+        assert_eq!(cluster.pool_size, RedisConfig::DEFAULT_CLUSTER_POOL_SIZE);
+        assert_eq!(cluster.with_pool_size(2).pool_size, 2);
     }
 
     #[test]

@@ -74,11 +74,10 @@ pub struct ServerArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,
 
-    /// Multiplexed connections to Redis.
+    /// Multiplexed connections to Redis [default: 1, or 4 on a Redis Cluster].
     #[arg(long, value_name = "N", env = "RATELIMIT_REDIS_POOL_SIZE",
-          default_value_t = RedisConfig::DEFAULT_POOL_SIZE,
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub redis_pool_size: u32,
+    pub redis_pool_size: Option<u32>,
 
     /// How buckets are stored in Redis: `two-keys` or `compact` (docs/lua.md).
     #[arg(long, value_name = "two-keys|compact", env = "RATELIMIT_REDIS_LAYOUT",
@@ -218,8 +217,10 @@ pub fn container_config(args: &ServerArgs) -> ContainerConfig {
         };
         redis = redis
             .with_layout(args.redis_layout)
-            .with_check_timeout(Duration::from_millis(args.redis_timeout_ms))
-            .with_pool_size(args.redis_pool_size);
+            .with_check_timeout(Duration::from_millis(args.redis_timeout_ms));
+        if let Some(size) = args.redis_pool_size {
+            redis = redis.with_pool_size(size);
+        }
         if let Some(ca) = &args.redis_ca_file {
             redis = redis.with_ca_file(ca.clone());
         }
@@ -411,5 +412,38 @@ mod tests {
         assert_eq!(args.http_listen.to_string(), "127.0.0.1:8080");
         assert_eq!(args.failure_policy, FailurePolicy::Open);
         assert!(ServerArgs::try_parse_from(["ratelimit-server"]).is_err());
+    }
+
+    /// The pool size of the Redis settings the arguments give.
+    fn pool_size(args: &[&str]) -> u32 {
+        let args = ServerArgs::try_parse_from(args).unwrap();
+        match container_config(&args).backend {
+            Backend::Redis(redis) => redis.pool_size,
+            other => panic!("expected Redis settings, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_pool_size_defaults_per_kind_of_redis_and_an_explicit_one_wins() {
+        let single = [
+            "ratelimit-server",
+            "--config",
+            "x.yaml",
+            "--redis-url",
+            "h:1",
+        ];
+        let cluster = [&single[..], &["--redis-cluster"]].concat();
+        assert_eq!(pool_size(&single), RedisConfig::DEFAULT_POOL_SIZE);
+        assert_eq!(pool_size(&cluster), RedisConfig::DEFAULT_CLUSTER_POOL_SIZE);
+        assert_eq!(
+            pool_size(&[&single[..], &["--redis-pool-size", "3"]].concat()),
+            3
+        );
+        assert_eq!(
+            pool_size(&[&cluster[..], &["--redis-pool-size", "1"]].concat()),
+            1
+        );
+        let zero = [&single[..], &["--redis-pool-size", "0"]].concat();
+        assert!(ServerArgs::try_parse_from(zero).is_err());
     }
 }
