@@ -26,6 +26,21 @@
 -- is always renewed and no expiry is recorded. docs/lua.md has the limits, docs/performance.md
 -- ("Compact script") what each choice here saves.
 
+-- Every call of a C function (redis.call, struct.*, math.*, tonumber) costs Redis a few hundred
+-- instructions besides its work, and every read of a global a table lookup, so the step below
+-- reads each global at most once and calls neither math.floor nor math.min, nor tonumber on
+-- Redis's clock:
+-- - a remaining count is replied as the number itself: Redis turns a Lua number into an integer
+--   reply by a C cast, which truncates, and truncating a number >= 0 is flooring it (every
+--   remaining count is >= 0: max_tokens >= 1, refill_rate > 0, stored tokens >= 0);
+-- - math.min(a, b) returns b if b < a, else a: written out as that comparison;
+-- - math.floor(x) of a finite x >= 0 is x - x % 1: Lua 5.1 computes a % b as a - floor(a / b) * b,
+--   so x % 1 is x - floor(x), exact in doubles (floor(x) is 0 or within a factor 2 of x), and
+--   subtracting it from x leaves floor(x) exactly;
+-- - arithmetic on a numeric string converts it as tonumber does (the same C conversion).
+local call = redis.call
+local struct = struct
+local key = KEYS[1]
 local args = ARGV[1]
 local max_tokens, refill_rate, cost = struct.unpack('<ddd', args)
 
@@ -35,14 +50,14 @@ local explicit = clock and clock ~= ''
 if explicit then
   now = tonumber(clock)
 else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local t = call('TIME')
+  now = t[1] + t[2] / 1000000
 end
 
 local tokens, last
 -- 0: no expiry recorded, so the next write renews it.
 local expires = 0
-local stored = redis.call('GET', KEYS[1])
+local stored = call('GET', key)
 local size = stored and #stored
 if size == 20 then
   tokens, last, expires = struct.unpack('<ddI4', stored)
@@ -65,18 +80,21 @@ local elapsed = now - last
 if elapsed < 0 then
   elapsed = 0
 end
-local current = math.min(max_tokens, tokens + elapsed * refill_rate / 60)
+local current = tokens + elapsed * refill_rate / 60
+if not (current < max_tokens) then
+  current = max_tokens
+end
 -- The stored time never moves backwards: a caller whose clock is behind earns nothing.
 if now > last then
   last = now
 end
 
 if cost == 0 then
-  return math.floor(current)
+  return current
 end
 -- A cost above capacity (+inf from the caller) waits for ever and takes nothing: no write.
 if cost > max_tokens then
-  return { 0, 'inf', math.floor(current) }
+  return { 0, 'inf', current }
 end
 
 local left = current
@@ -87,19 +105,22 @@ end
 -- The bucket is full again (and the key may go) `refill time` seconds after `last`, which is
 -- never before now.
 if not explicit and expires - last >= (max_tokens - left) / (refill_rate / 60) + 30 then
-  redis.call('SETRANGE', KEYS[1], '0', struct.pack('<dd', left, last))
+  call('SETRANGE', key, '0', struct.pack('<dd', left, last))
 else
   local ttl = string.sub(args, 25)
   expires = 0
   if not explicit then
-    expires = math.min(math.floor(now + tonumber(ttl)), 4294967295)
+    expires = now + ttl
+    expires = expires - expires % 1
+    if 4294967295 < expires then
+      expires = 4294967295
+    end
   end
-  redis.call('SETEX', KEYS[1], ttl, struct.pack('<ddI4', left, last, expires))
+  call('SETEX', key, ttl, struct.pack('<ddI4', left, last, expires))
 end
 
 if current >= cost then
-  return math.floor(left)
+  return left
 end
 -- Nothing refills until now reaches last (0 unless a clock went back), then the refill.
-return { 0, string.format('%.17g', (last - now) + (cost - current) / (refill_rate / 60)),
-  math.floor(current) }
+return { 0, string.format('%.17g', (last - now) + (cost - current) / (refill_rate / 60)), current }

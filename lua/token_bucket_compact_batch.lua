@@ -35,18 +35,21 @@
 --   one, so a key read as missing is created with SET … NX: a key of another type refuses it,
 --   and the entry fails with nothing written. An entry that writes nothing (cost 0, cost above
 --   capacity) or a group's missing bucket is told apart with a GET.
--- - a key written earlier in the batch is read from `written`, not from the MGET, and its
---   writes after the first are deferred to the end of the batch, where it is written once more
---   with its last value (a hot bucket: two writes per batch instead of one per check). Its
+-- - a key written earlier in the batch is read from what the batch wrote, not from the MGET, and
+--   its writes after the first are deferred to the end of the batch, where it is written once
+--   more with its last value (a hot bucket: two writes per batch instead of one per check). Its
 --   lifetime ends as the writes one by one would have left it: renewed by the last write that
---   renews it, else kept.
+--   renews it, else kept. What the batch wrote is kept as the three numbers rather than the
+--   packed value: unpacking struct.pack('<ddI4', tokens, last, expires) gives back exactly those
+--   numbers (the doubles are copied bit for bit; expires is a whole number below 2^32), so a
+--   repeated key is read without a struct.unpack, and packed only for a write Redis sees.
 -- - a write that keeps the key's lifetime overwrites the whole 20-byte value in place
 --   (SETRANGE at 0: the recorded expiry is rewritten unchanged).
 
 -- Globals read once: each global and field read costs a table lookup per use.
 local call, rpcall = redis.call, redis.pcall
 local spack, sunpack = struct.pack, struct.unpack
-local floor, min = math.floor, math.min
+local keys = KEYS
 
 local t = call('TIME')
 local clock = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -62,55 +65,72 @@ for r = 1, count do
     tonumber(ttl) }
 end
 
-local values = call('MGET', unpack(KEYS))
--- What the batch has written so far, by key. A key's first write is made at once; the writes
+local values = call('MGET', unpack(keys))
+-- What the batch has written so far, by key: the tokens, last and expires of the key's last
+-- value (the flags say which keys to keep). A key's first write is made at once; the writes
 -- after it are deferred to the end of the batch: `order` lists those keys, `pending` holds the
 -- lifetime to renew each with (false: keep the key's lifetime).
-local written = {}
+local w_tokens, w_last, w_expires = {}, {}, {}
 local order, pending
 local deferred = 0
 local WRONGTYPE = 'WRONGTYPE Operation against a key holding the wrong kind of value'
 
 -- Sized once for every entry (a table grown one element at a time is rebuilt at every power
 -- of two); the elements past the last entry are cleared before the reply.
-local replies = { unpack(KEYS) }
+local replies = { unpack(keys) }
 local n = 0
 local i = 0
 local size = #data
 -- The steps below are lua/token_bucket_compact.lua's, written out for a single entry and again
 -- for a group's buckets rather than shared through Lua functions: a closure per batch and a
 -- call per step cost Redis more than the arithmetic itself (crates/bench/callgrind/batch.sh).
+-- For the same reason no math.floor or math.min is called per entry (each call of a C function
+-- costs Redis a few hundred instructions; these are a handful of bytecodes):
+-- - a remaining count is replied as the number itself: Redis turns a Lua number into an integer
+--   reply by a C cast, which truncates, and truncating a number >= 0 is flooring it (every
+--   remaining count is >= 0: max_tokens >= 1, refill_rate > 0, stored tokens >= 0);
+-- - math.min(a, b) returns b if b < a, else a: written out as that comparison;
+-- - math.floor(x) of a finite x >= 0 is x - x % 1: Lua 5.1 computes a % b as a - floor(a / b) * b,
+--   so x % 1 is x - floor(x), exact in doubles (floor(x) is 0 or within a factor 2 of x), and
+--   subtracting it from x leaves floor(x) exactly.
+-- The single entry's rule numbers are kept in locals while consecutive entries share a rule.
+local rule_no = 0
+local rule, max_tokens, refill_rate, per_second
 while pos <= size do
-  local kind, flags, count, cost, now
-  kind, flags, count, cost, now, pos = sunpack('<BBHdd', data, pos)
-  local explicit = now >= 0
-  if not explicit then
+  -- Unpacked into fresh locals: assigning a call's results to existing ones costs a move each.
+  local kind, flags, count, cost, now, after = sunpack('<BBHdd', data, pos)
+  pos = after
+  local explicit = false
+  if now >= 0 then
+    explicit = true
+  else
     now = clock
   end
   n = n + 1
   if kind == 0 then
     i = i + 1
-    local rule = rules[count]
-    local key = KEYS[i]
+    if count ~= rule_no then
+      rule_no = count
+      rule = rules[count]
+      max_tokens, refill_rate, per_second = rule[1], rule[2], rule[3]
+    end
+    local key = keys[i]
     -- Read from the batch's own writes when the key came earlier in the batch (flag 1) and was
-    -- written there; otherwise from the MGET.
-    local stored
-    if flags % 2 == 1 then
-      stored = written[key]
-    end
-    local again = stored ~= nil
-    if not again then
-      stored = values[i]
-    end
-    local tokens, last
+    -- written there (`again`: its `last`, a number, else false or nil); otherwise from the MGET.
+    local again = flags % 2 == 1 and w_last[key]
+    local stored, tokens, last
     local expires = 0
-    local size = stored and #stored
-    if size == 20 then
-      tokens, last, expires = sunpack('<ddI4', stored)
-    elseif size == 16 then
-      tokens, last = sunpack('<dd', stored)
+    if again then
+      tokens, last, expires = w_tokens[key], again, w_expires[key]
+    else
+      stored = values[i]
+      local size = stored and #stored
+      if size == 20 then
+        tokens, last, expires = sunpack('<ddI4', stored)
+      elseif size == 16 then
+        tokens, last = sunpack('<dd', stored)
+      end
     end
-    local max_tokens = rule[1]
     if not (tokens and tokens >= 0 and tokens <= max_tokens and last >= 0
         and (last <= now or last - now <= rule[4])) then
       tokens = max_tokens
@@ -121,37 +141,40 @@ while pos <= size do
     if elapsed < 0 then
       elapsed = 0
     end
-    local current = min(max_tokens, tokens + elapsed * rule[2] / 60)
+    local current = tokens + elapsed * refill_rate / 60
+    if not (current < max_tokens) then
+      current = max_tokens
+    end
     if now > last then
       last = now
     end
     if cost == 0 or cost > max_tokens then
       -- Nothing written: a key read as missing may hold another type, which GET tells.
-      local got = not stored and rpcall('GET', key)
+      local got = not (again or stored) and rpcall('GET', key)
       if type(got) == 'table' then
         replies[n] = { -1, got.err or WRONGTYPE }
       elseif cost == 0 then
-        replies[n] = floor(current)
+        replies[n] = current
       else
-        replies[n] = { 0, spack('<d', math.huge), floor(current) }
+        replies[n] = { 0, spack('<d', math.huge), current }
       end
     else
       local left = current
       if current >= cost then
         left = current - cost
       end
-      local value
       local ok = true
       -- The lifetime to give the key, or false to keep it.
       local renew = false
-      if not explicit and expires - last >= (max_tokens - left) / rule[3] + 30 then
-        value = spack('<ddI4', left, last, expires)
-      else
+      if explicit or not (expires - last >= (max_tokens - left) / per_second + 30) then
         expires = 0
         if not explicit then
-          expires = min(floor(now + rule[6]), 4294967295)
+          expires = now + rule[6]
+          expires = expires - expires % 1
+          if 4294967295 < expires then
+            expires = 4294967295
+          end
         end
-        value = spack('<ddI4', left, last, expires)
         renew = rule[5]
       end
       if again then
@@ -169,24 +192,23 @@ while pos <= size do
           pending[key] = renew
         end
       elseif not renew then
-        call('SETRANGE', key, '0', value)
+        call('SETRANGE', key, '0', spack('<ddI4', left, last, expires))
       elseif stored then
-        call('SETEX', key, renew, value)
+        call('SETEX', key, renew, spack('<ddI4', left, last, expires))
       else
-        ok = call('SET', key, value, 'EX', renew, 'NX')
+        ok = call('SET', key, spack('<ddI4', left, last, expires), 'EX', renew, 'NX')
       end
       if not ok then
         replies[n] = { -1, WRONGTYPE }
       else
         -- Kept for the entries after it on the same key (flag 2), and for the deferred write.
         if again or flags >= 2 then
-          written[key] = value
+          w_tokens[key], w_last[key], w_expires[key] = left, last, expires
         end
         if current >= cost then
-          replies[n] = floor(left)
+          replies[n] = left
         else
-          replies[n] = { 0, spack('<d', (last - now) + (cost - current) / rule[3]),
-            floor(current) }
+          replies[n] = { 0, spack('<d', (last - now) + (cost - current) / per_second), current }
         end
       end
     end
@@ -199,28 +221,26 @@ while pos <= size do
       local bucket_flags, r, bucket_cost
       bucket_flags, r, bucket_cost, pos = sunpack('<BHd', data, pos)
       local rule = rules[r]
-      local key = KEYS[i + j]
-      local stored
-      if bucket_flags % 2 == 1 then
-        stored = written[key]
-      end
-      local again = stored ~= nil
-      if not again then
-        stored = values[i + j]
+      local key = keys[i + j]
+      local again = bucket_flags % 2 == 1 and w_last[key]
+      local tokens, last
+      local expires = 0
+      if again then
+        tokens, last, expires = w_tokens[key], again, w_expires[key]
+      else
+        local stored = values[i + j]
         if not stored and not failed then
           local got = rpcall('GET', key)
           if type(got) == 'table' then
             failed = 'WRONGTYPE bucket ' .. j .. ': ' .. (got.err or WRONGTYPE)
           end
         end
-      end
-      local tokens, last
-      local expires = 0
-      local size = stored and #stored
-      if size == 20 then
-        tokens, last, expires = sunpack('<ddI4', stored)
-      elseif size == 16 then
-        tokens, last = sunpack('<dd', stored)
+        local size = stored and #stored
+        if size == 20 then
+          tokens, last, expires = sunpack('<ddI4', stored)
+        elseif size == 16 then
+          tokens, last = sunpack('<dd', stored)
+        end
       end
       local max_tokens = rule[1]
       if not (tokens and tokens >= 0 and tokens <= max_tokens and last >= 0
@@ -233,7 +253,10 @@ while pos <= size do
       if elapsed < 0 then
         elapsed = 0
       end
-      local current = min(max_tokens, tokens + elapsed * rule[2] / 60)
+      local current = tokens + elapsed * rule[2] / 60
+      if not (current < max_tokens) then
+        current = max_tokens
+      end
       if now > last then
         last = now
       end
@@ -258,33 +281,32 @@ while pos <= size do
         if b[7] then
           if all_had and bucket_cost ~= 0 then
             left = current - bucket_cost
-            group[j] = floor(left)
+            group[j] = left
           else
-            group[j] = floor(current)
+            group[j] = current
           end
         elseif b[8] then
-          group[j] = { 0, spack('<d', math.huge), floor(current) }
+          group[j] = { 0, spack('<d', math.huge), current }
         else
           left = current
-          group[j] = { 0, spack('<d', (last - now) + (bucket_cost - current) / rule[3]),
-            floor(current) }
+          group[j] = { 0, spack('<d', (last - now) + (bucket_cost - current) / rule[3]), current }
         end
         if left then
           local key = b[9]
           local renew = false
-          local value
-          if not explicit and expires - last >= (rule[1] - left) / rule[3] + 30 then
-            value = spack('<ddI4', left, last, expires)
-          else
+          if explicit or not (expires - last >= (rule[1] - left) / rule[3] + 30) then
             expires = 0
             if not explicit then
-              expires = min(floor(now + rule[6]), 4294967295)
+              expires = now + rule[6]
+              expires = expires - expires % 1
+              if 4294967295 < expires then
+                expires = 4294967295
+              end
             end
-            value = spack('<ddI4', left, last, expires)
             renew = rule[5]
           end
           if b[6] or b[10] then
-            written[key] = value
+            w_tokens[key], w_last[key], w_expires[key] = left, last, expires
           end
           if b[6] then
             -- Written earlier in this batch: as for a single entry.
@@ -301,9 +323,9 @@ while pos <= size do
             end
           elseif renew then
             -- A missing key was told apart from one of another type in phase 1.
-            call('SETEX', key, renew, value)
+            call('SETEX', key, renew, spack('<ddI4', left, last, expires))
           else
-            call('SETRANGE', key, '0', value)
+            call('SETRANGE', key, '0', spack('<ddI4', left, last, expires))
           end
         end
       end
@@ -319,14 +341,15 @@ end
 for d = 1, deferred do
   local key = order[d]
   local renew = pending[key]
+  local value = spack('<ddI4', w_tokens[key], w_last[key], w_expires[key])
   if renew then
-    call('SETEX', key, renew, written[key])
+    call('SETEX', key, renew, value)
   else
-    call('SETRANGE', key, '0', written[key])
+    call('SETRANGE', key, '0', value)
   end
 end
 
-for k = n + 1, #KEYS do
+for k = n + 1, #keys do
   replies[k] = nil
 end
 return replies

@@ -18,28 +18,36 @@
 -- keeps or renews the key's lifetime exactly as the single script does. See docs/lua.md
 -- ("Several limits in one check").
 
-local n = #KEYS
+-- As lua/token_bucket_compact.lua (which says why each is exact), each global is read once and
+-- neither math.floor, math.min nor tonumber on Redis's clock is called (a C call costs Redis a
+-- few hundred instructions): a remaining count (>= 0) is replied as the number itself, which
+-- Redis truncates to an integer, that is floors; math.min(a, b) is b if b < a, else a; the
+-- floor of a finite x >= 0 is x - x % 1.
+local call, rpcall = redis.call, redis.pcall
+local struct = struct
+local keys, argv = KEYS, ARGV
+local n = #keys
 
 local now
-local clock = ARGV[1]
+local clock = argv[1]
 local explicit = clock and clock ~= ''
 if explicit then
   now = tonumber(clock)
 else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local t = call('TIME')
+  now = t[1] + t[2] / 1000000
 end
 
 -- Phase 1: every bucket's step, nothing written yet.
 local buckets = {}
 local all_had = true
 for i = 1, n do
-  local args = ARGV[i + 1]
+  local args = argv[i + 1]
   local max_tokens, refill_rate, cost = struct.unpack('<ddd', args)
 
   local tokens, last
   local expires = 0
-  local stored = redis.pcall('GET', KEYS[i])
+  local stored = rpcall('GET', keys[i])
   if type(stored) == 'table' and stored.err then
     return redis.error_reply('WRONGTYPE bucket ' .. i .. ': ' .. stored.err)
   end
@@ -61,7 +69,10 @@ for i = 1, n do
   if elapsed < 0 then
     elapsed = 0
   end
-  local current = math.min(max_tokens, tokens + elapsed * refill_rate / 60)
+  local current = tokens + elapsed * refill_rate / 60
+  if not (current < max_tokens) then
+    current = max_tokens
+  end
   if now > last then
     last = now
   end
@@ -79,14 +90,18 @@ end
 -- bucket is full again with 30 s to spare, as lua/token_bucket_compact.lua.
 local function write(i, b, left)
   if not explicit and b.expires - b.last >= (b.max_tokens - left) / (b.refill_rate / 60) + 30 then
-    redis.call('SETRANGE', KEYS[i], '0', struct.pack('<dd', left, b.last))
+    call('SETRANGE', keys[i], '0', struct.pack('<dd', left, b.last))
   else
     local ttl = string.sub(b.args, 25)
     local expires = 0
     if not explicit then
-      expires = math.min(math.floor(now + tonumber(ttl)), 4294967295)
+      expires = now + ttl
+      expires = expires - expires % 1
+      if 4294967295 < expires then
+        expires = 4294967295
+      end
     end
-    redis.call('SETEX', KEYS[i], ttl, struct.pack('<ddI4', left, b.last, expires))
+    call('SETEX', keys[i], ttl, struct.pack('<ddI4', left, b.last, expires))
   end
 end
 
@@ -99,20 +114,20 @@ for i = 1, n do
     if all_had and b.cost ~= 0 then
       local left = b.current - b.cost
       write(i, b, left)
-      reply[at], reply[at + 1], reply[at + 2] = 1, '0', math.floor(left)
+      reply[at], reply[at + 1], reply[at + 2] = 1, '0', left
     else
       -- A read, or had its cost while another bucket lacked its own: nothing taken or written.
-      reply[at], reply[at + 1], reply[at + 2] = 1, '0', math.floor(b.current)
+      reply[at], reply[at + 1], reply[at + 2] = 1, '0', b.current
     end
   elseif b.never then
-    reply[at], reply[at + 1], reply[at + 2] = 0, 'inf', math.floor(b.current)
+    reply[at], reply[at + 1], reply[at + 2] = 0, 'inf', b.current
   else
     write(i, b, b.current)
     -- Nothing refills until now reaches last (0 unless a clock went back), then the refill.
     reply[at] = 0
     reply[at + 1] = string.format('%.17g',
       (b.last - now) + (b.cost - b.current) / (b.refill_rate / 60))
-    reply[at + 2] = math.floor(b.current)
+    reply[at + 2] = b.current
   end
 end
 return reply
