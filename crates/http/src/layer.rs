@@ -1060,16 +1060,41 @@ mod tests {
     use axum::body::Body;
     use ratelimit_adapter::RateLimitRule;
     use ratelimit_container::{Container, ContainerConfig};
-    use tower::service_fn;
 
     use super::*;
 
+    /// An inner service that counts its clones.
+    #[derive(Debug)]
+    struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Self(self.0.clone())
+        }
+    }
+
+    impl Service<Request<Body>> for Counted {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<Body>) -> Self::Future {
+            std::future::ready(Ok(Response::new(Body::empty())))
+        }
+    }
+
     /// On the memory store with nobody listening to the events, the check is made in `call` and
-    /// the layer's future is the inner service's own; with a listener it waits in a boxed one.
-    /// Both answer the same.
+    /// the layer's future is the inner service's own, the service that was polled ready serving
+    /// the request without a clone; with a listener it waits in a boxed one, which takes the
+    /// service and leaves a clone in its place. Both answer the same.
     #[tokio::test]
     async fn an_in_process_check_returns_the_inner_future_without_a_box() {
-        for (events, kind) in [(false, "inner"), (true, "waiting")] {
+        for (events, kind, clones) in [(false, "inner", 0), (true, "waiting", 6)] {
             let rules = RuleSet::try_from_rules([(
                 "GET /x",
                 RateLimitRule::new(RateLimitScope::Global, 5, 5.0).unwrap(),
@@ -1080,9 +1105,8 @@ mod tests {
                     .await
                     .unwrap();
             let layer = RateLimitLayer::from_adapter(container.adapter().clone());
-            let mut service = layer.layer(service_fn(|_: Request<Body>| async {
-                Ok::<_, Infallible>(Response::new(Body::empty()))
-            }));
+            let cloned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut service = layer.layer(Counted(cloned.clone()));
             for remaining in (0..5).rev() {
                 let request = Request::get("/x").body(Body::empty()).unwrap();
                 let future = service.call(request);
@@ -1104,6 +1128,11 @@ mod tests {
                 .unwrap();
             assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
             assert_eq!(refused.headers()["retry-after"], "12");
+            assert_eq!(
+                cloned.load(std::sync::atomic::Ordering::Relaxed),
+                clones,
+                "events {events}: clones of the inner service"
+            );
         }
     }
 }
