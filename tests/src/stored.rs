@@ -99,3 +99,37 @@ pub fn seed(conn: &mut redis::Connection, key: &BucketKey, value: &GarbageValue)
         GarbageValue::Compact(bytes) => set(conn, format!("{}:tb", key.as_str()), bytes),
     }
 }
+
+/// Asserts that the expiry a compact bucket records in its value (the last 4 bytes, whole
+/// seconds since the epoch) is the one Redis keeps for its key, within 2 s. The scripts decide
+/// from the recorded expiry when to renew the key, so a wrong one lets an active bucket expire
+/// (and come back full) or renews it for nothing.
+///
+/// # Panics
+/// When it is not (a failed test), or when Redis does not answer.
+pub fn assert_recorded_expiry(conn: &mut redis::Connection, key: &BucketKey) {
+    let name = &redis_keys(key, KeyLayout::Compact, false)[0];
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(name)
+        .query(conn)
+        .unwrap_or_else(|err| panic!("GET {name}: {err}"));
+    let Some(field) = value.get(16..20).filter(|_| value.len() == 20) else {
+        panic!("{name}: a compact value is 20 bytes, got {value:?}");
+    };
+    let mut bytes = [0_u8; 4];
+    bytes.copy_from_slice(field);
+    let recorded = u64::from(u32::from_le_bytes(bytes));
+    let left_ms: i64 = redis::cmd("PTTL")
+        .arg(name)
+        .query(conn)
+        .unwrap_or_else(|err| panic!("PTTL {name}: {err}"));
+    assert!(left_ms > 0, "{name}: PTTL {left_ms}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let expires = (now + std::time::Duration::from_millis(left_ms.unsigned_abs())).as_secs();
+    assert!(
+        recorded.abs_diff(expires) <= 2,
+        "{name}: records expiry {recorded}, Redis expires it at {expires}"
+    );
+}

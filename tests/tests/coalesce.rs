@@ -25,6 +25,7 @@ use ratelimit_tests::contract::{
     store_decisions, stored_garbage,
 };
 use ratelimit_tests::redis_server::{RedisServer, TestRedis, unique_prefix};
+use ratelimit_tests::stored::assert_recorded_expiry;
 use tokio::task::JoinSet;
 
 const LAYOUTS: [KeyLayout; 2] = [KeyLayout::TwoKeys, KeyLayout::Compact];
@@ -336,6 +337,12 @@ fn assert_lives(server: &RedisServer, bucket: &BucketKey, layout: KeyLayout, ttl
     }
 }
 
+/// [`assert_recorded_expiry`] over a connection of its own to `server`.
+fn assert_expiry_on(server: &RedisServer, bucket: &BucketKey) {
+    let client = redis::Client::open(server.url()).unwrap();
+    assert_recorded_expiry(&mut client.get_connection().unwrap(), bucket);
+}
+
 /// A spawned check: its bucket, how long it took, what it answered.
 type Checked = (
     BucketKey,
@@ -601,6 +608,66 @@ async fn a_key_repeated_in_a_batch_is_stepped_in_order() {
         // to the end of the batch): the bucket holds its last state and still expires.
         assert_eq!(store.get_remaining(&shared, &rule, None).await.unwrap(), 0);
         assert_lives(&server, &shared, layout, rule.storage_ttl_seconds());
+        if layout == KeyLayout::Compact {
+            assert_expiry_on(&server, &shared);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buckets_repeated_in_a_batch_across_groups_record_the_expiry_redis_keeps() {
+    // Group entries (several limits, all or nothing) and single entries on the same two
+    // buckets, at Redis's time, in one batch: the batch carries each bucket's state from entry
+    // to entry, and what it finally writes must record the expiry its key really has.
+    let (server, store) = own_server(KeyLayout::Compact, Duration::from_secs(5)).await;
+    let prefix = unique_prefix();
+    let rule = rule(100, 6.0);
+    let shared = [
+        key(&prefix, "group-a", "GET /repeat-group"),
+        key(&prefix, "group-b", "GET /repeat-group"),
+    ];
+    let before = store.coalescing_stats();
+    server.pause();
+    let mut slots = JoinSet::new();
+    take_the_call_slots(&mut slots, &store, &prefix, "GET /repeat-group", &rule).await;
+    let mut queued = Vec::new();
+    for n in 0..6 {
+        let store = Arc::clone(&store);
+        let (shared, rule) = (shared.clone(), rule.clone());
+        let mut future = Box::pin(async move {
+            if n % 3 == 2 {
+                store
+                    .check_and_consume(&BucketRequest::new(&shared[0], &rule))
+                    .await
+                    .map(|d| vec![d])
+            } else {
+                let requests = [
+                    BucketRequest::new(&shared[0], &rule),
+                    BucketRequest::new(&shared[1], &rule),
+                ];
+                store.check_and_consume_all(&requests).await
+            }
+        });
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "entry {n} answered while Redis slept");
+        queued.push(future);
+    }
+    server.resume();
+    join_all(slots).await;
+    for future in queued {
+        assert!(future.await.unwrap().iter().all(|d| d.allowed));
+    }
+    let after = store.coalescing_stats();
+    assert_eq!(after.batches - before.batches, 1, "{after:?}");
+    for bucket in &shared {
+        assert_lives(
+            &server,
+            bucket,
+            KeyLayout::Compact,
+            rule.storage_ttl_seconds(),
+        );
+        assert_expiry_on(&server, bucket);
     }
 }
 

@@ -18,7 +18,7 @@ use ratelimit_redis::{KeyLayout, RedisConfig, RedisStorage};
 use ratelimit_tests::contract::{GarbageValue, Sequence, T0, stored_garbage};
 use ratelimit_tests::redis_cluster::RedisCluster;
 use ratelimit_tests::redis_server::{TestRedis, unique_prefix};
-use ratelimit_tests::stored::{raw, redis_keys, seed, written};
+use ratelimit_tests::stored::{assert_recorded_expiry, raw, redis_keys, seed, written};
 use redis::cluster_routing::Slot;
 
 const LAYOUTS: [KeyLayout; 2] = [KeyLayout::TwoKeys, KeyLayout::Compact];
@@ -334,6 +334,9 @@ async fn the_compact_multi_script_keeps_a_key_lifetime_as_the_single_script_does
         store.check_and_consume_all(&both).await.unwrap();
         let now = [&single, &a, &b].map(|key| expires(&mut conn, key));
         assert!(now.iter().all(|&e| e > 0), "round {round}: {now:?}");
+        for key in [&single, &a, &b] {
+            assert_recorded_expiry(&mut conn, key);
+        }
         recorded.push(now);
     }
     assert_eq!(
