@@ -158,18 +158,25 @@ fn seed(conn: &mut redis::Connection, key: &BucketKey, value: &GarbageValue) {
     }
 }
 
+/// A server of its own (so that tests can pause it), a plain connection to seed it, and a
+/// patient store on it in each layout (two-key first).
+fn server_with_both_layouts() -> (RedisServer, redis::Connection, [Arc<RedisStorage>; 2]) {
+    let server = RedisServer::start();
+    let client = redis::Client::open(server.url()).unwrap();
+    let conn = client.get_connection().unwrap();
+    let stores = [
+        patient(&server.url(), KeyLayout::TwoKeys),
+        patient(&server.url(), KeyLayout::Compact),
+    ];
+    (server, conn, stores)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_stored_values_decide_as_the_reference_step_through_batches() {
     // A server of its own, paused while the checks are sent: the first checks take the call
     // slots and hang, so that the rest queue and go through batches whatever the scheduler
     // does.
-    let server = RedisServer::start();
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_connection().unwrap();
-    let stores = [
-        patient(&server.url(), KeyLayout::TwoKeys),
-        patient(&server.url(), KeyLayout::Compact),
-    ];
+    let (server, mut conn, stores) = server_with_both_layouts();
     let prefix = unique_prefix();
     let rule = rule(5, 5.0);
     let (max, rate) = (rule.max_tokens(), rule.refill_rate());
@@ -212,19 +219,12 @@ async fn hostile_stored_values_decide_as_the_reference_step_through_batches() {
     }
 }
 
-/// A store on a server of its own, warmed up (connection open, both scripts loaded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_stored_values_in_a_group_decide_as_step_all_through_batches() {
     // The group entry of a multi-limit check reads its buckets from the batch's one MGET:
     // garbage planted in one bucket of a group must be read exactly as the reference reads it,
     // and decide the whole group with the clean bucket beside it, as `step_all` does.
-    let server = RedisServer::start();
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_connection().unwrap();
-    let stores = [
-        patient(&server.url(), KeyLayout::TwoKeys),
-        patient(&server.url(), KeyLayout::Compact),
-    ];
+    let (server, mut conn, stores) = server_with_both_layouts();
     let prefix = unique_prefix();
     let (planted_rule, clean_rule) = (rule(5, 5.0), rule(3, 60.0));
     let (max, rate) = (planted_rule.max_tokens(), planted_rule.refill_rate());
@@ -297,6 +297,7 @@ async fn hostile_stored_values_in_a_group_decide_as_step_all_through_batches() {
     }
 }
 
+/// A store on a server of its own, warmed up (connection open, both scripts loaded).
 async fn own_server(layout: KeyLayout, timeout: Duration) -> (RedisServer, Arc<RedisStorage>) {
     let server = RedisServer::start();
     let store = store(&server.url(), layout, timeout);
