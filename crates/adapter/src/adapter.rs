@@ -40,6 +40,28 @@ impl PreparedEndpoint {
     }
 }
 
+/// An endpoint of a [`TokenBucketAdapter`], looked up once
+/// ([`TokenBucketAdapter::endpoint`]): a layer that finds a request's endpoint on its own keeps
+/// the handle, and its checks ([`TokenBucketAdapter::try_check_endpoint_now`]) skip the
+/// adapter's lookup by name. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EndpointHandle(Arc<PreparedEndpoint>);
+
+impl EndpointHandle {
+    /// The endpoint's name.
+    pub fn name(&self) -> &str {
+        &self.0.endpoint
+    }
+}
+
+/// Whether events and spans at DEBUG level can be enabled now (the static and the current
+/// maximum level allow them): when not, a DEBUG span would be disabled, and building it costs
+/// more than this check.
+fn debug_enabled() -> bool {
+    use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+    STATIC_MAX_LEVEL >= LevelFilter::DEBUG && LevelFilter::current() >= LevelFilter::DEBUG
+}
+
 /// Every limit's name with its bucket key, as [`TokenBucketAdapter::bucket_keys`] gives them.
 pub type LimitKeys = Vec<(Arc<str>, BucketKey)>;
 
@@ -75,7 +97,7 @@ pub struct TokenBucketAdapter {
     /// What a check answers when the store fails.
     on_failure: OnFailure,
     /// Endpoint → prepared limits; one hash lookup per check.
-    rules: HashMap<Box<str>, PreparedEndpoint, crate::fnv::FnvBuildHasher>,
+    rules: HashMap<Box<str>, Arc<PreparedEndpoint>, crate::fnv::FnvBuildHasher>,
     /// Set once the store has not answered [`BucketStore::check_now`](ratelimit_domain::BucketStore::check_now)
     /// (a network store): [`try_check_now`](Self::try_check_now) then answers `None` before
     /// building the bucket key, rather than on every check of a store that never answers at
@@ -182,7 +204,7 @@ impl TokenBucketAdapterBuilder {
                     all,
                     active,
                 };
-                Ok((endpoint.into(), prepared))
+                Ok((endpoint.into(), Arc::new(prepared)))
             })
             .collect::<Result<_>>()?;
         let events = self
@@ -256,6 +278,38 @@ impl TokenBucketAdapter {
         let Some(prepared) = self.rules.get(endpoint) else {
             return Some(self.no_rule(endpoint));
         };
+        self.try_check_prepared_now(prepared, identifier, options)
+    }
+
+    /// The endpoint called `endpoint`, for checks that skip the lookup by name
+    /// ([`try_check_endpoint_now`](Self::try_check_endpoint_now)); `None` when it has no rule.
+    pub fn endpoint(&self, endpoint: &str) -> Option<EndpointHandle> {
+        self.rules.get(endpoint).cloned().map(EndpointHandle)
+    }
+
+    /// [`try_check_now`](Self::try_check_now) of an endpoint looked up before: the same answer,
+    /// without finding the endpoint by its name again.
+    ///
+    /// `endpoint` must come from this adapter's [`endpoint`](Self::endpoint); one from another
+    /// adapter is checked with its own rules against this adapter's store.
+    ///
+    /// # Errors
+    /// As [`RateLimiter::is_allowed_opts`].
+    pub fn try_check_endpoint_now(
+        &self,
+        endpoint: &EndpointHandle,
+        identifier: &str,
+        options: CheckOptions,
+    ) -> Option<Result<RateLimitResult>> {
+        self.try_check_prepared_now(&endpoint.0, identifier, options)
+    }
+
+    fn try_check_prepared_now(
+        &self,
+        prepared: &PreparedEndpoint,
+        identifier: &str,
+        options: CheckOptions,
+    ) -> Option<Result<RateLimitResult>> {
         let [index] = prepared.active[..] else {
             return prepared
                 .active
@@ -266,14 +320,18 @@ impl TokenBucketAdapter {
             return None;
         }
         let one = &prepared.all[index];
-        let span = tracing::debug_span!(
-            "rate_limit_check",
-            endpoint = &*prepared.endpoint,
-            scope = one.limit.rule().scope().as_str(),
-            outcome = field::Empty,
-        );
-        if !span.is_disabled() {
-            return None;
+        // A check whose span a subscriber wants is instrumented by `check_opts`. The span is
+        // only built when DEBUG can be on at all: under the usual INFO filter, one load.
+        if debug_enabled() {
+            let span = tracing::debug_span!(
+                "rate_limit_check",
+                endpoint = &*prepared.endpoint,
+                scope = one.limit.rule().scope().as_str(),
+                outcome = field::Empty,
+            );
+            if !span.is_disabled() {
+                return None;
+            }
         }
         let key = match one.keys.key_in(identifier, KEY_BUFFER.take()) {
             Ok(key) => key,
@@ -1637,6 +1695,13 @@ mod tests {
     #[tokio::test]
     async fn a_check_decided_at_once_answers_as_the_awaited_check() {
         let (clock, now, later) = twins();
+        // A third twin on the same clock, checked through endpoint handles.
+        let handled = TokenBucketAdapter::builder(
+            Arc::new(ratelimit_memory::MemoryStorage::with_clock(clock.clone())),
+            rules(),
+        )
+        .build()
+        .unwrap();
         // Endpoints with one limit, a disabled one, an unknown one; identifiers of two clients
         // and a hostile one; the rule's cost and explicit ones (zero meaning the rule's).
         let endpoints = [LOGIN, "POST /export", "GET /off", "GET /unknown"];
@@ -1659,6 +1724,18 @@ mod tests {
             };
             let at_once = now.try_check_now(endpoint, identifier, options);
             let awaited = later.check_opts(endpoint, identifier, options).await;
+            match handled.endpoint(endpoint) {
+                Some(handle) => {
+                    assert_eq!(handle.name(), endpoint);
+                    let by_handle = handled.try_check_endpoint_now(&handle, identifier, options);
+                    assert_eq!(
+                        format!("{by_handle:?}"),
+                        format!("{at_once:?}"),
+                        "step {step}: by handle"
+                    );
+                }
+                None => assert!(handled.limits(endpoint).is_none(), "{endpoint}"),
+            }
             match (at_once, awaited) {
                 (Some(Ok(a)), Ok(b)) => {
                     assert_eq!(a, b, "step {step}: {endpoint} {identifier:?} {options:?}");

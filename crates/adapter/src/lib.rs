@@ -50,7 +50,9 @@ mod fnv;
 pub mod layers;
 mod spare;
 
-pub use adapter::{BucketCheck, LimitKeys, TokenBucketAdapter, TokenBucketAdapterBuilder};
+pub use adapter::{
+    BucketCheck, EndpointHandle, LimitKeys, TokenBucketAdapter, TokenBucketAdapterBuilder,
+};
 pub use events::{BroadcastEventBus, spawn_event_logger};
 pub use fnv::{FnvBuildHasher, FnvHasher};
 pub use layers::{
@@ -62,7 +64,7 @@ pub use ratelimit_domain as domain;
 pub use ratelimit_domain::{
     BucketDecision, BucketKey, BucketStore, CheckOptions, Clock, DecisionSource, DynBucketStore,
     DynEventBus, DynRateLimiter, EndpointLimits, ErrorCode, EventBus, FailurePolicy, Limit,
-    LimitOutcome, ManualClock, RateLimitCheckAllowed, RateLimitCheckAttempted,
+    LimitOutcome, Limits, ManualClock, RateLimitCheckAllowed, RateLimitCheckAttempted,
     RateLimitCheckDenied, RateLimitError, RateLimitEvent, RateLimitResult, RateLimitRule,
     RateLimitScope, RateLimiter, RateLimiterExt, RuleError, RuleSet, SystemClock,
 };

@@ -666,7 +666,9 @@ pub(crate) fn url_password(url: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use ratelimit_domain::{BucketDecision, Limit, LimitOutcome, RateLimitRule, RateLimitScope};
+    use ratelimit_domain::{
+        BucketDecision, Limit, LimitOutcome, Limits, RateLimitRule, RateLimitScope,
+    };
 
     use super::*;
 
@@ -947,10 +949,10 @@ mod tests {
             RateLimitRule::new(RateLimitScope::Ip, 1, 1.0).unwrap(),
         );
         let result = RateLimitResult::from_outcomes(
-            vec![LimitOutcome::from_decision(
+            Limits::one(LimitOutcome::from_decision(
                 &limit,
                 decision(true, Duration::ZERO, 1),
-            )],
+            )),
             DecisionSource::Store,
         );
         RemainingReport {
@@ -1066,7 +1068,7 @@ mod tests {
             })
             .collect();
         outcomes[1].allowed = false;
-        let result = RateLimitResult::from_outcomes(outcomes, DecisionSource::Store);
+        let result = RateLimitResult::from_outcomes(outcomes.into(), DecisionSource::Store);
         let mut shown = states(&result, &SEARCH_KEYS, 1);
         shown[1].retry_after = Duration::from_secs(4);
         let report = Report::Remaining(RemainingReport {

@@ -30,9 +30,8 @@ use ratelimit_adapter::{
 };
 use ratelimit_domain::{
     Clock, DynBucketStore, DynRateLimiter, ErrorCode, KeyBuilder, RateLimitError, Result, RuleSet,
-    SystemClock,
 };
-use ratelimit_memory::MemoryStorage;
+use ratelimit_memory::{CounterClock, MemoryStorage};
 use ratelimit_redis::RedisStorage;
 
 pub use ratelimit_adapter::CircuitBreakerConfig;
@@ -63,7 +62,9 @@ pub struct ContainerConfig {
     pub event_capacity: usize,
     /// Whether to spawn a subscriber that logs every event through `tracing`.
     pub log_events: bool,
-    /// The clock of the memory backend (the host's clock by default; a `ManualClock` in tests).
+    /// The clock of the in-process stores: the memory backend, and the local fallback (by
+    /// default the memory store's own, the host's wall clock read from the CPU's counter:
+    /// `CounterClock`; a `ManualClock` in tests).
     pub clock: Arc<dyn Clock>,
     /// The most buckets an in-process store holds: the memory backend, and the local fallback
     /// of the `local` policy (default [`MemoryStorage::DEFAULT_CAPACITY`]). Past it, full
@@ -109,7 +110,7 @@ impl ContainerConfig {
             key_prefix: KeyBuilder::DEFAULT_PREFIX.to_owned(),
             event_capacity: BroadcastEventBus::DEFAULT_CAPACITY,
             log_events: true,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(CounterClock::new()),
             memory_capacity: Self::DEFAULT_MEMORY_CAPACITY,
             failure_policy: FailurePolicy::Open,
             circuit_breaker: Some(CircuitBreakerConfig::default()),

@@ -194,14 +194,38 @@ fn needs_escape(c: char, escape_colon: bool) -> bool {
     matches!(c, '%' | '{' | '}') || c.is_control() || (escape_colon && c == ':')
 }
 
+/// [`PLAIN`]'s bit of a byte that needs no escape where `:` does not.
+const PLAIN_BYTE: u8 = 1;
+/// [`PLAIN`]'s bit of a byte that needs no escape where `:` does too.
+const PLAIN_BYTE_NOT_COLON: u8 = 2;
+
+/// Per byte, whether it is printable ASCII that needs no escape ([`PLAIN_BYTE`]), and whether
+/// it also is not `:` ([`PLAIN_BYTE_NOT_COLON`]): one lookup per byte.
+static PLAIN: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = b' ';
+    while b <= b'~' {
+        if !matches!(b, b'%' | b'{' | b'}') {
+            table[b as usize] = if b == b':' {
+                PLAIN_BYTE
+            } else {
+                PLAIN_BYTE | PLAIN_BYTE_NOT_COLON
+            };
+        }
+        b += 1;
+    }
+    table
+};
+
 /// Whether `text` is ASCII without a character to escape: checked byte by byte, the common case
 /// (addresses, user ids) without decoding characters.
 fn plain_ascii(text: &str, escape_colon: bool) -> bool {
-    text.bytes().all(|b| {
-        (b' '..=b'~').contains(&b)
-            && !matches!(b, b'%' | b'{' | b'}')
-            && !(escape_colon && b == b':')
-    })
+    let bit = if escape_colon {
+        PLAIN_BYTE_NOT_COLON
+    } else {
+        PLAIN_BYTE
+    };
+    text.bytes().all(|b| PLAIN[usize::from(b)] & bit != 0)
 }
 
 fn encode_into(out: &mut String, text: &str, escape_colon: bool) {
@@ -441,6 +465,12 @@ mod tests {
                 if plain_ascii(text, escape_colon) {
                     assert!(
                         !text.chars().any(|c| needs_escape(c, escape_colon)),
+                        "{text:?} {escape_colon}"
+                    );
+                } else if text.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+                    // Printable ASCII takes the shortcut unless it needs an escape.
+                    assert!(
+                        text.chars().any(|c| needs_escape(c, escape_colon)),
                         "{text:?} {escape_colon}"
                     );
                 }

@@ -1,7 +1,10 @@
 //! What a check answers.
 
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
+
+use smallvec::SmallVec;
 
 #[cfg(doc)]
 use crate::RateLimitRule;
@@ -152,6 +155,87 @@ impl LimitOutcome {
     }
 }
 
+/// Every limit's answer in a [`RateLimitResult`], in the endpoint's order. It reads as a slice
+/// (it dereferences to `[LimitOutcome]`); one answer, the usual case, is held without a heap
+/// allocation, so that a single-limit check allocates nothing for its result.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Limits(SmallVec<[LimitOutcome; 1]>);
+
+impl Limits {
+    /// No answers (an endpoint without a rule).
+    #[inline]
+    pub fn new() -> Self {
+        Self(SmallVec::new())
+    }
+
+    /// One limit's answer.
+    #[inline]
+    pub fn one(outcome: LimitOutcome) -> Self {
+        let mut limits = SmallVec::new();
+        limits.push(outcome);
+        Self(limits)
+    }
+
+    /// Appends an answer.
+    #[inline]
+    pub fn push(&mut self, outcome: LimitOutcome) {
+        self.0.push(outcome);
+    }
+
+    /// The answers as a vector.
+    pub fn into_vec(self) -> Vec<LimitOutcome> {
+        self.0.into_vec()
+    }
+}
+
+impl Deref for Limits {
+    type Target = [LimitOutcome];
+
+    #[inline]
+    fn deref(&self) -> &[LimitOutcome] {
+        &self.0
+    }
+}
+
+impl FromIterator<LimitOutcome> for Limits {
+    #[inline]
+    fn from_iter<I: IntoIterator<Item = LimitOutcome>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+impl From<Vec<LimitOutcome>> for Limits {
+    fn from(limits: Vec<LimitOutcome>) -> Self {
+        Self(SmallVec::from_vec(limits))
+    }
+}
+
+impl PartialEq<Vec<LimitOutcome>> for Limits {
+    fn eq(&self, other: &Vec<LimitOutcome>) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl IntoIterator for Limits {
+    type Item = LimitOutcome;
+    type IntoIter = smallvec::IntoIter<[LimitOutcome; 1]>;
+
+    #[inline]
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Limits {
+    type Item = &'a LimitOutcome;
+    type IntoIter = std::slice::Iter<'a, LimitOutcome>;
+
+    #[inline]
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// The answer to "may this request go ahead?".
 ///
 /// The top-level numbers describe the *deciding* limit ([`deciding`](Self::deciding)): the one
@@ -176,7 +260,7 @@ pub struct RateLimitResult {
     /// Who decided.
     pub source: DecisionSource,
     /// Every limit consulted, in the endpoint's order (empty when no rule applies).
-    pub limits: Vec<LimitOutcome>,
+    pub limits: Limits,
 }
 
 impl RateLimitResult {
@@ -184,7 +268,23 @@ impl RateLimitResult {
     pub const RETRY_NEVER: Duration = BucketDecision::NEVER;
 
     /// The result of every limit's answer, decided by `source`.
-    pub fn from_outcomes(limits: Vec<LimitOutcome>, source: DecisionSource) -> Self {
+    pub fn from_outcomes(limits: Limits, source: DecisionSource) -> Self {
+        if let [only] = &limits[..] {
+            // One limit, the usual case: it decides.
+            return Self {
+                allowed: only.allowed,
+                retry_after: if only.allowed {
+                    Duration::ZERO
+                } else {
+                    only.retry_after
+                },
+                remaining: only.remaining,
+                limit: only.limit,
+                reset_seconds: only.reset_seconds(),
+                source,
+                limits,
+            };
+        }
         let allowed = limits.iter().all(|l| l.allowed);
         let deciding = deciding_index(&limits, allowed);
         let retry_after = if allowed {
@@ -216,11 +316,10 @@ impl RateLimitResult {
         limits: impl IntoIterator<Item = &'a Limit>,
         decisions: &[BucketDecision],
     ) -> Self {
-        let outcomes = limits
-            .into_iter()
-            .zip(decisions)
-            .map(|(limit, decision)| LimitOutcome::from_decision(limit, *decision))
-            .collect();
+        let mut outcomes = Limits::new();
+        for (limit, decision) in limits.into_iter().zip(decisions) {
+            outcomes.push(LimitOutcome::from_decision(limit, *decision));
+        }
         Self::from_outcomes(outcomes, DecisionSource::Store)
     }
 
@@ -233,14 +332,17 @@ impl RateLimitResult {
             limit: 0,
             reset_seconds: 0,
             source: DecisionSource::NoRule,
-            limits: Vec::new(),
+            limits: Limits::new(),
         }
     }
 
     /// A disabled endpoint: allowed with every bucket full, `reset_seconds` 0.
     pub fn disabled<'a>(limits: impl IntoIterator<Item = &'a Limit>) -> Self {
         let mut result = Self::from_outcomes(
-            limits.into_iter().map(LimitOutcome::full).collect(),
+            limits
+                .into_iter()
+                .map(LimitOutcome::full)
+                .collect::<Limits>(),
             DecisionSource::RuleDisabled,
         );
         result.reset_seconds = 0;
@@ -250,7 +352,10 @@ impl RateLimitResult {
     /// The store failed: allowed as if every bucket were full, marked as a fail-open decision.
     pub fn fail_open<'a>(limits: impl IntoIterator<Item = &'a Limit>) -> Self {
         Self::from_outcomes(
-            limits.into_iter().map(LimitOutcome::full).collect(),
+            limits
+                .into_iter()
+                .map(LimitOutcome::full)
+                .collect::<Limits>(),
             DecisionSource::FailOpen,
         )
     }
@@ -259,7 +364,10 @@ impl RateLimitResult {
     /// token's time.
     pub fn fail_closed<'a>(limits: impl IntoIterator<Item = &'a Limit>) -> Self {
         Self::from_outcomes(
-            limits.into_iter().map(LimitOutcome::refusing).collect(),
+            limits
+                .into_iter()
+                .map(LimitOutcome::refusing)
+                .collect::<Limits>(),
             DecisionSource::FailClosed,
         )
     }

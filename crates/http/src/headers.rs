@@ -4,8 +4,9 @@
 //! token bucket maps onto `q`, `w`, `r` and `t`).
 
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -196,7 +197,8 @@ impl EndpointHeaders {
         // sf-strings and integers are visible ASCII, always a valid header value.
         let policy = HeaderValue::from_str(&value)
             .ok()
-            .filter(|_| !items.is_empty());
+            .filter(|_| !items.is_empty())
+            .map(lasting);
         let quotas = items.iter().map(|item| number(item.quota)).collect();
         let prefixes = items.iter().map(item_prefix).collect();
         let mut headers = Self {
@@ -218,7 +220,7 @@ impl EndpointHeaders {
         });
         let full = RateLimitResult::from_outcomes(full_buckets.collect(), DecisionSource::Store);
         if !full.limits.is_empty() && full.allowed {
-            headers.full = headers.ratelimit_value(&full, None);
+            headers.full = headers.ratelimit_value(&full, None).map(lasting);
         }
         headers
     }
@@ -325,6 +327,23 @@ impl EndpointHeaders {
                 values.ratelimit = self.ratelimit_value(result, cost);
             }
         }
+        if style.legacy() || !result.allowed {
+            values.others = Some(Box::new(self.other_values(result, cost, style)));
+        }
+        values
+    }
+}
+
+impl EndpointHeaders {
+    /// The fields of `values` beyond the default style's: `X-RateLimit-*` with a legacy style,
+    /// `Retry-After` on a denial.
+    fn other_values(
+        &self,
+        result: &RateLimitResult,
+        cost: Option<u64>,
+        style: HeaderStyle,
+    ) -> OtherHeaders {
+        let mut others = OtherHeaders::default();
         if style.legacy()
             && let Some(deciding) = result.deciding()
         {
@@ -339,25 +358,33 @@ impl EndpointHeaders {
             };
             // The quota's value, built once, unless the result says otherwise (rule sets out
             // of step).
-            values.limit = Some(match known {
+            others.limit = Some(match known {
                 Some(i) if item.quota == deciding.limit => self.quotas[i].clone(),
                 _ => number(deciding.limit),
             });
-            values.remaining = Some(number(deciding.remaining));
-            values.reset = item.reset(deciding, cost.unwrap_or(item.cost)).map(number);
+            others.remaining = Some(number(deciding.remaining));
+            others.reset = item.reset(deciding, cost.unwrap_or(item.cost)).map(number);
         }
         if !result.allowed {
-            values.retry_after = result.retry_after_whole_seconds().map(number);
+            others.retry_after = result.retry_after_whole_seconds().map(number);
         }
-        values
+        others
     }
 }
 
-/// The header fields of one decision, waiting for the response they go into.
+/// The header fields of one decision, waiting for the response they go into (beside the inner
+/// service's future, so kept small: the fields of the default style inline, the others boxed).
 #[derive(Debug, Default)]
 pub(crate) struct DecisionHeaders {
     policy: Option<HeaderValue>,
     ratelimit: Option<HeaderValue>,
+    /// The `X-RateLimit-*` fields and `Retry-After`: only with a legacy style or on a denial.
+    others: Option<Box<OtherHeaders>>,
+}
+
+/// The fields of [`DecisionHeaders`] that the default style leaves out on an allowed request.
+#[derive(Debug, Default)]
+struct OtherHeaders {
     limit: Option<HeaderValue>,
     remaining: Option<HeaderValue>,
     reset: Option<HeaderValue>,
@@ -373,32 +400,40 @@ impl DecisionHeaders {
     /// `content-length` a server may add after them (axum does) at once, while it holds few
     /// entries, instead of when `content-length` arrives; and leaves a map that can alone.
     pub(crate) fn write(self, headers: &mut HeaderMap) {
-        let count = [
-            &self.policy,
-            &self.ratelimit,
-            &self.limit,
-            &self.remaining,
-            &self.reset,
-            &self.retry_after,
-        ]
-        .iter()
-        .filter(|value| value.is_some())
-        .count();
+        let count = usize::from(self.policy.is_some())
+            + usize::from(self.ratelimit.is_some())
+            + self.others.as_deref().map_or(0, OtherHeaders::count);
         if count == 0 {
             return;
         }
         headers.reserve(count + 1);
-        let mut insert = |name: HeaderName, value: Option<HeaderValue>| {
-            if let Some(value) = value {
-                headers.insert(name, value);
-            }
-        };
-        insert(RATELIMIT_POLICY, self.policy);
-        insert(RATELIMIT, self.ratelimit);
-        insert(X_RATELIMIT_LIMIT, self.limit);
-        insert(X_RATELIMIT_REMAINING, self.remaining);
-        insert(X_RATELIMIT_RESET, self.reset);
-        insert(RETRY_AFTER, self.retry_after);
+        if let Some(policy) = self.policy {
+            headers.insert(RATELIMIT_POLICY, policy);
+        }
+        if let Some(ratelimit) = self.ratelimit {
+            headers.insert(RATELIMIT, ratelimit);
+        }
+        if let Some(others) = self.others {
+            let mut insert = |name: HeaderName, value: Option<HeaderValue>| {
+                if let Some(value) = value {
+                    headers.insert(name, value);
+                }
+            };
+            insert(X_RATELIMIT_LIMIT, others.limit);
+            insert(X_RATELIMIT_REMAINING, others.remaining);
+            insert(X_RATELIMIT_RESET, others.reset);
+            insert(RETRY_AFTER, others.retry_after);
+        }
+    }
+}
+
+impl OtherHeaders {
+    /// How many fields are set.
+    fn count(&self) -> usize {
+        [&self.limit, &self.remaining, &self.reset, &self.retry_after]
+            .iter()
+            .filter(|value| value.is_some())
+            .count()
     }
 }
 
@@ -448,6 +483,41 @@ impl EndpointHeaders {
             header
         })
     }
+}
+
+/// `value`, with its bytes kept for the rest of the process in one copy per distinct value,
+/// which every clone then shares without counting references: a value built once per endpoint
+/// and cloned into every response (`RateLimit-Policy`, the full-bucket `RateLimit`) costs no
+/// atomic increment and decrement per request. The values are bounded by the configured rules
+/// (a layer built again with the same rules adds nothing). A value that is not visible ASCII
+/// is returned as it is.
+fn lasting(value: HeaderValue) -> HeaderValue {
+    static KEPT: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let Ok(text) = value.to_str() else {
+        return value;
+    };
+    // `from_static` accepts exactly visible ASCII and tabs; `to_str` also lets spaces through.
+    if !text
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return value;
+    }
+    let mut kept = KEPT
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let text: &'static str = match kept.get(text) {
+        Some(&text) => text,
+        None => {
+            let text: &'static str = Box::leak(text.into());
+            kept.insert(text);
+            text
+        }
+    };
+    let mut kept = HeaderValue::from_static(text);
+    kept.set_sensitive(value.is_sensitive());
+    kept
 }
 
 /// The start of an item's entry in `RateLimit`: `"<policy>";r=`.
@@ -618,6 +688,24 @@ mod tests {
 
     fn rule(max: u64, per_minute: f64) -> RateLimitRule {
         RateLimitRule::new(RateLimitScope::Ip, max, per_minute).unwrap()
+    }
+
+    #[test]
+    fn lasting_values_are_kept_once_and_equal_what_they_were() {
+        let built = |text: &str| HeaderValue::from_str(text).unwrap();
+        let first = lasting(built(r#""GET /x";q=5;w=60"#));
+        let again = lasting(built(r#""GET /x";q=5;w=60"#));
+        assert_eq!(first, r#""GET /x";q=5;w=60"#);
+        // One copy, shared: the same bytes at the same address.
+        assert_eq!(first.as_bytes().as_ptr(), again.as_bytes().as_ptr());
+        let other = lasting(built(r#""GET /y";q=5;w=60"#));
+        assert_ne!(first.as_bytes().as_ptr(), other.as_bytes().as_ptr());
+        // What `from_static` refuses is returned as it was, not kept (and no panic).
+        let opaque = HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap();
+        assert_eq!(lasting(opaque.clone()), opaque);
+        let mut secret = built("token");
+        secret.set_sensitive(true);
+        assert!(lasting(secret).is_sensitive());
     }
 
     fn single(r: &RateLimitRule) -> EndpointLimits {

@@ -15,8 +15,8 @@ use http::{Method, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use prometheus_client::metrics::counter::Counter;
 use ratelimit_adapter::{
-    CheckOptions, DecisionSource, DynRateLimiter, EndpointLimits, ErrorCode, RateLimitError,
-    RateLimitResult, RateLimitScope, RuleSet, TokenBucketAdapter,
+    CheckOptions, DecisionSource, DynRateLimiter, EndpointHandle, EndpointLimits, ErrorCode,
+    RateLimitError, RateLimitResult, RateLimitScope, RuleSet, TokenBucketAdapter,
 };
 use tower::{Layer, Service};
 use tracing::{Instrument as _, Span, field};
@@ -84,6 +84,9 @@ struct Endpoint {
     headers: EndpointHeaders,
     /// The on-path decision counters, when the layer has metrics.
     counters: Option<EndpointCounters>,
+    /// The adapter's own handle of the endpoint, when the layer checks through an adapter
+    /// ([`RateLimitLayer::from_adapter`]): its checks skip the adapter's lookup by name.
+    handle: Option<EndpointHandle>,
 }
 
 /// The decision counters of one endpoint, created once: counting a request increments one of
@@ -184,8 +187,15 @@ type FnvMap<K, V> = HashMap<K, V, ratelimit_adapter::FnvBuildHasher>;
 struct EndpointTable {
     /// Route templates by method, each giving its endpoint's index in `endpoints`.
     by_method: FnvMap<Method, FnvMap<Box<str>, usize>>,
+    /// Every route with its endpoint's index: compared one by one when there are at most
+    /// [`SCAN_AT_MOST`] of them (cheaper than hashing the method and the path), looked up in
+    /// `by_method` otherwise.
+    routes: Vec<(Method, Box<str>, usize)>,
     endpoints: Vec<Endpoint>,
 }
+
+/// The most routes [`EndpointTable::find`] compares one by one.
+const SCAN_AT_MOST: usize = 8;
 
 impl EndpointTable {
     fn build(
@@ -227,9 +237,14 @@ impl EndpointTable {
                     .unwrap_or(0),
                 counters: metrics.map(|metrics| EndpointCounters::new(metrics, name, &headers)),
                 headers,
+                handle: match rules {
+                    Rules::Adapter(adapter) => adapter.endpoint(name),
+                    Rules::Set(_) => None,
+                },
             };
             let index = table.endpoints.len();
             table.endpoints.push(endpoint);
+            table.routes.push((method.clone(), path.into(), index));
             table
                 .by_method
                 .entry(method)
@@ -241,6 +256,13 @@ impl EndpointTable {
 
     /// The index of the endpoint of `method` and `path`.
     fn find(&self, method: &Method, path: &str) -> Option<usize> {
+        if self.routes.len() <= SCAN_AT_MOST {
+            return self
+                .routes
+                .iter()
+                .find(|(m, p, _)| **p == *path && m == method)
+                .map(|&(_, _, index)| index);
+        }
         self.by_method.get(method)?.get(path).copied()
     }
 
@@ -610,13 +632,18 @@ where
         };
         // DEBUG, not INFO: at the usual INFO filter a disabled span costs one level check, and
         // nothing is formatted; the INFO and WARN events below carry the endpoint themselves.
-        let span = tracing::debug_span!(
-            "rate_limit",
-            endpoint = %endpoint.name,
-            scope = endpoint.scope.as_str(),
-            outcome = field::Empty,
-            refused_by = field::Empty,
-        );
+        let span = if debug_enabled() {
+            tracing::debug_span!(
+                "rate_limit",
+                endpoint = %endpoint.name,
+                scope = endpoint.scope.as_str(),
+                outcome = field::Empty,
+                refused_by = field::Empty,
+            )
+        } else {
+            // What the span would be (disabled), without building it.
+            Span::none()
+        };
         let (parts, body) = request.into_parts();
         let prepared = within(&span, || prepare(shared, endpoint, &parts, &span));
         let request = Request::from_parts(parts, body);
@@ -632,10 +659,21 @@ where
         // future returned as it is. A disabled span has nothing to instrument.
         if span.is_disabled()
             && let Rules::Adapter(adapter) = &shared.rules
-            && let Some(checked) = adapter.try_check_now(&endpoint.name, &identifier, options)
+            && let Some(checked) = match &endpoint.handle {
+                Some(handle) => adapter.try_check_endpoint_now(handle, &identifier, options),
+                None => adapter.try_check_now(&endpoint.name, &identifier, options),
+            }
         {
             // Decided here, so the service that was polled ready serves the request at once:
-            // no clone of it.
+            // no clone of it. The usual answer (the store allowed) goes straight through.
+            if let Ok(result) = &checked
+                && result.allowed
+                && result.source == DecisionSource::Store
+            {
+                let headers = allowed(shared, endpoint, &identifier, cost, result, &span);
+                recycle(identifier);
+                return ResponseFuture::inner(self.inner.call(request), Some(headers));
+            }
             return match decide(shared, endpoint, identifier, cost, checked, &span) {
                 Plan::Respond(response) => ResponseFuture::ready(response),
                 Plan::Pass { headers } => ResponseFuture::inner(self.inner.call(request), headers),
@@ -812,6 +850,13 @@ thread_local! {
 static IDENTIFIER_BUFFER: ratelimit_adapter::SpareString =
     ratelimit_adapter::SpareString::new(&IDENTIFIER_CELL);
 
+/// Whether spans at DEBUG level can be enabled now (the static and the current maximum level
+/// allow them); when not, the layer's `rate_limit` span is not built.
+fn debug_enabled() -> bool {
+    use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+    STATIC_MAX_LEVEL >= LevelFilter::DEBUG && LevelFilter::current() >= LevelFilter::DEBUG
+}
+
 /// Runs `f` inside `span`, or simply runs it when the span is disabled (entering and leaving a
 /// disabled span still costs a few checks per request).
 fn within<R>(span: &Span, f: impl FnOnce() -> R) -> R {
@@ -911,25 +956,8 @@ fn plan<B: From<String>>(
         }
     }
     if result.allowed {
-        endpoint.count(
-            shared,
-            if result.source == DecisionSource::LocalFallback {
-                Outcome::LocalFallback
-            } else {
-                Outcome::Allowed
-            },
-        );
-        // A disabled span still looks the field up by name: not on the common path.
-        if !span.is_disabled() {
-            span.record("outcome", "allowed");
-        }
-        tracing::debug!(
-            identifier,
-            remaining = result.remaining,
-            "rate limit check allowed"
-        );
         return Plan::Pass {
-            headers: Some(endpoint.headers.values(result, cost, shared.header_style)),
+            headers: Some(allowed(shared, endpoint, identifier, cost, result, span)),
         };
     }
     span.record("outcome", "denied");
@@ -955,6 +983,36 @@ fn plan<B: From<String>>(
         .headers
         .write(result, cost, shared.header_style, response.headers_mut());
     Plan::Respond(response)
+}
+
+/// Counts and logs an allowed decision with real numbers (the store's or the local
+/// fallback's), and builds its headers.
+fn allowed(
+    shared: &Shared,
+    endpoint: &Endpoint,
+    identifier: &str,
+    cost: Option<u64>,
+    result: &RateLimitResult,
+    span: &Span,
+) -> DecisionHeaders {
+    endpoint.count(
+        shared,
+        if result.source == DecisionSource::LocalFallback {
+            Outcome::LocalFallback
+        } else {
+            Outcome::Allowed
+        },
+    );
+    // A disabled span still looks the field up by name: not on the common path.
+    if !span.is_disabled() {
+        span.record("outcome", "allowed");
+    }
+    tracing::debug!(
+        identifier,
+        remaining = result.remaining,
+        "rate limit check allowed"
+    );
+    endpoint.headers.values(result, cost, shared.header_style)
 }
 
 /// A JSON response whose header map is allocated once, with room for `content-type` and `room`
@@ -1085,6 +1143,39 @@ mod tests {
 
         fn call(&mut self, _: Request<Body>) -> Self::Future {
             std::future::ready(Ok(Response::new(Body::empty())))
+        }
+    }
+
+    /// The table finds every route, by comparing them one by one when there are few and by
+    /// hashing when there are many, with the same answers: `HEAD` falling back to `GET` in
+    /// `endpoint_of`, and nothing for an unknown method or path.
+    #[test]
+    fn the_endpoint_table_finds_routes_whether_it_scans_or_hashes() {
+        for count in [1, SCAN_AT_MOST, SCAN_AT_MOST + 1, 40] {
+            let rules = RuleSet::try_from_rules((0..count).flat_map(|i| {
+                let rule = RateLimitRule::new(RateLimitScope::Global, 5, 5.0).unwrap();
+                [
+                    (format!("GET /r{i}"), rule.clone()),
+                    (format!("POST /r{i}/{{id}}"), rule),
+                ]
+            }))
+            .unwrap();
+            let table = EndpointTable::build(&Rules::Set(Arc::new(rules)), &HashMap::new(), None);
+            assert_eq!(table.routes.len(), 2 * count);
+            for i in 0..count {
+                for (method, path) in [
+                    (Method::GET, format!("/r{i}")),
+                    (Method::POST, format!("/r{i}/{{id}}")),
+                ] {
+                    let found = table.find(&method, &path).unwrap();
+                    let name = &table.at(found).unwrap().name;
+                    assert_eq!(**name, format!("{method} {path}"), "{count} routes");
+                }
+                assert_eq!(table.find(&Method::PUT, &format!("/r{i}")), None);
+                assert_eq!(table.find(&Method::GET, &format!("/r{i}/{{id}}")), None);
+            }
+            assert_eq!(table.find(&Method::GET, "/r"), None);
+            assert_eq!(table.find(&Method::GET, ""), None);
         }
     }
 
