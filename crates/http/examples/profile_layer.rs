@@ -3,7 +3,8 @@
 //!
 //! ```sh
 //! cargo build --release -p ratelimit-http --example profile_layer
-//! valgrind --tool=callgrind target/release/examples/profile_layer layer 20000
+//! valgrind --tool=callgrind --toggle-collect=profile_layer::measured \
+//!     target/release/examples/profile_layer quiet 20000
 //! ```
 //!
 //! Modes: `none` (the bare route); `quiet` (the layer as the example server wires it by
@@ -13,10 +14,10 @@
 //! example server's `--events`: the event logger and the event-derived metrics subscribed);
 //! `governor` (`tower_governor`'s `GovernorLayer` keyed by peer IP, configured as
 //! `just bench-http` configures it); `governor-headers` (the same with its `use_headers()`). It prints the time per request; under callgrind, compare
-//! the instruction counts of two modes and divide by `N`. `crates/bench/callgrind/layer.sh`
-//! does that in steady state: each mode's count at 40 000 requests less its count at 20 000,
-//! so that what runs once (the first read of `quanta`'s calibrated clock, which
-//! `tower_governor` and the memory store both read) does not count.
+//! the instruction counts of two modes and divide by `N`. Only the `N` measured requests count
+//! (`--toggle-collect=profile_layer::measured`), after 1 000 requests of warm-up: the first
+//! read of `quanta`'s clock, which `tower_governor` and the memory store both read, calibrates
+//! it for a varying number of instructions. `crates/bench/callgrind/layer.sh` runs the modes.
 
 #![allow(clippy::print_stdout)]
 
@@ -48,8 +49,41 @@ fn rules(draining: bool) -> RuleSet {
     .expect("valid rules")
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
+/// Requests run before the measured ones: the first reads of calibrated clocks (`quanta`
+/// calibrates on its first read, for a time-bounded, so varying, number of instructions),
+/// lazily built state and the allocator's caches are then behind.
+const WARM_UP: u32 = 1_000;
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (mode, n, mut service, keep) = runtime.block_on(setup());
+    runtime.block_on(requests(&mut service, WARM_UP));
+    let started = Instant::now();
+    measured(&runtime, &mut service, n);
+    let elapsed = started.elapsed();
+    println!(
+        "{mode}: {n} requests, {:.3} µs per request",
+        elapsed.as_secs_f64() * 1e6 / f64::from(n)
+    );
+    drop(keep);
+}
+
+/// The measured requests, in a function of their own for
+/// `valgrind --tool=callgrind --toggle-collect=profile_layer::measured`: everything the runtime
+/// runs meanwhile (subscriber tasks included) is counted, the set-up and the warm-up are not.
+#[inline(never)]
+fn measured(runtime: &tokio::runtime::Runtime, service: &mut AppService, n: u32) {
+    runtime.block_on(requests(service, n));
+}
+
+/// The router as a service, as `axum::serve` runs it.
+type AppService = axum::routing::RouterIntoService<Body>;
+
+/// The mode, the number of measured requests, the service, and what must live as long as it.
+async fn setup() -> (String, u32, AppService, Vec<Container>) {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
         .with_writer(std::io::sink)
@@ -97,9 +131,13 @@ async fn main() {
     };
     // As `axum::serve` runs a router (`into_make_service*` call `with_state`): each route built
     // once, with its layers, rather than per request.
-    let mut service = app.with_state::<()>(()).into_service::<Body>();
+    let service = app.with_state::<()>(()).into_service::<Body>();
+    (mode, n, service, keep)
+}
+
+/// `n` requests through `service`, each awaited, from one client address.
+async fn requests(service: &mut AppService, n: u32) {
     let peer: SocketAddr = "127.0.0.1:40000".parse().expect("an address");
-    let started = Instant::now();
     for _ in 0..n {
         let mut request = Request::get("/hello")
             .body(Body::empty())
@@ -117,10 +155,4 @@ async fn main() {
         // Lets subscriber tasks run, as a server's runtime would.
         tokio::task::yield_now().await;
     }
-    let elapsed = started.elapsed();
-    println!(
-        "{mode}: {n} requests, {:.3} µs per request",
-        elapsed.as_secs_f64() * 1e6 / f64::from(n)
-    );
-    drop(keep);
 }
