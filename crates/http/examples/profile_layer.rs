@@ -59,7 +59,14 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    let (mode, n, mut service, keep) = runtime.block_on(setup());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::sink)
+        .init();
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_else(|| "layer".to_owned());
+    let n: u32 = args.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let (mut service, keep) = runtime.block_on(setup(&mode));
     runtime.block_on(requests(&mut service, WARM_UP));
     let started = Instant::now();
     measured(&runtime, &mut service, n);
@@ -82,18 +89,11 @@ fn measured(runtime: &tokio::runtime::Runtime, service: &mut AppService, n: u32)
 /// The router as a service, as `axum::serve` runs it.
 type AppService = axum::routing::RouterIntoService<Body>;
 
-/// The mode, the number of measured requests, the service, and what must live as long as it.
-async fn setup() -> (String, u32, AppService, Vec<Container>) {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .with_writer(std::io::sink)
-        .init();
-    let mut args = std::env::args().skip(1);
-    let mode = args.next().unwrap_or_else(|| "layer".to_owned());
-    let n: u32 = args.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
+/// The service of `mode`, and what must live as long as it.
+async fn setup(mode: &str) -> (AppService, Vec<Container>) {
     let route = Router::new().route("/hello", get(|| async { "ok" }));
     let mut keep = Vec::new();
-    let app = match mode.as_str() {
+    let app = match mode {
         "none" => route,
         "layer" | "quiet" | "draining" => {
             let container = Container::build(
@@ -132,7 +132,7 @@ async fn setup() -> (String, u32, AppService, Vec<Container>) {
     // As `axum::serve` runs a router (`into_make_service*` call `with_state`): each route built
     // once, with its layers, rather than per request.
     let service = app.with_state::<()>(()).into_service::<Body>();
-    (mode, n, service, keep)
+    (service, keep)
 }
 
 /// `n` requests through `service`, each awaited, from one client address.
