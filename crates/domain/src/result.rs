@@ -270,7 +270,7 @@ impl RateLimitResult {
     /// The result of every limit's answer, decided by `source`.
     pub fn from_outcomes(limits: Limits, source: DecisionSource) -> Self {
         if let [only] = &limits[..] {
-            // One limit, the usual case: it decides.
+            // One limit, the usual case: it decides (as `from_any_outcomes` would find).
             return Self {
                 allowed: only.allowed,
                 retry_after: if only.allowed {
@@ -285,6 +285,11 @@ impl RateLimitResult {
                 limits,
             };
         }
+        Self::from_any_outcomes(limits, source)
+    }
+
+    /// [`from_outcomes`](Self::from_outcomes) for any number of limits.
+    fn from_any_outcomes(limits: Limits, source: DecisionSource) -> Self {
         let allowed = limits.iter().all(|l| l.allowed);
         let deciding = deciding_index(&limits, allowed);
         let retry_after = if allowed {
@@ -444,6 +449,63 @@ mod tests {
 
     fn rule() -> RateLimitRule {
         RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap()
+    }
+
+    /// A single limit's result, built by the shortcut, is the one the general computation gives,
+    /// whatever the limit said (allowed, refused, refused for ever) and whoever decided.
+    #[test]
+    fn a_single_limit_decides_as_the_general_computation_says() {
+        let limit = Limit::implicit("GET /x", rule());
+        let waits = [
+            Duration::ZERO,
+            Duration::from_millis(1),
+            Duration::from_millis(11_500),
+            BucketDecision::NEVER,
+        ];
+        for allowed in [true, false] {
+            for retry_after in waits {
+                for remaining in [0, 1, 4, 5] {
+                    for source in [DecisionSource::Store, DecisionSource::LocalFallback] {
+                        let outcome = LimitOutcome::from_decision(
+                            &limit,
+                            BucketDecision {
+                                allowed,
+                                retry_after,
+                                remaining,
+                            },
+                        );
+                        let one = Limits::one(outcome);
+                        assert_eq!(
+                            RateLimitResult::from_outcomes(one.clone(), source),
+                            RateLimitResult::from_any_outcomes(one, source),
+                            "{allowed} {retry_after:?} {remaining} {source:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn limits_read_as_a_slice_in_the_order_given() {
+        let limits: Vec<Limit> = ["a", "b", "c"]
+            .into_iter()
+            .map(|name| Limit::named(name, rule()).unwrap())
+            .collect();
+        let mut held = Limits::new();
+        assert!(held.is_empty());
+        for limit in &limits {
+            held.push(LimitOutcome::full(limit));
+        }
+        let names: Vec<&str> = held.iter().map(|l| &*l.name).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        let as_vec = held.clone().into_vec();
+        assert_eq!(held, as_vec);
+        assert_eq!(Limits::from(as_vec.clone()), held);
+        assert_eq!(held.into_iter().collect::<Vec<_>>(), as_vec);
+        let one: Limits = limits[..1].iter().map(LimitOutcome::full).collect();
+        assert_eq!(one.len(), 1);
+        assert_eq!((&one).into_iter().count(), 1);
     }
 
     #[test]
