@@ -52,7 +52,9 @@ pub use ports::{
 };
 #[cfg(any(test, feature = "mocks"))]
 pub use ports::{MockBucketStore, MockEventBus, MockRateLimiter};
-pub use result::{BucketDecision, DecisionSource, LimitOutcome, Limits, RateLimitResult};
+pub use result::{
+    BucketDecision, DecisionSource, LimitOutcome, Limits, LimitsIntoIter, RateLimitResult,
+};
 pub use rule::{MAX_TOKENS_LIMIT, MAX_TTL_SECONDS, RateLimitRule, RuleError};
 pub use rules::RuleSet;
 pub use scope::{ParseScopeError, RateLimitScope};

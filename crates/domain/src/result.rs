@@ -218,13 +218,32 @@ impl PartialEq<Vec<LimitOutcome>> for Limits {
 
 impl IntoIterator for Limits {
     type Item = LimitOutcome;
-    type IntoIter = smallvec::IntoIter<[LimitOutcome; 1]>;
+    type IntoIter = LimitsIntoIter;
 
     #[inline]
     fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
+        LimitsIntoIter(self.0.into_iter())
     }
 }
+
+/// The answers of a [`Limits`], by value, in order.
+#[derive(Debug)]
+pub struct LimitsIntoIter(smallvec::IntoIter<[LimitOutcome; 1]>);
+
+impl Iterator for LimitsIntoIter {
+    type Item = LimitOutcome;
+
+    #[inline]
+    fn next(&mut self) -> Option<LimitOutcome> {
+        self.0.next()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl ExactSizeIterator for LimitsIntoIter {}
 
 impl<'a> IntoIterator for &'a Limits {
     type Item = &'a LimitOutcome;
