@@ -320,6 +320,18 @@ impl EndpointHeaders {
         cost: Option<u64>,
         style: HeaderStyle,
     ) -> DecisionHeaders {
+        // The usual answer: the default style, the limits' own costs, every bucket full.
+        if style == HeaderStyle::Ietf
+            && cost.is_none()
+            && let Some(full) = &self.full
+            && self.found_full(result)
+        {
+            return DecisionHeaders {
+                policy: self.policy.clone(),
+                ratelimit: Some(full.clone()),
+                others: None,
+            };
+        }
         let mut values = DecisionHeaders::default();
         if style.ietf() {
             values.policy.clone_from(&self.policy);
@@ -1133,6 +1145,15 @@ mod tests {
                     .unwrap();
                 assert_eq!(first, built);
                 assert_ne!(first.as_bytes().as_ptr(), built.as_bytes().as_ptr());
+                // The fields written for it (the default style's shortcut) are those of the
+                // built value.
+                let written = |cost| {
+                    let mut map = HeaderMap::new();
+                    headers.write(&result(limits, &full), cost, HeaderStyle::Ietf, &mut map);
+                    pairs(&map)
+                };
+                assert_eq!(written(None), written(Some(costs[0])));
+                assert_eq!(written(None).len(), 2);
             }
             // One token fewer (where a full bucket keeps one) is built afresh, with its own
             // numbers.

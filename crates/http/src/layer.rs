@@ -632,20 +632,22 @@ where
         };
         // DEBUG, not INFO: at the usual INFO filter a disabled span costs one level check, and
         // nothing is formatted; the INFO and WARN events below carry the endpoint themselves.
-        let span = if debug_enabled() {
-            tracing::debug_span!(
+        let built;
+        let span: &Span = if debug_enabled() {
+            built = tracing::debug_span!(
                 "rate_limit",
                 endpoint = %endpoint.name,
                 scope = endpoint.scope.as_str(),
                 outcome = field::Empty,
                 refused_by = field::Empty,
-            )
+            );
+            &built
         } else {
-            // What the span would be (disabled), without building it.
-            Span::none()
+            // What the span would be (disabled), without building it or dropping it.
+            &NO_SPAN
         };
         let (parts, body) = request.into_parts();
-        let prepared = within(&span, || prepare(shared, endpoint, &parts, &span));
+        let prepared = within(span, || prepare(shared, endpoint, &parts, span));
         let request = Request::from_parts(parts, body);
         let (identifier, cost) = match prepared {
             Ok(prepared) => prepared,
@@ -670,11 +672,11 @@ where
                 && result.allowed
                 && result.source == DecisionSource::Store
             {
-                let headers = allowed(shared, endpoint, &identifier, cost, result, &span);
+                let headers = allowed(shared, endpoint, &identifier, cost, result, span);
                 recycle(identifier);
                 return ResponseFuture::inner(self.inner.call(request), Some(headers));
             }
-            return match decide(shared, endpoint, identifier, cost, checked, &span) {
+            return match decide(shared, endpoint, identifier, cost, checked, span) {
                 Plan::Respond(response) => ResponseFuture::ready(response),
                 Plan::Pass { headers } => ResponseFuture::inner(self.inner.call(request), headers),
             };
@@ -684,6 +686,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let shared = shared.clone();
+        let span = span.clone();
         ResponseFuture::waiting(Box::pin(async move {
             let Some(endpoint) = shared.endpoints.at(index) else {
                 return inner.call(request).await;
@@ -849,6 +852,9 @@ thread_local! {
 /// requests so that identifying a request allocates nothing.
 static IDENTIFIER_BUFFER: ratelimit_adapter::SpareString =
     ratelimit_adapter::SpareString::new(&IDENTIFIER_CELL);
+
+/// The `rate_limit` span of a request when DEBUG cannot be on: disabled, and never dropped.
+static NO_SPAN: Span = Span::none();
 
 /// Whether spans at DEBUG level can be enabled now (the static and the current maximum level
 /// allow them); when not, the layer's `rate_limit` span is not built.
