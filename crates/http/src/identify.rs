@@ -4,8 +4,8 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::ConnectInfo;
-use http::StatusCode;
 use http::request::Parts;
+use http::{Extensions, HeaderMap, StatusCode};
 use ratelimit_adapter::RateLimitScope;
 
 use crate::ip::{ClientIpResolver, ForwardedHeader, IpGrouping, IpNet};
@@ -249,8 +249,13 @@ impl DefaultExtractor {
     /// The client address of a request (after proxy trust), or `None` without a peer
     /// address.
     pub fn client_ip(&self, parts: &Parts) -> Option<IpAddr> {
-        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>()?.0.ip();
-        Some(self.resolver.resolve(peer, &parts.headers))
+        self.client_ip_of(&parts.headers, &parts.extensions)
+    }
+
+    /// [`client_ip`](Self::client_ip) of a request's headers and extensions.
+    fn client_ip_of(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
+        let peer = extensions.get::<ConnectInfo<SocketAddr>>()?.0.ip();
+        Some(self.resolver.resolve(peer, headers))
     }
 
     fn missing_user_rejection(&self, scope: RateLimitScope) -> Rejection {
@@ -322,10 +327,30 @@ impl IdentifierExtractor for DefaultExtractor {
         request: &IdentifyRequest<'_>,
         identifier: &mut String,
     ) -> Result<(), Rejection> {
+        self.identify_parts_into(
+            &request.parts.headers,
+            &request.parts.extensions,
+            request.scope,
+            identifier,
+        )
+    }
+}
+
+impl DefaultExtractor {
+    /// [`identify_into`](IdentifierExtractor::identify_into) from a request's headers and
+    /// extensions, all it reads: the layer asks this of its default extractor without taking
+    /// the request apart.
+    pub(crate) fn identify_parts_into(
+        &self,
+        headers: &HeaderMap,
+        extensions: &Extensions,
+        scope: RateLimitScope,
+        identifier: &mut String,
+    ) -> Result<(), Rejection> {
         identifier.clear();
-        match request.scope {
+        match scope {
             RateLimitScope::Ip => {
-                let ip = self.client_ip(request.parts).ok_or_else(|| {
+                let ip = self.client_ip_of(headers, extensions).ok_or_else(|| {
                     Rejection::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "missing_peer_address",
@@ -335,12 +360,10 @@ impl IdentifierExtractor for DefaultExtractor {
                 self.push_ip_identifier(ip, identifier);
             }
             RateLimitScope::User | RateLimitScope::UserProvider => {
-                let user = request
-                    .parts
-                    .extensions
+                let user = extensions
                     .get::<AuthenticatedUser>()
-                    .and_then(|user| user.identifier(request.scope))
-                    .ok_or_else(|| self.missing_user_rejection(request.scope))?;
+                    .and_then(|user| user.identifier(scope))
+                    .ok_or_else(|| self.missing_user_rejection(scope))?;
                 *identifier = user;
             }
             _ => identifier.push_str(GLOBAL_IDENTIFIER),

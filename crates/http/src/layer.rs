@@ -291,6 +291,9 @@ struct Shared {
     /// Built from `rules` and `policy_names` whenever either changes (at construction only).
     endpoints: Arc<EndpointTable>,
     extractor: Arc<dyn IdentifierExtractor>,
+    /// `extractor` itself when it is a [`DefaultExtractor`]: asked with the request's headers
+    /// and extensions, without taking the request apart.
+    default_extractor: Option<DefaultExtractor>,
     header_style: HeaderStyle,
     policy_names: HashMap<String, String>,
     fail_open: FailOpenPolicy,
@@ -387,6 +390,7 @@ impl RateLimitLayer {
                 endpoints: Arc::new(EndpointTable::build(&rules, &policy_names, None)),
                 rules,
                 extractor: Arc::new(DefaultExtractor::new()),
+                default_extractor: Some(DefaultExtractor::new()),
                 header_style: HeaderStyle::default(),
                 policy_names,
                 fail_open: FailOpenPolicy::default(),
@@ -406,7 +410,12 @@ impl RateLimitLayer {
     /// Replaces the identifier extractor (for example a [`DefaultExtractor`] that trusts
     /// proxies).
     pub fn extractor(self, extractor: impl IdentifierExtractor) -> Self {
-        self.edit(|s| s.extractor = Arc::new(extractor))
+        self.edit(|s| {
+            s.default_extractor = (&extractor as &dyn std::any::Any)
+                .downcast_ref::<DefaultExtractor>()
+                .cloned();
+            s.extractor = Arc::new(extractor);
+        })
     }
 
     /// Chooses the informational headers (default [`HeaderStyle::Ietf`]).
@@ -624,7 +633,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let shared = &self.shared;
         let Some((index, endpoint)) = endpoint_of(shared, &request).filter(|(_, e)| e.enabled)
         else {
@@ -646,9 +655,26 @@ where
             // What the span would be (disabled), without building it or dropping it.
             &NO_SPAN
         };
-        let (parts, body) = request.into_parts();
-        let prepared = within(span, || prepare(shared, endpoint, &parts, span));
-        let request = Request::from_parts(parts, body);
+        let prepared = match &shared.default_extractor {
+            // The default extractor reads the headers and extensions alone: the request stays
+            // whole (taking it apart and back together moves it twice).
+            Some(default) if shared.cost.is_none() => within(span, || {
+                identify(endpoint, span, None, |identifier| {
+                    default.identify_parts_into(
+                        request.headers(),
+                        request.extensions(),
+                        endpoint.scope,
+                        identifier,
+                    )
+                })
+            }),
+            _ => {
+                let (parts, body) = request.into_parts();
+                let prepared = within(span, || prepare(shared, endpoint, &parts, span));
+                request = Request::from_parts(parts, body);
+                prepared
+            }
+        };
         let (identifier, cost) = match prepared {
             Ok(prepared) => prepared,
             Err(response) => {
@@ -824,17 +850,30 @@ fn prepare<B: From<String>>(
             }
         }
     };
+    identify(endpoint, span, cost, |identifier| {
+        let request = IdentifyRequest {
+            parts,
+            endpoint: &endpoint.name,
+            scope: endpoint.scope,
+        };
+        shared.extractor.identify_into(&request, identifier)
+    })
+}
+
+/// The identifier of the request's buckets, written by `write` into the thread's buffer, with
+/// `cost`; or the answer to send instead.
+fn identify<B: From<String>>(
+    endpoint: &Endpoint,
+    span: &Span,
+    cost: Option<u64>,
+    write: impl FnOnce(&mut String) -> Result<(), Rejection>,
+) -> Result<(Cow<'static, str>, Option<u64>), Response<B>> {
     if !endpoint.scope.uses_identifier() {
         // A global limit keys no identifier: nothing to allocate.
         return Ok((Cow::Borrowed(GLOBAL_IDENTIFIER), cost));
     }
     let mut identifier = IDENTIFIER_BUFFER.take();
-    let request = IdentifyRequest {
-        parts,
-        endpoint: &endpoint.name,
-        scope: endpoint.scope,
-    };
-    match shared.extractor.identify_into(&request, &mut identifier) {
+    match write(&mut identifier) {
         Ok(()) => Ok((Cow::Owned(identifier), cost)),
         Err(rejection) => {
             IDENTIFIER_BUFFER.give_back(identifier);
