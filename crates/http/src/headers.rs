@@ -320,11 +320,10 @@ impl EndpointHeaders {
         cost: Option<u64>,
         style: HeaderStyle,
     ) -> DecisionHeaders {
-        // The usual answer: the default style, the limits' own costs, every bucket full.
+        let full = self.full_value(result, cost);
+        // The usual answer: the default style, every bucket full.
         if style == HeaderStyle::Ietf
-            && cost.is_none()
-            && let Some(full) = &self.full
-            && self.found_full(result)
+            && let Some(full) = full
         {
             return DecisionHeaders {
                 policy: self.policy.clone(),
@@ -336,7 +335,10 @@ impl EndpointHeaders {
         if style.ietf() {
             values.policy.clone_from(&self.policy);
             if !result.limits.is_empty() {
-                values.ratelimit = self.ratelimit_value(result, cost);
+                values.ratelimit = match full {
+                    Some(full) => Some(full.clone()),
+                    None => self.built_value(result, cost),
+                };
             }
         }
         if style.legacy() || !result.allowed {
@@ -450,15 +452,26 @@ impl OtherHeaders {
 }
 
 impl EndpointHeaders {
-    /// The `RateLimit` value of `result` (which lists at least one limit), written into a
-    /// buffer the thread keeps, then copied once into the value's own exact-size allocation.
+    /// The `RateLimit` value of `result` (which lists at least one limit): the value built once
+    /// when every bucket was found full, otherwise written into a buffer the thread keeps, then
+    /// copied once into the value's own exact-size allocation.
     fn ratelimit_value(&self, result: &RateLimitResult, cost: Option<u64>) -> Option<HeaderValue> {
-        if cost.is_none()
-            && let Some(full) = &self.full
-            && self.found_full(result)
-        {
-            return Some(full.clone());
+        match self.full_value(result, cost) {
+            Some(full) => Some(full.clone()),
+            None => self.built_value(result, cost),
         }
+    }
+
+    /// The `RateLimit` value built once for full buckets, when `result` (checked at each
+    /// limit's own cost) found every bucket full.
+    fn full_value(&self, result: &RateLimitResult, cost: Option<u64>) -> Option<&HeaderValue> {
+        self.full
+            .as_ref()
+            .filter(|_| cost.is_none() && self.found_full(result))
+    }
+
+    /// The `RateLimit` value of `result`, written afresh in the thread's buffer.
+    fn built_value(&self, result: &RateLimitResult, cost: Option<u64>) -> Option<HeaderValue> {
         thread_local! {
             static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
         }

@@ -1225,6 +1225,37 @@ mod tests {
         }
     }
 
+    /// A layer over an adapter keeps the adapter's handle of every endpoint (its checks then
+    /// skip the adapter's lookup by name); a layer over a plain limiter and its rules has none.
+    #[tokio::test]
+    async fn endpoints_of_an_adapter_carry_its_handles() {
+        let rules = RuleSet::try_from_rules(["GET /a", "POST /b/{id}"].map(|endpoint| {
+            (
+                endpoint,
+                RateLimitRule::new(RateLimitScope::Ip, 5, 5.0).unwrap(),
+            )
+        }))
+        .unwrap();
+        let container = Container::build(ContainerConfig::memory(rules.clone()))
+            .await
+            .unwrap();
+        let adapter = RateLimitLayer::from_adapter(container.adapter().clone());
+        assert_eq!(adapter.shared.endpoints.endpoints.len(), 2);
+        for endpoint in &adapter.shared.endpoints.endpoints {
+            let handle = endpoint.handle.as_ref().expect("a handle");
+            assert_eq!(handle.name(), &*endpoint.name);
+        }
+        let plain = RateLimitLayer::new(container.adapter().clone(), rules);
+        assert!(
+            plain
+                .shared
+                .endpoints
+                .endpoints
+                .iter()
+                .all(|e| e.handle.is_none())
+        );
+    }
+
     /// On the memory store with nobody listening to the events, the check is made in `call` and
     /// the layer's future is the inner service's own, the service that was polled ready serving
     /// the request without a clone; with a listener it waits in a boxed one, which takes the
