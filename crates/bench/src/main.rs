@@ -49,6 +49,7 @@ mod redis_path;
 mod report;
 mod scaling;
 mod stats;
+mod thread_cpu;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
