@@ -18,6 +18,13 @@
 //! (`--toggle-collect=profile_layer::measured`), after 1 000 requests of warm-up: the first
 //! read of `quanta`'s clock, which `tower_governor` and the memory store both read, calibrates
 //! it for a varying number of instructions. `crates/bench/callgrind/layer.sh` runs the modes.
+//!
+//! A third argument, `EVICT_BYTES`, writes one byte per cache line of a buffer that size after
+//! every request, as a server's kernel work between two requests does: each request then
+//! starts with cold caches. With callgrind's cache simulation it counts the cache lines a mode
+//! brings in per request (`valgrind --tool=callgrind --cache-sim=yes
+//! --toggle-collect=profile_layer::measured target/release/examples/profile_layer quiet 5000
+//! 65536`, minus `none` with the same arguments); timed, it shows what they cost.
 
 #![allow(clippy::print_stdout)]
 
@@ -66,10 +73,11 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mode = args.next().unwrap_or_else(|| "layer".to_owned());
     let n: u32 = args.next().and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let mut evict = Evict::new(args.next().and_then(|n| n.parse().ok()).unwrap_or(0));
     let (mut service, keep) = runtime.block_on(setup(&mode));
-    runtime.block_on(requests(&mut service, WARM_UP));
+    runtime.block_on(requests(&mut service, WARM_UP, &mut evict));
     let started = Instant::now();
-    measured(&runtime, &mut service, n);
+    measured(&runtime, &mut service, n, &mut evict);
     let elapsed = started.elapsed();
     println!(
         "{mode}: {n} requests, {:.3} µs per request",
@@ -82,8 +90,30 @@ fn main() {
 /// `valgrind --tool=callgrind --toggle-collect=profile_layer::measured`: everything the runtime
 /// runs meanwhile (subscriber tasks included) is counted, the set-up and the warm-up are not.
 #[inline(never)]
-fn measured(runtime: &tokio::runtime::Runtime, service: &mut AppService, n: u32) {
-    runtime.block_on(requests(service, n));
+fn measured(
+    runtime: &tokio::runtime::Runtime,
+    service: &mut AppService,
+    n: u32,
+    evict: &mut Evict,
+) {
+    runtime.block_on(requests(service, n, evict));
+}
+
+/// A buffer written over between requests (empty: nothing written).
+struct Evict(Vec<u8>);
+
+impl Evict {
+    fn new(bytes: usize) -> Self {
+        Self(vec![0; bytes])
+    }
+
+    /// One byte written per 64-byte cache line of the buffer.
+    fn run(&mut self) {
+        for line in self.0.chunks_mut(64) {
+            line[0] = line[0].wrapping_add(1);
+        }
+        std::hint::black_box(&self.0);
+    }
 }
 
 /// The router as a service, as `axum::serve` runs it.
@@ -136,7 +166,7 @@ async fn setup(mode: &str) -> (AppService, Vec<Container>) {
 }
 
 /// `n` requests through `service`, each awaited, from one client address.
-async fn requests(service: &mut AppService, n: u32) {
+async fn requests(service: &mut AppService, n: u32, evict: &mut Evict) {
     let peer: SocketAddr = "127.0.0.1:40000".parse().expect("an address");
     for _ in 0..n {
         let mut request = Request::get("/hello")
@@ -154,5 +184,6 @@ async fn requests(service: &mut AppService, n: u32) {
         drop(response);
         // Lets subscriber tasks run, as a server's runtime would.
         tokio::task::yield_now().await;
+        evict.run();
     }
 }
