@@ -115,12 +115,13 @@ struct Results {
     latency: Histogram<u64>,
     /// Responses that were not `200`.
     errors: u64,
-    /// The servers' thread CPU per response of each round, in microseconds (empty when it
-    /// cannot be read).
+    /// The servers' thread CPU per response of each round, in microseconds (NaN for a round
+    /// where it could not be read).
     server_cpu: Vec<f64>,
-    /// The fraction of each round the servers' thread ran.
+    /// The fraction of each round the servers' thread ran (NaN where unread).
     server_busy: Vec<f64>,
-    /// The load generator's CPU per response of each round, in microseconds.
+    /// The load generator's CPU per response of each round, in microseconds (NaN where
+    /// unread).
     client_cpu: Vec<f64>,
 }
 
@@ -172,15 +173,14 @@ impl Results {
         #[allow(clippy::cast_precision_loss)] // request and nanosecond counts are far below 2^52
         {
             self.rates.push(count as f64 / round.as_secs_f64());
-            let per_request = |nanos: u64| nanos as f64 / 1e3 / count.max(1) as f64;
-            if let Some(server) = cpu.server {
-                self.server_cpu.push(per_request(server));
-                self.server_busy
-                    .push(server as f64 / 1e9 / cpu.elapsed.as_secs_f64().max(1e-9));
-            }
-            if let Some(client) = cpu.client {
-                self.client_cpu.push(per_request(client));
-            }
+            let per_request = |nanos: Option<u64>| {
+                nanos.map_or(f64::NAN, |nanos| nanos as f64 / 1e3 / count.max(1) as f64)
+            };
+            self.server_cpu.push(per_request(cpu.server));
+            self.server_busy.push(cpu.server.map_or(f64::NAN, |nanos| {
+                nanos as f64 / 1e9 / cpu.elapsed.as_secs_f64().max(1e-9)
+            }));
+            self.client_cpu.push(per_request(cpu.client));
         }
         self.latency.add(latency)?;
         self.errors += errors;
@@ -704,7 +704,11 @@ fn print_table(connections: usize, results: &[Results]) {
     let rate = |i: usize| median(&results[i].rates);
     let none = rate(0);
     let governor = rate(GOVERNOR);
-    let measured = results.iter().all(|r| r.server_cpu.len() == r.rates.len());
+    // Measured when every contender has a round whose server CPU was read (a round whose
+    // reading failed is NaN, which the medians leave out).
+    let measured = results
+        .iter()
+        .all(|r| r.server_cpu.iter().any(|cpu| !cpu.is_nan()));
     println!("\n{connections} connections");
     println!(
         "{:<26} {:>10} {:>8} {:>8} {:>9} {:>10} {:>12} {:>6} {:>12} {:>7}",

@@ -26,22 +26,28 @@ impl ThreadCpu {
         }
     }
 
-    /// The nanoseconds the threads have run so far, summed; `None` when there is no thread or
-    /// one cannot be read (not Linux, or a thread that has ended).
+    /// The nanoseconds the threads have run so far, summed; `None` when no thread can be read
+    /// (not Linux). A thread that has ended is dropped from the set: its time is then missing
+    /// from the sum, so a reading around a round in which one ended comes out short (or, by
+    /// `checked_sub`, not at all), and later readings are whole again.
     pub(crate) fn nanos(&self) -> Option<u64> {
-        let schedstats = self
+        let mut schedstats = self
             .schedstats
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if schedstats.is_empty() {
-            return None;
-        }
         let mut total = 0u64;
-        for path in schedstats.iter() {
-            let text = std::fs::read_to_string(path).ok()?;
-            total = total.checked_add(ran_nanos(&text)?)?;
-        }
-        Some(total)
+        let mut read = false;
+        schedstats.retain(|path| {
+            let ran = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| ran_nanos(&text));
+            if let Some(ran) = ran {
+                total = total.saturating_add(ran);
+                read = true;
+            }
+            ran.is_some()
+        });
+        read.then_some(total)
     }
 }
 
@@ -59,6 +65,26 @@ mod tests {
         assert_eq!(ran_nanos("123456789 2000 17\n"), Some(123_456_789));
         assert_eq!(ran_nanos(""), None);
         assert_eq!(ran_nanos("x 1 2"), None);
+    }
+
+    #[test]
+    fn a_thread_that_has_ended_is_dropped_from_the_sum() {
+        let cpu = ThreadCpu::default();
+        let ended = cpu.clone();
+        std::thread::spawn(move || ended.add_current_thread())
+            .join()
+            .unwrap();
+        cpu.add_current_thread();
+        if !Path::new("/proc/thread-self").exists() {
+            assert_eq!(cpu.nanos(), None);
+            return;
+        }
+        assert!(cpu.nanos().is_some(), "the living thread is still read");
+        assert_eq!(
+            cpu.schedstats.lock().unwrap().len(),
+            1,
+            "the ended thread is dropped"
+        );
     }
 
     #[test]
