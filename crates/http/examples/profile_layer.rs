@@ -10,11 +10,13 @@
 //! Modes: `none` (the bare route); `quiet` (the layer as the example server wires it by
 //! default: on-path metrics, nobody listening to the event bus; every request finds its bucket
 //! full, as `just bench-http`'s do); `draining` (the same, with a bucket one token emptier at
-//! each request, so that no `RateLimit` value repeats); `layer` (the same with the
+//! each request, so that no `RateLimit` value repeats); `fieldless` (`quiet` writing no field,
+//! `HeaderStyle::None`, as `just bench-http`'s "no fields"); `layer` (the same with the
 //! example server's `--events`: the event logger and the event-derived metrics subscribed);
 //! `governor` (`tower_governor`'s `GovernorLayer` keyed by peer IP, configured as
-//! `just bench-http` configures it); `governor-headers` (the same with its `use_headers()`). It prints the time per request; under callgrind, compare
-//! the instruction counts of two modes and divide by `N`. Only the `N` measured requests count
+//! `just bench-http` configures it); `governor-headers` (the same with its `use_headers()`).
+//! It prints the time per request; under callgrind, compare the instruction counts of two
+//! modes and divide by `N`. Only the `N` measured requests count
 //! (`--toggle-collect=profile_layer::measured`), after 1 000 requests of warm-up: the first
 //! read of `quanta`'s clock, which `tower_governor` and the memory store both read, calibrates
 //! it for a varying number of instructions. `crates/bench/callgrind/layer.sh` runs the modes.
@@ -39,7 +41,7 @@ use axum::http::Request;
 use axum::routing::get;
 use ratelimit_adapter::{RateLimitRule, RateLimitScope, RuleSet};
 use ratelimit_container::{Container, ContainerConfig};
-use ratelimit_http::{RateLimitLayer, RateLimitMetrics};
+use ratelimit_http::{HeaderStyle, RateLimitLayer, RateLimitMetrics};
 use tower::{Service, ServiceExt};
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
@@ -125,7 +127,7 @@ async fn setup(mode: &str) -> (AppService, Vec<Container>) {
     let mut keep = Vec::new();
     let app = match mode {
         "none" => route,
-        "layer" | "quiet" | "draining" => {
+        "layer" | "quiet" | "draining" | "fieldless" => {
             let container = Container::build(
                 ContainerConfig::memory(rules(mode == "draining"))
                     .with_event_logging(mode == "layer"),
@@ -136,7 +138,11 @@ async fn setup(mode: &str) -> (AppService, Vec<Container>) {
             if mode == "layer" {
                 metrics.spawn(container.events());
             }
-            let layer = RateLimitLayer::from_adapter(container.adapter().clone()).metrics(&metrics);
+            let mut layer =
+                RateLimitLayer::from_adapter(container.adapter().clone()).metrics(&metrics);
+            if mode == "fieldless" {
+                layer = layer.header_style(HeaderStyle::None);
+            }
             keep.push(container);
             route.route_layer(layer)
         }
