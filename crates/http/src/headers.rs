@@ -513,36 +513,67 @@ impl EndpointHeaders {
 /// `value`, with its bytes kept for the rest of the process in one copy per distinct value,
 /// which every clone then shares without counting references: a value built once per endpoint
 /// and cloned into every response (`RateLimit-Policy`, the full-bucket `RateLimit`) costs no
-/// atomic increment and decrement per request. The values are bounded by the configured rules
-/// (a layer built again with the same rules adds nothing). A value that is not visible ASCII
-/// is returned as it is.
+/// atomic increment and decrement per request. A layer built again with the same rules adds
+/// nothing. [`EndpointHeaders::new`] is public, though, and a service may build headers from
+/// rules that keep changing (a reload loop, limits per tenant): past [`MAX_KEPT_BYTES`] a new
+/// value is returned as it is, so the memory kept for the process stays bounded. A value that
+/// is not visible ASCII is returned as it is too.
 fn lasting(value: HeaderValue) -> HeaderValue {
-    static KEPT: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let Ok(text) = value.to_str() else {
-        return value;
-    };
-    // `from_static` accepts exactly visible ASCII and tabs; `to_str` also lets spaces through.
-    if !text
-        .bytes()
-        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
-    {
-        return value;
-    }
-    let mut kept = KEPT
-        .get_or_init(Mutex::default)
+    static KEPT: OnceLock<Mutex<Kept>> = OnceLock::new();
+    KEPT.get_or_init(|| Mutex::new(Kept::new(MAX_KEPT_BYTES)))
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let text: &'static str = match kept.get(text) {
-        Some(&text) => text,
-        None => {
-            let text: &'static str = Box::leak(text.into());
-            kept.insert(text);
-            text
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .keep(value)
+}
+
+/// The most bytes of header values [`lasting`] keeps for the life of the process: thousands
+/// of endpoints' values.
+const MAX_KEPT_BYTES: usize = 1 << 20;
+
+/// The values [`lasting`] keeps, and their bytes.
+#[derive(Debug)]
+struct Kept {
+    values: HashSet<&'static str>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Kept {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            values: HashSet::new(),
+            bytes: 0,
+            max_bytes,
         }
-    };
-    let mut kept = HeaderValue::from_static(text);
-    kept.set_sensitive(value.is_sensitive());
-    kept
+    }
+
+    /// `value` in its kept copy: found, kept now, or (not visible ASCII, or past the bound)
+    /// returned as it is.
+    fn keep(&mut self, value: HeaderValue) -> HeaderValue {
+        let Ok(text) = value.to_str() else {
+            return value;
+        };
+        // `from_static` accepts exactly visible ASCII and tabs; `to_str` also lets spaces through.
+        if !text
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+        {
+            return value;
+        }
+        let text: &'static str = match self.values.get(text) {
+            Some(&text) => text,
+            None if self.bytes.saturating_add(text.len()) > self.max_bytes => return value,
+            None => {
+                let text: &'static str = Box::leak(text.into());
+                self.values.insert(text);
+                self.bytes += text.len();
+                text
+            }
+        };
+        let mut kept = HeaderValue::from_static(text);
+        kept.set_sensitive(value.is_sensitive());
+        kept
+    }
 }
 
 /// The start of an item's entry in `RateLimit`: `"<policy>";r=`.
@@ -731,6 +762,31 @@ mod tests {
         let mut secret = built("token");
         secret.set_sensitive(true);
         assert!(lasting(secret).is_sensitive());
+    }
+
+    #[test]
+    fn values_past_the_bound_are_not_kept_for_the_life_of_the_process() {
+        // A service that builds headers from ever-changing rules: every value distinct.
+        let mut kept = Kept::new(1_000);
+        let value = |i: usize| HeaderValue::from_str(&format!(r#""tenant-{i}";q=5;w=60"#)).unwrap();
+        let mut shared = 0;
+        for i in 0..200 {
+            let first = kept.keep(value(i));
+            let again = kept.keep(value(i));
+            assert_eq!(first, value(i));
+            if first.as_bytes().as_ptr() == again.as_bytes().as_ptr() {
+                shared += 1;
+            }
+        }
+        assert!(kept.bytes <= 1_000, "{} bytes kept", kept.bytes);
+        assert_eq!(kept.values.len(), shared);
+        assert!((30..200).contains(&shared), "{shared} values kept");
+        // What was kept before the bound is still found.
+        let early = kept.keep(value(0));
+        assert_eq!(
+            early.as_bytes().as_ptr(),
+            kept.keep(value(0)).as_bytes().as_ptr()
+        );
     }
 
     fn single(r: &RateLimitRule) -> EndpointLimits {
