@@ -187,6 +187,21 @@ impl Results {
         Ok(())
     }
 
+    /// The server's CPU per request, median over rounds: measured when any round's was read,
+    /// otherwise `1 / (requests/s)` (its CPU only while its thread is saturated).
+    fn server_cpu_per_request(&self) -> f64 {
+        if self.cpu_measured() {
+            median(&self.server_cpu)
+        } else {
+            1e6 / median(&self.rates)
+        }
+    }
+
+    /// Whether the server's CPU was read in any round.
+    fn cpu_measured(&self) -> bool {
+        self.server_cpu.iter().any(|cpu| !cpu.is_nan())
+    }
+
     /// Empty results, one per contender.
     fn for_each(contenders: &[&str]) -> BoxResult<Vec<Self>> {
         contenders
@@ -390,7 +405,7 @@ fn print_redis_table(connections: usize, results: &[Results]) {
         p50(2),
         p50(2) - round_trip,
     );
-    let cpu = |i: usize| median(&results[i].server_cpu);
+    let cpu = |i: usize| results[i].server_cpu_per_request();
     println!(
         "server thread CPU per request: {:.2} µs with the layer on Redis, {:.2} µs without ({:.2} µs more: the layer, the Redis client and its connection's task, which share the server's one thread)",
         cpu(1),
@@ -706,9 +721,7 @@ fn print_table(connections: usize, results: &[Results]) {
     let governor = rate(GOVERNOR);
     // Measured when every contender has a round whose server CPU was read (a round whose
     // reading failed is NaN, which the medians leave out).
-    let measured = results
-        .iter()
-        .all(|r| r.server_cpu.iter().any(|cpu| !cpu.is_nan()));
+    let measured = results.iter().all(Results::cpu_measured);
     println!("\n{connections} connections");
     println!(
         "{:<26} {:>10} {:>8} {:>8} {:>9} {:>10} {:>12} {:>6} {:>12} {:>7}",
@@ -734,11 +747,7 @@ fn print_table(connections: usize, results: &[Results]) {
             result.latency.value_at_quantile(0.99),
             r / none,
             r / governor,
-            if measured {
-                median(&result.server_cpu)
-            } else {
-                1e6 / r
-            },
+            result.server_cpu_per_request(),
             median(&result.server_busy) * 100.0,
             median(&result.client_cpu),
             result.errors,
@@ -774,8 +783,8 @@ fn print_table(connections: usize, results: &[Results]) {
     println!(
         "ratios of the medians: {:.3}x tower_governor's requests/s; server CPU per request over no layer: ratelimit-http {:.2} µs, tower_governor {:.2} µs",
         rate(1) / governor,
-        median(&layer.server_cpu) - median(&results[0].server_cpu),
-        median(&results[GOVERNOR].server_cpu) - median(&results[0].server_cpu),
+        layer.server_cpu_per_request() - results[0].server_cpu_per_request(),
+        results[GOVERNOR].server_cpu_per_request() - results[0].server_cpu_per_request(),
     );
     println!(
         "ratelimit-http, paired by round (median, range over {} rounds): {versus:.3}x tower_governor's requests/s ({versus_low:.3}–{versus_high:.3}; target ≥ 0.95: {}), {extra:.2} µs extra server CPU per request over no layer ({extra_low:.2}–{extra_high:.2}; target ≤ 1: {}; tower_governor: {governor_extra:.2} µs)",
@@ -793,6 +802,26 @@ mod tests {
     fn finds_the_end_of_the_head() {
         assert_eq!(find(b"HTTP/1.1 200 OK\r\n\r\nok", b"\r\n\r\n"), Some(15));
         assert_eq!(find(b"HTTP/1.1 200 OK\r\n", b"\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn server_cpu_is_the_measured_one_when_read_and_inferred_otherwise() {
+        let results = |server_cpu: Vec<f64>| Results {
+            rates: vec![100_000.0, 200_000.0, 250_000.0],
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+            errors: 0,
+            server_busy: vec![f64::NAN; server_cpu.len()],
+            client_cpu: vec![f64::NAN; server_cpu.len()],
+            server_cpu,
+        };
+        // A round whose reading failed is left out, not taken as zero or NaN.
+        let measured = results(vec![9.0, f64::NAN, 8.0]);
+        assert!(measured.cpu_measured());
+        assert!((measured.server_cpu_per_request() - 8.5).abs() < 1e-9);
+        // Never read (not Linux): 1 / (median requests/s), in microseconds.
+        let inferred = results(vec![f64::NAN; 3]);
+        assert!(!inferred.cpu_measured());
+        assert!((inferred.server_cpu_per_request() - 5.0).abs() < 1e-9);
     }
 
     #[test]
