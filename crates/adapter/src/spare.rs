@@ -48,6 +48,10 @@ impl SpareString {
     }
 
     /// The thread's spare, emptied (a new `String` when another request has it).
+    ///
+    /// Inlined, so that a caller's `static` spare reaches its thread-local cell directly rather
+    /// than through `LocalKey`'s accessor pointer.
+    #[inline]
     pub fn take(&self) -> String {
         let mut buffer = self.cell.with(Cell::take);
         buffer.clear();
@@ -55,6 +59,7 @@ impl SpareString {
     }
 
     /// Keeps `buffer`'s allocation for the thread's next request, unless it is too large.
+    #[inline]
     pub fn give_back(&self, buffer: String) {
         if buffer.capacity() <= Self::KEEP_AT_MOST {
             self.cell.with(|cell| cell.set(buffer));

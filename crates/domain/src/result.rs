@@ -93,6 +93,7 @@ pub struct LimitOutcome {
 
 impl LimitOutcome {
     /// What `limit`'s bucket decided.
+    #[inline]
     pub fn from_decision(limit: &Limit, decision: BucketDecision) -> Self {
         let rule = limit.rule();
         Self {
@@ -287,6 +288,7 @@ impl RateLimitResult {
     pub const RETRY_NEVER: Duration = BucketDecision::NEVER;
 
     /// The result of every limit's answer, decided by `source`.
+    #[inline]
     pub fn from_outcomes(limits: Limits, source: DecisionSource) -> Self {
         if let [only] = &limits[..] {
             // One limit, the usual case: it decides (as `from_any_outcomes` would find).
@@ -336,6 +338,7 @@ impl RateLimitResult {
     }
 
     /// The result of a store's decisions, one per limit in the same order.
+    #[inline]
     pub fn from_decisions<'a>(
         limits: impl IntoIterator<Item = &'a Limit>,
         decisions: &[BucketDecision],

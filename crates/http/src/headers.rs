@@ -229,16 +229,21 @@ impl EndpointHeaders {
     /// `RateLimit` value is then [`full`](Self::full)'s. An allowed limit's `r` and `t`
     /// depend only on the tokens left and the limit's own rule and cost.
     fn found_full(&self, result: &RateLimitResult) -> bool {
+        let full = |outcome: &LimitOutcome, item: &PolicyItem| {
+            outcome.allowed
+                && Arc::ptr_eq(&outcome.name, &item.limit)
+                && outcome.remaining == item.quota.saturating_sub(item.cost)
+        };
+        // One limit, the usual case, without the general walk.
+        if let ([outcome], [item]) = (&result.limits[..], &self.items[..]) {
+            return full(outcome, item);
+        }
         result.limits.len() == self.items.len()
             && result
                 .limits
                 .iter()
                 .zip(&self.items)
-                .all(|(outcome, item)| {
-                    outcome.allowed
-                        && Arc::ptr_eq(&outcome.name, &item.limit)
-                        && outcome.remaining == item.quota.saturating_sub(item.cost)
-                })
+                .all(|(outcome, item)| full(outcome, item))
     }
 
     /// The index of the item of the limit called `name`: found by pointer when the result came
@@ -409,18 +414,19 @@ impl DecisionHeaders {
     /// Writes the fields into `headers`, replacing any of the same name.
     ///
     /// `HeaderMap::reserve(n)` grows a map only when `len + n` (plus a third) exceeds its
-    /// index capacity: 8 for a handler's usual response, which holds 6 entries. Reserving
-    /// the fields written here plus one grows a map that could not hold them and the
-    /// `content-length` a server may add after them (axum does) at once, while it holds few
-    /// entries, instead of when `content-length` arrives; and leaves a map that can alone.
+    /// index capacity: 8 for a handler's usual response, which holds 6 entries. With more
+    /// than the default style's two fields, reserving them plus one grows a map that could not
+    /// hold them and the `content-length` a server may add after them (axum does) at once,
+    /// while it holds few entries, instead of when `content-length` arrives. The default
+    /// style's two fields, a handler's `content-type` and `content-length` fit in a new map;
+    /// reserving for them would only cost a check per request.
     pub(crate) fn write(self, headers: &mut HeaderMap) {
-        let count = usize::from(self.policy.is_some())
-            + usize::from(self.ratelimit.is_some())
-            + self.others.as_deref().map_or(0, OtherHeaders::count);
-        if count == 0 {
-            return;
+        if let Some(others) = &self.others {
+            let count = usize::from(self.policy.is_some())
+                + usize::from(self.ratelimit.is_some())
+                + others.count();
+            headers.reserve(count + 1);
         }
-        headers.reserve(count + 1);
         if let Some(policy) = self.policy {
             headers.insert(RATELIMIT_POLICY, policy);
         }
