@@ -243,14 +243,45 @@ pub fn seconds(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs).unwrap_or(BucketDecision::NEVER)
 }
 
+/// Whole tokens: `tokens` rounded down. `as` rounds toward zero, which is down for the
+/// non-negative counts a bucket holds, and saturates below zero and at infinity as a cast of
+/// `floor()` would; without `floor()`'s libm call (x86-64's baseline has no rounding
+/// instruction).
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // tokens are in 0..=2^53
 fn floor(tokens: f64) -> u64 {
-    tokens.floor() as u64
+    tokens as u64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn whole_tokens_are_the_count_rounded_down_even_where_a_bucket_never_is() {
+        let counts = [
+            0.0,
+            -0.0,
+            0.25,
+            0.999_999_9,
+            1.0,
+            2.5,
+            4_294_967_296.75,
+            9_007_199_254_740_992.0,
+            1.0e300,
+            f64::MAX,
+            f64::INFINITY,
+            -0.5,
+            -1.0,
+            -1.0e300,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            f64::MIN_POSITIVE,
+        ];
+        for tokens in counts {
+            assert_eq!(floor(tokens), tokens.floor() as u64, "{tokens}");
+        }
+    }
 
     const T0: f64 = 1_700_000_000.0;
 
