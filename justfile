@@ -82,7 +82,7 @@ bench *args:
             cargo run --release -q -p ratelimit-server --example bench -- --seconds 2 ;;
     esac
 
-# The HTTP layer against no layer and tower_governor on one axum route, measuring the server thread's CPU (release build; ~3.5 min after the build, ~2 min with `--no-redis`; `--rounds N --seconds S --connections 32,64`).
+# The HTTP layer against no layer, tower_governor and the same two fields with no limiter on one axum route, measuring the server thread's CPU (release build; ~4 min after the build, ~2.5 min with `--no-redis`; `--rounds N --seconds S --connections 32,64`).
 bench-http *args:
     cargo run --release -q -p ratelimit-bench -- http {{args}}
 

@@ -21,6 +21,12 @@
 //!   with `tower_governor`'s default; the difference to `ratelimit-http` is what the two
 //!   `RateLimit-Policy` and `RateLimit` fields cost the server, inserting, encoding and sending
 //!   them.
+//! - **no layer, two fields**: the bare route behind `tower-http`'s `SetResponseHeaderLayer`,
+//!   twice, writing the very `RateLimit-Policy` and `RateLimit` values `ratelimit-http` writes
+//!   here (read off one of its responses at start): what two fields cost a server with no
+//!   limiter at all. Against the targets' budget (the server CPU per request that
+//!   `tower_governor`'s requests/s × 0.95 allows), it shows how much of that budget the fields
+//!   take before any rate limiting is done.
 //!
 //! The servers share one runtime with **one** worker thread, so that each is CPU-bound on one
 //! core; the load comes from another single-thread runtime, over real TCP connections, with a
@@ -50,6 +56,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderName, HeaderValue};
 use axum::routing::get;
 use hdrhistogram::Histogram;
 use ratelimit_adapter::{RateLimitRule, RateLimitScope, RuleSet};
@@ -57,8 +65,10 @@ use ratelimit_container::{Container, ContainerConfig};
 use ratelimit_http::{HeaderStyle, RateLimitLayer, RateLimitMetrics};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt as _;
 use tower_governor::GovernorLayer;
 use tower_governor::governor::GovernorConfigBuilder;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::load::{self, Checker, Identifiers, Outcome};
 use crate::stats::median;
@@ -93,18 +103,26 @@ const ENDPOINT: &str = "GET /hello";
 const REQUEST: &[u8] = b"GET /hello HTTP/1.1\r\nhost: bench\r\n\r\n";
 
 /// The contenders, in the order of the report.
-const NAMES: [&str; 6] = [
+const NAMES: [&str; 7] = [
     "no layer",
     "ratelimit-http",
     "ratelimit-http, events",
     "tower_governor",
     "tower_governor, headers",
     "ratelimit-http, no fields",
+    "no layer, two fields",
 ];
 
 /// The index of `tower_governor` as configured by default (no headers) in [`NAMES`]: the
 /// target's reference.
 const GOVERNOR: usize = 3;
+
+/// The index of `tower_governor` with its two fields in [`NAMES`].
+const GOVERNOR_HEADERS: usize = 4;
+/// The index of `ratelimit-http` writing no field in [`NAMES`].
+const FIELDLESS: usize = 5;
+/// The index of the bare route writing two fields in [`NAMES`].
+const TWO_FIELDS: usize = 6;
 
 /// One contender's results at one connection count.
 #[derive(Debug)]
@@ -592,7 +610,49 @@ async fn start_servers() -> BoxResult<[SocketAddr; NAMES.len()]> {
         .header_style(HeaderStyle::None);
     let no_fields = serve(route().route_layer(layer)).await?;
     std::mem::forget(fieldless);
-    Ok([none, ours, events, governor, governor_headers, no_fields])
+    // The same two fields with no limiter: `tower-http`'s `SetResponseHeaderLayer`, the usual
+    // way to add a fixed field, once per field, as one layer.
+    let [(policy_name, policy), (ratelimit_name, ratelimit)] = layer_fields(rules()?).await?;
+    let fields = tower::ServiceBuilder::new()
+        .layer(SetResponseHeaderLayer::overriding(policy_name, policy))
+        .layer(SetResponseHeaderLayer::overriding(
+            ratelimit_name,
+            ratelimit,
+        ));
+    let two_fields = serve(route().route_layer(fields)).await?;
+    Ok([
+        none,
+        ours,
+        events,
+        governor,
+        governor_headers,
+        no_fields,
+        two_fields,
+    ])
+}
+
+/// The `RateLimit-Policy` and `RateLimit` fields `ratelimit-http` writes on the bench's route,
+/// read off one response of the layer as `start_servers` wires it (in process, from a peer
+/// address of the loopback, as the bench's connections have).
+async fn layer_fields(rules: RuleSet) -> BoxResult<[(HeaderName, HeaderValue); 2]> {
+    let container =
+        Container::build(ContainerConfig::memory(rules).with_event_logging(false)).await?;
+    let app = Router::new()
+        .route("/hello", get(|| async { "ok" }))
+        .route_layer(RateLimitLayer::from_adapter(container.adapter().clone()));
+    let mut request = axum::http::Request::get("/hello").body(axum::body::Body::empty())?;
+    request
+        .extensions_mut()
+        .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40_000))));
+    let response = app.oneshot(request).await?;
+    let field = |name: &str| -> BoxResult<(HeaderName, HeaderValue)> {
+        let value = response
+            .headers()
+            .get(name)
+            .ok_or_else(|| format!("ratelimit-http wrote no {name} field"))?;
+        Ok((HeaderName::from_bytes(name.as_bytes())?, value.clone()))
+    };
+    Ok([field("ratelimit-policy")?, field("ratelimit")?])
 }
 
 /// Serves `app` on a loopback port, with the peer address (both layers key by it).
@@ -780,6 +840,12 @@ fn print_table(connections: usize, results: &[Results]) {
         paired(&|r| layer.rates[r] / results[GOVERNOR].rates[r]);
     let (extra, extra_low, extra_high) = paired(&|r| cpu(1, r) - cpu(0, r));
     let (governor_extra, _, _) = paired(&|r| cpu(GOVERNOR, r) - cpu(0, r));
+    // The most server CPU per request over no layer that still serves 0.95x tower_governor's
+    // requests/s (while the server thread is saturated, requests/s is 1 / CPU per request),
+    // and what two fields alone take of it.
+    let (budget, _, _) = paired(&|r| cpu(GOVERNOR, r) / 0.95 - cpu(0, r));
+    let (fields, fields_low, fields_high) = paired(&|r| cpu(TWO_FIELDS, r) - cpu(0, r));
+    let (fields_rate, _, _) = paired(&|r| results[TWO_FIELDS].rates[r] / results[0].rates[r]);
     println!(
         "ratios of the medians: {:.3}x tower_governor's requests/s; server CPU per request over no layer: ratelimit-http {:.2} µs, tower_governor {:.2} µs",
         rate(1) / governor,
@@ -791,6 +857,19 @@ fn print_table(connections: usize, results: &[Results]) {
         layer.rates.len(),
         if versus >= 0.95 { "PASS" } else { "FAIL" },
         if extra <= 1.0 { "PASS" } else { "FAIL" },
+    );
+    println!(
+        "the ≥ 0.95x target's budget, paired: {budget:.2} µs server CPU per request over no layer; two fields with no limiter (no layer, two fields) take {fields:.2} µs of it ({fields_low:.2}–{fields_high:.2}) and serve {fields_rate:.3}x no layer's requests/s",
+    );
+    // The same requests/s comparison between contenders that write the same fields.
+    let versus = |ours: usize, theirs: usize| {
+        paired(&|r| results[ours].rates[r] / results[theirs].rates[r]).0
+    };
+    println!(
+        "like for like, paired: ratelimit-http, no fields {:.3}x tower_governor (neither writes a field); ratelimit-http {:.3}x tower_governor, headers (two fields each) and {:.3}x no layer, two fields (the same two fields, no limiter)",
+        versus(FIELDLESS, GOVERNOR),
+        versus(1, GOVERNOR_HEADERS),
+        versus(1, TWO_FIELDS),
     );
 }
 
