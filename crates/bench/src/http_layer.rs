@@ -862,14 +862,14 @@ fn print_table(connections: usize, results: &[Results]) {
         "the ≥ 0.95x target's budget, paired: {budget:.2} µs server CPU per request over no layer; two fields with no limiter (no layer, two fields) take {fields:.2} µs of it ({fields_low:.2}–{fields_high:.2}) and serve {fields_rate:.3}x no layer's requests/s",
     );
     // The same requests/s comparison between contenders that write the same fields.
-    let versus = |ours: usize, theirs: usize| {
+    let ratio = |ours: usize, theirs: usize| {
         paired(&|r| results[ours].rates[r] / results[theirs].rates[r]).0
     };
     println!(
         "like for like, paired: ratelimit-http, no fields {:.3}x tower_governor (neither writes a field); ratelimit-http {:.3}x tower_governor, headers (two fields each) and {:.3}x no layer, two fields (the same two fields, no limiter)",
-        versus(FIELDLESS, GOVERNOR),
-        versus(1, GOVERNOR_HEADERS),
-        versus(1, TWO_FIELDS),
+        ratio(FIELDLESS, GOVERNOR),
+        ratio(1, GOVERNOR_HEADERS),
+        ratio(1, TWO_FIELDS),
     );
 }
 

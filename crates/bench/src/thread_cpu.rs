@@ -83,12 +83,21 @@ mod tests {
             assert_eq!(cpu.nanos(), None);
             return;
         }
-        assert!(cpu.nanos().is_some(), "the living thread is still read");
-        assert_eq!(
-            cpu.schedstats.lock().unwrap().len(),
-            1,
-            "the ended thread is dropped"
-        );
+        // `join` returns once the kernel has cleared the thread's id, which it does a little
+        // before it removes the thread from `/proc`: read again until it is gone, for up to 5 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            assert!(cpu.nanos().is_some(), "the living thread is still read");
+            let threads = cpu.schedstats.lock().unwrap().len();
+            if threads == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the ended thread is still read after 5 s ({threads} threads)"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     #[test]
